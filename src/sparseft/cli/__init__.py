@@ -1,0 +1,38 @@
+"""The ``sparseft`` command: one verb per module in this package, each a thin layer over the library.
+
+Adding a verb: write ``cli/<verb>.py`` with ``add_parser(subparsers)`` and ``run(args) -> int`` and
+add its name to ``VERBS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ..errors import SparseFTError
+
+VERBS = ["apply", "inspect"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sparseft",
+        description="Sparse fine-tuning: train the few weight entries that matter, ship a small exact diff.",
+        epilog="Run `sparseft VERB --help` for the flags of each verb.",
+    )
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    for verb in VERBS:
+        module = importlib.import_module(f"{__name__}.{verb}")
+        sub_parser = module.add_parser(sub)
+        sub_parser.set_defaults(handler=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except SparseFTError as e:
+        print(f"sparseft {args.verb}: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,28 @@
+"""sparseft apply: merge a diff into its base and write a plain Hugging Face model directory."""
+
+from __future__ import annotations
+
+
+def add_parser(sub):
+    p = sub.add_parser(
+        "apply",
+        help="merge a diff into its base model and save the result as a normal HF model directory",
+        description="Load BASE, check the diff was made for it (fingerprint), write W + S into the targeted "
+        "weights and save a model directory any transformers code can load. The base files are not modified.",
+    )
+    p.add_argument("--model", required=True, help="base model: alias (e.g. smollm2-135m), local directory or HF id")
+    p.add_argument("--diff", required=True, metavar="DIR", help="diff directory")
+    p.add_argument("--out", required=True, metavar="MERGED_DIR", help="where to write the merged model")
+    p.add_argument("--dtype", default="float32", help="dtype to load the base in (default: float32)")
+    return p
+
+
+def run(args) -> int:
+    from ..model import SparseModel
+    from ..models import load_model, load_tokenizer, save_model_dir
+
+    base = load_model(args.model, dtype=args.dtype)
+    merged = SparseModel.from_pretrained(base, args.diff).merge_and_unload()
+    save_model_dir(merged, load_tokenizer(args.model, required=False), args.out)
+    print(f"merged {args.diff} into {args.model} -> {args.out}")
+    return 0

@@ -1,0 +1,25 @@
+"""sparseft inspect DIR: what a diff changes and what it costs on disk."""
+
+from __future__ import annotations
+
+import json
+
+
+def add_parser(sub):
+    p = sub.add_parser(
+        "inspect",
+        help="show per-module counts, value statistics, size and provenance of a diff",
+        description="Validate a diff directory and print where its entries sit, their values, the bytes per "
+        "entry on disk, the base fingerprint and how the diff was made.",
+    )
+    p.add_argument("diff", metavar="DIR", help="diff directory written by save_pretrained / sparseft train")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    return p
+
+
+def run(args) -> int:
+    from ..audit import format_inspection, inspect_diff
+
+    report = inspect_diff(args.diff)
+    print(json.dumps(report, indent=2) if args.json else format_inspection(report))
+    return 0

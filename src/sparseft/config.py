@@ -1,0 +1,95 @@
+"""SparseConfig: the handful of plain values that define a sparse fine-tuning run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ALLOCATIONS = ("global", "proportional", "per_module")
+VALUE_DTYPES = ("bfloat16", "float16", "float32")
+
+
+@dataclass
+class SparseConfig:
+    """What to train and how to store it.
+
+    Example:
+        >>> cfg = SparseConfig(density=0.01, target_modules=["q_proj", "v_proj"], scorer="random", seed=0)
+        >>> cfg.density
+        0.01
+
+    Fields:
+        density: share of the targeted weight entries to train (0 < density <= 1). Ignored when
+            ``num_params`` is set.
+        num_params: exact total number of entries to train, instead of a density.
+        target_modules: names of ``nn.Linear`` modules to adapt; an entry matches a module whose
+            qualified name equals it or ends with ``.<entry>``.
+        scorer: how entries are chosen (see ``sparseft.selection``): random, magnitude, gradient,
+            fisher, taylor, combined.
+        allocation: how the budget is split over modules: ``global`` (one top-k over all),
+            ``proportional`` (k per module proportional to its size) or ``per_module`` (same
+            density in each; equals proportional up to rounding).
+        calibration_batches: batches used by data-driven scorers.
+        scorer_weights: weights of the parts of the ``combined`` score.
+        value_dtype: dtype of the values in the saved diff file (training keeps fp32 values).
+        seed: seeds random selection and anything else random in selection.
+    """
+
+    density: float | None = 0.01
+    num_params: int | None = None
+    target_modules: list[str] = field(default_factory=lambda: list(LLAMA_PROJECTIONS))
+    scorer: str = "random"
+    allocation: str = "proportional"
+    calibration_batches: int = 8
+    scorer_weights: dict[str, float] = field(default_factory=lambda: {"gradient": 0.5, "fisher": 0.5})
+    value_dtype: str = "bfloat16"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_params is None:
+            if self.density is None or not (0.0 < float(self.density) <= 1.0):
+                raise ConfigError(f"density must be in (0, 1], got {self.density!r}")
+        elif int(self.num_params) <= 0:
+            raise ConfigError(f"num_params must be a positive integer, got {self.num_params!r}")
+        if isinstance(self.target_modules, str):
+            self.target_modules = [self.target_modules]
+        if not self.target_modules:
+            raise ConfigError("target_modules must name at least one module")
+        if self.allocation not in ALLOCATIONS:
+            raise ConfigError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+        if self.value_dtype not in VALUE_DTYPES:
+            raise ConfigError(f"value_dtype must be one of {VALUE_DTYPES}, got {self.value_dtype!r}")
+        if int(self.calibration_batches) < 1:
+            raise ConfigError(f"calibration_batches must be >= 1, got {self.calibration_batches!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SparseConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown SparseConfig field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**data)
+
+    def to_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "SparseConfig":
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of SparseConfig fields, got {type(data).__name__}")
+        return cls.from_dict(data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)

@@ -1,0 +1,367 @@
+"""The diff on disk: a directory with ``sparse_config.json`` and ``sparse_delta.safetensors``.
+
+Layout of ``sparse_delta.safetensors`` (three tensors):
+
+- ``gaps`` (int16 bits read as uint16, one per entry): index minus previous index of the same module
+  (the first relative to -1), so every gap is >= 1; a gap of 0 is an escape meaning "take the next
+  value of ``escapes``" for the rare gap over 65535. At density >= 0.1% the mean gap is <= 1000, so
+  escapes are rare and indices cost ~2 bytes per entry.
+- ``escapes`` (int64): the gaps that did not fit 16 bits, in order.
+- ``values`` (bf16, fp16 or fp32 as ``value_dtype`` says).
+
+Modules are concatenated in sorted name order; ``sparse_config.json["tensors"]`` gives each one's k.
+
+With bf16 values a trained entry costs about 4 bytes on disk. Everything is validated before any
+model is touched; writes are atomic (a temporary directory renamed into place).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import SparseConfig
+from .errors import (
+    DiffCorruptError,
+    DiffNotFoundError,
+    DtypeMismatchError,
+    FingerprintMismatchError,
+    InvalidIndicesError,
+    NonFiniteValuesError,
+    ShapeMismatchError,
+    UnsupportedFormatError,
+)
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "sparse_config.json"
+DELTA_NAME = "sparse_delta.safetensors"
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+MAX_GAP = 65535
+
+
+@dataclass
+class SparseDiff:
+    """A diff in memory: which entries (``masks``), their ``values``, and what it was made from."""
+
+    config: SparseConfig
+    masks: dict[str, torch.Tensor]
+    values: dict[str, torch.Tensor]
+    shapes: dict[str, tuple[int, ...]]
+    base_model: str = ""
+    base_fingerprint: dict[str, str] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    file_hashes: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def num_entries(self) -> int:
+        return sum(m.numel() for m in self.masks.values())
+
+
+# ---------------------------------------------------------------- index coding
+
+
+def encode_indices(indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted unique flat indices -> (uint16 gaps stored as int16, int64 escapes)."""
+    idx = indices.to(torch.long)
+    gaps = torch.diff(idx, prepend=torch.tensor([-1], dtype=torch.long))
+    big = gaps > MAX_GAP
+    escapes = gaps[big].clone()
+    gaps = gaps.masked_fill(big, 0)
+    return gaps.to(torch.int32).to(torch.int16), escapes  # int32 -> int16 wraps 32768..65535 to negatives
+
+
+def decode_indices(gaps: torch.Tensor, escapes: torch.Tensor) -> torch.Tensor:
+    g = gaps.to(torch.long) & 0xFFFF
+    escape_at = g == 0
+    if int(escape_at.sum()) != escapes.numel():
+        raise DiffCorruptError(f"index stream has {int(escape_at.sum())} escapes but {escapes.numel()} escape values")
+    g[escape_at] = escapes.to(torch.long)
+    return torch.cumsum(g, 0) - 1
+
+
+# ---------------------------------------------------------------- fingerprint
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    t = t.detach().contiguous().cpu()
+    if t.dtype in (torch.bfloat16, torch.float16):
+        t = t.view(torch.int16)
+    return memoryview(t.numpy()).cast("B")
+
+
+def fingerprint(weights: dict[str, torch.Tensor]) -> str:
+    """sha256 over the names, shapes, dtypes and bytes of exactly the targeted weights."""
+    h = hashlib.sha256()
+    for name in sorted(weights):
+        w = weights[name]
+        h.update(f"{name}|{tuple(w.shape)}|{w.dtype}\n".encode())
+        h.update(tensor_bytes(w))
+    return h.hexdigest()
+
+
+def fingerprints(weights: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Fingerprints of the base in its own dtype and, for fp32 bases, as rounded to bf16 too,
+    so a diff trained on fp32 weights can be checked against the same base served in bf16."""
+    dtype = str(next(iter(weights.values())).dtype).removeprefix("torch.")
+    prints = {dtype: fingerprint(weights)}
+    if dtype == "float32":
+        prints["bfloat16"] = fingerprint({n: w.to(torch.bfloat16) for n, w in weights.items()})
+    return prints
+
+
+def check_fingerprint(diff: SparseDiff, weights: dict[str, torch.Tensor], where: str) -> None:
+    if not diff.base_fingerprint:
+        return
+    dtype = str(next(iter(weights.values())).dtype).removeprefix("torch.")
+    if dtype not in diff.base_fingerprint:
+        raise FingerprintMismatchError(
+            f"{where}: the diff records base fingerprints for {sorted(diff.base_fingerprint)} weights, "
+            f"but the model's weights are {dtype}; load the base in one of those dtypes"
+        )
+    actual = fingerprint(weights)
+    expected = diff.base_fingerprint[dtype]
+    if actual != expected:
+        raise FingerprintMismatchError(
+            f"{where}: the diff was made for a different base model "
+            f"(diff expects {dtype} fingerprint {expected[:16]}…, this model has {actual[:16]}…; "
+            f"diff base: {diff.base_model or 'unnamed'})"
+        )
+
+
+# ---------------------------------------------------------------- validation
+
+
+def check_indices(name: str, indices: torch.Tensor, numel: int, where: str) -> None:
+    if indices.dtype not in (torch.int64, torch.int32):
+        raise InvalidIndicesError(f"{where}: indices of {name} must be integers, got {indices.dtype}")
+    if indices.dim() != 1:
+        raise InvalidIndicesError(f"{where}: indices of {name} must be 1-D, got shape {tuple(indices.shape)}")
+    if indices.numel() == 0:
+        return
+    lo, hi = int(indices.min()), int(indices.max())
+    if lo < 0 or hi >= numel:
+        raise InvalidIndicesError(f"{where}: indices of {name} span [{lo}, {hi}], outside [0, {numel - 1}]")
+    steps = torch.diff(indices)
+    if bool((steps == 0).any()):
+        pos = int((steps == 0).nonzero()[0]) + 1
+        raise InvalidIndicesError(f"{where}: indices of {name} repeat {int(indices[pos])} at position {pos}")
+    if bool((steps < 0).any()):
+        pos = int((steps < 0).nonzero()[0]) + 1
+        raise InvalidIndicesError(f"{where}: indices of {name} are not sorted ascending at position {pos}")
+
+
+def check_values(name: str, values: torch.Tensor, k: int, where: str, dtype: torch.dtype | None = None) -> None:
+    if dtype is not None and values.dtype != dtype:
+        raise DtypeMismatchError(f"{where}: values of {name} are {values.dtype}, the config declares {dtype}")
+    if values.numel() != k:
+        raise DiffCorruptError(f"{where}: {name} has {values.numel()} values for {k} indices")
+    bad = ~torch.isfinite(values.float())
+    if bool(bad.any()):
+        pos = int(bad.nonzero()[0])
+        raise NonFiniteValuesError(f"{where}: values of {name} hold {int(bad.sum())} NaN/Inf (first at position {pos})")
+
+
+def check_diff(diff: SparseDiff, where: str = "diff") -> None:
+    """Self-consistency of a diff: valid indices and finite values of the right count for every module."""
+    for name, idx in diff.masks.items():
+        numel = 1
+        for d in diff.shapes[name]:
+            numel *= d
+        check_indices(name, idx, numel, where)
+        check_values(name, diff.values[name], idx.numel(), where)
+
+
+def check_against_model(diff: SparseDiff, weights: dict[str, torch.Tensor], where: str) -> None:
+    """The diff fits these base weights: every module exists with the recorded shape, same base."""
+    for name, shape in diff.shapes.items():
+        if name not in weights:
+            raise ShapeMismatchError(f"{where}: module {name} of the diff is not a targeted linear layer of the model")
+        if tuple(weights[name].shape) != tuple(shape):
+            raise ShapeMismatchError(
+                f"{where}: {name} has shape {tuple(shape)} in the diff but {tuple(weights[name].shape)} in the model"
+            )
+    check_fingerprint(diff, {n: weights[n] for n in diff.shapes}, where)
+
+
+# ---------------------------------------------------------------- write
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def delta_tensors(diff: SparseDiff) -> dict[str, torch.Tensor]:
+    dtype = DTYPES[diff.config.value_dtype]
+    names = sorted(diff.masks)
+    coded = [encode_indices(diff.masks[n]) for n in names]
+    empty_long = torch.zeros(0, dtype=torch.long)
+    return {
+        "gaps": torch.cat([g for g, _ in coded]) if names else torch.zeros(0, dtype=torch.int16),
+        "escapes": torch.cat([e for _, e in coded] + [empty_long]),
+        "values": torch.cat([diff.values[n].detach().cpu().to(dtype) for n in names]),
+    }
+
+
+def config_json(diff: SparseDiff, delta_sha256: str) -> dict[str, Any]:
+    return {
+        "format": "sparseft-diff",
+        "format_version": FORMAT_VERSION,
+        "base_model": diff.base_model,
+        "base_fingerprint": diff.base_fingerprint,
+        "value_dtype": diff.config.value_dtype,
+        "index_coding": "gap-uint16-escape-int64",
+        "num_entries": diff.num_entries,
+        "tensors": {n: {"shape": list(diff.shapes[n]), "k": int(diff.masks[n].numel())} for n in diff.masks},
+        "selection": diff.config.to_dict(),
+        "provenance": diff.provenance,
+        "file_hashes": {DELTA_NAME: delta_sha256},
+    }
+
+
+def write_diff(diff: SparseDiff, path: str | os.PathLike, validate: bool = True) -> Path:
+    """Write atomically: files go to a temporary sibling directory that replaces ``path`` at the end,
+    so a crash part-way leaves any previous diff at ``path`` as it was."""
+    if validate:
+        check_diff(diff, where=str(path))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        save_file(delta_tensors(diff), str(tmp / DELTA_NAME), metadata={"format": "sparseft-diff"})
+        meta = config_json(diff, file_sha256(tmp / DELTA_NAME))
+        (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    diff.file_hashes = meta["file_hashes"]
+    return path
+
+
+def replace_dir(new: Path, target: Path) -> None:
+    if not target.exists():
+        os.replace(new, target)
+        return
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- read
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    cfg_path = path / CONFIG_NAME
+    if not path.is_dir():
+        raise DiffNotFoundError(f"{path}: no such diff directory")
+    if not cfg_path.is_file():
+        raise DiffNotFoundError(f"{cfg_path}: missing; a diff directory holds {CONFIG_NAME} and {DELTA_NAME}")
+    try:
+        meta = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DiffCorruptError(f"{cfg_path}: not valid JSON ({e})") from e
+    if not isinstance(meta, dict) or meta.get("format") != "sparseft-diff":
+        raise DiffCorruptError(f"{cfg_path}: not a sparseft diff config (field 'format' must be 'sparseft-diff')")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise UnsupportedFormatError(
+            f"{cfg_path}: format_version {version!r} is not supported (this sparseft reads version {FORMAT_VERSION})"
+        )
+    for key in ("tensors", "value_dtype", "selection", "file_hashes"):
+        if key not in meta:
+            raise DiffCorruptError(f"{cfg_path}: required field {key!r} is missing")
+    if meta["value_dtype"] not in DTYPES:
+        raise DtypeMismatchError(f"{cfg_path}: value_dtype {meta['value_dtype']!r} is not one of {sorted(DTYPES)}")
+    return meta
+
+
+def read_delta(path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    delta_path = path / DELTA_NAME
+    if not delta_path.is_file():
+        raise DiffNotFoundError(f"{delta_path}: missing")
+    expected = meta["file_hashes"].get(DELTA_NAME)
+    if expected and file_sha256(delta_path) != expected:
+        raise DiffCorruptError(
+            f"{delta_path}: sha256 differs from the one recorded at save time; the file was modified or truncated"
+        )
+    try:
+        tensors = load_file(str(delta_path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise DiffCorruptError(f"{delta_path}: unreadable safetensors file ({e})") from e
+    missing = {"gaps", "escapes", "values"} - set(tensors)
+    if missing:
+        raise DiffCorruptError(f"{delta_path}: tensors {sorted(missing)} are missing")
+    if tensors["gaps"].dtype != torch.int16 or tensors["escapes"].dtype != torch.int64:
+        raise DtypeMismatchError(
+            f"{delta_path}: gaps/escapes must be int16/int64, got {tensors['gaps'].dtype}/{tensors['escapes'].dtype}"
+        )
+    return tensors
+
+
+def split_modules(meta: dict[str, Any], tensors: dict[str, torch.Tensor], where: str):
+    """Cut the concatenated streams back into per-module (indices, values)."""
+    names = sorted(meta["tensors"])
+    ks = [int(meta["tensors"][n]["k"]) for n in names]
+    if sum(ks) != tensors["gaps"].numel() or sum(ks) != tensors["values"].numel():
+        raise DiffCorruptError(
+            f"{where}: the config lists {sum(ks)} entries, the file holds {tensors['gaps'].numel()} indices "
+            f"and {tensors['values'].numel()} values"
+        )
+    gaps = torch.split(tensors["gaps"], ks)
+    values = torch.split(tensors["values"], ks)
+    escape_counts = [int(((g.to(torch.long) & 0xFFFF) == 0).sum()) for g in gaps]
+    if sum(escape_counts) != tensors["escapes"].numel():
+        raise DiffCorruptError(f"{where}: {sum(escape_counts)} escapes coded, {tensors['escapes'].numel()} stored")
+    escapes = torch.split(tensors["escapes"], escape_counts)
+    masks, vals = {}, {}
+    for name, g, e, v in zip(names, gaps, escapes, values):
+        masks[name] = decode_indices(g, e)
+        vals[name] = v.clone()
+    return masks, vals
+
+
+def read_diff(path: str | os.PathLike) -> SparseDiff:
+    """Read and fully validate a diff directory (not yet against a model)."""
+    path = Path(path)
+    meta = read_config(path)
+    tensors = read_delta(path, meta)
+    value_dtype = DTYPES[meta["value_dtype"]]
+    if tensors["values"].dtype != value_dtype:
+        raise DtypeMismatchError(
+            f"{path / DELTA_NAME}: values are {tensors['values'].dtype}, {CONFIG_NAME} declares {value_dtype}"
+        )
+    masks, values = split_modules(meta, tensors, str(path / DELTA_NAME))
+    try:
+        config = SparseConfig.from_dict(meta["selection"])
+    except (TypeError, ValueError) as e:
+        raise DiffCorruptError(f"{path / CONFIG_NAME}: field 'selection' is not a valid SparseConfig ({e})") from e
+    diff = SparseDiff(
+        config=config,
+        masks=masks,
+        values=values,
+        shapes={n: tuple(spec["shape"]) for n, spec in meta["tensors"].items()},
+        base_model=meta.get("base_model", ""),
+        base_fingerprint=meta.get("base_fingerprint", {}),
+        provenance=meta.get("provenance", {}),
+        file_hashes=meta["file_hashes"],
+    )
+    check_diff(diff, where=str(path / DELTA_NAME))
+    return diff

@@ -1,0 +1,58 @@
+"""One exception class per failure a user must be able to tell apart.
+
+Every class derives from :class:`SparseFTError`, so ``except SparseFTError`` catches them all;
+each also derives from the builtin a caller would naturally expect (``ValueError``,
+``FileNotFoundError``) so generic handlers keep working.
+"""
+
+
+class SparseFTError(Exception):
+    """Base class of every error sparseft raises on purpose."""
+
+
+class ConfigError(SparseFTError, ValueError):
+    """A SparseConfig field (or a CLI flag that feeds one) has an invalid value."""
+
+
+class DiffNotFoundError(SparseFTError, FileNotFoundError):
+    """The diff directory, or one of its files, does not exist."""
+
+
+class DiffCorruptError(SparseFTError, ValueError):
+    """A diff file exists but cannot be read: truncated, not JSON/safetensors, or inconsistent with itself."""
+
+
+class UnsupportedFormatError(SparseFTError, ValueError):
+    """The diff was written in a format version this sparseft does not read."""
+
+
+class InvalidIndicesError(SparseFTError, ValueError):
+    """Indices of a sparse delta are out of range, unsorted or duplicated."""
+
+
+class ShapeMismatchError(SparseFTError, ValueError):
+    """A tensor of the diff does not fit the base model (missing module or different shape)."""
+
+
+class NonFiniteValuesError(SparseFTError, ValueError):
+    """Values of a sparse delta contain NaN or Inf."""
+
+
+class DtypeMismatchError(SparseFTError, TypeError):
+    """A tensor of the diff has a dtype other than the one its config declares."""
+
+
+class FingerprintMismatchError(SparseFTError, ValueError):
+    """The diff was made for a different base model than the one it is applied to."""
+
+
+class MergeStateError(SparseFTError, RuntimeError):
+    """merge/unmerge called in the wrong state (e.g. unmerge without a prior merge)."""
+
+
+class DataFormatError(SparseFTError, ValueError):
+    """A training or evaluation data file has a malformed row."""
+
+
+class ModelNotFoundError(SparseFTError, FileNotFoundError):
+    """A model name is neither a known alias nor a local directory (and no hub access is possible)."""

@@ -1,0 +1,75 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import make_tiny_llama
+from sparseft import SparseConfig, get_sparse_model
+from sparseft.cli import VERBS, build_parser, main
+
+
+def test_help_for_every_verb(capsys):
+    for verb in VERBS:
+        with pytest.raises(SystemExit) as exit_info:
+            main([verb, "--help"])
+        assert exit_info.value.code == 0
+        assert verb in capsys.readouterr().out
+
+
+def test_module_entry_point_runs():
+    out = subprocess.run([sys.executable, "-m", "sparseft", "--help"], capture_output=True, text=True, check=True)
+    assert "inspect" in out.stdout and "apply" in out.stdout
+
+
+@pytest.fixture
+def trained_diff(tiny_model_dir, tmp_path):
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = get_sparse_model(base, SparseConfig(density=0.05, value_dtype="float32"))
+    with torch.no_grad():
+        for layer in model.sparse_layers().values():
+            layer.values.normal_(0, 0.1)
+    return model, model.save_pretrained(tmp_path / "diff", provenance={"note": "unit test"})
+
+
+def test_inspect_json_reports_modules_and_size(trained_diff, capsys):
+    model, path = trained_diff
+    assert main(["inspect", str(path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["num_entries"] == model.num_trainable()
+    assert len(report["modules"]) == 14
+    assert report["provenance"]["note"] == "unit test"
+    assert report["bytes_per_entry"] > 0
+    assert main(["inspect", str(path)]) == 0
+    assert "bytes/entry" in capsys.readouterr().out
+
+
+def test_apply_writes_merged_model(trained_diff, tiny_model_dir, tmp_path):
+    model, path = trained_diff
+    ids = torch.tensor([[1, 5, 9, 2]])
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    assert main(["apply", "--model", str(tiny_model_dir), "--diff", str(path), "--out", str(tmp_path / "merged")]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_apply_refuses_other_base_with_clear_error(trained_diff, tmp_path, capsys):
+    _, path = trained_diff
+    other = tmp_path / "other-base"
+    make_tiny_llama(seed=3).save_pretrained(other)
+    assert main(["apply", "--model", str(other), "--diff", str(path), "--out", str(tmp_path / "m")]) == 2
+    assert "different base" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+
+def test_unknown_model_is_named(tmp_path, capsys):
+    assert main(["apply", "--model", str(tmp_path / "nope"), "--diff", str(tmp_path), "--out", str(tmp_path / "m")]) == 2
+    assert "nope" in capsys.readouterr().err
+
+
+def test_parser_builds():
+    assert build_parser().prog == "sparseft"
