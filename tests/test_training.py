@@ -203,3 +203,11 @@ def test_full_and_lora_baselines_save_natural_formats_and_the_same_metrics(train
         assert 8 * r.trainable < r.optimizer_state_bytes <= 8 * r.trainable + 4 * 64
         assert r.artifact_bytes > 0 and r.peak_memory_bytes > 0 and r.median_step_s > 0
     assert sparse.artifact_bytes < lora.artifact_bytes < full.artifact_bytes
+
+
+def test_bf16_autocast_trains_sparse_values(train_file, tmp_path):
+    """The mixed-precision path (bf16 matmuls, fp32 values and optimizer state), run on CPU."""
+    result = train_in_process(quick_config(train_file, tmp_path / "bf16", precision="bf16", steps=3))
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    values = SparseModel.from_pretrained(make_tiny_llama(), result.out).sparse_parameters()
+    assert all(v.dtype == torch.float32 and float(v.abs().max()) > 0 for v in values)
