@@ -242,6 +242,8 @@ def train_loop(
     write = out is not None and dist.is_main
     metrics = MetricsLog(out / METRICS_NAME, write, resume_step=start_step if start_step else None) if out else None
     stats = LoopStats()
+    if dist.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dist.device)  # report the training peak, not loading's
     started = time.perf_counter()
     model.train()
     bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc=f"train ({cfg.method})",
