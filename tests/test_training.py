@@ -144,7 +144,7 @@ BAD_FILES = {
     "missing.jsonl": ('{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n', "missing.jsonl:line 2: missing field 'completion'"),
     "empty.jsonl": ('{"prompt": "a", "completion": ""}\n', "empty.jsonl:line 1: field 'completion' is empty"),
     "broken.jsonl": ('{"prompt": "a", "completion": "b"\n', "broken.jsonl:line 1: invalid JSON"),
-    "long.jsonl": (json.dumps({"prompt": "x" * 100, "completion": " y"}) + "\n", "long.jsonl:line 1: example is 104 tokens"),
+    "long.jsonl": (json.dumps({"prompt": "x" * 100, "completion": " y"}) + "\n", "long.jsonl:line 1: example is 103 tokens"),
 }
 
 
