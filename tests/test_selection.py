@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import BatchEncoding
 
 from conftest import make_tiny_llama
 from sparseft import SparseConfig, get_sparse_model, select
@@ -157,7 +158,8 @@ def test_selection_leaves_model_as_it_was():
     q = model.model.layers[0].self_attn.q_proj.weight
     q.grad = torch.ones_like(q)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    select(model, SparseConfig(density=0.02, scorer="combined"), llama_batches())
+    batches = [BatchEncoding(b) for b in llama_batches()]  # what a tokenizer returns is a mapping too
+    select(model, SparseConfig(density=0.02, scorer="combined"), batches)
     assert model.training
     assert not model.model.embed_tokens.weight.requires_grad
     assert model.lm_head.weight.requires_grad and q.requires_grad
@@ -424,3 +426,21 @@ def measure_peak_memory():
     print(f"model {budget / 2**20:.1f} MiB, selection peak +{peak / 2**20:.1f} MiB, naive +{naive / 2**20:.1f} MiB")
     assert peak <= 1.1 * budget, f"selection grew the peak RSS by {peak / budget:.2f}x the model size"
     assert naive >= 2 * budget  # the same measurement sees the careless way exceed the bound
+
+
+def test_train_takes_the_mask_file_from_select(tiny_model_with_tokenizer_dir, tmp_path, capsys):
+    from sparseft.cli import main
+    from sparseft.diffio import read_diff
+
+    model_dir = tiny_model_with_tokenizer_dir
+    data = write_jsonl(tmp_path / "train.jsonl", [{"prompt": f"add {i}: ", "completion": f"{i + 1}"} for i in range(8)])
+    masks_path = tmp_path / "masks.safetensors"
+    assert main(["select", "--model", str(model_dir), "--data", str(data), "--out", str(masks_path),
+                 "--scorer", "fisher", "--num-params", "300", "--calibration-batches", "2"]) == 0
+    assert main(["train", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "run"),
+                 "--masks", str(masks_path), "--steps", "2", "--batch-size", "4", "--no-progress"]) == 0
+    capsys.readouterr()
+    diff_dir = next(p.parent for p in (tmp_path / "run").rglob("sparse_config.json"))
+    trained = read_diff(diff_dir).masks
+    selected = load_masks(masks_path)
+    assert set(trained) == set(selected) and all(torch.equal(trained[n], selected[n]) for n in selected)
