@@ -174,7 +174,7 @@ def test_more_passes_under_a_small_memory_cap_give_the_same_masks():
     one_pass = select(model, cfg, batches, max_state_bytes=10**9)
     sizes = {n: t.weight.numel() for n, t in find_targets(model, cfg.target_modules).items()}
     assert len(plan_passes(sizes, 8, 10**9)) == 1 and len(plan_passes(sizes, 8, 20_000)) > 5
-    many_passes = select(model, cfg, batches, max_state_bytes=60_000)
+    many_passes = select(model, cfg, batches, max_state_bytes=200_000)  # 4 passes on this model
     assert all(torch.equal(one_pass[n], many_passes[n]) for n in one_pass)
 
 
