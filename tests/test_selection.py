@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import importlib
 import gc
 import json
 import re
@@ -168,13 +169,19 @@ def test_selection_leaves_model_as_it_was():
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
-def test_more_passes_under_a_small_memory_cap_give_the_same_masks():
+def test_more_passes_under_a_small_memory_cap_give_the_same_masks(monkeypatch):
+    select_module = importlib.import_module("sparseft.selection.select")  # the package exports the function
+
     model, batches = make_tiny_llama(), llama_batches()
     cfg = SparseConfig(density=0.03, scorer="combined", allocation="global", calibration_batches=3)
-    one_pass = select(model, cfg, batches, max_state_bytes=10**9)
+    one_pass = select(model, cfg, batches)
     sizes = {n: t.weight.numel() for n, t in find_targets(model, cfg.target_modules).items()}
-    assert len(plan_passes(sizes, 8, 10**9)) == 1 and len(plan_passes(sizes, 8, 20_000)) > 5
-    many_passes = select(model, cfg, batches, max_state_bytes=200_000)  # 4 passes on this model
+    assert len(plan_passes(sizes, 8, 10**9)) == 1 and len(plan_passes(sizes, 8, 40_000)) == 5
+    passes = []
+    monkeypatch.setattr(select_module, "accumulator_budget", lambda *args: 40_000)  # below the 1 MiB floor
+    monkeypatch.setattr(select_module, "plan_passes", lambda *a: passes.append(plan_passes(*a)) or passes[-1])
+    many_passes = select(model, cfg, batches)
+    assert len(passes[0]) == 5
     assert all(torch.equal(one_pass[n], many_passes[n]) for n in one_pass)
 
 

@@ -15,7 +15,7 @@ selection holds at most about B extra bytes (plus the activations of one calibra
 
 Measured on the 2-core CPU dev machine (peak RSS growth, Linux VmHWM):
 - tests/test_selection.py::test_peak_memory_within_one_model_buffer: a random 8-layer Llama of 4.8M
-  fp32 parameters (B = 18.3 MiB), ``combined``, global, 1%: ≈ 0.95 B (17 MiB, 5 passes), against
+  fp32 parameters (B = 18.3 MiB), ``combined``, global, 1%: ≈ 0.96 B (17.6-17.8 MiB, 5 passes), against
   ≈ 3.2 B (58 MiB) for the naive way (every ``.grad`` kept, plus Σg and Σg² copies).
 - benchmarks/select_memory.py, SmolLM2-135M shape (B = 513 MiB), ``combined``, 2 passes: 1007 MiB,
   of which 486 MiB are one calibration batch's activations (2 × 128 tokens) and ≈ 1.02 B the rest.
@@ -38,6 +38,7 @@ from .scorers import ScoreContext, get_scorer, required_stats
 SCORING_BYTES_PER_ENTRY = 64  # one module: scores, sort values + indices, quantiles, and allocator slack (measured)
 CANDIDATE_BYTES = 16  # value fp32 + index int64 + module id int32 per running global candidate
 MASK_BYTES = 8  # int64 index per chosen entry
+MIN_ACCUMULATOR_BYTES = 2**20  # toy models, whose reserves exceed their size, still take one pass
 
 
 def model_bytes(model: nn.Module) -> int:
@@ -60,9 +61,9 @@ def plan_passes(sizes: dict[str, int], bytes_per_entry: int, budget: int) -> lis
 
 
 def accumulator_budget(cfg_budget: int, sizes: dict[str, int], k_total: int, is_global: bool) -> int:
-    """What is left for gradient sums once scoring and allocation have their share."""
+    """What is left for gradient sums once scoring and allocation have their share (at least 1 MiB)."""
     allocation = k_total * (3 * CANDIDATE_BYTES if is_global else MASK_BYTES)  # merge copies + slack
-    return cfg_budget - allocation - SCORING_BYTES_PER_ENTRY * max(sizes.values())
+    return max(cfg_budget - allocation - SCORING_BYTES_PER_ENTRY * max(sizes.values()), MIN_ACCUMULATOR_BYTES)
 
 
 def select(
