@@ -56,3 +56,7 @@ class DataFormatError(SparseFTError, ValueError):
 
 class ModelNotFoundError(SparseFTError, FileNotFoundError):
     """A model name is neither a known alias nor a local directory (and no hub access is possible)."""
+
+
+class MaskFileError(SparseFTError, ValueError):
+    """A mask file (written by ``sparseft select`` / ``save_masks``) is missing, unreadable or inconsistent."""

@@ -12,7 +12,7 @@ import sys
 
 from ..errors import SparseFTError
 
-VERBS = ["apply", "inspect", "train"]
+VERBS = ["apply", "inspect", "select", "train"]
 
 
 def build_parser() -> argparse.ArgumentParser:
