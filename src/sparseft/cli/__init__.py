@@ -12,7 +12,7 @@ import sys
 
 from ..errors import SparseFTError
 
-VERBS = ["apply", "inspect", "eval"]
+VERBS = ["apply", "inspect", "train", "eval"]
 
 
 def build_parser() -> argparse.ArgumentParser:
