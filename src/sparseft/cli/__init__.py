@@ -12,7 +12,7 @@ import sys
 
 from ..errors import SparseFTError
 
-VERBS = ["apply", "inspect", "train", "eval"]
+VERBS = ["apply", "inspect", "train", "eval", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:
