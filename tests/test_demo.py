@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from conftest import make_tiny_llama
 from sparseft.cli import main
 from sparseft.demo import DemoConfig, format_report, run_demo
@@ -51,8 +53,6 @@ def test_demo_trains_saves_and_reverts_exactly(tmp_path):
 
 
 def test_demo_help():
-    import pytest
-
     with pytest.raises(SystemExit) as info:
         main(["demo", "--help"])
     assert info.value.code == 0

@@ -49,7 +49,7 @@ def test_eval_table_output(model_dir, capsys):
     assert "accuracy" in out and "2 examples" in out
 
 
-def scores_of(model, model_dir):
+def scores_of(model):
     from sparseft.tasks import get_task
 
     task = get_task("routing")
@@ -65,8 +65,8 @@ def test_eval_with_sparse_diff_scores_the_changed_model(model_dir, tmp_path, cap
     assert diff_kind(diff) == "sparse"
     report = run_json(capsys, "--model", str(model_dir), "--diff", str(diff), "--task", "routing", "--data", TEST_FILE, "--limit", "4")
     assert report["adapter"] == "sparse" and report["num_examples"] == 4
-    base_scores = scores_of(AutoModelForCausalLM.from_pretrained(model_dir).eval(), model_dir)
-    assert not torch.allclose(scores_of(sparse.eval(), model_dir), base_scores)
+    base_scores = scores_of(AutoModelForCausalLM.from_pretrained(model_dir).eval())
+    assert not torch.allclose(scores_of(sparse.eval()), base_scores)
 
 
 def test_eval_with_lora_adapter(model_dir, tmp_path, capsys):
