@@ -43,6 +43,7 @@ def test_demo_trains_saves_and_reverts_exactly(tmp_path):
     report = run_demo(cfg, log=lines.append)
     assert report.num_train == 16 and report.num_test == 6 and report.train_steps == 4
     assert report.revert_bitwise_equal is True
+    assert report.model_parameters == sum(p.numel() for p in make_tiny_llama().parameters())
     assert 0 < report.trained_entries < report.model_parameters and 0 < report.diff_bytes < report.model_bytes
     assert 0.0 <= report.before <= 1.0 and 0.0 <= report.after <= 1.0
     assert (tmp_path / "demo" / "diff" / "sparse_config.json").is_file()

@@ -73,7 +73,8 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> DemoReport:
 
     with clock("load model"):
         model, tokenizer = load_model(cfg.model).eval(), load_tokenizer(cfg.model)
-    log(f"model {cfg.model}: {count_parameters(model):,} parameters (loaded in {clock['load model']:.1f} s)")
+    num_parameters = count_parameters(model)  # before any sparse values are attached
+    log(f"model {cfg.model}: {num_parameters:,} parameters (loaded in {clock['load model']:.1f} s)")
 
     with clock("evaluate before"):
         before = evaluate_records(model, tokenizer, task, test, cfg.eval_batch_size)[0]
@@ -109,7 +110,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> DemoReport:
         before=before[metric],
         after=after[metric],
         trained_entries=diff_info["num_entries"],
-        model_parameters=count_parameters(base),
+        model_parameters=num_parameters,
         diff_bytes=diff_info["total_bytes"],
         model_bytes=model_file_bytes(cfg.model, base),
         revert_bitwise_equal=reverted,
