@@ -12,7 +12,7 @@ import sys
 
 from ..errors import SparseFTError
 
-VERBS = ["apply", "inspect", "select", "train"]
+VERBS = ["demo", "select", "train", "eval", "apply", "inspect"]
 
 
 def build_parser() -> argparse.ArgumentParser:
