@@ -12,7 +12,7 @@ import sys
 
 from ..errors import SparseFTError
 
-VERBS = ["apply", "inspect", "verify"]
+VERBS = ["apply", "inspect", "verify", "audit"]
 
 
 def build_parser() -> argparse.ArgumentParser:
