@@ -12,7 +12,7 @@ import sys
 
 from ..errors import SparseFTError
 
-VERBS = ["apply", "inspect", "verify", "audit"]
+VERBS = ["apply", "inspect", "train", "verify", "audit"]
 
 
 def build_parser() -> argparse.ArgumentParser:
