@@ -56,3 +56,7 @@ class DataFormatError(SparseFTError, ValueError):
 
 class ModelNotFoundError(SparseFTError, FileNotFoundError):
     """A model name is neither a known alias nor a local directory (and no hub access is possible)."""
+
+
+class NotReproducibleError(SparseFTError, ValueError):
+    """A diff lacks what a re-run of its training needs (the training config, or a readable data file)."""

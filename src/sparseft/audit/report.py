@@ -72,6 +72,15 @@ def build_report(meta: dict[str, Any], prompts: list[dict], pairs: list[dict], l
     }
 
 
+def add_reproducibility(report: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+    """Attach a ``repro.reproduce`` result as one more gate: the re-run must give the same bytes."""
+    ok = bool(result["reproduced"])
+    report["gates"].append({"gate": "reproduced", "value": float(ok), "limit": 1.0, "op": "==", "ok": ok})
+    report["reproducibility"] = result
+    report["passed"] = report["passed"] and ok
+    return report
+
+
 def cell(text: Any, width: int = 60) -> str:
     """Table-safe text: one line, pipes escaped, shortened."""
     text = str(text).replace("\n", " ").replace("|", "\\|")
@@ -119,6 +128,10 @@ def format_markdown(report: dict[str, Any]) -> str:
             target = r["target"] or f"({r['target_source']}: {r['target_token']})"
             lines.append(f"| {cell(r['probe'], 24)} | {cell(r['prompt'], 40)} | {cell(r['pair'], 40)} | "
                          f"{cell(target, 24)} | {r['gap_before']:+.4f} | {r['gap_after']:+.4f} | {r['drift']:+.4f} |")
+    if "reproducibility" in report:
+        from .repro import format_repro
+
+        lines += format_repro(report["reproducibility"])
     return "\n".join(lines) + "\n"
 
 

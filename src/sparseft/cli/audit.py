@@ -26,6 +26,10 @@ def add_parser(sub):
     p.add_argument("--out", metavar="DIR", help="where to write audit.json and audit.md (default: DIFF_DIR-audit)")
     p.add_argument("--dtype", default="float32", help="dtype to load the base in (default: float32)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default 8)")
+    p.add_argument("--repro", action="store_true",
+                   help="also re-run the diff's training from its recorded config and seed on CPU and check that "
+                   "the tensor file has the recorded sha256 (or report which modules differ)")
+    p.add_argument("--repro-data", metavar="FILE", help="training data for --repro when not at the recorded path")
     return p
 
 
@@ -41,6 +45,12 @@ def run(args) -> int:
     report = audit_diff(model, args.diff, args.probe, load_tokenizer(args.model, required=False), limits,
                         args.batch_size, model_name=str(args.model))
     out = Path(args.out) if args.out else Path(str(Path(args.diff).resolve()) + "-audit")
+    if args.repro:
+        from ..audit.repro import reproduce
+        from ..audit.report import add_reproducibility
+
+        del model  # the re-run loads its own copy of the base
+        add_reproducibility(report, reproduce(args.diff, args.model, args.repro_data, work_dir=out / "rerun"))
     json_path, md_path = write_report(report, out)
     s = report["summary"]
     print(f"KL mean {s['kl_mean']:.4g} (max {s['kl_max']:.4g} at {s['kl_max_probe']}); "
@@ -48,5 +58,7 @@ def run(args) -> int:
     for g in report["gates"]:
         verdict = "PASS" if g["ok"] else "FAIL"
         print(f"{verdict} {g['gate']}: {g['value']:.4g} (limit {g['op']} {g['limit']:g})")
+    if report.get("reproducibility", {}).get("reason"):
+        print(f"  reproducibility: {report['reproducibility']['reason']}")
     print(f"report -> {json_path}, {md_path}")
     return 0 if report["passed"] else 1
