@@ -65,9 +65,10 @@ def test_text_shows_groups_outlier_and_provenance(diff, capsys):
     out = capsys.readouterr().out
     assert f"{PLANTED}[" in out and "-0.8" in out
     assert "attention" in out and "down_proj" in out
-    assert f"data.train.jsonl.sha256: {'ab' * 32}" in out
-    assert "train_config.lr: 0.001" in out and "selection_scores.scorer: fisher" in out
-    assert "versions.torch:" in out
+    provenance = out[out.index("provenance"):]
+    assert f"train.jsonl.sha256={'ab' * 32}" in provenance
+    assert "lr=0.001" in provenance and "steps=20" in provenance and "scorer=fisher" in provenance
+    assert "torch=" in provenance and "transformers=" in provenance
 
 
 def test_plot_writes_png_heat_map(diff, tmp_path, capsys):

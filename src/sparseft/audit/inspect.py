@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -188,15 +189,23 @@ def format_group(title: str, groups: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def flatten(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
-    """Nested dicts as ``(dotted.key, leaf)`` pairs, for a readable provenance listing."""
+    """Nested dicts as ``(dotted.key, leaf)`` pairs."""
     if isinstance(data, dict) and data:
         return [pair for k, v in data.items() for pair in flatten(v, f"{prefix}.{k}" if prefix else str(k))]
     return [(prefix, data)]
 
 
-def format_leaf(value: Any, width: int = 100) -> str:
-    text = str(value)
-    return text if len(text) <= width else text[: width - 1] + "…"
+def format_provenance(provenance: dict[str, Any], width: int = 100) -> list[str]:
+    """One line per top-level entry; a nested one (a training config, versions) as wrapped ``key=value`` pairs."""
+    lines = []
+    for key, value in provenance.items():
+        if isinstance(value, dict) and value:
+            pairs = " ".join(f"{k}={v}".replace(" ", "") for k, v in flatten(value))
+            wrapped = textwrap.wrap(pairs, width - 4, break_long_words=False, break_on_hyphens=False)
+            lines += [f"  {key}:"] + [f"    {line}" for line in wrapped]
+        else:
+            lines.append(f"  {key}: {value}")
+    return lines
 
 
 def format_inspection(report: dict[str, Any]) -> str:
@@ -228,5 +237,5 @@ def format_inspection(report: dict[str, Any]) -> str:
             f"{m['outliers']:>9,}"
         )
     if report["provenance"]:
-        lines += ["", "provenance"] + [f"  {k}: {format_leaf(v)}" for k, v in flatten(report["provenance"])]
+        lines += ["", "provenance"] + format_provenance(report["provenance"])
     return "\n".join(lines)
