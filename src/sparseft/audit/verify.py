@@ -36,7 +36,8 @@ class CheckResult:
     def line(self) -> str:
         if self.status == "pass":
             return f"PASS {self.name}"
-        return f"{self.status.upper()} {self.name}: {self.reason}"
+        reason = " ".join(self.reason.split())  # one line per check, whatever the message holds
+        return f"{self.status.upper()} {self.name}: {reason}"
 
 
 def run_check(name: str, check: Callable[[], Any]) -> tuple[CheckResult, Any]:
@@ -124,6 +125,8 @@ def model_checks(path: Path, meta: dict[str, Any], model: nn.Module | None) -> l
     if model is None:
         return [CheckResult(n, "skip", "no base model given") for n in ("shapes", "fingerprint")]
     shapes = {n: tuple(spec["shape"]) for n, spec in meta["tensors"].items()}
+    if not shapes:
+        return [CheckResult(n, "skip", "the diff changes no module") for n in ("shapes", "fingerprint")]
     weights = target_weights(model, list(shapes))
     results = [run_check("shapes", lambda: diffio.check_shapes(shapes, weights, str(path)))[0]]
     if results[0].status == "fail":
