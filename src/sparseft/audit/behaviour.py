@@ -44,13 +44,16 @@ def audit_probes(
     was_training = model.training
     trainable = {name: p.requires_grad for name, p in model.named_parameters()}
     model.eval()
-    base = run_pass(model, probes, batch_size)
-    sparse = SparseModel.from_pretrained(model, diff_path)
-    sparse.merge()
+    sparse = None
     try:
+        base = run_pass(model, probes, batch_size)
+        sparse = SparseModel.from_pretrained(model, diff_path)
+        sparse.merge()
         tuned = run_pass(model, probes, batch_size)
     finally:
-        sparse.unload()  # SparseModel froze every parameter; give the caller back what it had
+        if sparse is not None:
+            sparse.unload()
+        # SparseModel froze every parameter; give the caller back what it had.
         for name, p in model.named_parameters():
             p.requires_grad_(trainable[name])
         model.train(was_training)
