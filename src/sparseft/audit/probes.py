@@ -83,6 +83,8 @@ def field_ids(row: dict[str, Any], name: str, where: str, tokenizer, vocab_size:
             )
         # The target continues the prompt, so it gets no BOS of its own.
         ids = tokenizer(text, add_special_tokens=name != "target")["input_ids"]
+        if not ids:
+            raise DataFormatError(f"{where}: field {name!r} encodes to no tokens")
     if ids is None:
         return None
     if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
