@@ -120,21 +120,28 @@ def fingerprints(weights: dict[str, torch.Tensor]) -> dict[str, str]:
 
 
 def check_fingerprint(diff: SparseDiff, weights: dict[str, torch.Tensor], where: str) -> None:
-    if not diff.base_fingerprint:
+    check_base_fingerprint(diff.base_fingerprint, diff.base_model, weights, where)
+
+
+def check_base_fingerprint(
+    expected_prints: dict[str, str], base_model: str, weights: dict[str, torch.Tensor], where: str
+) -> None:
+    """``weights`` are the base the fingerprints were recorded for (no-op when none were recorded)."""
+    if not expected_prints:
         return
     dtype = str(next(iter(weights.values())).dtype).removeprefix("torch.")
-    if dtype not in diff.base_fingerprint:
+    if dtype not in expected_prints:
         raise FingerprintMismatchError(
-            f"{where}: the diff records base fingerprints for {sorted(diff.base_fingerprint)} weights, "
+            f"{where}: the diff records base fingerprints for {sorted(expected_prints)} weights, "
             f"but the model's weights are {dtype}; load the base in one of those dtypes"
         )
     actual = fingerprint(weights)
-    expected = diff.base_fingerprint[dtype]
+    expected = expected_prints[dtype]
     if actual != expected:
         raise FingerprintMismatchError(
             f"{where}: the diff was made for a different base model "
             f"(diff expects {dtype} fingerprint {expected[:16]}…, this model has {actual[:16]}…; "
-            f"diff base: {diff.base_model or 'unnamed'})"
+            f"diff base: {base_model or 'unnamed'})"
         )
 
 
@@ -183,14 +190,19 @@ def check_diff(diff: SparseDiff, where: str = "diff") -> None:
 
 def check_against_model(diff: SparseDiff, weights: dict[str, torch.Tensor], where: str) -> None:
     """The diff fits these base weights: every module exists with the recorded shape, same base."""
-    for name, shape in diff.shapes.items():
+    check_shapes(diff.shapes, weights, where)
+    check_fingerprint(diff, {n: weights[n] for n in diff.shapes}, where)
+
+
+def check_shapes(shapes: dict[str, tuple[int, ...]], weights: dict[str, torch.Tensor], where: str) -> None:
+    """Every module of the diff is a targeted weight of the model with the recorded shape."""
+    for name, shape in shapes.items():
         if name not in weights:
             raise ShapeMismatchError(f"{where}: module {name} of the diff is not a targeted linear layer of the model")
         if tuple(weights[name].shape) != tuple(shape):
             raise ShapeMismatchError(
                 f"{where}: {name} has shape {tuple(shape)} in the diff but {tuple(weights[name].shape)} in the model"
             )
-    check_fingerprint(diff, {n: weights[n] for n in diff.shapes}, where)
 
 
 # ---------------------------------------------------------------- write
@@ -288,20 +300,50 @@ def read_config(path: Path) -> dict[str, Any]:
     for key in ("tensors", "value_dtype", "selection", "file_hashes"):
         if key not in meta:
             raise DiffCorruptError(f"{cfg_path}: required field {key!r} is missing")
+    check_tensor_specs(meta, cfg_path)
     if meta["value_dtype"] not in DTYPES:
         raise DtypeMismatchError(f"{cfg_path}: value_dtype {meta['value_dtype']!r} is not one of {sorted(DTYPES)}")
     return meta
 
 
+def check_tensor_specs(meta: dict[str, Any], cfg_path: Path) -> None:
+    """The fields later steps index into have the types they expect (a clear error, not a KeyError)."""
+    if not isinstance(meta["file_hashes"], dict) or not isinstance(meta["tensors"], dict):
+        raise DiffCorruptError(f"{cfg_path}: fields 'file_hashes' and 'tensors' must be mappings")
+    for name, spec in meta["tensors"].items():
+        shape = spec.get("shape") if isinstance(spec, dict) else None
+        k = spec.get("k") if isinstance(spec, dict) else None
+        shape_ok = isinstance(shape, list) and all(isinstance(d, int) and d > 0 for d in shape)
+        if not shape_ok or not isinstance(k, int) or k < 0:
+            raise DiffCorruptError(
+                f"{cfg_path}: tensors[{name!r}] must be {{'shape': [positive ints], 'k': int >= 0}}, got {spec!r}"
+            )
+
+
 def read_delta(path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    check_file_hashes(path, meta)
+    return load_delta_tensors(path)
+
+
+def check_file_hashes(path: Path, meta: dict[str, Any]) -> None:
+    """Every file whose sha256 was recorded at save time exists and still has that hash."""
+    for name, expected in sorted(meta["file_hashes"].items()):
+        if Path(name).name != name or name in ("", ".", ".."):  # a hostile config must not point outside the diff
+            raise DiffCorruptError(f"{path / CONFIG_NAME}: file_hashes names {name!r}, not a file of the diff directory")
+        file_path = path / name
+        if not file_path.is_file():
+            raise DiffNotFoundError(f"{file_path}: missing")
+        if expected and file_sha256(file_path) != expected:
+            raise DiffCorruptError(
+                f"{file_path}: sha256 differs from the one recorded at save time; the file was modified or truncated"
+            )
+
+
+def load_delta_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The three streams of the tensor file, checked for presence and index dtypes (not yet split)."""
     delta_path = path / DELTA_NAME
     if not delta_path.is_file():
         raise DiffNotFoundError(f"{delta_path}: missing")
-    expected = meta["file_hashes"].get(DELTA_NAME)
-    if expected and file_sha256(delta_path) != expected:
-        raise DiffCorruptError(
-            f"{delta_path}: sha256 differs from the one recorded at save time; the file was modified or truncated"
-        )
     try:
         tensors = load_file(str(delta_path))
     except (SafetensorError, OSError, ValueError) as e:
@@ -338,21 +380,27 @@ def split_modules(meta: dict[str, Any], tensors: dict[str, torch.Tensor], where:
     return masks, vals
 
 
+def check_value_dtype(meta: dict[str, Any], tensors: dict[str, torch.Tensor], where: str) -> None:
+    value_dtype = DTYPES[meta["value_dtype"]]
+    if tensors["values"].dtype != value_dtype:
+        raise DtypeMismatchError(f"{where}: values are {tensors['values'].dtype}, {CONFIG_NAME} declares {value_dtype}")
+
+
+def parse_selection(meta: dict[str, Any], where: str) -> SparseConfig:
+    try:
+        return SparseConfig.from_dict(meta["selection"])
+    except (TypeError, ValueError) as e:
+        raise DiffCorruptError(f"{where}: field 'selection' is not a valid SparseConfig ({e})") from e
+
+
 def read_diff(path: str | os.PathLike) -> SparseDiff:
     """Read and fully validate a diff directory (not yet against a model)."""
     path = Path(path)
     meta = read_config(path)
     tensors = read_delta(path, meta)
-    value_dtype = DTYPES[meta["value_dtype"]]
-    if tensors["values"].dtype != value_dtype:
-        raise DtypeMismatchError(
-            f"{path / DELTA_NAME}: values are {tensors['values'].dtype}, {CONFIG_NAME} declares {value_dtype}"
-        )
+    check_value_dtype(meta, tensors, str(path / DELTA_NAME))
     masks, values = split_modules(meta, tensors, str(path / DELTA_NAME))
-    try:
-        config = SparseConfig.from_dict(meta["selection"])
-    except (TypeError, ValueError) as e:
-        raise DiffCorruptError(f"{path / CONFIG_NAME}: field 'selection' is not a valid SparseConfig ({e})") from e
+    config = parse_selection(meta, str(path / CONFIG_NAME))
     diff = SparseDiff(
         config=config,
         masks=masks,

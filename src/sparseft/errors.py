@@ -60,3 +60,7 @@ class ModelNotFoundError(SparseFTError, FileNotFoundError):
 
 class MaskFileError(SparseFTError, ValueError):
     """A mask file (written by ``sparseft select`` / ``save_masks``) is missing, unreadable or inconsistent."""
+
+
+class NotReproducibleError(SparseFTError, ValueError):
+    """A diff lacks what a re-run of its training needs (the training config, or a readable data file)."""

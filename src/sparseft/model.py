@@ -127,6 +127,16 @@ class SparseModel(nn.Module):
         """The base model with the diff merged in and the sparse wrappers removed (a plain HF model)."""
         if not self.merged:
             self.merge()
+        return self._remove_wrappers()
+
+    def unload(self) -> nn.Module:
+        """The base model with the sparse wrappers removed and the diff taken out (unmerged first if
+        merged): the weights are bitwise the base again. Its parameters stay frozen."""
+        if self.merged:
+            self.unmerge()
+        return self._remove_wrappers()
+
+    def _remove_wrappers(self) -> nn.Module:
         for name, layer in self.sparse_layers().items():
             parent_name, _, child = name.rpartition(".")
             parent = self.base_model.get_submodule(parent_name) if parent_name else self.base_model

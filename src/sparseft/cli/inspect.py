@@ -1,4 +1,4 @@
-"""sparseft inspect DIR: what a diff changes and what it costs on disk."""
+"""sparseft inspect DIR: what a diff changes, where, by how much, and what it costs on disk."""
 
 from __future__ import annotations
 
@@ -8,18 +8,24 @@ import json
 def add_parser(sub):
     p = sub.add_parser(
         "inspect",
-        help="show per-module counts, value statistics, size and provenance of a diff",
-        description="Validate a diff directory and print where its entries sit, their values, the bytes per "
-        "entry on disk, the base fingerprint and how the diff was made.",
+        help="show per-module/layer counts, value statistics, outliers, size and provenance of a diff",
+        description="Validate a diff directory and print where its entries sit (per module, layer, module type "
+        "and attention vs MLP), their values and outliers, the bytes per entry on disk, the base fingerprint "
+        "and how the diff was made.",
     )
     p.add_argument("diff", metavar="DIR", help="diff directory written by save_pretrained / sparseft train")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--plot", metavar="FILE.png", help="also write a heat map (layer × module type) to this PNG")
     return p
 
 
 def run(args) -> int:
-    from ..audit import format_inspection, inspect_diff
+    from ..audit import format_inspection, inspect_diff, plot_heatmap
 
     report = inspect_diff(args.diff)
     print(json.dumps(report, indent=2) if args.json else format_inspection(report))
+    if args.plot:
+        plot_heatmap(report, args.plot)
+        if not args.json:
+            print(f"\nheat map -> {args.plot}")
     return 0

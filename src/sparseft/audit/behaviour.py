@@ -1,0 +1,84 @@
+"""``audit``: run the base and the fine-tuned model on a probe set and gate on how far the diff moved it.
+
+Only one copy of the base is held: the base pass runs on the plain model, then the diff is loaded
+onto it (validated, fingerprint-checked), merged for the fine-tuned pass, and taken out again, so
+the caller's model ends bitwise as it started.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..diffio import check_against_model, read_diff
+from ..model import SparseModel
+from ..targets import find_targets
+from .drift import pair_rows, prompt_rows, run_pass
+from .probes import Probe, default_probe_file, load_probes
+from .report import Thresholds, build_report
+
+
+def vocab_size(model: nn.Module) -> int:
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
+def decode_tokens(rows: list[dict], tokenizer) -> None:
+    """Add the readable form of each row's top-1 tokens (in place)."""
+    if tokenizer is None:
+        return
+    for row in rows:
+        for side in ("top1_base", "top1_tuned"):
+            row[f"{side}_text"] = tokenizer.decode([row[side]])
+
+
+def audit_probes(
+    model: nn.Module, diff_path: str | os.PathLike, probes: list[Probe], batch_size: int = 8
+) -> tuple[list[dict], list[dict]]:
+    """Per-prompt and per-pair rows for ``probes`` (token ids), base vs base + diff; ``model`` is restored."""
+    diff = read_diff(diff_path)  # fail before spending a pass on a diff that does not fit
+    targets = find_targets(model, diff.config.target_modules)
+    check_against_model(diff, {n: t.weight for n, t in targets.items()}, where=str(diff_path))
+    was_training = model.training
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+    model.eval()
+    sparse = None
+    try:
+        base = run_pass(model, probes, batch_size)
+        sparse = SparseModel.from_pretrained(model, diff_path)
+        sparse.merge()
+        tuned = run_pass(model, probes, batch_size)
+    finally:
+        if sparse is not None:
+            sparse.unload()
+        # SparseModel froze every parameter; give the caller back what it had.
+        for name, p in model.named_parameters():
+            p.requires_grad_(trainable[name])
+        model.train(was_training)
+    return prompt_rows(probes, base, tuned), pair_rows(probes, base, tuned)
+
+
+def audit_diff(
+    model: nn.Module,
+    diff_path: str | os.PathLike,
+    probe_file: str | os.PathLike | None = None,
+    tokenizer=None,
+    thresholds: Thresholds | None = None,
+    batch_size: int = 8,
+    model_name: str = "",
+) -> dict[str, Any]:
+    """The full audit report (see ``report.build_report``); ``report["passed"]`` is the gate's verdict.
+
+    Example:
+        >>> report = audit_diff(base, "my-diff", tokenizer=tok, thresholds=Thresholds(max_kl=0.2))  # doctest: +SKIP
+        >>> report["summary"]["top1_agreement"], report["passed"]  # doctest: +SKIP
+        (0.97, True)
+    """
+    probe_path = Path(probe_file) if probe_file else default_probe_file()
+    probes = load_probes(probe_path, vocab_size(model), tokenizer)
+    prompts, pairs = audit_probes(model, diff_path, probes, batch_size)
+    decode_tokens(prompts, tokenizer)
+    meta = {"model": model_name, "diff": str(diff_path), "probe_file": str(probe_path)}
+    return build_report(meta, prompts, pairs, thresholds or Thresholds())

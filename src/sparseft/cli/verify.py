@@ -1,0 +1,30 @@
+"""sparseft verify: every integrity and compatibility check of a diff, one line each; exit 1 on failure."""
+
+from __future__ import annotations
+
+import json
+
+
+def add_parser(sub):
+    p = sub.add_parser(
+        "verify",
+        help="check a diff's integrity (hashes, format, indices, dtypes, NaN/Inf) and its fit to a base model",
+        description="Run every check and print PASS/FAIL/SKIP per check. Exit 0 when none fails, 1 otherwise "
+        "(one 'FAIL <check>: <reason>' line per failed check), 2 when the base model cannot be loaded. "
+        "Without --model only the integrity checks run.",
+    )
+    p.add_argument("--diff", required=True, metavar="DIR", help="diff directory")
+    p.add_argument("--model", help="base model (alias, local directory or HF id) for the shape and fingerprint checks")
+    p.add_argument("--dtype", default="float32", help="dtype to load the base in (default: float32)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
+    return p
+
+
+def run(args) -> int:
+    from ..audit.verify import failed, format_verification, results_json, verify_diff
+    from ..models import load_model
+
+    model = load_model(args.model, dtype=args.dtype) if args.model else None
+    results = verify_diff(args.diff, model)
+    print(json.dumps(results_json(results), indent=2) if args.json else format_verification(results))
+    return 1 if failed(results) else 0

@@ -1,0 +1,86 @@
+"""audit --repro: re-running a diff's recorded training on CPU gives the same bytes, or says where not."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import make_tiny_llama, make_tiny_tokenizer
+from sparseft import SparseConfig, get_sparse_model
+from sparseft.audit.repro import reproduce
+from sparseft.cli import main
+from sparseft.diffio import read_diff, write_diff
+from sparseft.errors import NotReproducibleError
+from sparseft.training import TrainConfig, run_training
+
+EDITED = "model.layers.1.self_attn.v_proj"
+LOOSE = ["--max-kl", "1e9", "--min-agreement", "0", "--max-pair-drift", "1e9"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("repro")
+    base = root / "base"
+    make_tiny_llama().save_pretrained(base)
+    make_tiny_tokenizer().save_pretrained(base)
+    data = root / "train.jsonl"
+    rows = [{"prompt": f"review: {w} ->", "completion": c} for w, c in [("good", " pos"), ("bad", " neg")] * 8]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = TrainConfig(model=str(base), data=str(data), out=str(root / "run"), density=0.1, steps=3, lr=1e-2,
+                      batch_size=4, max_length=32, seed=3, progress=False, value_dtype="float32")
+    run_training(cfg)
+    probes = root / "probes.jsonl"
+    probes.write_text(json.dumps({"prompt": "review: good ->", "pair": "review: bad ->"}) + "\n")
+    return base, data, root / "run", probes
+
+
+def copy_run(run, tmp_path):
+    return shutil.copytree(run, tmp_path / "run")
+
+
+def test_same_config_and_seed_reproduce_the_diff(trained, tmp_path, capsys):
+    base, _, run, probes = trained
+    code = main(["audit", "--model", str(base), "--diff", str(run), "--probe", str(probes), "--out", str(tmp_path / "out"),
+                 "--repro", *LOOSE])
+    report = json.loads((tmp_path / "out" / "audit.json").read_text())
+    assert code == 0, capsys.readouterr().out
+    result = report["reproducibility"]
+    assert result["reproduced"] and result["rerun_sha256"] == result["original_sha256"]
+    assert result["config"]["device"] == "cpu" and result["config"]["seed"] == 3
+    assert "PASS reproduced" in capsys.readouterr().out
+    assert "reproduced: same tensor-file sha256" in (tmp_path / "out" / "audit.md").read_text()
+
+
+def test_an_edited_module_is_named(trained, tmp_path, capsys):
+    base, _, run, probes = trained
+    run = copy_run(run, tmp_path)
+    diff = read_diff(run)
+    with torch.no_grad():
+        diff.values[EDITED][2] += 0.25  # re-written with a fresh hash: only a re-run can tell
+    write_diff(diff, run)
+    code = main(["audit", "--model", str(base), "--diff", str(run), "--probe", str(probes), "--out", str(tmp_path / "out"),
+                 "--repro", *LOOSE])
+    assert code == 1
+    assert "FAIL reproduced" in capsys.readouterr().out
+    result = json.loads((tmp_path / "out" / "audit.json").read_text())["reproducibility"]
+    differing = [m for m in result["modules"] if m["status"] != "same"]
+    assert [m["module"] for m in differing] == [EDITED]
+    assert differing[0]["same_entries"] and differing[0]["values_differing"] == 1
+    assert differing[0]["max_abs_diff"] == pytest.approx(0.25, abs=1e-6)
+    assert EDITED in result["reason"]
+
+
+def test_changed_data_is_reported_without_a_rerun(trained, tmp_path):
+    _, data, run, _ = trained
+    other = tmp_path / "train.jsonl"
+    other.write_text(data.read_text() + json.dumps({"prompt": "x", "completion": " y"}) + "\n")
+    result = reproduce(run, data=str(other))
+    assert not result["reproduced"] and "changed since training" in result["reason"]
+    assert "rerun_sha256" not in result
+
+
+def test_diff_without_training_record_is_refused(tmp_path):
+    path = get_sparse_model(make_tiny_llama(), SparseConfig(density=0.05)).save_pretrained(tmp_path / "diff")
+    with pytest.raises(NotReproducibleError, match="no training config"):
+        reproduce(path)
