@@ -24,7 +24,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
@@ -119,7 +119,14 @@ def fingerprints(weights: dict[str, torch.Tensor]) -> dict[str, str]:
     return prints
 
 
-def check_fingerprint(diff: SparseDiff, weights: dict[str, torch.Tensor], where: str) -> None:
+def check_fingerprint(
+    diff: SparseDiff,
+    weights: dict[str, torch.Tensor],
+    where: str,
+    fingerprint_of: Callable[[dict[str, torch.Tensor]], str] = fingerprint,
+) -> None:
+    """``fingerprint_of`` lets a caller whose weights may hold a merged diff (the server) hash the base
+    entries instead of the live ones, or reuse a cached hash."""
     if not diff.base_fingerprint:
         return
     dtype = str(next(iter(weights.values())).dtype).removeprefix("torch.")
@@ -128,7 +135,7 @@ def check_fingerprint(diff: SparseDiff, weights: dict[str, torch.Tensor], where:
             f"{where}: the diff records base fingerprints for {sorted(diff.base_fingerprint)} weights, "
             f"but the model's weights are {dtype}; load the base in one of those dtypes"
         )
-    actual = fingerprint(weights)
+    actual = fingerprint_of(weights)
     expected = diff.base_fingerprint[dtype]
     if actual != expected:
         raise FingerprintMismatchError(
@@ -181,7 +188,12 @@ def check_diff(diff: SparseDiff, where: str = "diff") -> None:
         check_values(name, diff.values[name], idx.numel(), where)
 
 
-def check_against_model(diff: SparseDiff, weights: dict[str, torch.Tensor], where: str) -> None:
+def check_against_model(
+    diff: SparseDiff,
+    weights: dict[str, torch.Tensor],
+    where: str,
+    fingerprint_of: Callable[[dict[str, torch.Tensor]], str] = fingerprint,
+) -> None:
     """The diff fits these base weights: every module exists with the recorded shape, same base."""
     for name, shape in diff.shapes.items():
         if name not in weights:
@@ -190,7 +202,7 @@ def check_against_model(diff: SparseDiff, weights: dict[str, torch.Tensor], wher
             raise ShapeMismatchError(
                 f"{where}: {name} has shape {tuple(shape)} in the diff but {tuple(weights[name].shape)} in the model"
             )
-    check_fingerprint(diff, {n: weights[n] for n in diff.shapes}, where)
+    check_fingerprint(diff, {n: weights[n] for n in diff.shapes}, where, fingerprint_of)
 
 
 # ---------------------------------------------------------------- write

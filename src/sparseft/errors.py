@@ -56,3 +56,16 @@ class DataFormatError(SparseFTError, ValueError):
 
 class ModelNotFoundError(SparseFTError, FileNotFoundError):
     """A model name is neither a known alias nor a local directory (and no hub access is possible)."""
+
+
+class UnknownDiffError(SparseFTError, LookupError):
+    """A request or admin call names a diff (or a version of one) that the server has not loaded."""
+
+
+class DiffRegistryError(SparseFTError, ValueError):
+    """A serving registry operation is invalid: a bad diff name, no earlier version to roll back to,
+    or a registry directory whose state can no longer be loaded."""
+
+
+class ServerBusyError(SparseFTError, RuntimeError):
+    """The server's request queue is full; the client should retry later."""

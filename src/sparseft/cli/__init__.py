@@ -12,7 +12,7 @@ import sys
 
 from ..errors import SparseFTError
 
-VERBS = ["apply", "inspect"]
+VERBS = ["apply", "inspect", "serve"]
 
 
 def build_parser() -> argparse.ArgumentParser:
