@@ -306,3 +306,13 @@ def test_health_and_metrics(client):
     assert 'sparseft_completion_tokens_total{diff="beta",version="1"}' in text
     assert "sparseft_swaps_total" in text and "sparseft_swap_seconds_count" in text
     assert 'sparseft_request_errors_total{endpoint="/v1/completions",status="404"}' in text
+
+
+def test_admin_routes_need_the_token_when_one_is_set(files):
+    app = build_app(str(files["model"]), served_name=BASE, admin_token="s3cret")
+    with LiveServer(app) as live, httpx.Client(base_url=live.url, timeout=60) as c:
+        body = {"name": "alpha", "path": str(files["alpha"])}
+        assert_openai_error(c.post("/admin/diffs", json=body), 401, "invalid_admin_token")
+        assert_openai_error(c.get("/admin/diffs", headers={"Authorization": "Bearer wrong"}), 401)
+        assert c.post("/admin/diffs", json=body, headers={"Authorization": "Bearer s3cret"}).status_code == 201
+        assert c.get("/v1/models").status_code == 200  # the OpenAI routes stay open

@@ -29,6 +29,7 @@ def add_parser(sub):
     p.add_argument("--served-name", help="the base's name in requests (default: the --model argument)")
     p.add_argument("--dtype", default="float32", help="dtype to load the base in (default: float32)")
     p.add_argument("--device", default="cpu", help="torch device for the model (default: cpu)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice; 1 helps on busy CPUs)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413 (default: 1 MiB)")
     p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for (default: 512)")
     p.add_argument("--max-prompt-tokens", type=int, help="longest prompt accepted (default: the model's context)")
@@ -42,6 +43,10 @@ def run(args) -> int:
 
     from ..serve import ServeLimits, build_app
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     limits = ServeLimits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens,
                          max_prompt_tokens=args.max_prompt_tokens, max_queue=args.max_queue)
     app = build_app(args.model, args.diff, registry_dir=args.registry, served_name=args.served_name,

@@ -277,9 +277,9 @@ def create_app(
     @app.get("/v1/models")
     async def list_models():
         cards = [model_card(base_name, base_name, started)]
-        for name in registry.names():
+        for name, versions in registry.snapshot():
             cards.append(model_card(name, base_name, started, parent=base_name))
-            cards += [model_card(v.key, base_name, int(v.loaded_at), parent=name) for v in registry.versions(name)]
+            cards += [model_card(v.key, base_name, int(v.loaded_at), parent=name) for v in versions]
         return {"object": "list", "data": cards}
 
     @app.post("/v1/completions")

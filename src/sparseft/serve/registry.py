@@ -115,6 +115,11 @@ class DiffRegistry:
             have = ", ".join(str(v.version) for v in versions)
         raise UnknownDiffError(f"the model `{model_id}` does not exist (diff {name!r} has versions {have})")
 
+    def snapshot(self) -> list[tuple[str, list[DiffVersion]]]:
+        """Every name with its versions, taken at one instant."""
+        with self._lock:
+            return [(name, list(versions)) for name, versions in sorted(self._versions.items())]
+
     def names(self) -> list[str]:
         with self._lock:
             return sorted(self._versions)
