@@ -35,6 +35,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch + transformers: ~10 s idle, ~35 s on a busy 2-core box
 def test_serve_command_answers_on_loopback(tmp_path):
     model_dir = save_base(tmp_path / "base")
     diff_dir = make_diff(tmp_path / "alpha", seed=1)
