@@ -21,6 +21,24 @@ def add_entries(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tenso
     return flat.view_as(weight)
 
 
+def merge_entries(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Write W + S into ``weight`` in place; returns the overwritten original entries for ``restore_entries``.
+
+    Keeping the originals (rather than subtracting ``values`` later) is what makes the revert exact in
+    every dtype. Works on ``weight.data``, so autograd never sees it and no ``no_grad`` context (whose
+    enter/exit costs more than the scatter on small modules) is needed per call.
+    """
+    flat = weight.data.view(-1)
+    original = flat.index_select(0, indices)  # a copy, not a view
+    flat.index_add_(0, indices, values.detach().to(flat.dtype))
+    return original
+
+
+def restore_entries(weight: torch.Tensor, indices: torch.Tensor, original: torch.Tensor) -> None:
+    """Put back the entries ``merge_entries`` returned: ``weight`` is bitwise what it was before."""
+    weight.data.view(-1).index_copy_(0, indices, original)
+
+
 class SparseDeltaFunction(torch.autograd.Function):
     """y = x (W + S)ᵀ + b with S given by (indices, values); gradients for x, values (and b if trainable)."""
 
@@ -85,15 +103,13 @@ class SparseLinear(nn.Module):
     def merge(self) -> None:
         if self.merged:
             raise MergeStateError("this layer is already merged; call unmerge() first")
-        flat = self.base_layer.weight.data.view(-1)
-        self._original_entries = flat.index_select(0, self.indices).clone()
-        flat.index_add_(0, self.indices, self.values.detach().to(flat.dtype))
+        self._original_entries = merge_entries(self.base_layer.weight, self.indices, self.values)
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if not self.merged:
             raise MergeStateError("this layer is not merged; nothing to restore")
-        self.base_layer.weight.data.view(-1).index_copy_(0, self.indices, self._original_entries)
+        restore_entries(self.base_layer.weight, self.indices, self._original_entries)
         self._original_entries = None
 
     def extra_repr(self) -> str:

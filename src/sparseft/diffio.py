@@ -24,7 +24,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
@@ -119,14 +119,25 @@ def fingerprints(weights: dict[str, torch.Tensor]) -> dict[str, str]:
     return prints
 
 
-def check_fingerprint(diff: SparseDiff, weights: dict[str, torch.Tensor], where: str) -> None:
-    check_base_fingerprint(diff.base_fingerprint, diff.base_model, weights, where)
+def check_fingerprint(
+    diff: SparseDiff,
+    weights: dict[str, torch.Tensor],
+    where: str,
+    fingerprint_of: Callable[[dict[str, torch.Tensor]], str] = fingerprint,
+) -> None:
+    check_base_fingerprint(diff.base_fingerprint, diff.base_model, weights, where, fingerprint_of)
 
 
 def check_base_fingerprint(
-    expected_prints: dict[str, str], base_model: str, weights: dict[str, torch.Tensor], where: str
+    expected_prints: dict[str, str],
+    base_model: str,
+    weights: dict[str, torch.Tensor],
+    where: str,
+    fingerprint_of: Callable[[dict[str, torch.Tensor]], str] = fingerprint,
 ) -> None:
-    """``weights`` are the base the fingerprints were recorded for (no-op when none were recorded)."""
+    """``weights`` are the base the fingerprints were recorded for (no-op when none were recorded).
+    ``fingerprint_of`` lets a caller whose weights may hold a merged diff (the server) hash the base
+    entries instead of the live ones, or reuse a cached hash."""
     if not expected_prints:
         return
     dtype = str(next(iter(weights.values())).dtype).removeprefix("torch.")
@@ -135,7 +146,7 @@ def check_base_fingerprint(
             f"{where}: the diff records base fingerprints for {sorted(expected_prints)} weights, "
             f"but the model's weights are {dtype}; load the base in one of those dtypes"
         )
-    actual = fingerprint(weights)
+    actual = fingerprint_of(weights)
     expected = expected_prints[dtype]
     if actual != expected:
         raise FingerprintMismatchError(
@@ -188,10 +199,15 @@ def check_diff(diff: SparseDiff, where: str = "diff") -> None:
         check_values(name, diff.values[name], idx.numel(), where)
 
 
-def check_against_model(diff: SparseDiff, weights: dict[str, torch.Tensor], where: str) -> None:
+def check_against_model(
+    diff: SparseDiff,
+    weights: dict[str, torch.Tensor],
+    where: str,
+    fingerprint_of: Callable[[dict[str, torch.Tensor]], str] = fingerprint,
+) -> None:
     """The diff fits these base weights: every module exists with the recorded shape, same base."""
     check_shapes(diff.shapes, weights, where)
-    check_fingerprint(diff, {n: weights[n] for n in diff.shapes}, where)
+    check_fingerprint(diff, {n: weights[n] for n in diff.shapes}, where, fingerprint_of)
 
 
 def check_shapes(shapes: dict[str, tuple[int, ...]], weights: dict[str, torch.Tensor], where: str) -> None:

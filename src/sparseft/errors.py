@@ -64,3 +64,16 @@ class MaskFileError(SparseFTError, ValueError):
 
 class NotReproducibleError(SparseFTError, ValueError):
     """A diff lacks what a re-run of its training needs (the training config, or a readable data file)."""
+
+
+class UnknownDiffError(SparseFTError, LookupError):
+    """A request or admin call names a diff (or a version of one) that the server has not loaded."""
+
+
+class DiffRegistryError(SparseFTError, ValueError):
+    """A serving registry operation is invalid: a bad diff name, no earlier version to roll back to,
+    or a registry directory whose state can no longer be loaded."""
+
+
+class ServerBusyError(SparseFTError, RuntimeError):
+    """The server's request queue is full; the client should retry later."""

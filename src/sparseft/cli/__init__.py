@@ -12,7 +12,7 @@ import sys
 
 from ..errors import SparseFTError
 
-VERBS = ["demo", "select", "train", "eval", "apply", "inspect", "verify", "audit"]
+VERBS = ["demo", "select", "train", "eval", "apply", "inspect", "verify", "audit", "serve"]
 
 
 def build_parser() -> argparse.ArgumentParser:

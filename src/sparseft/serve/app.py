@@ -1,0 +1,352 @@
+"""The HTTP server: an OpenAI-compatible API over one base model and many sparse diffs.
+
+``model`` in a request picks the base (its served name), a diff (its current version) or
+``NAME@VERSION``. Admin routes load, unload and roll back diffs at run time; ``/metrics`` and
+``/health`` are for operators. Every error is answered in OpenAI's shape
+``{"error": {"message", "type", "code", "param"}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import ServerBusyError, SparseFTError, UnknownDiffError
+from .decoding import Completion, SamplingParams, encode_chat, encode_text
+from .engine import Engine
+from .protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    LoadDiffRequest,
+    RollbackRequest,
+    chat_body,
+    chat_chunk,
+    completion_body,
+    completion_chunk,
+    error_body,
+    model_card,
+    new_id,
+)
+from .registry import DiffRegistry, DiffVersion
+
+KNOWN_PATHS = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics", "/admin/diffs"}
+
+
+@dataclass
+class ServeLimits:
+    """What one request may ask for; over a limit it gets 413 (body) or 400 (tokens)."""
+
+    max_body_bytes: int = 1 << 20
+    max_tokens: int = 512
+    max_prompt_tokens: int | None = None  # None: the model's context length
+    max_queue: int = 256
+
+
+class AsyncEvents:
+    """Carries a job's events from the worker thread into the request's event loop."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def __call__(self, kind: str, payload: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, payload))
+        except RuntimeError:  # the loop is closed: the server is gone, nobody is listening
+            pass
+
+    async def result(self) -> Completion:
+        while True:
+            kind, payload = await self.queue.get()
+            if kind == "done":
+                return payload
+            if kind == "error":
+                raise as_api_error(payload)
+
+
+def as_api_error(e: BaseException) -> APIError:
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, ServerBusyError):
+        return APIError(503, str(e), "server_error", "server_busy")
+    if isinstance(e, UnknownDiffError):
+        return APIError(404, str(e), "invalid_request_error", "model_not_found", "model")
+    if isinstance(e, SparseFTError):
+        return APIError(400, str(e), "invalid_request_error", snake_case(type(e).__name__))
+    return APIError(500, f"generation failed: {type(e).__name__}: {e}", "server_error", "internal_error")
+
+
+def snake_case(name: str) -> str:
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in name.removesuffix("Error")).lstrip("_")
+
+
+class BodyLimit:
+    """ASGI middleware: answers 413 to a body over ``max_bytes`` before any handler reads it."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await self.too_large(scope, receive, send)
+        body, more = b"", True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # client left before sending the body
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_bytes:
+                return await self.too_large(scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # later calls report the client's disconnect
+
+        await self.app(scope, replay, send)
+
+    async def too_large(self, scope, receive, send):
+        message = f"request body is over this server's limit of {self.max_bytes} bytes"
+        await JSONResponse(error_body(message, "invalid_request_error", "body_too_large"), status_code=413)(
+            scope, receive, send
+        )
+
+
+def create_app(
+    engine: Engine,
+    registry: DiffRegistry,
+    base_name: str,
+    limits: ServeLimits | None = None,
+    admin_token: str | None = None,
+) -> FastAPI:
+    """The FastAPI app; its lifespan starts and stops ``engine``'s worker."""
+    limits = limits or ServeLimits()
+    metrics = engine.metrics
+    started = int(time.time())
+    context = int(getattr(engine.model.config, "max_position_embeddings", 0) or 1 << 30)
+    vocab = engine.model.get_input_embeddings().num_embeddings
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(engine.stop)
+
+    app = FastAPI(title="sparseft serve", lifespan=lifespan)
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    app.state.engine, app.state.registry, app.state.base_name = engine, registry, base_name
+    metrics.diff_versions.set(registry.count_versions())
+
+    # ------------------------------------------------------------ errors
+
+    def answer(request: Request, error: APIError) -> JSONResponse:
+        path = request.url.path if request.url.path in KNOWN_PATHS else "other"
+        metrics.request_errors.labels(path, str(error.status)).inc()
+        return JSONResponse(error.body(), status_code=error.status)
+
+    @app.exception_handler(APIError)
+    async def on_api_error(request: Request, e: APIError):
+        return answer(request, e)
+
+    @app.exception_handler(SparseFTError)
+    async def on_sparseft_error(request: Request, e: SparseFTError):
+        return answer(request, as_api_error(e))
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid_body(request: Request, e: RequestValidationError):
+        problems = e.errors()
+        first = problems[0] if problems else {}
+        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or "body"
+        message = f"invalid request body: {where}: {first.get('msg', 'malformed')}"
+        if len(problems) > 1:
+            message += f" (and {len(problems) - 1} more problem(s))"
+        return answer(request, APIError(400, message, "invalid_request_error", "invalid_request", where))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, e: StarletteHTTPException):
+        code = "not_found" if e.status_code == 404 else "http_error"
+        return answer(request, APIError(e.status_code, str(e.detail), "invalid_request_error", code))
+
+    # ------------------------------------------------------------ helpers
+
+    def resolve(model_id: str) -> DiffVersion | None:
+        return None if model_id == base_name else registry.resolve(model_id)
+
+    def served_name(diff: DiffVersion | None) -> str:
+        return base_name if diff is None else diff.key
+
+    def labels(diff: DiffVersion | None) -> tuple[str, str]:
+        return (base_name, "") if diff is None else (diff.name, str(diff.version))
+
+    def check_budget(prompt_ids: list[int], max_tokens: int | None) -> int:
+        if not prompt_ids:
+            raise APIError(400, "the prompt is empty after tokenization", param="prompt")
+        prompt_limit = min(limits.max_prompt_tokens or context, context)
+        if len(prompt_ids) > prompt_limit:
+            raise APIError(400, f"the prompt has {len(prompt_ids)} tokens; this server accepts at most {prompt_limit}",
+                           code="context_length_exceeded", param="prompt")
+        if max_tokens is None:  # chat without a limit: as much as the limits and the context allow
+            max_tokens = min(limits.max_tokens, context - len(prompt_ids))
+        if max_tokens > limits.max_tokens:
+            raise APIError(400, f"max_tokens={max_tokens} is over this server's limit of {limits.max_tokens}",
+                           code="max_tokens_exceeded", param="max_tokens")
+        if len(prompt_ids) + max_tokens > context:
+            raise APIError(400, f"{len(prompt_ids)} prompt tokens + max_tokens={max_tokens} exceed the model's "
+                           f"context of {context} tokens", code="context_length_exceeded", param="max_tokens")
+        return max_tokens
+
+    def params_of(body, max_tokens: int) -> SamplingParams:
+        return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                              stop=body.stop_list(), seed=body.seed)
+
+    def record(endpoint: str, diff: DiffVersion | None, c: Completion, start: float) -> None:
+        lab = labels(diff)
+        metrics.requests.labels(*lab, endpoint).inc()
+        metrics.prompt_tokens.labels(*lab).inc(c.prompt_tokens)
+        metrics.completion_tokens.labels(*lab).inc(c.completion_tokens)
+        metrics.latency.labels(*lab).observe(time.perf_counter() - start)
+
+    async def respond(endpoint: str, diff, prompt_ids, params: SamplingParams, stream: bool, chat: bool):
+        start = time.perf_counter()
+        rid, model = new_id("chatcmpl" if chat else "cmpl"), served_name(diff)
+        events = AsyncEvents()
+        job = engine.submit(diff, prompt_ids, params, events)
+        if stream:
+            chunks = sse(endpoint, diff, events, job, rid, model, chat, start)
+            return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        try:
+            c = await events.result()
+        finally:
+            job.cancel()  # no-op once finished; stops the worker if this client went away
+        record(endpoint, diff, c, start)
+        return chat_body(rid, model, c) if chat else completion_body(rid, model, c)
+
+    async def sse(endpoint, diff, events: AsyncEvents, job, rid, model, chat, start) -> AsyncIterator[str]:
+        def chunk(text: str, finish: str | None = None) -> str:
+            body = chat_chunk(rid, model, {"content": text} if text else {}, finish) if chat else completion_chunk(
+                rid, model, text, finish)
+            return f"data: {json.dumps(body)}\n\n"
+
+        try:
+            if chat:
+                yield f"data: {json.dumps(chat_chunk(rid, model, {'role': 'assistant', 'content': ''}))}\n\n"
+            while True:
+                kind, payload = await events.queue.get()
+                if kind == "text":
+                    yield chunk(payload)
+                elif kind == "done":
+                    record(endpoint, diff, payload, start)
+                    yield chunk("", payload.finish_reason)
+                    break
+                else:
+                    error = as_api_error(payload)
+                    metrics.request_errors.labels(endpoint, str(error.status)).inc()
+                    yield f"data: {json.dumps(error.body())}\n\n"
+                    break
+            yield "data: [DONE]\n\n"
+        finally:
+            job.cancel()
+
+    def require_admin(request: Request) -> None:
+        if admin_token is not None and request.headers.get("authorization") != f"Bearer {admin_token}":
+            raise APIError(401, "admin routes need the header 'Authorization: Bearer <admin token>'",
+                           "authentication_error", "invalid_admin_token")
+
+    # ------------------------------------------------------------ OpenAI routes
+
+    @app.get("/v1/models")
+    async def list_models():
+        cards = [model_card(base_name, base_name, started)]
+        for name, versions in registry.snapshot():
+            cards.append(model_card(name, base_name, started, parent=base_name))
+            cards += [model_card(v.key, base_name, int(v.loaded_at), parent=name) for v in versions]
+        return {"object": "list", "data": cards}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        diff = resolve(body.model)
+        if isinstance(body.prompt, list):
+            bad = [t for t in body.prompt if not 0 <= t < vocab]
+            if bad:
+                raise APIError(400, f"prompt token ids must be in [0, {vocab}), got {bad[:5]}", param="prompt")
+            prompt_ids = list(body.prompt)
+        else:
+            prompt_ids = encode_text(engine.tokenizer, body.prompt)
+        params = params_of(body, check_budget(prompt_ids, body.max_tokens))
+        return await respond("/v1/completions", diff, prompt_ids, params, body.stream, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest):
+        diff = resolve(body.model)
+        if not getattr(engine.tokenizer, "chat_template", None):
+            raise APIError(400, f"the tokenizer of {base_name} has no chat template; use /v1/completions",
+                           code="no_chat_template", param="messages")
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        prompt_ids = encode_chat(engine.tokenizer, messages)
+        params = params_of(body, check_budget(prompt_ids, body.requested_max_tokens()))
+        return await respond("/v1/chat/completions", diff, prompt_ids, params, body.stream, chat=True)
+
+    # ------------------------------------------------------------ admin routes
+
+    def version_info(v: DiffVersion) -> dict[str, Any]:
+        return {"name": v.name, "version": v.version, "model": v.key, "num_entries": v.num_entries,
+                "source": v.source, "current": registry.current(v.name) is v}
+
+    @app.get("/admin/diffs", dependencies=[Depends(require_admin)])
+    async def list_diffs():
+        return {"base": base_name, "merged": served_name(engine.merged), "diffs": registry.listing()}
+
+    @app.post("/admin/diffs", status_code=201, dependencies=[Depends(require_admin)])
+    async def load_diff(body: LoadDiffRequest):
+        loaded = await run_in_threadpool(registry.load, body.name, body.path)
+        metrics.diff_versions.set(registry.count_versions())
+        return version_info(loaded)
+
+    @app.delete("/admin/diffs/{name}", dependencies=[Depends(require_admin)])
+    async def unload_diff(name: str):
+        removed = registry.unload(name)
+        for v in removed:
+            await run_in_threadpool(engine.forget, v)
+        metrics.diff_versions.set(registry.count_versions())
+        return {"name": name, "unloaded_versions": [v.version for v in removed]}
+
+    @app.post("/admin/diffs/{name}/rollback", dependencies=[Depends(require_admin)])
+    async def rollback_diff(name: str, body: RollbackRequest | None = None):
+        current = registry.rollback(name, body.version if body else None)
+        return version_info(current)
+
+    # ------------------------------------------------------------ operators
+
+    @app.get("/health")
+    async def health():
+        state = {"status": "ok" if engine.alive else "worker stopped", "model": base_name,
+                 "diffs": len(registry.names()), "merged": served_name(engine.merged),
+                 "queue_depth": engine.queue_depth}
+        return JSONResponse(state, status_code=200 if engine.alive else 503)
+
+    @app.get("/metrics")
+    async def prometheus():
+        content, content_type = metrics.render()
+        return Response(content, media_type=content_type)
+
+    return app

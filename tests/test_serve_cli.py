@@ -1,0 +1,66 @@
+"""`sparseft serve` from the command line: flags, and the real command on a loopback port."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from serve_fixtures import make_diff, reference, save_base
+from sparseft.cli import build_parser
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def test_serve_flags_parse():
+    args = build_parser().parse_args(["serve", "--model", "m", "--diff", "a=d1", "--diff", "b=d2", "--max-tokens", "64"])
+    assert args.diff == [("a", "d1"), ("b", "d2")] and args.host == "127.0.0.1" and args.max_tokens == 64
+
+
+def test_a_diff_without_a_name_is_rejected(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--model", "m", "--diff", "just-a-dir"])
+    assert "expected NAME=DIR" in capsys.readouterr().err
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch + transformers: ~10 s idle, ~35 s on a busy 2-core box
+def test_serve_command_answers_on_loopback(tmp_path):
+    model_dir = save_base(tmp_path / "base")
+    diff_dir = make_diff(tmp_path / "alpha", seed=1)
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    cmd = [sys.executable, "-m", "sparseft", "serve", "--model", str(model_dir), "--served-name", "base",
+           "--diff", f"alpha={diff_dir}", "--port", str(port), "--registry", str(tmp_path / "registry")]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.25)
+        r = httpx.post(f"{url}/v1/completions", timeout=60,
+                       json={"model": "alpha", "prompt": [1, 10, 20], "max_tokens": 8, "temperature": 0})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == reference(model_dir, diff_dir, [1, 10, 20], 8)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert (tmp_path / "registry" / "registry.json").is_file()
