@@ -56,3 +56,7 @@ class DataFormatError(SparseFTError, ValueError):
 
 class ModelNotFoundError(SparseFTError, FileNotFoundError):
     """A model name is neither a known alias nor a local directory (and no hub access is possible)."""
+
+
+class ResultsFormatError(SparseFTError, ValueError):
+    """A benchmark results.json is missing, not JSON, or lacks fields a report needs."""

@@ -12,7 +12,7 @@ import sys
 
 from ..errors import SparseFTError
 
-VERBS = ["apply", "inspect"]
+VERBS = ["apply", "bench", "inspect", "report"]
 
 
 def build_parser() -> argparse.ArgumentParser:
