@@ -49,3 +49,43 @@ def tiny_model_dir(tmp_path):
     path = tmp_path / "tiny-base"
     make_tiny_llama().save_pretrained(path)
     return path
+
+
+# ---------------------------------------------------------------- a tiny offline tokenizer
+
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
+
+
+def make_tiny_tokenizer():
+    """A character-level tokenizer over printable ASCII (101 ids, fits the tiny model's vocab of 128),
+    with <pad>/<s>/</s>/<unk> and a simple chat template. Built in memory: no download."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    chars = [c for c in string.printable if c not in "\x0b\x0c\r"]
+    backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + chars)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    return tokenizer
+
+
+@pytest.fixture
+def tiny_tokenizer():
+    return make_tiny_tokenizer()
+
+
+@pytest.fixture
+def tiny_model_with_tokenizer_dir(tiny_model_dir):
+    """``tiny_model_dir`` with the tiny tokenizer saved next to the weights (what `--model DIR` needs to train)."""
+    make_tiny_tokenizer().save_pretrained(tiny_model_dir)
+    return tiny_model_dir

@@ -1,0 +1,88 @@
+"""sparseft train: fine-tune sparsely (or fully / with LoRA, for comparison) on a data file."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+
+def add_parser(sub):
+    p = sub.add_parser(
+        "train",
+        help="fine-tune a model on a JSONL/CSV/datasets file; saves a sparse diff (or full model / LoRA adapter)",
+        description="Select the entries to train (or load --masks), train them with AdamW (warm-up + cosine, "
+        "clipping, accumulation) and save into --out: the diff (sparse), an HF model directory (full) or a peft "
+        "adapter (lora), plus metrics.jsonl and the effective train_config.yaml. Every flag can come from "
+        "--config run.yaml; flags given on the command line win. Runs data-parallel under torchrun / "
+        "accelerate launch.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        argument_default=None,
+    )
+    p.add_argument("--config", metavar="YAML", help="TrainConfig fields as YAML (flags override them)")
+    p.add_argument("--model", help="base model: alias (e.g. smollm2-135m), local directory or HF id")
+    p.add_argument("--data", metavar="FILE", help="rows {prompt, completion} or {messages}: .jsonl, .csv, .parquet, .arrow or a datasets dir")
+    p.add_argument("--out", metavar="DIR", help="output directory")
+    p.add_argument("--method", choices=["sparse", "full", "lora"], help="what to train (default sparse)")
+    sel = p.add_argument_group("selection (sparse)")
+    sel.add_argument("--density", type=float, help="share of targeted entries to train (default 0.01)")
+    sel.add_argument("--num-params", type=int, help="exact number of entries to train (instead of --density)")
+    sel.add_argument("--scorer", help="random, magnitude, or a data scorer such as gradient/fisher (default random)")
+    sel.add_argument("--allocation", choices=["global", "proportional", "per_module"])
+    sel.add_argument("--masks", metavar="DIFF_DIR", help="train exactly the entries of this diff / masks file")
+    sel.add_argument("--target-modules", help="comma-separated module names (default all Llama projections)")
+    sel.add_argument("--calibration-batches", type=int, help="batches a data scorer looks at (default 8)")
+    sel.add_argument("--value-dtype", choices=["bfloat16", "float16", "float32"], help="dtype of saved values")
+    opt = p.add_argument_group("optimisation")
+    steps = opt.add_mutually_exclusive_group()
+    steps.add_argument("--steps", type=int, help="optimizer steps")
+    steps.add_argument("--epochs", type=float, help="passes over the data (when --steps is not given; default 1)")
+    opt.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
+    opt.add_argument("--weight-decay", type=float)
+    opt.add_argument("--warmup-steps", type=int)
+    opt.add_argument("--warmup-ratio", type=float)
+    opt.add_argument("--max-grad-norm", type=float)
+    opt.add_argument("--batch-size", type=int, help="rows per micro-batch per process (default 8)")
+    opt.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
+    opt.add_argument("--max-length", type=int, help="longest example in tokens (default 512)")
+    opt.add_argument("--truncation", action="store_true", help="cut longer examples instead of rejecting them")
+    opt.add_argument("--seed", type=int)
+    run = p.add_argument_group("run")
+    run.add_argument("--save-every", type=int, help="checkpoint every N steps (0: never)")
+    run.add_argument("--log-every", type=int)
+    run.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
+                     help="continue from a checkpoint dir (no value: the newest under --out/checkpoints)")
+    run.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar")
+    run.add_argument("--dtype", help="dtype to load the base in (default float32)")
+    run.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
+    lora = p.add_argument_group("LoRA baseline")
+    lora.add_argument("--lora-rank", type=int)
+    lora.add_argument("--lora-alpha", type=float)
+    lora.add_argument("--lora-match-sparse", action="store_true",
+                      help="choose the rank so LoRA trains about as many parameters as --density would")
+    return p
+
+
+def config_from_args(args):
+    from ..training import TrainConfig
+
+    fields = {k: v for k, v in vars(args).items() if k not in ("config", "verb", "handler")}
+    # store_true flags are "not given" when False, so a YAML value is not overridden by their default.
+    for flag in ("truncation", "lora_match_sparse"):
+        if fields.get(flag) is False:
+            fields[flag] = None
+    if args.config:
+        return TrainConfig.from_yaml(args.config, **fields)
+    return TrainConfig.from_dict({k: v for k, v in fields.items() if v is not None})
+
+
+def run(args) -> int:
+    from ..training import run_training
+
+    cfg = config_from_args(args)
+    result = run_training(cfg)
+    if int(os.environ.get("RANK", "0")) == 0:
+        summary = {k: result.to_dict()[k] for k in ("out", "method", "steps", "trainable", "total_params", "artifact_bytes")}
+        summary.update(first_loss=result.losses[0], last_loss=result.losses[-1], tokens_per_s=round(result.tokens_per_s, 1))
+        print(json.dumps(summary))
+    return 0

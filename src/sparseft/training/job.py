@@ -1,0 +1,259 @@
+"""``run_training``: the whole job, read top to bottom.
+
+load model + tokenizer → read and validate all data (nothing written yet) → choose the trainable
+parameters (sparse masks, all weights, or LoRA) → optimizer (+ checkpoint on resume) → train loop →
+save the artifact, metrics.jsonl and train_config.yaml into ``out`` atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as torch_dist
+from torch import nn
+
+from ..diffio import CONFIG_NAME, read_diff, replace_dir
+from ..errors import ConfigError
+from ..model import SparseModel, get_sparse_model
+from ..models import load_model, load_tokenizer
+from ..selection import select
+from ..selection.scorers import get_scorer
+from .baselines import lora_rank_matching, prepare_full, prepare_lora, save_full, save_lora, sparse_budget
+from .checkpoint import CHECKPOINTS_DIR, Checkpoint, latest_checkpoint, load_checkpoint, restore_checkpoint
+from .config import TrainConfig
+from .data import Example, calibration_batches, file_sha256, load_examples, pad_id_of
+from .loop import METRICS_NAME, Distributed, LoopStats, make_optimizer, setup_distributed, train_loop, trainable_parameters
+
+TRAIN_CONFIG_NAME = "train_config.yaml"
+
+
+@dataclass
+class TrainResult:
+    """What a run produced and what it cost."""
+
+    out: Path
+    method: str
+    steps: int
+    losses: list[float]
+    trainable: int
+    total_params: int
+    wall_time_s: float
+    median_step_s: float
+    tokens_per_s: float
+    peak_memory_bytes: int
+    optimizer_state_bytes: int
+    artifact_bytes: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**{k: v for k, v in self.__dict__.items() if k != "out"}, "out": str(self.out)}
+
+
+def run_training(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None) -> TrainResult:
+    """Train as ``cfg`` says and save into ``cfg.out``; usable in-process (pass ``model``/``tokenizer``)
+    or from ``sparseft train`` / ``torchrun -m sparseft train``.
+
+    Example:
+        >>> cfg = TrainConfig(model="smollm2-135m", data="train.jsonl", out="runs/a", steps=50)  # doctest: +SKIP
+        >>> result = run_training(cfg)  # doctest: +SKIP
+        >>> result.losses[-1] < result.losses[0]  # doctest: +SKIP
+        True
+    """
+    if not cfg.out or not cfg.data:
+        raise ConfigError("a training run needs data (--data FILE) and an output directory (--out DIR)")
+    out = Path(cfg.out)
+    dist = setup_distributed(cfg.device)
+    try:
+        if model is None:
+            model = load_model(cfg.model, dtype=cfg.dtype)
+        if tokenizer is None:
+            tokenizer = load_training_tokenizer(cfg.model)
+        examples = load_examples(cfg.data, tokenizer, cfg.max_length, cfg.truncation)
+        ckpt = resume_checkpoint(cfg, out)
+        total_steps = steps_for(cfg, len(examples), dist.world_size)
+        torch.manual_seed(cfg.seed)
+        model, masks, extra = prepare_method(cfg, model, examples, pad_id_of(tokenizer), ckpt)
+        model.to(dist.device)
+        named_params = trainable_parameters(model)
+        optimizer = make_optimizer(named_params, cfg)
+        if ckpt is not None:
+            restore_checkpoint(ckpt, named_params, optimizer, where=cfg.resume)
+        if dist.is_main:
+            prepare_out_dir(out, cfg, resuming=ckpt is not None)
+        trained = wrap_ddp(model, dist)
+        stats = train_loop(trained, optimizer, named_params, examples, cfg, pad_id_of(tokenizer), total_steps, dist,
+                           start_step=ckpt.step if ckpt else 0, out=out, masks=masks)
+        if dist.is_main:
+            publish(out, lambda path: save_artifact(cfg, model, tokenizer, path, total_steps))
+        if dist.enabled:
+            torch_dist.barrier()
+        return make_result(cfg, out, model, stats, total_steps, extra)
+    finally:
+        if dist.initialized_here:
+            torch_dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------- parts of the job
+
+
+def load_training_tokenizer(name: str):
+    try:
+        tokenizer = load_tokenizer(name)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{name}: no tokenizer could be loaded from the model ({e}); training needs one") from e
+    if tokenizer is None:
+        raise ConfigError(f"{name}: the model has no tokenizer; training needs one")
+    return tokenizer
+
+
+def steps_for(cfg: TrainConfig, num_examples: int, world_size: int) -> int:
+    if cfg.steps is not None:
+        return int(cfg.steps)
+    per_step = cfg.batch_size * cfg.grad_accum * world_size
+    return max(1, math.ceil(cfg.epochs * num_examples / per_step))
+
+
+def resume_checkpoint(cfg: TrainConfig, out: Path) -> Checkpoint | None:
+    if not cfg.resume:
+        return None
+    path = latest_checkpoint(out) if cfg.resume == "latest" else Path(cfg.resume)
+    if path is None:
+        raise ConfigError(f"--resume latest: no checkpoint under {out / CHECKPOINTS_DIR}")
+    cfg.resume = str(path)
+    return load_checkpoint(path)
+
+
+def prepare_method(
+    cfg: TrainConfig, model: nn.Module, examples: list[Example], pad_id: int, ckpt: Checkpoint | None
+) -> tuple[nn.Module, dict[str, torch.Tensor] | None, dict[str, Any]]:
+    """The model to train, the sparse masks (sparse runs) and facts worth reporting."""
+    if cfg.method == "full":
+        return prepare_full(model), None, {}
+    if cfg.method == "lora":
+        rank = cfg.lora_rank
+        if cfg.lora_match_sparse:
+            rank = lora_rank_matching(model, cfg.target_modules, sparse_budget(model, cfg.sparse_config()))
+        return prepare_lora(model, cfg.target_modules, rank, cfg.lora_alpha, cfg.seed), None, {"lora_rank": rank}
+    sparse_cfg = cfg.sparse_config()
+    if ckpt is not None and ckpt.masks:
+        masks = ckpt.masks  # resume trains exactly the entries the interrupted run chose
+    elif cfg.masks:
+        masks = load_mask_file(cfg.masks)
+    else:
+        masks = select_masks(model, sparse_cfg, examples, pad_id, cfg)
+    if cfg.masks:
+        # The diff should record the budget actually trained, not the density flag's default.
+        sparse_cfg = dataclasses.replace(sparse_cfg, num_params=sum(int(m.numel()) for m in masks.values()))
+    return get_sparse_model(model, sparse_cfg, masks), masks, {}
+
+
+def select_masks(model: nn.Module, sparse_cfg, examples: list[Example], pad_id: int, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """Masks from the configured scorer; data scorers see the first batches of the training stream
+    (the same on every process, so all ranks choose the same entries)."""
+    if not get_scorer(sparse_cfg.scorer).needs_data:
+        return select(model, sparse_cfg)
+    batches = calibration_batches(examples, cfg.batch_size, pad_id, cfg.seed, sparse_cfg.calibration_batches)
+    return select(model, sparse_cfg, batches)
+
+
+def load_mask_file(path: str) -> dict[str, torch.Tensor]:
+    """Masks from a diff directory (train the entries another run chose) or a masks file."""
+    if (Path(path) / CONFIG_NAME).is_file():
+        return read_diff(path).masks
+    from .. import selection
+
+    if hasattr(selection, "load_masks"):
+        return selection.load_masks(path)
+    raise ConfigError(f"{path}: not a diff directory; pass a diff written by save_pretrained / sparseft train")
+
+
+def wrap_ddp(model: nn.Module, dist: Distributed) -> nn.Module:
+    """DDP over the model: it all-reduces only parameters that require grad (the k values of a sparse run)."""
+    if not dist.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [dist.device.index] if dist.device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def prepare_out_dir(out: Path, cfg: TrainConfig, resuming: bool) -> None:
+    """Create ``out`` with the effective config; a fresh run clears an earlier run's metrics and checkpoints."""
+    out.mkdir(parents=True, exist_ok=True)
+    if not resuming:
+        shutil.rmtree(out / CHECKPOINTS_DIR, ignore_errors=True)
+        (out / METRICS_NAME).unlink(missing_ok=True)
+    cfg.to_yaml(out / TRAIN_CONFIG_NAME)
+
+
+def provenance(cfg: TrainConfig, total_steps: int) -> dict[str, Any]:
+    return {
+        "data_file": Path(cfg.data).name,
+        "data_sha256": file_sha256(cfg.data),
+        "train_config": cfg.provenance_dict(),
+        "seed": cfg.seed,
+        "steps": total_steps,
+    }
+
+
+def save_artifact(cfg: TrainConfig, model: nn.Module, tokenizer, path: Path, total_steps: int) -> None:
+    if cfg.method == "sparse":
+        assert isinstance(model, SparseModel)
+        model.save_pretrained(path, provenance=provenance(cfg, total_steps))
+    elif cfg.method == "full":
+        save_full(model, tokenizer, path)
+    else:
+        save_lora(model, path)
+
+
+KEEP_ON_PUBLISH = (METRICS_NAME, TRAIN_CONFIG_NAME, CHECKPOINTS_DIR)
+
+
+def publish(out: Path, write_artifact) -> None:
+    """Write the final artifact into a staging sibling, move the run's logs and checkpoints into it, then
+    swap it for ``out`` in one rename: ``out`` is never a half-written artifact."""
+    staging = out.with_name(f".{out.name}.final-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        write_artifact(staging)
+        for name in KEEP_ON_PUBLISH:
+            if (out / name).exists():
+                os.replace(out / name, staging / name)
+        replace_dir(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def directory_bytes(path: Path, skip: tuple[str, ...] = KEEP_ON_PUBLISH) -> int:
+    """Bytes of the artifact alone (not its logs or checkpoints)."""
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file() and f.name not in skip)
+
+
+def make_result(cfg: TrainConfig, out: Path, model: nn.Module, stats: LoopStats, total_steps: int, extra: dict) -> TrainResult:
+    if isinstance(model, SparseModel):
+        total = model.num_base_parameters()
+    else:
+        total = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+    return TrainResult(
+        out=out,
+        method=cfg.method,
+        steps=total_steps,
+        losses=stats.losses,
+        trainable=sum(p.numel() for _, p in trainable_parameters(model)),
+        total_params=total,
+        wall_time_s=stats.wall_time_s,
+        median_step_s=stats.median_step_s,
+        tokens_per_s=stats.tokens_per_s,
+        peak_memory_bytes=stats.peak_memory_bytes,
+        optimizer_state_bytes=stats.optimizer_state_bytes,
+        artifact_bytes=directory_bytes(out) if out.is_dir() else 0,
+        extra=extra,
+    )
