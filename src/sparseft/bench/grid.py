@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError
 from .config import BASE_ROW_ID, BenchConfig, RunSpec
 from .results import SCHEMA_VERSION, results_markdown, write_results
 
@@ -35,8 +36,8 @@ def run_grid(cfg: BenchConfig, out: str | os.PathLike, command: str = "", plots:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = prepare_model(cfg, out)
-    train_file, train_rows = prepare_train_file(cfg, model, out / TRAIN_FILE_NAME)
-    results = new_results(cfg, command, model, len(train_rows))
+    train_file, train_rows, skipped = prepare_train_file(cfg, model, out / TRAIN_FILE_NAME)
+    results = new_results(cfg, command, model, len(train_rows), skipped)
     save(results, out)
     for spec in row_specs(cfg):
         row = run_row(cfg, spec, model, train_file, out)
@@ -65,16 +66,34 @@ def now() -> str:
 # ---------------------------------------------------------------- shared inputs
 
 
-def prepare_train_file(cfg: BenchConfig, model: str, path: Path) -> tuple[Path, list[dict[str, Any]]]:
+def prepare_train_file(cfg: BenchConfig, model: str, path: Path) -> tuple[Path, list[dict[str, Any]], int]:
     """The task's training rows, rendered with the model's tokenizer (its chat template, as evaluation
-    does), written once as JSON Lines so every row trains on the same bytes."""
+    does), written once as JSON Lines so every row trains on the same bytes.
+
+    Rows longer than ``max_length`` tokens are skipped (truncating would cut off the answer), taking the
+    next rows of the file instead until ``train_limit`` rows are kept; the count skipped is returned.
+    """
     from ..models import load_tokenizer
     from ..tasks import get_task
+    from ..training.data import Row, encode_row
 
-    tokenizer = load_tokenizer(model)
-    rows = [dict(r) for r in get_task(cfg.task).training_rows(cfg.train_data, cfg.train_limit, tokenizer=tokenizer)]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path, rows
+    tokenizer, task = load_tokenizer(model), get_task(cfg.task)
+    candidates = task.training_rows(cfg.train_data, None if cfg.train_limit is None else 4 * cfg.train_limit, tokenizer)
+    if cfg.train_limit is not None and len(candidates) == 4 * cfg.train_limit:
+        candidates = task.training_rows(cfg.train_data, None, tokenizer)  # many too long: look further
+    kept, skipped = [], 0
+    for number, row in enumerate(candidates, start=1):
+        example = encode_row(Row(f"{cfg.train_data} example {number}", dict(row)), tokenizer, None, False)
+        if len(example.input_ids) > cfg.max_length:
+            skipped += 1
+            continue
+        kept.append(dict(row))
+        if len(kept) == cfg.train_limit:
+            break
+    if not kept:
+        raise ConfigError(f"{cfg.source}: no training row of {cfg.train_data} fits max_length={cfg.max_length} tokens")
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return path, kept, skipped
 
 
 def prepare_model(cfg: BenchConfig, out: Path) -> str:
@@ -92,14 +111,14 @@ def prepare_model(cfg: BenchConfig, out: Path) -> str:
     return str(build_tiny_model_dir(out / "tiny-model", texts, shape=shape, seed=cfg.seed))
 
 
-def new_results(cfg: BenchConfig, command: str, model: str, num_train_rows: int) -> dict[str, Any]:
+def new_results(cfg: BenchConfig, command: str, model: str, num_train_rows: int, skipped: int) -> dict[str, Any]:
     from ..tasks import get_task
 
     return {
         "schema_version": SCHEMA_VERSION,
         "name": cfg.name,
         "command": command,
-        "config": {**cfg.to_dict(), "train_rows_used": num_train_rows},
+        "config": {**cfg.to_dict(), "train_rows_used": num_train_rows, "train_rows_skipped_too_long": skipped},
         "machine": machine_info(cfg),
         "model": {"name": model if isinstance(cfg.model, str) else "tiny random Llama (built on the fly)",
                   "path": model, "total_params": None},

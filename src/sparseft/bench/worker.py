@@ -45,14 +45,13 @@ def empty_row(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def versions() -> dict[str, str]:
-    import peft
-    import torch
-    import transformers
+    """Versions from package metadata: importing peft only to read its version would cost seconds per row."""
+    from importlib.metadata import version
 
     from .. import __version__
 
-    return {"sparseft": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "python": platform.python_version()}
+    return {"sparseft": __version__, **{p: version(p) for p in ("torch", "transformers", "peft")},
+            "python": platform.python_version()}
 
 
 def setup_device(job: dict[str, Any]) -> str:
@@ -76,7 +75,7 @@ def train_config(job: dict[str, Any], device: str):
     fields: dict[str, Any] = dict(
         model=job["model"], data=job["train_file"], out=str(Path(job["row_dir"]) / "artifact"),
         method=run["method"], steps=job["steps"], lr=float(run["lr"]), batch_size=job["batch_size"],
-        grad_accum=job["grad_accum"], max_length=job["max_length"], truncation=True, seed=job["seed"],
+        grad_accum=job["grad_accum"], max_length=job["max_length"], seed=job["seed"],
         device=device, progress=False,
     )
     if job.get("target_modules"):
@@ -147,40 +146,35 @@ def count_lines(path: str) -> int:
 
 def evaluate_row(job: dict[str, Any], row: dict[str, Any], device: str) -> None:
     """Task metrics on the eval split for the base, or the base with this row's artifact applied."""
+    from ..evaluate import evaluate_records
     from ..models import load_tokenizer
     from ..tasks import get_task
 
     task = get_task(job["task"])
-    model = load_for_eval(job, row)
-    model.to(device).eval()
-    tokenizer = load_tokenizer(job["model"])
     records = task.load(job["eval_data"], job["eval_limit"])
-    started = time.perf_counter()
-    metrics = task.evaluate(model, tokenizer, records, batch_size=job.get("eval_batch_size") or 8, progress=False)
-    row["eval_wall_s"] = round(time.perf_counter() - started, 3)
+    model = load_for_eval(job, row).to(device)
+    metrics, count, wall_s = evaluate_records(model, load_tokenizer(job["model"]), task, records,
+                                              batch_size=job.get("eval_batch_size") or 8, progress=False)
+    row["eval_wall_s"] = round(wall_s, 3)
     row["metrics"] = {k: float(v) for k, v in metrics.items()}
-    row["eval_examples"] = len(records)
+    row["eval_examples"] = count
     row["primary_metric"] = getattr(task, "primary_metric", None) or next(iter(metrics))
     if job["run"]["method"] == "base":
         row["total_params"] = sum(p.numel() for p in model.parameters())
 
 
 def load_for_eval(job: dict[str, Any], row: dict[str, Any]):
-    """The model to evaluate, with the row's artifact merged in (so evaluation speed is the base's)."""
-    from ..model import SparseModel
+    """The model to evaluate; a diff or adapter is merged in, so every row evaluates at the base's speed."""
+    from ..evaluate import attach_diff
     from ..models import load_model
 
     method = job["run"]["method"]
     if method == "full":
         return load_model(row["artifact_path"])  # the full checkpoint is a complete model directory
-    base = load_model(job["model"])
-    if method == "sparse":
-        return SparseModel.from_pretrained(base, row["artifact_path"]).merge_and_unload()
-    if method == "lora":
-        from peft import PeftModel
-
-        return PeftModel.from_pretrained(base, row["artifact_path"]).merge_and_unload()
-    return base
+    if method == "base":
+        return load_model(job["model"])
+    model, kind = attach_diff(load_model(job["model"]), row["artifact_path"])
+    return model.merge_and_unload()
 
 
 # ---------------------------------------------------------------- entry point
