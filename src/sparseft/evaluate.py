@@ -1,0 +1,135 @@
+"""Run a task on a base model, the base + a sparse diff, or the base + a PEFT LoRA adapter."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .diffio import CONFIG_NAME
+from .errors import DiffNotFoundError
+from .models import load_model, load_tokenizer
+from .tasks import Task, get_task
+
+LORA_CONFIG_NAME = "adapter_config.json"
+
+
+@dataclass
+class EvalResult:
+    task: str
+    model: str
+    diff: str | None
+    adapter: str  # "none", "sparse" or "lora"
+    num_examples: int
+    metrics: dict[str, float]
+    wall_time_s: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def diff_kind(path: str | os.PathLike) -> str:
+    """``sparse`` for a sparseft diff, ``lora`` for a PEFT adapter directory."""
+    path = Path(path)
+    if (path / CONFIG_NAME).is_file():
+        return "sparse"
+    if (path / LORA_CONFIG_NAME).is_file():
+        return "lora"
+    raise DiffNotFoundError(
+        f"{path}: not a sparse diff ({CONFIG_NAME}) nor a PEFT adapter ({LORA_CONFIG_NAME}) directory"
+    )
+
+
+def attach_diff(model, path: str | os.PathLike | None):
+    """``(model, kind)``: the base with the diff or adapter at ``path`` loaded on it (unmerged)."""
+    if path is None:
+        return model, "none"
+    kind = diff_kind(path)
+    if kind == "sparse":
+        from .model import SparseModel
+
+        return SparseModel.from_pretrained(model, path), kind
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(path)), kind
+
+
+def evaluate(
+    model,
+    tokenizer,
+    task: Task | str,
+    data: str | os.PathLike,
+    limit: int | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> tuple[dict[str, float], int, float]:
+    """``(metrics, number of examples, wall seconds)`` of ``model`` on ``task`` over the file ``data``.
+
+    Example:
+        >>> metrics, n, seconds = evaluate(model, tok, "routing", "examples/support_routing/test.jsonl")  # doctest: +SKIP
+    """
+    task = get_task(task) if isinstance(task, str) else task
+    return evaluate_records(model, tokenizer, task, task.load(data, limit), batch_size, progress)
+
+
+def evaluate_records(
+    model, tokenizer, task: Task, records: list[dict], batch_size: int = 8, progress: bool = True
+) -> tuple[dict[str, float], int, float]:
+    """Like ``evaluate`` for records already loaded with ``task.load``."""
+    start = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    try:
+        metrics = task.evaluate(model, tokenizer, records, batch_size=batch_size, progress=progress)
+    finally:
+        model.train(was_training)
+    return metrics, len(records), time.perf_counter() - start
+
+
+def run_eval(
+    model_name: str,
+    task_name: str,
+    data: str | os.PathLike,
+    diff: str | os.PathLike | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    dtype: str = "float32",
+    progress: bool = True,
+) -> EvalResult:
+    """Load ``model_name`` (+ ``diff``), evaluate it on ``task_name`` and time it (load time apart)."""
+    task = get_task(task_name)
+    records = task.load(data, limit)  # bad data fails here, before time goes into loading the model
+    start = time.perf_counter()
+    model, kind = attach_diff(load_model(model_name, dtype=dtype), diff)
+    tokenizer = load_tokenizer(model_name)
+    load_s = time.perf_counter() - start
+    metrics, n, wall = evaluate_records(model, tokenizer, task, records, batch_size, progress)
+    return EvalResult(
+        task=task.name,
+        model=str(model_name),
+        diff=str(diff) if diff is not None else None,
+        adapter=kind,
+        num_examples=n,
+        metrics=metrics,
+        wall_time_s=round(wall, 3),
+        extra={"load_time_s": round(load_s, 3), "data": str(data), "threads": torch.get_num_threads()},
+    )
+
+
+def format_result(result: EvalResult) -> str:
+    """A small table: one line per metric (shown in percent), then the run's facts."""
+    lines = [f"{'metric':<20} {'value':>8}"]
+    lines += [f"{name:<20} {100 * value:>7.2f}%" for name, value in result.metrics.items()]
+    with_diff = f" + {result.adapter} {result.diff}" if result.diff else ""
+    lines += [
+        "",
+        f"task {result.task} on {result.num_examples} examples of {result.extra.get('data')}",
+        f"model {result.model}{with_diff}",
+        f"wall time {result.wall_time_s:.1f} s (model load {result.extra.get('load_time_s', 0):.1f} s apart)",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,76 @@
+"""Task registry: a task is a prompt format, a data loader and a metric (see ``tasks.base.Task``).
+
+Adding a task: one instance (or a new family module) plus one ``register_task`` line.
+
+Example:
+    >>> task = get_task("sst2")
+    >>> records = task.load("../shared/data/sst2/dev.tsv", limit=50)  # doctest: +SKIP
+    >>> task.evaluate(model, tokenizer, records)  # doctest: +SKIP
+    {'accuracy': ..., ...}
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import ConfigError
+from .base import Task, completion_text, render_prompt
+from .classification import ClassificationTask, read_labelled_jsonl, read_sst2_tsv
+from .qa import QATask
+from .summarization import SummarizationTask
+
+TASKS: dict[str, Task] = {}
+
+ROUTING_DEPARTMENTS = ["billing", "technical", "shipping", "account", "returns", "sales"]
+# The bundled demo data set, in the source tree next to the package.
+ROUTING_DATA = Path(__file__).resolve().parents[3] / "examples" / "support_routing"
+
+
+def register_task(task: Task) -> Task:
+    TASKS[task.name] = task
+    return task
+
+
+def get_task(name: str) -> Task:
+    if name not in TASKS:
+        raise ConfigError(f"unknown task {name!r}; available: {', '.join(sorted(TASKS))}")
+    return TASKS[name]
+
+
+register_task(
+    ClassificationTask(
+        name="sst2",
+        template="What is the sentiment of this movie review? Answer with one word: {labels}.\n\nReview: {text}",
+        labels=["negative", "positive"],
+        reader=read_sst2_tsv,
+    )
+)
+register_task(
+    ClassificationTask(
+        name="routing",
+        template=(
+            "You work at the help desk of Brightline, an online electronics shop. Which department should "
+            "handle this customer message? Answer with one word: {labels}.\n\nMessage: {text}"
+        ),
+        labels=ROUTING_DEPARTMENTS,
+        reader=read_labelled_jsonl,
+    )
+)
+register_task(QATask(name="squad"))
+# SQuAD ships only a dev file here: fine-tuning experiments split it by article (40 train / 8 eval).
+register_task(QATask(name="squad-train", articles=slice(0, 40)))
+register_task(QATask(name="squad-heldout", articles=slice(40, None)))
+register_task(SummarizationTask(name="samsum"))
+
+__all__ = [
+    "ROUTING_DATA",
+    "TASKS",
+    "ClassificationTask",
+    "QATask",
+    "SummarizationTask",
+    "Task",
+    "completion_text",
+    "get_task",
+    "register_task",
+    "render_prompt",
+]

@@ -1,0 +1,51 @@
+"""Reading task data files with errors that name the file, the line and the field."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+from ..errors import ConfigError, DataFormatError
+
+
+def existing_file(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(f"{path}: no such data file")
+    return path
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(where, object)`` for each non-blank line; ``where`` is ``file:line`` for error messages."""
+    path = existing_file(path)
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataFormatError(f"{where}: invalid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise DataFormatError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            yield where, obj
+
+
+def text_field(obj: dict[str, Any], field: str, where: str) -> str:
+    """A required, non-empty string field."""
+    if field not in obj:
+        raise DataFormatError(f"{where}: missing field {field!r} (fields present: {sorted(obj)})")
+    value = obj[field]
+    if not isinstance(value, str) or not value.strip():
+        raise DataFormatError(f"{where}: field {field!r} must be a non-empty string, got {value!r:.60}")
+    return value
+
+
+def take(records: list, limit: int | None) -> list:
+    """The first ``limit`` records (all when ``limit`` is None)."""
+    if limit is not None and limit < 1:
+        raise ConfigError(f"limit must be a positive number of examples, got {limit}")
+    return records if limit is None else records[:limit]

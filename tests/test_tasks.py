@@ -1,0 +1,227 @@
+"""Task metrics on hand-computed cases, data loaders on the real file formats, and label scoring on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models
+from transformers import PreTrainedTokenizerFast
+
+from conftest import make_tiny_llama
+from sparseft.errors import ConfigError, DataFormatError
+from sparseft.tasks import ROUTING_DATA, ROUTING_DEPARTMENTS, get_task
+from sparseft.tasks.base import completion_text, encode_completion, encode_prompt
+from sparseft.tasks.classification import read_sst2_tsv
+from sparseft.tasks.inference import generate_texts, score_completions
+from sparseft.tasks.qa import best_over_references, exact_match, normalize_answer, read_squad_json, token_f1
+from sparseft.tasks.summarization import read_dialogue_jsonl, rouge_scores
+
+# ../shared/data next to the repository; SPARSEFT_SHARED_DATA points elsewhere (e.g. from a git worktree).
+SHARED_DATA = Path(os.environ.get("SPARSEFT_SHARED_DATA") or Path(__file__).parents[1].parent / "shared" / "data")
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def char_tokenizer(chat: bool = False) -> PreTrainedTokenizerFast:
+    """One token per printable ASCII character (ids 4..99): fits the tiny Llama's 128-entry vocabulary."""
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    vocab = {t: i for i, t in enumerate(specials + [chr(c) for c in range(32, 127)] + ["\n"])}
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>")),
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+    )
+    if chat:
+        tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+# ---------------------------------------------------------------- QA metrics (official SQuAD v1.1 rules)
+
+
+def test_normalize_answer_drops_case_punctuation_articles_and_extra_space():
+    assert normalize_answer("  The Eiffel   Tower! ") == "eiffel tower"
+    assert normalize_answer("An apple, a pear") == "apple pear"
+    # "the" inside a word is not an article
+    assert normalize_answer("Theory of anthems") == "theory of anthems"
+
+
+def test_exact_match_after_normalisation():
+    assert exact_match("an Apple.", "apple") == 1.0
+    assert exact_match("apples", "apple") == 0.0
+
+
+def test_token_f1_hand_computed():
+    # pred tokens: cat sat on mat (4); ref: cat on mat (3); common 3 -> P=3/4, R=1, F1=6/7
+    assert token_f1("The cat sat on the mat", "cat on mat") == pytest.approx(6 / 7)
+    # repeated tokens count as a bag: common y,y -> P=R=2/3
+    assert token_f1("x y y", "y y z") == pytest.approx(2 / 3)
+    assert token_f1("nothing shared", "other words") == 0.0
+
+
+def test_best_over_references_takes_the_maximum():
+    refs = ["Denver Broncos", "the Broncos", "Broncos"]
+    assert best_over_references(exact_match, "broncos", refs) == 1.0
+    # against "Denver Broncos": P=1/3, R=1/2 -> 0.4; against "Broncos": P=1/3, R=1 -> 0.5
+    assert best_over_references(token_f1, "the broncos won easily", refs) == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------- ROUGE
+
+
+def test_rouge_on_known_strings():
+    scores = rouge_scores(["the cat sat"], ["the cat sat on the mat"])
+    # unigram overlap 3: P=3/3, R=3/6 -> F=2/3; bigram overlap 2: P=2/2, R=2/5 -> F=4/7; LCS 3 -> 2/3
+    assert scores["rouge1"] == pytest.approx(2 / 3)
+    assert scores["rouge2"] == pytest.approx(4 / 7)
+    assert scores["rougeL"] == pytest.approx(2 / 3)
+
+
+def test_rouge_uses_stemming_and_averages_over_examples():
+    scores = rouge_scores(["cats running", "blue"], ["cat run", "red"])
+    assert scores["rouge1"] == pytest.approx(0.5)  # (1.0 + 0.0) / 2: stems match in the first pair
+
+
+# ---------------------------------------------------------------- loaders
+
+
+def test_sst2_reader_keeps_quotes_and_strips_trailing_space(tmp_path):
+    path = tmp_path / "dev.tsv"
+    path.write_text('sentence\tlabel\nit \'s a " charming " film \t1\nawful . \t0\n', encoding="utf-8")
+    records = read_sst2_tsv(path, ["negative", "positive"])
+    assert records == [{"text": 'it \'s a " charming " film', "label": 1}, {"text": "awful .", "label": 0}]
+
+
+def test_sst2_reader_names_the_bad_line(tmp_path):
+    path = tmp_path / "dev.tsv"
+    path.write_text("sentence\tlabel\nfine \t1\nbroken \t7\n", encoding="utf-8")
+    with pytest.raises(DataFormatError, match=r"dev.tsv:3: field 'label'"):
+        read_sst2_tsv(path, ["negative", "positive"])
+
+
+def test_dialogue_reader_normalises_line_endings(tmp_path):
+    path = tmp_path / "val.jsonl"
+    path.write_text(json.dumps({"dialogue": "Ann: hi\r\nBob: hello\nAnn: bye", "summary": "They greet. \n"}) + "\n")
+    assert read_dialogue_jsonl(path) == [{"dialogue": "Ann: hi\nBob: hello\nAnn: bye", "summary": "They greet."}]
+
+
+def test_jsonl_reader_names_line_and_field(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "hello", "label": "billing"}\n{"text": "hi"}\n')
+    with pytest.raises(DataFormatError, match=r"bad.jsonl:2: missing field 'label'"):
+        get_task("routing").load(path)
+    path.write_text('{"text": "hello", "label": "marketing"}\n')
+    with pytest.raises(DataFormatError, match=r"bad.jsonl:1: field 'label' is 'marketing'"):
+        get_task("routing").load(path)
+
+
+def squad_file(tmp_path, n_articles=3) -> Path:
+    data = [
+        {
+            "title": f"A{a}",
+            "paragraphs": [
+                {"context": f"Article {a} text.", "qas": [{"id": f"q{a}", "question": f"Which {a}?", "answers": [{"text": f"{a}", "answer_start": 8}]}]}
+            ],
+        }
+        for a in range(n_articles)
+    ]
+    path = tmp_path / "squad.json"
+    path.write_text(json.dumps({"version": "1.1", "data": data}))
+    return path
+
+
+def test_squad_reader_splits_by_article(tmp_path):
+    path = squad_file(tmp_path)
+    assert [r["id"] for r in read_squad_json(path)] == ["q0", "q1", "q2"]
+    assert [r["id"] for r in read_squad_json(path, slice(2, None))] == ["q2"]
+    assert read_squad_json(path)[1]["answers"] == ["1"]
+
+
+def test_unknown_task_and_bad_limit_are_clear_errors():
+    with pytest.raises(ConfigError, match="unknown task 'nope'; available: .*sst2"):
+        get_task("nope")
+    with pytest.raises(ConfigError, match="limit"):
+        get_task("routing").load(ROUTING_DATA / "test.jsonl", limit=0)
+
+
+def test_bundled_routing_data_is_valid_and_split_cleanly():
+    task = get_task("routing")
+    train, test = task.load(ROUTING_DATA / "train.jsonl"), task.load(ROUTING_DATA / "test.jsonl")
+    assert len(train) >= 150 and len(test) >= 60
+    assert {r["label"] for r in train} == {r["label"] for r in test} == set(range(len(ROUTING_DEPARTMENTS)))
+    assert not {r["text"] for r in train} & {r["text"] for r in test}
+
+
+@pytest.mark.parametrize("relative", ["sst2/dev.tsv", "squad/dev-v1.1.json", "samsum/test.jsonl"])
+def test_shared_data_files_load(relative):
+    path = SHARED_DATA / relative
+    if not path.is_file():
+        pytest.skip(f"{path} not present")
+    task = {"sst2": "sst2", "squad": "squad-heldout", "samsum": "samsum"}[relative.split("/")[0]]
+    records = get_task(task).load(path, limit=5)
+    assert len(records) == 5 and all(get_task(task).target(r).strip() for r in records)
+
+
+# ---------------------------------------------------------------- prompts shared by training and evaluation
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_training_rows_use_the_evaluation_prompt(chat):
+    tok, task = char_tokenizer(chat), get_task("routing")
+    rows = task.training_rows(ROUTING_DATA / "train.jsonl", limit=3, tokenizer=tok)
+    records = task.load(ROUTING_DATA / "train.jsonl", limit=3)
+    assert len(rows) == 3
+    for row, record in zip(rows, records):
+        assert row["prompt"] == task.prompt(tok, record)
+        assert row["completion"] == completion_text(tok, task.target(record))
+        assert row["completion"].endswith("</s>") and record["text"] in row["prompt"]
+        assert row["prompt"].startswith("<|user|>") == chat
+
+
+# ---------------------------------------------------------------- scoring and generation on a tiny model
+
+
+def naive_logp(model, prompt: list[int], completion: list[int]) -> float:
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([prompt + completion])).logits[0].float(), -1)
+    return sum(float(logp[len(prompt) - 1 + j, tok]) for j, tok in enumerate(completion))
+
+
+def test_score_completions_equals_unpadded_full_sequence_scores():
+    model = make_tiny_llama()
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(4, 100, (n,), generator=gen).tolist() for n in (3, 9, 5, 12, 1)]
+    completions = [[7], [8, 9, 2], [10, 2]]
+    scores = score_completions(model, prompts, completions, batch_size=2, pad_id=3)
+    expected = torch.tensor([[naive_logp(model, p, c) for c in completions] for p in prompts])
+    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_classification_predicts_the_most_likely_label():
+    model, tok, task = make_tiny_llama(), char_tokenizer(chat=True), get_task("routing")
+    records = task.load(ROUTING_DATA / "test.jsonl", limit=6)
+    metrics = task.evaluate(model, tok, records, batch_size=4, progress=False)
+    completions = [encode_completion(tok, completion_text(tok, label)) for label in task.labels]
+    predicted = [
+        max(range(len(task.labels)), key=lambda i: naive_logp(model, encode_prompt(tok, task.prompt(tok, r)), completions[i]))
+        for r in records
+    ]
+    expected = sum(p == r["label"] for p, r in zip(predicted, records)) / len(records)
+    assert metrics["accuracy"] == pytest.approx(expected)
+
+
+def test_batched_greedy_generation_equals_one_by_one():
+    model, tok = make_tiny_llama(), char_tokenizer()
+    prompts = [tok(text)["input_ids"] for text in ("Hello there", "Q?", "A longer prompt here")]
+    batched = generate_texts(model, tok, prompts, max_new_tokens=6, batch_size=3)
+    single = [generate_texts(model, tok, [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
+    assert batched == single and all(isinstance(t, str) for t in batched)
