@@ -36,7 +36,8 @@ class SparseDeltaFunction(torch.autograd.Function):
         grad_x = grad_bias = grad_values = None
         if ctx.needs_input_grad[0]:
             # Rebuilt rather than saved, so W + S does not live from the forward to the backward.
-            grad_x = grad_out @ add_entries(weight, indices, values)
+            # Under autocast grad_out is bf16/fp16 while the weight stays fp32: compute in grad_out's dtype.
+            grad_x = grad_out @ add_entries(weight, indices, values).to(grad_out.dtype)
         if ctx.needs_input_grad[2] and ctx.has_bias:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         if ctx.needs_input_grad[4]:

@@ -55,6 +55,8 @@ def add_parser(sub):
     run.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar")
     run.add_argument("--dtype", help="dtype to load the base in (default float32)")
     run.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
+    run.add_argument("--precision", choices=["auto", "bf16", "fp32"],
+                     help="auto (default): bf16 autocast on CUDA, fp32 on CPU")
     lora = p.add_argument_group("LoRA baseline")
     lora.add_argument("--lora-rank", type=int)
     lora.add_argument("--lora-alpha", type=float)

@@ -13,6 +13,7 @@ from ..config import ALLOCATIONS, LLAMA_PROJECTIONS, VALUE_DTYPES, SparseConfig
 from ..errors import ConfigError
 
 METHODS = ("sparse", "full", "lora")
+PRECISIONS = ("auto", "bf16", "fp32")
 # Fields that say where a run goes or how it is resumed, not what it computes: left out of provenance
 # so that two identical runs into different directories record the same provenance.
 LOCATION_FIELDS = ("out", "resume", "progress")
@@ -45,6 +46,8 @@ class TrainConfig:
         lora_rank / lora_alpha / lora_match_sparse: LoRA shape; with ``lora_match_sparse`` the rank
             is chosen so the trainable count is closest to the sparse run's at ``density``.
         dtype: dtype the base model is loaded in; device: ``auto`` (CUDA when present) or a torch device.
+        precision: ``auto`` (bf16 autocast on CUDA, fp32 on CPU), ``bf16`` (autocast on any device) or
+            ``fp32``. Trainable values and optimizer state stay fp32 in every case.
     """
 
     model: str = ""
@@ -86,6 +89,7 @@ class TrainConfig:
     # hardware
     dtype: str = "float32"
     device: str = "auto"
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, str):
@@ -104,6 +108,7 @@ class TrainConfig:
             (0.0 <= float(self.warmup_ratio) < 1.0, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}"),
             (int(self.save_every) >= 0, f"save_every must be >= 0, got {self.save_every!r}"),
             (int(self.log_every) >= 1, f"log_every must be >= 1, got {self.log_every!r}"),
+            (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
             (int(self.lora_rank) >= 1, f"lora_rank must be >= 1, got {self.lora_rank!r}"),
         ]
         for ok, message in checks:

@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import os
@@ -304,21 +305,16 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
+@functools.lru_cache(maxsize=4)
+def epoch_order(num_examples: int, seed: int, epoch: int) -> tuple[int, ...]:
     """A seeded shuffle of one epoch; depends only on (seed, epoch), so a resumed run sees the same order."""
     gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(num_examples, generator=gen).tolist()
+    return tuple(torch.randperm(num_examples, generator=gen).tolist())
 
 
 def stream_indices(num_examples: int, seed: int, start: int, count: int) -> list[int]:
     """Positions ``start .. start+count`` of the endless stream of shuffled epochs."""
-    out, cache = [], {}
-    for pos in range(start, start + count):
-        epoch = pos // num_examples
-        if epoch not in cache:
-            cache[epoch] = epoch_order(num_examples, seed, epoch)
-        out.append(cache[epoch][pos % num_examples])
-    return out
+    return [epoch_order(num_examples, seed, pos // num_examples)[pos % num_examples] for pos in range(start, start + count)]
 
 
 def make_batches(

@@ -79,6 +79,7 @@ def run_training(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=Non
         ckpt = resume_checkpoint(cfg, out)
         total_steps = steps_for(cfg, len(examples), dist.world_size)
         torch.manual_seed(cfg.seed)
+        model.to(dist.device)  # before selection, so data scorers run on the accelerator
         model, masks, extra = prepare_method(cfg, model, examples, pad_id_of(tokenizer), ckpt)
         model.to(dist.device)
         named_params = trainable_parameters(model)
@@ -190,7 +191,8 @@ def prepare_out_dir(out: Path, cfg: TrainConfig, resuming: bool) -> None:
     if not resuming:
         shutil.rmtree(out / CHECKPOINTS_DIR, ignore_errors=True)
         (out / METRICS_NAME).unlink(missing_ok=True)
-    cfg.to_yaml(out / TRAIN_CONFIG_NAME)
+    # Saved without `resume`, so `--config out/train_config.yaml` repeats the run from the start.
+    dataclasses.replace(cfg, resume=None).to_yaml(out / TRAIN_CONFIG_NAME)
 
 
 def provenance(cfg: TrainConfig, total_steps: int) -> dict[str, Any]:

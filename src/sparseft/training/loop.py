@@ -81,10 +81,10 @@ def all_reduce_sum(value: torch.Tensor, dist: Distributed) -> torch.Tensor:
     return value
 
 
-def autocast_for(device: torch.device):
-    """bf16 autocast on CUDA (fp32 master values, bf16 matmuls); plain fp32 on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def autocast_for(device: torch.device, precision: str = "auto"):
+    """bf16 autocast (fp32 master values, bf16 matmuls) on CUDA by default or when asked; else plain fp32."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -155,6 +155,7 @@ def train_step(
     params: list[nn.Parameter],
     max_grad_norm: float | None,
     dist: Distributed,
+    precision: str = "auto",
 ) -> StepResult:
     """One optimizer step over this process's micro-batches (gradients all-reduced by DDP on the last)."""
     local = torch.tensor([sum(count_loss_tokens(b) for b in micro_batches), sum(int(b["attention_mask"].sum()) for b in micro_batches)])
@@ -167,7 +168,7 @@ def train_step(
         last = i == len(micro_batches) - 1
         sync = contextlib.nullcontext() if last or not dist.enabled else model.no_sync()
         with sync:
-            with autocast_for(dist.device):
+            with autocast_for(dist.device, precision):
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             token_loss_sum = completion_loss_sum(logits, batch["labels"])
             (token_loss_sum * scale).backward()
@@ -241,6 +242,8 @@ def train_loop(
     write = out is not None and dist.is_main
     metrics = MetricsLog(out / METRICS_NAME, write, resume_step=start_step if start_step else None) if out else None
     stats = LoopStats()
+    if dist.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dist.device)  # report the training peak, not loading's
     started = time.perf_counter()
     model.train()
     bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc=f"train ({cfg.method})",
@@ -251,7 +254,7 @@ def train_loop(
             group["lr"] = lr
         batches = make_batches(examples, cfg.batch_size, pad_id, cfg.seed, step, cfg.grad_accum, dist.rank, dist.world_size)
         t0 = time.perf_counter()
-        result = train_step(model, batches, optimizer, params, cfg.max_grad_norm, dist)
+        result = train_step(model, batches, optimizer, params, cfg.max_grad_norm, dist, cfg.precision)
         if dist.device.type == "cuda":
             torch.cuda.synchronize(dist.device)
         elapsed = time.perf_counter() - t0

@@ -1,0 +1,213 @@
+import hashlib
+import json
+import random
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+from conftest import make_tiny_llama, make_tiny_tokenizer
+from sparseft import SparseModel
+from sparseft.cli import main
+from sparseft.training import TrainConfig, run_training
+from sparseft.training import loop as loop_module
+from sparseft.training.data import collate, load_examples
+
+WORDS = {"good": " pos", "great": " pos", "fine": " pos", "bad": " neg", "awful": " neg", "poor": " neg"}
+
+
+def write_train_file(path, n=32, seed=0):
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            word = rng.choice(sorted(WORDS))
+            f.write(json.dumps({"prompt": f"review: {word} ->", "completion": WORDS[word]}) + "\n")
+    return path
+
+
+@pytest.fixture
+def train_file(tmp_path):
+    return write_train_file(tmp_path / "train.jsonl")
+
+
+def sha256(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def quick_config(train_file, out, **overrides):
+    values = dict(model="tiny", data=str(train_file), out=str(out), density=0.1, steps=4, lr=1e-2, batch_size=4,
+                  max_length=64, seed=0, progress=False, value_dtype="float32")
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def train_in_process(cfg):
+    return run_training(cfg, model=make_tiny_llama(), tokenizer=make_tiny_tokenizer())
+
+
+def mean_completion_loss(model, examples):
+    batch = collate(examples, pad_id=0)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return float(loop_module.completion_loss_sum(logits, batch["labels"]) / (batch["labels"][:, 1:] != -100).sum())
+
+
+def test_cli_train_writes_a_loadable_diff_and_the_loss_falls(tiny_model_with_tokenizer_dir, train_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "--model", str(tiny_model_with_tokenizer_dir), "--data", str(train_file), "--out", str(out),
+                 "--density", "0.1", "--steps", "12", "--lr", "1e-2", "--batch-size", "8", "--save-every", "5",
+                 "--no-progress"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["last_loss"] < summary["first_loss"]
+    assert {"sparse_config.json", "sparse_delta.safetensors", "metrics.jsonl", "train_config.yaml", "checkpoints"} <= {
+        p.name for p in out.iterdir()}
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000005", "step-000010"]
+
+    examples = load_examples(train_file, make_tiny_tokenizer(), max_length=512)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_with_tokenizer_dir)
+    before = mean_completion_loss(base, examples)
+    tuned = SparseModel.from_pretrained(base, out)
+    assert tuned.num_trainable() == 0 and len(tuned.sparse_layers()) == 14
+    assert mean_completion_loss(tuned, examples) < before - 0.05
+
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 13))
+    assert {"loss", "lr", "tokens_per_s", "peak_memory_bytes", "grad_norm"} <= set(metrics[0])
+    assert metrics[0]["lr"] > metrics[-1]["lr"]  # cosine decay
+    saved = TrainConfig.from_yaml(out / "train_config.yaml")
+    assert saved.steps == 12 and saved.density == 0.1 and saved.model == str(tiny_model_with_tokenizer_dir)
+
+    provenance = json.loads((out / "sparse_config.json").read_text())["provenance"]
+    assert provenance["data_sha256"] == sha256(train_file)
+    assert provenance["seed"] == 0 and provenance["steps"] == 12
+    assert provenance["train_config"]["lr"] == 0.01 and "out" not in provenance["train_config"]
+
+
+def test_same_seed_gives_the_same_diff_bytes(train_file, tmp_path):
+    a = train_in_process(quick_config(train_file, tmp_path / "a"))
+    b = train_in_process(quick_config(train_file, tmp_path / "b"))
+    c = train_in_process(quick_config(train_file, tmp_path / "c", seed=1))
+    delta = "sparse_delta.safetensors"
+    assert sha256(a.out / delta) == sha256(b.out / delta)
+    assert sha256(a.out / "sparse_config.json") == sha256(b.out / "sparse_config.json")
+    assert sha256(a.out / delta) != sha256(c.out / delta)
+    assert a.losses == b.losses
+
+
+def test_resume_after_a_crash_gives_the_uninterrupted_diff(train_file, tmp_path, monkeypatch):
+    settings = dict(steps=6, save_every=2, grad_accum=2, batch_size=2, warmup_steps=2)
+    reference = train_in_process(quick_config(train_file, tmp_path / "ref", **settings))
+
+    real_step, calls = loop_module.train_step, []
+
+    def crash_at_fourth_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt("simulated crash")
+        return real_step(*args, **kwargs)
+
+    out = tmp_path / "crashed"
+    monkeypatch.setattr(loop_module, "train_step", crash_at_fourth_step)
+    with pytest.raises(KeyboardInterrupt):
+        train_in_process(quick_config(train_file, out, **settings))
+    monkeypatch.setattr(loop_module, "train_step", real_step)
+    assert not (out / "sparse_delta.safetensors").exists()  # no final diff from a crashed run
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002"]
+
+    resumed = train_in_process(quick_config(train_file, out, resume="latest", **settings))
+    assert sha256(resumed.out / "sparse_delta.safetensors") == sha256(reference.out / "sparse_delta.safetensors")
+    assert sha256(resumed.out / "sparse_config.json") == sha256(reference.out / "sparse_config.json")
+    assert resumed.losses == reference.losses[2:]
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]  # the crashed run's step 3 was dropped and redone
+
+
+def test_gradient_accumulation_matches_the_bigger_batch(train_file, tmp_path):
+    whole = train_in_process(quick_config(train_file, tmp_path / "whole", batch_size=4, grad_accum=1))
+    accumulated = train_in_process(quick_config(train_file, tmp_path / "acc", batch_size=2, grad_accum=2))
+    torch.testing.assert_close(torch.tensor(accumulated.losses), torch.tensor(whole.losses), rtol=1e-5, atol=1e-6)
+    a = SparseModel.from_pretrained(make_tiny_llama(), whole.out).sparse_parameters()
+    b = SparseModel.from_pretrained(make_tiny_llama(), accumulated.out).sparse_parameters()
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+
+
+BAD_FILES = {
+    "missing.jsonl": ('{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n', "missing.jsonl:line 2: missing field 'completion'"),
+    "empty.jsonl": ('{"prompt": "a", "completion": ""}\n', "empty.jsonl:line 1: field 'completion' is empty"),
+    "broken.jsonl": ('{"prompt": "a", "completion": "b"\n', "broken.jsonl:line 1: invalid JSON"),
+    "long.jsonl": (json.dumps({"prompt": "x" * 100, "completion": " y"}) + "\n", "long.jsonl:line 1: example is 104 tokens"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FILES))
+def test_bad_data_is_rejected_before_anything_is_written(name, tiny_model_with_tokenizer_dir, tmp_path, capsys):
+    content, message = BAD_FILES[name]
+    (tmp_path / name).write_text(content)
+    out = tmp_path / "out"
+    code = main(["train", "--model", str(tiny_model_with_tokenizer_dir), "--data", str(tmp_path / name), "--out",
+                 str(out), "--max-length", "64", "--steps", "1", "--no-progress"])
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_yaml_config_with_flag_overrides(tiny_model_with_tokenizer_dir, train_file, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"model": str(tiny_model_with_tokenizer_dir), "data": str(train_file), "density": 0.05,
+                                      "steps": 5, "batch_size": 4, "scorer": "magnitude", "progress": False}))
+    out = tmp_path / "out"
+    assert main(["train", "--config", str(config), "--out", str(out), "--steps", "2"]) == 0
+    saved = yaml.safe_load((out / "train_config.yaml").read_text())
+    assert saved["steps"] == 2 and saved["scorer"] == "magnitude" and saved["density"] == 0.05
+    assert json.loads((out / "sparse_config.json").read_text())["selection"]["scorer"] == "magnitude"
+    (tmp_path / "bad.yaml").write_text("stepz: 3\n")
+    assert main(["train", "--config", str(tmp_path / "bad.yaml")]) == 2
+
+
+def test_masks_from_an_earlier_diff_are_trained_again(train_file, tmp_path):
+    first = train_in_process(quick_config(train_file, tmp_path / "a", steps=2))
+    second = train_in_process(quick_config(train_file, tmp_path / "b", steps=2, masks=str(first.out), seed=5, density=0.5))
+    m1 = SparseModel.from_pretrained(make_tiny_llama(), first.out)
+    m2 = SparseModel.from_pretrained(make_tiny_llama(), second.out)
+    for (n1, l1), (n2, l2) in zip(m1.sparse_layers().items(), m2.sparse_layers().items()):
+        assert n1 == n2 and torch.equal(l1.indices, l2.indices)
+    assert second.trainable == first.trainable
+
+
+def test_full_and_lora_baselines_save_natural_formats_and_the_same_metrics(train_file, tmp_path):
+    from peft import PeftModel
+
+    sparse = train_in_process(quick_config(train_file, tmp_path / "sparse", steps=2))
+    full = train_in_process(quick_config(train_file, tmp_path / "full", steps=2, method="full", lr=1e-3))
+    lora = train_in_process(quick_config(train_file, tmp_path / "lora", steps=2, method="lora", lora_match_sparse=True))
+
+    assert full.trainable == full.total_params == sum(p.numel() for p in make_tiny_llama().parameters())
+    merged = AutoModelForCausalLM.from_pretrained(full.out)
+    assert not torch.equal(merged.model.layers[0].self_attn.q_proj.weight, make_tiny_llama().model.layers[0].self_attn.q_proj.weight)
+    assert (full.out / "tokenizer.json").is_file()
+
+    adapter = PeftModel.from_pretrained(make_tiny_llama(), lora.out)
+    assert sum(p.numel() for n, p in adapter.named_parameters() if "lora_" in n) == lora.trainable
+    # rank chosen so LoRA trains about as many parameters as the sparse run (within one rank's worth)
+    per_rank = lora.trainable // lora.extra["lora_rank"]
+    assert abs(lora.trainable - sparse.trainable) <= per_rank
+    assert lora.total_params == sparse.total_params
+
+    keys = [set(json.loads((r.out / "metrics.jsonl").read_text().splitlines()[0])) for r in (sparse, full, lora)]
+    assert keys[0] == keys[1] == keys[2]
+    for r in (sparse, full, lora):
+        # AdamW: exp_avg + exp_avg_sq in fp32 per trainable number, plus one step counter per tensor (< 64 here)
+        assert 8 * r.trainable < r.optimizer_state_bytes <= 8 * r.trainable + 4 * 64
+        assert r.artifact_bytes > 0 and r.peak_memory_bytes > 0 and r.median_step_s > 0
+    assert sparse.artifact_bytes < lora.artifact_bytes < full.artifact_bytes
+
+
+def test_bf16_autocast_trains_sparse_values(train_file, tmp_path):
+    """The mixed-precision path (bf16 matmuls, fp32 values and optimizer state), run on CPU."""
+    result = train_in_process(quick_config(train_file, tmp_path / "bf16", precision="bf16", steps=3))
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    values = SparseModel.from_pretrained(make_tiny_llama(), result.out).sparse_parameters()
+    assert all(v.dtype == torch.float32 and float(v.abs().max()) > 0 for v in values)

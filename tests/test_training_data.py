@@ -1,0 +1,140 @@
+import csv
+import json
+
+import pytest
+import torch
+
+from sparseft.errors import DataFormatError
+from sparseft.training.data import (
+    IGNORE_INDEX,
+    collate,
+    encode_rows,
+    load_examples,
+    load_rows,
+    make_batches,
+    read_rows,
+)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+ROWS = [{"prompt": "2+2=", "completion": " 4"}, {"prompt": "3+3=", "completion": " 6"}]
+
+
+def test_jsonl_csv_and_datasets_files_give_the_same_rows(tmp_path):
+    import datasets
+
+    jsonl = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    with open(tmp_path / "d.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["prompt", "completion"])
+        writer.writeheader()
+        writer.writerows(ROWS)
+    datasets.Dataset.from_list(ROWS).to_parquet(str(tmp_path / "d.parquet"))
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "d_dir"))
+    for name in ("d.jsonl", "d.csv", "d.parquet", "d_dir"):
+        assert load_rows(tmp_path / name) == ROWS, name
+    assert load_rows(jsonl) == ROWS
+
+
+def test_loss_only_on_completion_tokens(tiny_tokenizer, tmp_path):
+    [example] = load_examples(write_jsonl(tmp_path / "d.jsonl", ROWS[:1]), tiny_tokenizer)
+    completion_ids = tiny_tokenizer(" 4", add_special_tokens=False)["input_ids"]
+    trained = [label for label in example.labels if label != IGNORE_INDEX]
+    assert trained == completion_ids + [tiny_tokenizer.eos_token_id]
+    assert example.input_ids[0] == tiny_tokenizer.bos_token_id
+    assert tiny_tokenizer.decode(example.input_ids[1:-1]) == "2+2= 4"
+
+
+def test_messages_rows_train_on_assistant_turns_only(tiny_tokenizer, tmp_path):
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "yo"},
+        {"role": "user", "content": "bye"},
+        {"role": "assistant", "content": "ok"},
+    ]
+    [example] = load_examples(write_jsonl(tmp_path / "m.jsonl", [{"messages": messages}]), tiny_tokenizer)
+    rendered = tiny_tokenizer.apply_chat_template(messages, tokenize=False)
+    assert tiny_tokenizer.decode(example.input_ids) == rendered
+    trained_text = tiny_tokenizer.decode([i for i, l in zip(example.input_ids, example.labels) if l != IGNORE_INDEX])
+    # Each assistant reply and its end-of-turn marker; no user text, no role tags.
+    assert trained_text == "yo</s>\nok</s>\n"
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"prompt": "a"}\n', "line 1: missing field 'completion'"),
+        ('{"prompt": "a", "completion": "b"}\n{"prompt": "a", "completion": "  "}\n', "line 2: field 'completion' is empty"),
+        ('{"prompt": "a", "completion": "b"}\n\n{"prompt": "a", "completion": \n', "line 3: invalid JSON"),
+        ('{"text": "a"}\n', "line 1: missing field 'prompt' and 'completion'"),
+        ('{"messages": [{"role": "user", "content": "x"}]}\n', "line 1: field 'messages' has no 'assistant' turn"),
+        ('{"messages": [{"role": "user"}]}\n', "line 1: messages[0]: missing field 'content'"),
+        ('{"prompt": 3, "completion": "b"}\n', "line 1: field 'prompt' must be a string"),
+    ],
+)
+def test_bad_rows_name_file_line_and_field(tmp_path, content, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(DataFormatError) as info:
+        read_rows(path)
+    assert str(path) in str(info.value) and message in str(info.value)
+
+
+def test_csv_errors_name_the_line(tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_text("prompt,completion\na,b\nc,\n")
+    with pytest.raises(DataFormatError, match=r"bad.csv:line 3: field 'completion' is empty"):
+        load_rows(path)
+
+
+def test_too_long_rejected_unless_truncation(tiny_tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "x" * 40, "completion": " y"}])
+    with pytest.raises(DataFormatError, match=r"d.jsonl:line 1: example is 44 tokens, longer than max_length=16"):
+        load_examples(path, tiny_tokenizer, max_length=16)
+    path = write_jsonl(tmp_path / "e.jsonl", [{"prompt": "x", "completion": " " + "y" * 40}])
+    [example] = load_examples(path, tiny_tokenizer, max_length=16, truncation=True)
+    assert len(example.input_ids) == 16
+    # Truncating away every completion token leaves nothing to learn: an error, not a silent no-op.
+    path = write_jsonl(tmp_path / "f.jsonl", [{"prompt": "x" * 40, "completion": " y"}])
+    with pytest.raises(DataFormatError, match="no completion tokens after truncation"):
+        load_examples(path, tiny_tokenizer, max_length=16, truncation=True)
+
+
+def test_unknown_format_and_missing_file(tmp_path):
+    (tmp_path / "d.txt").write_text("x")
+    with pytest.raises(DataFormatError, match="unknown data format"):
+        load_rows(tmp_path / "d.txt")
+    with pytest.raises(DataFormatError, match="no such data file"):
+        load_rows(tmp_path / "nope.jsonl")
+
+
+def test_collate_pads_right_with_mask_and_ignored_labels(tiny_tokenizer):
+    examples = encode_rows([{"prompt": "a", "completion": " b"}, {"prompt": "abcdef", "completion": " g"}], tiny_tokenizer)
+    batch = collate(examples, pad_id=tiny_tokenizer.pad_token_id)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (2, 10)
+    assert batch["attention_mask"][0].tolist() == [1] * 5 + [0] * 5
+    assert (batch["input_ids"][0, 5:] == tiny_tokenizer.pad_token_id).all()
+    assert (batch["labels"][0, 5:] == IGNORE_INDEX).all()
+
+
+def test_global_batch_is_the_same_however_it_is_split(tiny_tokenizer):
+    rows = [{"prompt": f"q{i}", "completion": f" a{i}"} for i in range(10)]
+    examples = encode_rows(rows, tiny_tokenizer)
+
+    def ids(batches):
+        return sorted(tuple(r.tolist()) for b in batches for r in b["input_ids"])
+
+    for step in range(4):  # crosses an epoch boundary: steps consume 4 rows each
+        one = make_batches(examples, 4, 0, seed=3, step=step)
+        accumulated = make_batches(examples, 2, 0, seed=3, step=step, grad_accum=2)
+        ranks = make_batches(examples, 2, 0, seed=3, step=step, rank=0, world_size=2) + make_batches(
+            examples, 2, 0, seed=3, step=step, rank=1, world_size=2
+        )
+        assert ids(one) == ids(accumulated) == ids(ranks)
+    # every example is seen once per epoch, in a seeded order
+    epoch = [tuple(r.tolist()) for s in range(5) for r in make_batches(examples, 2, 0, seed=3, step=s)[0]["input_ids"]]
+    assert len(set(epoch)) == 10
+    assert torch.equal(make_batches(examples, 2, 0, seed=3, step=1)[0]["input_ids"], make_batches(examples, 2, 0, seed=3, step=1)[0]["input_ids"])

@@ -1,0 +1,44 @@
+"""Data-parallel training: 2 CPU processes on gloo (torchrun) equal 1 process with the same global batch."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from conftest import make_tiny_llama, make_tiny_tokenizer
+from sparseft import SparseModel
+from sparseft.training import TrainConfig, run_training
+from test_training import write_train_file
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+
+
+def test_two_gloo_processes_match_one_process(tiny_model_with_tokenizer_dir, tmp_path):
+    data = write_train_file(tmp_path / "train.jsonl", n=16)
+    common = ["--model", str(tiny_model_with_tokenizer_dir), "--data", str(data), "--density", "0.1", "--steps", "3",
+              "--lr", "1e-2", "--max-length", "64", "--value-dtype", "float32", "--seed", "0", "--no-progress"]
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "sparseft", "train",
+         *common, "--batch-size", "2", "--out", str(tmp_path / "ddp")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+
+    single = run_training(
+        TrainConfig(model=str(tiny_model_with_tokenizer_dir), data=str(data), out=str(tmp_path / "single"), density=0.1,
+                    steps=3, lr=1e-2, max_length=64, value_dtype="float32", seed=0, batch_size=4, progress=False),
+        model=make_tiny_llama(), tokenizer=make_tiny_tokenizer(),
+    )
+    ddp_losses = [json.loads(line)["loss"] for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    torch.testing.assert_close(torch.tensor(ddp_losses), torch.tensor(single.losses), rtol=1e-5, atol=1e-6)
+    a = SparseModel.from_pretrained(make_tiny_llama(), tmp_path / "ddp").sparse_layers()
+    b = SparseModel.from_pretrained(make_tiny_llama(), single.out).sparse_layers()
+    assert list(a) == list(b)
+    for name in a:
+        assert torch.equal(a[name].indices, b[name].indices)
+        torch.testing.assert_close(a[name].values, b[name].values, rtol=1e-4, atol=1e-6)
+    assert float(sum(layer.values.abs().sum() for layer in a.values())) > 0
