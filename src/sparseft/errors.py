@@ -60,3 +60,7 @@ class ModelNotFoundError(SparseFTError, FileNotFoundError):
 
 class ResultsFormatError(SparseFTError, ValueError):
     """A benchmark results.json is missing, not JSON, or lacks fields a report needs."""
+
+
+class MaskFileError(SparseFTError, ValueError):
+    """A mask file (written by ``sparseft select`` / ``save_masks``) is missing, unreadable or inconsistent."""

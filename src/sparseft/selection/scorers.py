@@ -1,17 +1,26 @@
-"""Scorer registry: each scorer rates every entry of a weight; higher means "train this one".
+"""Scorer registry: each scorer rates every entry of one weight; higher means "train this one".
 
-A new scorer is one function plus one ``register_scorer`` line.
+A new scorer is one function plus one ``register_scorer`` line. Scorers see one module at a time
+(``ScoreContext``), so scoring never needs more than one module's scores in memory.
+
+Data-driven scorers read gradient statistics gathered by ``gradstats.accumulate_gradients`` over
+B calibration batches, where g_b is the gradient of batch b's mean task loss with respect to W:
+``grad_sum`` = Σ_b g_b and ``grad_sq_sum`` = Σ_b g_b² (elementwise, fp32, CPU).
 """
 
 from __future__ import annotations
 
+import math
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from ..errors import ConfigError
+
+GRAD_SUM = "grad_sum"
+GRAD_SQ_SUM = "grad_sq_sum"
 
 
 @dataclass(frozen=True)
@@ -24,21 +33,26 @@ class ScoreContext:
     grad_sum: torch.Tensor | None = None  # Σ g over calibration batches (fp32, CPU)
     grad_sq_sum: torch.Tensor | None = None  # Σ g² over calibration batches (fp32, CPU)
     num_batches: int = 0
+    scorer_weights: dict[str, float] = field(default_factory=dict)  # parts of the combined score
 
 
 @dataclass(frozen=True)
 class Scorer:
     name: str
     fn: Callable[[ScoreContext], torch.Tensor]
-    needs_data: bool
+    stats: tuple[str, ...]  # gradient statistics it reads; empty for data-free scorers
+
+    @property
+    def needs_data(self) -> bool:
+        return bool(self.stats)
 
 
 SCORERS: dict[str, Scorer] = {}
 
 
-def register_scorer(name: str, needs_data: bool) -> Callable:
+def register_scorer(name: str, stats: tuple[str, ...] = ()) -> Callable:
     def wrap(fn: Callable[[ScoreContext], torch.Tensor]) -> Callable:
-        SCORERS[name] = Scorer(name, fn, needs_data)
+        SCORERS[name] = Scorer(name, fn, tuple(stats))
         return fn
 
     return wrap
@@ -50,19 +64,105 @@ def get_scorer(name: str) -> Scorer:
     return SCORERS[name]
 
 
+def combined_parts(scorer_weights: dict[str, float]) -> dict[str, float]:
+    """The validated, positive-weight parts of the combined score."""
+    if not isinstance(scorer_weights, dict) or not scorer_weights:
+        raise ConfigError(f"scorer_weights must map scorer names to weights, got {scorer_weights!r}")
+    for name, w in scorer_weights.items():
+        if name == "combined" or name not in SCORERS:
+            parts = sorted(n for n in SCORERS if n != "combined")
+            raise ConfigError(f"scorer_weights: {name!r} is not a scorer that can be combined; choose from {parts}")
+        if not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise ConfigError(f"scorer_weights[{name!r}] must be a finite number >= 0, got {w!r}")
+    parts = {name: float(w) for name, w in scorer_weights.items() if w > 0}
+    if not parts:
+        raise ConfigError(f"scorer_weights needs at least one weight > 0, got {scorer_weights!r}")
+    return parts
+
+
+def required_stats(scorer: str, scorer_weights: dict[str, float]) -> tuple[str, ...]:
+    """Gradient statistics a scorer needs (for ``combined``: those of its weighted parts only)."""
+    if scorer != "combined":
+        return get_scorer(scorer).stats
+    needed = {s for part in combined_parts(scorer_weights) for s in get_scorer(part).stats}
+    return tuple(s for s in (GRAD_SUM, GRAD_SQ_SUM) if s in needed)
+
+
 def module_seed(seed: int, name: str) -> int:
     """A per-module seed, so a module's random choice does not depend on which other modules exist."""
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63)
 
 
-@register_scorer("random", needs_data=False)
+def require(ctx: ScoreContext, stat: str) -> torch.Tensor:
+    value = getattr(ctx, stat)
+    if value is None or ctx.num_batches < 1:
+        raise ConfigError(f"{ctx.name}: this scorer needs {stat} from calibration batches; pass a dataloader to select")
+    return value
+
+
+@register_scorer("random")
 def random_scores(ctx: ScoreContext) -> torch.Tensor:
     """Uniform random scores: top-k of them is a seeded uniform random subset (the baseline)."""
     gen = torch.Generator().manual_seed(module_seed(ctx.seed, ctx.name))
     return torch.rand(ctx.weight.shape, generator=gen)
 
 
-@register_scorer("magnitude", needs_data=False)
+@register_scorer("magnitude")
 def magnitude_scores(ctx: ScoreContext) -> torch.Tensor:
     """|W|: data-free; trains the entries that already carry the most weight."""
     return ctx.weight.detach().abs().float().cpu()
+
+
+@register_scorer("gradient", stats=(GRAD_SUM,))
+def gradient_scores(ctx: ScoreContext) -> torch.Tensor:
+    """|ḡ| = |Σ_b g_b| / B: entries the task consistently pushes in one direction."""
+    return require(ctx, GRAD_SUM).abs() / ctx.num_batches
+
+
+@register_scorer("fisher", stats=(GRAD_SQ_SUM,))
+def fisher_scores(ctx: ScoreContext) -> torch.Tensor:
+    """Empirical Fisher diagonal Σ_b g_b² / B: how much information the data carries about each entry.
+
+    g_b is the gradient of a batch's mean loss, so with batch size 1 this is the per-example empirical
+    Fisher of FISH Mask (Sung et al. 2021); larger batches average out per-example noise first.
+    """
+    return require(ctx, GRAD_SQ_SUM) / ctx.num_batches
+
+
+@register_scorer("taylor", stats=(GRAD_SUM,))
+def taylor_scores(ctx: ScoreContext) -> torch.Tensor:
+    """|W ⊙ ḡ|: first-order change of the loss if the entry were removed (Molchanov et al. 2019)."""
+    grad_mean = require(ctx, GRAD_SUM) / ctx.num_batches
+    return (ctx.weight.detach().float().cpu() * grad_mean).abs()
+
+
+def quantile_normalise(scores: torch.Tensor) -> torch.Tensor:
+    """q(s) = #{entries of the module with score <= s} / n, in (0, 1]; equal scores get equal q.
+
+    Rank-based, so it is robust to the heavy tails of g² and puts parts with different units on one scale.
+    """
+    flat = scores.reshape(-1).float()
+    ordered, order = torch.sort(flat)
+    # Queries in sorted order keep the binary searches cache-friendly; int32 counts halve the memory.
+    counts = torch.searchsorted(ordered, ordered, right=True, out_int32=flat.numel() < 2**31)
+    del ordered
+    quantiles = torch.empty(flat.numel(), dtype=torch.float32)
+    quantiles[order] = counts.to(torch.float32) / flat.numel()
+    return quantiles.view(scores.shape)
+
+
+@register_scorer("combined", stats=(GRAD_SUM, GRAD_SQ_SUM))
+def combined_scores(ctx: ScoreContext) -> torch.Tensor:
+    """Σ_i w_i · q_i / Σ_i w_i, with q_i the per-module quantile of part i (``quantile_normalise``).
+
+    Parts and weights come from ``SparseConfig.scorer_weights``; the default {"gradient": 0.5,
+    "fisher": 0.5} averages the quantile of the gradient contribution |ḡ| and the quantile of the
+    information (empirical Fisher Σg²/B). An entry scores high only if it ranks high in both: it
+    is both consistently pushed by the task and informative. Because the parts are normalised per
+    module, ``allocation="global"`` behaves close to ``proportional`` with this scorer.
+    """
+    parts = combined_parts(ctx.scorer_weights)
+    total = torch.zeros(ctx.weight.shape, dtype=torch.float32)
+    for name, w in parts.items():
+        total.add_(quantile_normalise(get_scorer(name).fn(ctx)), alpha=w)
+    return total.div_(sum(parts.values()))
