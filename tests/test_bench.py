@@ -208,6 +208,15 @@ def test_report_figures_are_computed_from_the_rows_they_cite(tmp_path):
     assert "<strong>Quality.</strong>" in render_html(build_report(results, path, tmp_path / "report.md"))
 
 
+def test_report_names_rows_the_grid_never_reached(tmp_path):
+    results = synthetic_results()
+    results["config"]["runs"] = [{"id": r["id"]} for r in results["rows"][1:]] + [{"id": "sp-late"}]
+    results["finished_at"] = None
+    path = write_results(results, tmp_path / "results.json")
+    text = render_markdown(build_report(results, path, tmp_path / "report.md"))
+    assert "no result (the grid stopped before them): `sp-late`." in text
+
+
 def test_pick_rows_ignores_failed_rows():
     picked = pick_rows(synthetic_results())
     assert picked.best_sparse()["id"] == "sp-fisher"

@@ -202,7 +202,7 @@ def side_by_side_blocks(p: Picked, results: dict[str, Any]) -> list[Block]:
             points(p.value(r)),
             delta_points(p.value(r), p.value(p.base)) if p.base and trains else "–",
             delta_points(p.value(r), p.value(p.full)) if p.full and trains else "–",
-            f"{r['train_wall_s']:.0f} s" if trains else "–",
+            seconds(r["train_wall_s"]) if trains else "–",
             f"{r['median_step_s']:.2f} s" if trains else "–",
             f"{r['tokens_per_s']:.0f}" if trains else "–",
             fmt_bytes(r["peak_memory_bytes"]) if trains else "–",
@@ -217,11 +217,22 @@ def side_by_side_blocks(p: Picked, results: dict[str, Any]) -> list[Block]:
         Block("p", "Training wall time covers the whole run (model load, entry selection for data scorers, "
                    "training loop, saving); peak memory is that of the row's own process."),
     ]
+    missing = rows_not_run(results)
+    if missing:
+        blocks.append(Block("p", "Rows in the config that have no result (the grid stopped before them): "
+                                 + ", ".join(f"`{r}`" for r in missing) + "."))
     if p.failed:
         blocks.append(Block("p", "Rows that did not finish: " + "; ".join(
             f"`{r['id']}` ({(r.get('error') or '').strip().splitlines()[-1][:160] if r.get('error') else 'no error text'})"
             for r in p.failed)))
     return blocks
+
+
+def rows_not_run(results: dict[str, Any]) -> list[str]:
+    cfg = results.get("config", {})
+    planned = (["base"] if cfg.get("eval_base", True) else []) + [r.get("id") for r in cfg.get("runs", [])]
+    done = {r.get("id") for r in results["rows"]}
+    return [r for r in planned if r not in done]
 
 
 def projection_blocks(p: Picked, results: dict[str, Any]) -> list[Block]:
@@ -249,6 +260,10 @@ def projection_blocks(p: Picked, results: dict[str, Any]) -> list[Block]:
 
 def hours(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+
+
+def seconds(value: float) -> str:
+    return f"{value:.0f} s" if value >= 10 else f"{value:.1f} s"
 
 
 def plot_blocks(results_path: Path, results: dict[str, Any], out_path: Path) -> list[Block]:
