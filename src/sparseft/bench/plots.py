@@ -10,6 +10,7 @@ Every point is a row of results.json (labelled by its id), so a picture can be t
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +42,17 @@ def plot_metric_vs_params(results: dict[str, Any], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method, style in METHOD_STYLE.items():
         rows = [r for r in training_rows(results) if r["method"] == method]
-        if not rows:
-            continue
-        ax.scatter([r["trainable_params"] for r in rows], [r["metrics"][metric] for r in rows], s=60, label=method, **style)
-        for r in rows:
-            ax.annotate(r["id"], (r["trainable_params"], r["metrics"][metric]), textcoords="offset points",
-                        xytext=(5, 4), fontsize=8)
+        if rows:
+            ax.scatter([r["trainable_params"] for r in rows], [r["metrics"][metric] for r in rows], s=60,
+                       label=method, **style)
+    # Rows at (nearly) the same budget sit on top of each other: stack their labels instead.
+    stacked: dict[int, int] = {}
+    for r in training_rows(results):
+        column = round(10 * math.log10(max(r["trainable_params"], 1)))
+        level = stacked.get(column, 0)
+        stacked[column] = level + 1
+        ax.annotate(f"{r['id']} ({r['metrics'][metric]:.3f})", (r["trainable_params"], r["metrics"][metric]),
+                    textcoords="offset points", xytext=(7, -4 + 11 * level), fontsize=8)
     base = next((r for r in ok_rows(results) if r["method"] == "base"), None)
     if base:
         ax.axhline(base["metrics"][metric], color="gray", linestyle="--", linewidth=1, label=f"base ({base['id']})")
