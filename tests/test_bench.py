@@ -214,7 +214,7 @@ def test_report_names_rows_the_grid_never_reached(tmp_path):
     results["finished_at"] = None
     path = write_results(results, tmp_path / "results.json")
     text = render_markdown(build_report(results, path, tmp_path / "report.md"))
-    assert "no result (the grid stopped before them): `sp-late`." in text
+    assert "no result (the grid was stopped, or is still running): `sp-late`." in text
 
 
 def test_pick_rows_ignores_failed_rows():

@@ -136,6 +136,13 @@ def bottom_line_blocks(p: Picked) -> list[Block]:
             f"{gain_kept(p, best)} of full FT's gain over the base ({points(p.value(p.base)) if p.base else '–'}) "
             f"{cite(best['id'], p.full['id'], *([p.base['id']] if p.base else []))}."
         )
+    elif best and p.base:
+        items.append(
+            f"**Quality.** The best sparse row, {row_label(best)} with {fmt_count(best['trainable_params'])} trained "
+            f"entries ({best['trainable_pct']:.2f}% of the model), scores {points(p.value(best))} {p.metric} vs "
+            f"{points(p.value(p.base))} for the base ({delta_points(p.value(best), p.value(p.base))}); no full "
+            f"fine-tuning row to compare with {cite(best['id'], p.base['id'])}."
+        )
     if best:
         lora = p.lora_match(best)
         if lora:
@@ -219,7 +226,7 @@ def side_by_side_blocks(p: Picked, results: dict[str, Any]) -> list[Block]:
     ]
     missing = rows_not_run(results)
     if missing:
-        blocks.append(Block("p", "Rows in the config that have no result (the grid stopped before them): "
+        blocks.append(Block("p", "Rows in the config that have no result (the grid was stopped, or is still running): "
                                  + ", ".join(f"`{r}`" for r in missing) + "."))
     if p.failed:
         blocks.append(Block("p", "Rows that did not finish: " + "; ".join(
