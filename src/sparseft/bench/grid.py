@@ -204,7 +204,7 @@ def run_row(cfg: BenchConfig, spec: RunSpec | None, model: str, train_file: Path
     (row_dir / "spec.json").write_text(json.dumps(job, indent=2))
     result_path = Path(job["result_path"])
     result_path.unlink(missing_ok=True)
-    started = time.perf_counter()
+    started, load_before = time.perf_counter(), load_average()
     print(f"[bench] {now()} row {row_id}: starting", flush=True)
     error = None
     with open(row_dir / "log.txt", "w") as log:
@@ -219,8 +219,17 @@ def run_row(cfg: BenchConfig, spec: RunSpec | None, model: str, train_file: Path
             error = f"row timed out after {cfg.row_timeout_s:.0f} s (row_timeout_s)"
     row = json.loads(result_path.read_text()) if result_path.is_file() and error is None else failed_row(job, error)
     row["row_wall_s"] = round(time.perf_counter() - started, 3)
+    # Times on a shared machine depend on what else ran: keep the 1-minute load average around the row.
+    row["load_average"] = {"start": load_before, "end": load_average()}
     print(f"[bench] {now()} row {row_id}: {row['status']} in {row['row_wall_s']:.0f} s", flush=True)
     return row
+
+
+def load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:  # not available on this platform
+        return None
 
 
 def worker_env() -> dict[str, str]:

@@ -148,7 +148,7 @@ def results_table(results: dict[str, Any]) -> str:
     metric = results.get("task", {}).get("primary_metric", "metric")
     header = (
         f"| row | method | trainable | % of model | {metric} | other metrics | train s | median step s | "
-        "tokens/s | peak mem | optimizer state | artifact | status |"
+        "tokens/s | peak mem | optimizer state | artifact | load avg | status |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for row in results["rows"]:
@@ -162,9 +162,16 @@ def results_table(results: dict[str, Any]) -> str:
             f"{fmt_num(row.get('trainable_pct'), 3)} | {fmt_num(metrics.get(primary), 4)} | {others or '–'} | "
             f"{fmt_num(row.get('train_wall_s'), 1)} | {fmt_num(row.get('median_step_s'), 3)} | "
             f"{fmt_num(row.get('tokens_per_s'), 0)} | {fmt_bytes(row.get('peak_memory_bytes'))} | "
-            f"{fmt_bytes(row.get('optimizer_state_bytes'))} | {artifact} | {status} |"
+            f"{fmt_bytes(row.get('optimizer_state_bytes'))} | {artifact} | {fmt_load(row.get('load_average'))} | {status} |"
         )
     return "\n".join(lines)
+
+
+def fmt_load(load: dict[str, float | None] | None) -> str:
+    """The machine's 1-minute load average when the row started → ended (how shared the cores were)."""
+    if not load or load.get("start") is None:
+        return "–"
+    return f"{load['start']:.1f}→{load['end']:.1f}"
 
 
 def first_line(text: str | None, limit: int = 120) -> str:
@@ -194,7 +201,9 @@ def results_markdown(results: dict[str, Any]) -> str:
             results_table(results),
             "",
             "Peak memory is the peak resident set size of the row's own process (CPU) or "
-            "`torch.cuda.max_memory_allocated` (GPU); every row runs in a fresh process.",
+            "`torch.cuda.max_memory_allocated` (GPU); every row runs in a fresh process. Load avg is the "
+            "machine's 1-minute load average when the row started → ended: times of rows run under "
+            "different load are not comparable.",
             "",
         ]
     )
