@@ -72,14 +72,16 @@ def test_tiny_grid_fills_every_field_and_writes_plots_and_report(tmp_path):
 def test_a_failing_row_is_recorded_and_the_grid_goes_on(tmp_path):
     raw = yaml.safe_load(TINY.read_text())
     raw["eval_base"] = False
+    raw["row_timeout_s"] = 900
     raw["runs"] = [
-        {"id": "broken", "method": "sparse", "scorer": "no-such-scorer", "lr": 1e-2},
+        # Valid as config, fails in the worker: the budget is larger than the tiny model's targeted weights.
+        {"id": "broken", "method": "sparse", "scorer": "random", "num_params": 10**9, "lr": 1e-2},
         {"id": "sparse-random", "method": "sparse", "scorer": "random", "lr": 1e-2},
     ]
     cfg = parse_bench_config(raw, where="test", base_dir=TINY.parent)
     results = run_grid(cfg, tmp_path, plots=False)
     broken, fine = results["rows"]
-    assert broken["status"] == "failed" and "no-such-scorer" in broken["error"]
+    assert broken["status"] == "failed" and "does not fit" in broken["error"]
     assert fine["status"] == "ok" and fine["metrics"]
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert [r["status"] for r in on_disk["rows"]] == ["failed", "ok"]
@@ -101,6 +103,7 @@ def tiny_raw(**changes):
         ({"stepz": 3}, "unknown field(s) ['stepz']"),
         ({"steps": 0}, "steps must be a positive integer"),
         ({"runs": [{"id": "a", "method": "sparse", "lr": 1e-3}]}, "needs a scorer"),
+        ({"runs": [{"id": "a", "method": "sparse", "scorer": "psychic", "lr": 1e-3}]}, "unknown scorer 'psychic'"),
         ({"runs": [{"id": "a", "method": "lora", "lr": 1e-3}]}, "needs lora_rank"),
         ({"runs": [{"id": "a", "method": "lora", "lora_rank": "big", "lr": 1e-3}]}, "positive integer or 'match'"),
         ({"runs": [{"id": "a", "method": "full", "lr": 1e-3, "scorer": "random"}]}, "sparse rows only"),

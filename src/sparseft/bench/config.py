@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
+from ..selection import SCORERS
 
 METHODS = ("full", "lora", "sparse")
 BASE_ROW_ID = "base"
@@ -168,6 +169,8 @@ def check_run(run: RunSpec, at: str) -> None:
     if run.method == "sparse":
         if not run.scorer:
             raise ConfigError(f"{at} ({run.id}): a sparse row needs a scorer (e.g. random, fisher, combined)")
+        if run.scorer not in SCORERS:
+            raise ConfigError(f"{at} ({run.id}): unknown scorer {run.scorer!r}; available: {sorted(SCORERS)}")
         if run.density is not None and not 0 < float(run.density) <= 1:
             raise ConfigError(f"{at} ({run.id}): density must be in (0, 1], got {run.density!r}")
         if run.num_params is not None and int(run.num_params) <= 0:
