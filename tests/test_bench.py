@@ -205,6 +205,7 @@ def test_report_figures_are_computed_from_the_rows_they_cite(tmp_path):
     assert fisher_line.count("**not met**") == 1 and "-3.0 points" in fisher_line
     random_line = next(line for line in text.splitlines() if line.startswith("| `sp-random` vs"))
     assert "**not met** (80.0 vs 84.0)" in random_line and "**not met** (4.6 GB vs 4.5 GB)" in random_line
+    assert "met (20,000 B vs 25,000 B)" in random_line
     # Storage for 1,000 tenants: base 4 MB + 1000 × 20 KB = 24 MB; full copies 1000 × 4 MB = 4 GB.
     assert "| 1,000 | 24.0 MB | 29.0 MB | 4.0 GB |" in text
     assert "`sp-bad` (ValueError: boom)" in text
