@@ -221,6 +221,18 @@ def test_report_names_rows_the_grid_never_reached(tmp_path):
     assert "no result (the grid was stopped, or is still running): `sp-late`." in text
 
 
+def test_report_warns_when_rows_ran_under_different_load(tmp_path):
+    results = synthetic_results()
+    for row, load in zip(results["rows"][1:5], (1.0, 1.2, 6.0, 1.1)):
+        row["load_average"] = {"start": load, "end": load}
+    path = write_results(results, tmp_path / "results.json")
+    text = render_markdown(build_report(results, path, tmp_path / "report.md"))
+    assert "**Caution:** the machine's load average differed between rows" in text and "`sp-fisher` 6.0" in text
+    for row in results["rows"][1:5]:
+        row["load_average"] = {"start": 2.0, "end": 2.0}
+    assert "Caution" not in render_markdown(build_report(results, path, tmp_path / "report.md"))
+
+
 def test_pick_rows_ignores_failed_rows():
     picked = pick_rows(synthetic_results())
     assert picked.best_sparse()["id"] == "sp-fisher"

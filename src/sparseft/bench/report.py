@@ -218,6 +218,7 @@ def side_by_side_blocks(p: Picked, results: dict[str, Any]) -> list[Block]:
         ])
     blocks = [
         Block("h2", "Side by side"),
+        *load_warning(results),
         Block("table", header=["row", "method", "trainable (% of model)", p.metric, "vs base", "vs full FT",
                                "training wall", "median step", "tokens/s", "peak memory", "optimizer state",
                                "artifact on disk"], rows=rows),
@@ -233,6 +234,17 @@ def side_by_side_blocks(p: Picked, results: dict[str, Any]) -> list[Block]:
             f"`{r['id']}` ({(r.get('error') or '').strip().splitlines()[-1][:160] if r.get('error') else 'no error text'})"
             for r in p.failed)))
     return blocks
+
+
+def load_warning(results: dict[str, Any]) -> list[Block]:
+    """A warning when rows ran under clearly different machine load: their times are then not comparable."""
+    loads = {r["id"]: r["load_average"]["start"] for r in ok_rows(results)
+             if r["method"] != "base" and (r.get("load_average") or {}).get("start") is not None}
+    if len(loads) < 2 or max(loads.values()) <= 1.5 * max(min(loads.values()), 1.0):
+        return []
+    listed = ", ".join(f"`{k}` {v:.1f}" for k, v in loads.items())
+    return [Block("p", f"**Caution:** the machine's load average differed between rows ({listed}); training "
+                       "times and tokens/s are not comparable across them. Memory, bytes and metrics are.")]
 
 
 def rows_not_run(results: dict[str, Any]) -> list[str]:
