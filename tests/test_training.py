@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 from conftest import make_tiny_llama, make_tiny_tokenizer
 from sparseft import SparseModel
 from sparseft.cli import main
+from sparseft.errors import ConfigError
 from sparseft.training import TrainConfig, run_training
 from sparseft.training import loop as loop_module
 from sparseft.training.data import collate, load_examples
@@ -123,6 +124,11 @@ def test_resume_after_a_crash_gives_the_uninterrupted_diff(train_file, tmp_path,
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]  # the crashed run's step 3 was dropped and redone
 
+    # A checkpoint is only resumed under the settings it was made with.
+    changed = {**settings, "batch_size": 4}
+    with pytest.raises(ConfigError, match=r"cannot resume.*batch_size: 2 -> 4"):
+        train_in_process(quick_config(train_file, out, resume=str(out / "checkpoints" / "step-000004"), **changed))
+
 
 def test_gradient_accumulation_matches_the_bigger_batch(train_file, tmp_path):
     whole = train_in_process(quick_config(train_file, tmp_path / "whole", batch_size=4, grad_accum=1))
@@ -138,7 +144,7 @@ BAD_FILES = {
     "missing.jsonl": ('{"prompt": "a", "completion": "b"}\n{"prompt": "a"}\n', "missing.jsonl:line 2: missing field 'completion'"),
     "empty.jsonl": ('{"prompt": "a", "completion": ""}\n', "empty.jsonl:line 1: field 'completion' is empty"),
     "broken.jsonl": ('{"prompt": "a", "completion": "b"\n', "broken.jsonl:line 1: invalid JSON"),
-    "long.jsonl": (json.dumps({"prompt": "x" * 100, "completion": " y"}) + "\n", "long.jsonl:line 1: example is 104 tokens"),
+    "long.jsonl": (json.dumps({"prompt": "x" * 100, "completion": " y"}) + "\n", "long.jsonl:line 1: example is 103 tokens"),
 }
 
 

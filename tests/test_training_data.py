@@ -44,8 +44,17 @@ def test_loss_only_on_completion_tokens(tiny_tokenizer, tmp_path):
     completion_ids = tiny_tokenizer(" 4", add_special_tokens=False)["input_ids"]
     trained = [label for label in example.labels if label != IGNORE_INDEX]
     assert trained == completion_ids + [tiny_tokenizer.eos_token_id]
-    assert example.input_ids[0] == tiny_tokenizer.bos_token_id
-    assert tiny_tokenizer.decode(example.input_ids[1:-1]) == "2+2= 4"
+    assert tiny_tokenizer.decode(example.input_ids[:-1]) == "2+2= 4"  # this tokenizer adds no BOS of its own
+
+
+def test_the_tokenizers_own_bos_is_kept(tiny_tokenizer, tmp_path):
+    from tokenizers.processors import TemplateProcessing
+
+    bos = tiny_tokenizer.bos_token_id
+    tiny_tokenizer.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    [example] = load_examples(write_jsonl(tmp_path / "d.jsonl", ROWS[:1]), tiny_tokenizer)
+    assert example.input_ids[0] == bos and example.input_ids[1:].count(bos) == 0
+    assert example.labels[0] == IGNORE_INDEX
 
 
 def test_messages_rows_train_on_assistant_turns_only(tiny_tokenizer, tmp_path):
@@ -92,7 +101,7 @@ def test_csv_errors_name_the_line(tmp_path):
 
 def test_too_long_rejected_unless_truncation(tiny_tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "x" * 40, "completion": " y"}])
-    with pytest.raises(DataFormatError, match=r"d.jsonl:line 1: example is 44 tokens, longer than max_length=16"):
+    with pytest.raises(DataFormatError, match=r"d.jsonl:line 1: example is 43 tokens, longer than max_length=16"):
         load_examples(path, tiny_tokenizer, max_length=16)
     path = write_jsonl(tmp_path / "e.jsonl", [{"prompt": "x", "completion": " " + "y" * 40}])
     [example] = load_examples(path, tiny_tokenizer, max_length=16, truncation=True)
@@ -114,10 +123,11 @@ def test_unknown_format_and_missing_file(tmp_path):
 def test_collate_pads_right_with_mask_and_ignored_labels(tiny_tokenizer):
     examples = encode_rows([{"prompt": "a", "completion": " b"}, {"prompt": "abcdef", "completion": " g"}], tiny_tokenizer)
     batch = collate(examples, pad_id=tiny_tokenizer.pad_token_id)
-    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (2, 10)
-    assert batch["attention_mask"][0].tolist() == [1] * 5 + [0] * 5
-    assert (batch["input_ids"][0, 5:] == tiny_tokenizer.pad_token_id).all()
-    assert (batch["labels"][0, 5:] == IGNORE_INDEX).all()
+    # "a" + " b" + EOS = 4 tokens; "abcdef" + " g" + EOS = 9 tokens
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (2, 9)
+    assert batch["attention_mask"][0].tolist() == [1] * 4 + [0] * 5
+    assert (batch["input_ids"][0, 4:] == tiny_tokenizer.pad_token_id).all()
+    assert (batch["labels"][0, 4:] == IGNORE_INDEX).all()
 
 
 def test_global_batch_is_the_same_however_it_is_split(tiny_tokenizer):

@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,6 +35,7 @@ class Checkpoint:
     optimizer_state: dict
     rng: dict[str, torch.Tensor]
     masks: dict[str, torch.Tensor]
+    run_info: dict = field(default_factory=dict)
 
 
 def checkpoint_dir(out: str | os.PathLike, step: int) -> Path:
@@ -68,8 +69,10 @@ def save_checkpoint(
     named_params: list[tuple[str, torch.nn.Parameter]],
     optimizer: torch.optim.Optimizer,
     masks: dict[str, torch.Tensor] | None = None,
+    run_info: dict | None = None,
 ) -> Path:
-    """Write a checkpoint atomically (a temporary sibling renamed into place)."""
+    """Write a checkpoint atomically (a temporary sibling renamed into place). ``run_info`` records
+    what must not change on resume (see :func:`check_resumable`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
@@ -84,7 +87,8 @@ def save_checkpoint(
         tensors.update({k: v.contiguous() for k, v in rng_tensors().items()})
         tensors.update({f"mask.{n}": m.detach().cpu().contiguous() for n, m in (masks or {}).items()})
         save_file(tensors, str(tmp / "optimizer.safetensors"))
-        state = {"step": step, "param_names": [n for n, _ in named_params], "param_groups": opt["param_groups"]}
+        state = {"step": step, "param_names": [n for n, _ in named_params], "param_groups": opt["param_groups"],
+                 "run": run_info or {}}
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
         if path.exists():
             shutil.rmtree(path)
@@ -114,7 +118,17 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         optimizer_state=optimizer_state,
         rng={k: v for k, v in tensors.items() if k.startswith("rng.")},
         masks={k[len("mask.") :]: v for k, v in tensors.items() if k.startswith("mask.")},
+        run_info=state.get("run", {}),
     )
+
+
+def check_resumable(ckpt: Checkpoint, run_info: dict, where: str) -> None:
+    """A resumed run continues exactly only with the same data, method, batch layout and optimiser
+    settings: refuse a checkpoint made under different ones, naming them."""
+    changed = sorted(k for k in set(ckpt.run_info) | set(run_info) if ckpt.run_info.get(k) != run_info.get(k))
+    if changed:
+        detail = ", ".join(f"{k}: {ckpt.run_info.get(k)!r} -> {run_info.get(k)!r}" for k in changed)
+        raise ConfigError(f"{where}: cannot resume, the run differs from the checkpoint's ({detail})")
 
 
 def restore_checkpoint(

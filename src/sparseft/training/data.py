@@ -235,23 +235,29 @@ def row_segments(data: dict[str, Any], tokenizer, where: str) -> list[tuple[str,
     return [(data["prompt"], False), (data["completion"], True)]
 
 
+def special_prefix(tokenizer) -> list[int]:
+    """The ids the tokenizer itself puts before a text (BOS for Llama-style tokenizers, nothing for
+    SmolLM2's), so fine-tuning sees sequences shaped like the ones the model was trained on."""
+    ids = list(tokenizer("", add_special_tokens=True)["input_ids"])
+    if ids and ids[-1] == tokenizer.eos_token_id:
+        ids = ids[:-1]
+    return ids
+
+
 def encode_row(row: Row, tokenizer, max_length: int | None, truncation: bool) -> Example:
     """Tokenise each piece on its own (so the completion boundary is exact) and concatenate.
 
-    prompt/completion rows get BOS before and EOS after (EOS is a completion token, so the model
-    learns to stop); chat rows rely on the template's own markers.
+    prompt/completion rows start with the tokenizer's own special prefix (e.g. BOS) and end with EOS,
+    which is a completion token so the model learns to stop; chat rows rely on the template's markers.
     """
-    input_ids: list[int] = []
-    labels: list[int] = []
     is_chat = "messages" in row.data
-    if not is_chat and tokenizer.bos_token_id is not None:
-        input_ids.append(tokenizer.bos_token_id)
-        labels.append(IGNORE_INDEX)
+    input_ids: list[int] = [] if is_chat else special_prefix(tokenizer)
+    labels: list[int] = [IGNORE_INDEX] * len(input_ids)
     for text, is_completion in row_segments(row.data, tokenizer, row.where):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
         input_ids += ids
         labels += ids if is_completion else [IGNORE_INDEX] * len(ids)
-    if not is_chat and tokenizer.eos_token_id is not None:
+    if not is_chat and tokenizer.eos_token_id is not None and input_ids[-1:] != [tokenizer.eos_token_id]:
         input_ids.append(tokenizer.eos_token_id)
         labels.append(tokenizer.eos_token_id)
     if max_length is not None and len(input_ids) > max_length:

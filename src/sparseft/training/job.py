@@ -26,7 +26,14 @@ from ..models import load_model, load_tokenizer
 from ..selection import select
 from ..selection.scorers import get_scorer
 from .baselines import lora_rank_matching, prepare_full, prepare_lora, save_full, save_lora, sparse_budget
-from .checkpoint import CHECKPOINTS_DIR, Checkpoint, latest_checkpoint, load_checkpoint, restore_checkpoint
+from .checkpoint import (
+    CHECKPOINTS_DIR,
+    Checkpoint,
+    check_resumable,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_checkpoint,
+)
 from .config import TrainConfig
 from .data import Example, calibration_batches, file_sha256, load_examples, pad_id_of
 from .loop import METRICS_NAME, Distributed, LoopStats, make_optimizer, setup_distributed, train_loop, trainable_parameters
@@ -76,7 +83,8 @@ def run_training(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=Non
         if tokenizer is None:
             tokenizer = load_training_tokenizer(cfg.model)
         examples = load_examples(cfg.data, tokenizer, cfg.max_length, cfg.truncation)
-        ckpt = resume_checkpoint(cfg, out)
+        info = run_info(cfg, dist.world_size)
+        ckpt = resume_checkpoint(cfg, out, info)
         total_steps = steps_for(cfg, len(examples), dist.world_size)
         torch.manual_seed(cfg.seed)
         model.to(dist.device)  # before selection, so data scorers run on the accelerator
@@ -90,7 +98,7 @@ def run_training(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=Non
             prepare_out_dir(out, cfg, resuming=ckpt is not None)
         trained = wrap_ddp(model, dist)
         stats = train_loop(trained, optimizer, named_params, examples, cfg, pad_id_of(tokenizer), total_steps, dist,
-                           start_step=ckpt.step if ckpt else 0, out=out, masks=masks)
+                           start_step=ckpt.step if ckpt else 0, out=out, masks=masks, run_info=info)
         if dist.is_main:
             publish(out, lambda path: save_artifact(cfg, model, tokenizer, path, total_steps))
         if dist.enabled:
@@ -121,14 +129,27 @@ def steps_for(cfg: TrainConfig, num_examples: int, world_size: int) -> int:
     return max(1, math.ceil(cfg.epochs * num_examples / per_step))
 
 
-def resume_checkpoint(cfg: TrainConfig, out: Path) -> Checkpoint | None:
+# What a checkpoint may only be resumed under (steps may grow: the schedule then follows the new total).
+RESUME_FIELDS = ("method", "seed", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "warmup_ratio",
+                 "min_lr_ratio", "max_grad_norm", "max_length", "truncation", "target_modules", "density", "num_params",
+                 "scorer", "allocation", "masks", "lora_rank", "lora_alpha", "lora_match_sparse", "precision")
+
+
+def run_info(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
+    values = cfg.to_dict()
+    return {**{k: values[k] for k in RESUME_FIELDS}, "world_size": world_size, "data_sha256": file_sha256(cfg.data)}
+
+
+def resume_checkpoint(cfg: TrainConfig, out: Path, info: dict[str, Any]) -> Checkpoint | None:
     if not cfg.resume:
         return None
     path = latest_checkpoint(out) if cfg.resume == "latest" else Path(cfg.resume)
     if path is None:
         raise ConfigError(f"--resume latest: no checkpoint under {out / CHECKPOINTS_DIR}")
     cfg.resume = str(path)
-    return load_checkpoint(path)
+    ckpt = load_checkpoint(path)
+    check_resumable(ckpt, info, str(path))
+    return ckpt
 
 
 def prepare_method(

@@ -234,6 +234,7 @@ def train_loop(
     start_step: int = 0,
     out: Path | None = None,
     masks: dict[str, torch.Tensor] | None = None,
+    run_info: dict | None = None,
 ) -> LoopStats:
     """Train from ``start_step`` to ``total_steps``; log to ``out/metrics.jsonl`` and checkpoint every
     ``cfg.save_every`` steps (rank 0 writes; every rank computes the same update)."""
@@ -271,7 +272,7 @@ def train_loop(
                 "epoch": done * cfg.batch_size * cfg.grad_accum * dist.world_size / len(examples),
             })
         if write and cfg.save_every and done % cfg.save_every == 0 and done < total_steps:
-            save_checkpoint(checkpoint_dir(out, done), done, named_params, optimizer, masks)
+            save_checkpoint(checkpoint_dir(out, done), done, named_params, optimizer, masks, run_info)
     bar.close()
     stats.wall_time_s = time.perf_counter() - started
     stats.peak_memory_bytes = peak_memory_bytes(dist.device)
