@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import importlib
 import gc
 import json
 import re
@@ -13,13 +14,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import BatchEncoding
 
 from conftest import make_tiny_llama
 from sparseft import SparseConfig, get_sparse_model, select
 from sparseft.errors import ConfigError, DataFormatError, InvalidIndicesError, MaskFileError
-from sparseft.selection import allocate, budget_report, load_masks, module_budgets, save_masks
+from sparseft.selection import allocate, budget_report, load_masks, module_budgets, read_mask_file, save_masks
 from sparseft.selection.budget import top_k_indices
-from sparseft.selection.calibration import load_calibration_batches
 from sparseft.selection.scorers import quantile_normalise
 from sparseft.selection.select import model_bytes, plan_passes
 from sparseft.targets import find_targets
@@ -158,7 +159,8 @@ def test_selection_leaves_model_as_it_was():
     q = model.model.layers[0].self_attn.q_proj.weight
     q.grad = torch.ones_like(q)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    select(model, SparseConfig(density=0.02, scorer="combined"), llama_batches())
+    batches = [BatchEncoding(b) for b in llama_batches()]  # what a tokenizer returns is a mapping too
+    select(model, SparseConfig(density=0.02, scorer="combined"), batches)
     assert model.training
     assert not model.model.embed_tokens.weight.requires_grad
     assert model.lm_head.weight.requires_grad and q.requires_grad
@@ -167,13 +169,19 @@ def test_selection_leaves_model_as_it_was():
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
-def test_more_passes_under_a_small_memory_cap_give_the_same_masks():
+def test_more_passes_under_a_small_memory_cap_give_the_same_masks(monkeypatch):
+    select_module = importlib.import_module("sparseft.selection.select")  # the package exports the function
+
     model, batches = make_tiny_llama(), llama_batches()
     cfg = SparseConfig(density=0.03, scorer="combined", allocation="global", calibration_batches=3)
-    one_pass = select(model, cfg, batches, max_state_bytes=10**9)
+    one_pass = select(model, cfg, batches)
     sizes = {n: t.weight.numel() for n, t in find_targets(model, cfg.target_modules).items()}
-    assert len(plan_passes(sizes, 8, 10**9)) == 1 and len(plan_passes(sizes, 8, 20_000)) > 5
-    many_passes = select(model, cfg, batches, max_state_bytes=60_000)
+    assert len(plan_passes(sizes, 8, 10**9)) == 1 and len(plan_passes(sizes, 8, 40_000)) == 5
+    passes = []
+    monkeypatch.setattr(select_module, "accumulator_budget", lambda *args: 40_000)  # below the 1 MiB floor
+    monkeypatch.setattr(select_module, "plan_passes", lambda *a: passes.append(plan_passes(*a)) or passes[-1])
+    many_passes = select(model, cfg, batches)
+    assert len(passes[0]) == 5
     assert all(torch.equal(one_pass[n], many_passes[n]) for n in one_pass)
 
 
@@ -260,7 +268,8 @@ def test_mask_file_round_trips_and_trains(tmp_path):
     masks = select(model, cfg)
     shapes = {n: tuple(t.weight.shape) for n, t in find_targets(model, cfg.target_modules).items()}
     path = save_masks(tmp_path / "m.safetensors", masks, shapes, cfg, base_model="tiny")
-    loaded = load_masks(path)
+    assert all(torch.equal(m, masks[n]) for n, m in load_masks(path).items())
+    loaded = read_mask_file(path)
     assert loaded.config == cfg and loaded.base_model == "tiny" and loaded.shapes == shapes
     assert all(torch.equal(loaded.masks[n], masks[n]) for n in masks)
     sparse = get_sparse_model(model, loaded.config, masks=loaded.masks)
@@ -334,42 +343,15 @@ def test_bad_mask_files_raise_clear_errors(tmp_path):
 # ------------------------------------------------------------------ calibration data and CLI
 
 
-def char_tokenizer_dir(path: Path) -> Path:
-    """A character-level tokenizer (ids < 128, fits the tiny model), built offline."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2, **{chr(c): c for c in range(32, 127)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-    fast.save_pretrained(path)
-    return path
-
-
 def write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return path
 
 
-def test_calibration_batches_label_only_the_completion(tmp_path):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(char_tokenizer_dir(tmp_path / "tok"))
-    rows = [{"prompt": "Q: 2+2? ", "completion": "4"}, {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}]
-    batches = load_calibration_batches(write_jsonl(tmp_path / "d.jsonl", rows * 3), tok, num_batches=2, batch_size=2, max_length=64)
-    assert len(batches) == 2
-    first = batches[0]
-    labelled = first["labels"][0][first["labels"][0] != -100].tolist()
-    assert labelled == [ord("4"), tok.eos_token_id]
-    assert first["labels"][1][first["labels"][1] != -100].tolist() == [ord("y"), ord("o"), tok.eos_token_id]
-    assert first["attention_mask"].sum().item() == len("Q: 2+2? 4") + 1 + len("user: hi\nassistant: yo") + 1
-
-
-def test_cli_select_writes_a_mask_file_train_can_load(tiny_model_dir, tmp_path, capsys):
+def test_cli_select_writes_a_mask_file_train_can_load(tiny_model_with_tokenizer_dir, tmp_path, capsys):
     from sparseft.cli import main
 
-    char_tokenizer_dir(tiny_model_dir)
+    tiny_model_dir = tiny_model_with_tokenizer_dir
     rows = [{"prompt": f"say {i}: ", "completion": f"{i} {i}"} for i in range(12)]
     data = write_jsonl(tmp_path / "train.jsonl", rows)
     out = tmp_path / "masks.safetensors"
@@ -378,22 +360,23 @@ def test_cli_select_writes_a_mask_file_train_can_load(tiny_model_dir, tmp_path, 
             "--target-modules", "q_proj,gate_proj", "--json"]
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out)
-    loaded = load_masks(out)
+    loaded = read_mask_file(out)
     assert report["calibration_batches"] == 2
     assert report["modules"]["total"]["k"] == loaded.num_entries == int(0.02 * 2 * (32 * 32 + 32 * 64) + 0.5)
     assert loaded.config.scorer == "combined" and loaded.config.target_modules == ["q_proj", "gate_proj"]
     assert main(["select", "--model", str(tiny_model_dir), "--out", str(tmp_path / "m2.safetensors"), "--num-params", "50", "--scorer", "magnitude"]) == 0
-    assert "total" in capsys.readouterr().out and load_masks(tmp_path / "m2.safetensors").num_entries == 50
+    assert "total" in capsys.readouterr().out
+    assert sum(m.numel() for m in load_masks(tmp_path / "m2.safetensors").values()) == 50
 
 
-def test_cli_select_reports_bad_rows_and_missing_data(tiny_model_dir, tmp_path, capsys):
+def test_cli_select_reports_bad_rows_and_missing_data(tiny_model_with_tokenizer_dir, tmp_path, capsys):
     from sparseft.cli import main
 
-    char_tokenizer_dir(tiny_model_dir)
+    tiny_model_dir = tiny_model_with_tokenizer_dir
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": "a"}])
     out = tmp_path / "m.safetensors"
     assert main(["select", "--model", str(tiny_model_dir), "--data", str(bad), "--out", str(out), "--batch-size", "1"]) == 2
-    assert "bad.jsonl:2" in capsys.readouterr().err and not out.exists()
+    assert "bad.jsonl:line 2: missing field 'completion'" in capsys.readouterr().err and not out.exists()
     assert main(["select", "--model", str(tiny_model_dir), "--out", str(out), "--scorer", "fisher"]) == 2
     assert "needs calibration data" in capsys.readouterr().err
 
@@ -450,3 +433,21 @@ def measure_peak_memory():
     print(f"model {budget / 2**20:.1f} MiB, selection peak +{peak / 2**20:.1f} MiB, naive +{naive / 2**20:.1f} MiB")
     assert peak <= 1.1 * budget, f"selection grew the peak RSS by {peak / budget:.2f}x the model size"
     assert naive >= 2 * budget  # the same measurement sees the careless way exceed the bound
+
+
+def test_train_takes_the_mask_file_from_select(tiny_model_with_tokenizer_dir, tmp_path, capsys):
+    from sparseft.cli import main
+    from sparseft.diffio import read_diff
+
+    model_dir = tiny_model_with_tokenizer_dir
+    data = write_jsonl(tmp_path / "train.jsonl", [{"prompt": f"add {i}: ", "completion": f"{i + 1}"} for i in range(8)])
+    masks_path = tmp_path / "masks.safetensors"
+    assert main(["select", "--model", str(model_dir), "--data", str(data), "--out", str(masks_path),
+                 "--scorer", "fisher", "--num-params", "300", "--calibration-batches", "2"]) == 0
+    assert main(["train", "--model", str(model_dir), "--data", str(data), "--out", str(tmp_path / "run"),
+                 "--masks", str(masks_path), "--steps", "2", "--batch-size", "4", "--no-progress"]) == 0
+    capsys.readouterr()
+    diff_dir = next(p.parent for p in (tmp_path / "run").rglob("sparse_config.json"))
+    trained = read_diff(diff_dir).masks
+    selected = load_masks(masks_path)
+    assert set(trained) == set(selected) and all(torch.equal(trained[n], selected[n]) for n in selected)

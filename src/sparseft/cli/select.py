@@ -14,7 +14,8 @@ def add_parser(sub):
         "mask file that `sparseft train --masks` takes. Prints where the budget landed per module.",
     )
     p.add_argument("--model", required=True, help="base model: alias (e.g. smollm2-135m), local directory or HF id")
-    p.add_argument("--data", help="JSONL of {prompt, completion} or {messages} rows (needed by data-driven scorers)")
+    p.add_argument("--data", help="training data (JSONL/CSV/parquet of {prompt, completion} or {messages} rows, "
+                   "as for `sparseft train`); needed by the data-driven scorers")
     p.add_argument("--out", required=True, metavar="MASKS.safetensors", help="where to write the mask file")
     p.add_argument("--density", type=float, default=0.01, help="share of targeted entries to train (default 0.01)")
     p.add_argument("--num-params", type=int, help="exact number of entries to train (instead of --density)")
@@ -24,7 +25,7 @@ def add_parser(sub):
     p.add_argument("--calibration-batches", type=int, default=8, help="batches for gradient statistics")
     p.add_argument("--batch-size", type=int, default=4, help="rows per calibration batch")
     p.add_argument("--max-length", type=int, default=256, help="tokens per row (longer rows are cut)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the random scorer and the order of calibration rows")
     p.add_argument("--dtype", default="float32", help="dtype to load the model in (default: float32)")
     p.add_argument("--json", action="store_true", help="print the per-module budget as JSON")
     return p
@@ -50,8 +51,8 @@ def run(args) -> int:
     from ..errors import ConfigError
     from ..models import load_model, load_tokenizer
     from ..selection import budget_report, format_budget_report, get_scorer, save_masks, select
-    from ..selection.calibration import load_calibration_batches
     from ..targets import find_targets
+    from ..training.data import calibration_batches, load_examples, pad_id_of
 
     cfg = make_config(args)
     batches = None
@@ -59,7 +60,9 @@ def run(args) -> int:
         if not args.data:
             raise ConfigError(f"scorer {cfg.scorer!r} needs calibration data; pass --data FILE")
         tokenizer = load_tokenizer(args.model)
-        batches = load_calibration_batches(args.data, tokenizer, cfg.calibration_batches, args.batch_size, args.max_length)
+        examples = load_examples(args.data, tokenizer, args.max_length, truncation=True)
+        # The same first batches `sparseft train` calibrates on with the same seed and batch size.
+        batches = calibration_batches(examples, args.batch_size, pad_id_of(tokenizer), cfg.seed, cfg.calibration_batches)
     model = load_model(args.model, dtype=args.dtype)
     masks = select(model, cfg, batches)
     targets = find_targets(model, cfg.target_modules)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Mapping
 from typing import Iterable, Iterator
 
 import torch
@@ -22,15 +23,15 @@ from .scorers import GRAD_SQ_SUM, GRAD_SUM
 STAT_BYTES = 4  # accumulators are fp32
 
 
-def take_batches(dataloader: Iterable, num_batches: int) -> list[dict]:
+def take_batches(dataloader: Iterable, num_batches: int) -> list[Mapping]:
     """The first ``num_batches`` batches, kept so every pass sees the same data in the same order."""
     batches = []
     for i, batch in enumerate(dataloader):
         if i >= num_batches:
             break
-        if not isinstance(batch, dict):
+        if not isinstance(batch, Mapping):  # dicts, and HF BatchEncoding
             raise DataFormatError(
-                f"calibration batch {i} is a {type(batch).__name__}; expected a dict of tensors "
+                f"calibration batch {i} is a {type(batch).__name__}; expected a mapping of tensors "
                 "(input_ids, attention_mask, labels)"
             )
         batches.append(batch)
@@ -61,7 +62,7 @@ def measuring(model: nn.Module, weights: list[nn.Parameter]) -> Iterator[None]:
         model.train(was_training)
 
 
-def batch_loss(model: nn.Module, batch: dict, index: int, device: torch.device) -> torch.Tensor:
+def batch_loss(model: nn.Module, batch: Mapping, index: int, device: torch.device) -> torch.Tensor:
     moved = {key: v.to(device) if isinstance(v, torch.Tensor) else v for key, v in batch.items()}
     out = model(**moved)
     loss = out.get("loss") if isinstance(out, dict) else getattr(out, "loss", None)
@@ -76,7 +77,7 @@ def batch_loss(model: nn.Module, batch: dict, index: int, device: torch.device) 
 
 
 def accumulate_gradients(
-    model: nn.Module, layers: dict[str, nn.Linear], batches: list[dict], stats: tuple[str, ...]
+    model: nn.Module, layers: dict[str, nn.Linear], batches: list[Mapping], stats: tuple[str, ...]
 ) -> dict[str, dict[str, torch.Tensor]]:
     """``{module: {stat: fp32 CPU tensor}}`` with Σ g (``grad_sum``) and/or Σ g² (``grad_sq_sum``).
 

@@ -27,7 +27,7 @@ MASK_FORMAT_VERSION = 1
 
 @dataclass
 class MaskFile:
-    """What a mask file holds: pass ``masks`` (and ``config``) to ``get_sparse_model``."""
+    """Everything a mask file holds: the masks and how they were chosen (``read_mask_file``)."""
 
     masks: dict[str, torch.Tensor]
     shapes: dict[str, tuple[int, ...]]
@@ -74,13 +74,22 @@ def save_masks(
     return path
 
 
-def load_masks(path: str | os.PathLike) -> MaskFile:
-    """Read and validate a mask file: format, config, shapes, and indices (int64, 1-D, sorted,
-    unique, within the module's weight). Raises MaskFileError / InvalidIndicesError naming the
-    file and module.
+def load_masks(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The validated masks ``{module: sorted flat int64 indices}`` of a mask file.
 
     Example:
-        >>> mf = load_masks("masks.safetensors")  # doctest: +SKIP
+        >>> model = get_sparse_model(base, cfg, masks=load_masks("masks.safetensors"))  # doctest: +SKIP
+    """
+    return read_mask_file(path).masks
+
+
+def read_mask_file(path: str | os.PathLike) -> MaskFile:
+    """Read and validate a mask file: format, config, shapes, and indices (int64, 1-D, sorted,
+    unique, within the module's weight). Raises MaskFileError / InvalidIndicesError naming the
+    file and module; nothing is returned unless everything is valid.
+
+    Example:
+        >>> mf = read_mask_file("masks.safetensors")  # doctest: +SKIP
         >>> model = get_sparse_model(base, mf.config, masks=mf.masks)  # doctest: +SKIP
     """
     path = Path(path)

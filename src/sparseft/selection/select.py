@@ -5,16 +5,20 @@ selection holds at most about B extra bytes (plus the activations of one calibra
 
 - gradient sums: fp32 on CPU, 4 bytes per entry per statistic (``gradient``/``taylor``: Σg,
   ``fisher``: Σg², ``combined``: both); if they would not fit, the modules are measured in groups,
-  one pass over the same calibration batches per group (an fp32 model targeted on all projections
-  needs 1 pass for ``gradient``, 2 for ``combined``; a bf16 one 2 and 4);
+  one pass over the same calibration batches per group (SmolLM2-135M on all projections: fp32
+  weights need 1 pass for ``gradient``, 2 for ``combined``; bf16 weights 3 and 5-6);
 - one module's gradient at a time (freed inside the backward pass, see ``gradstats``);
-- scoring one module at a time (about 28 bytes per entry of the largest module, transient);
+- scoring one module at a time (transient; reserved at 64 bytes per entry of the largest module,
+  which covers the sort buffers of ``combined`` and the allocator's slack as measured);
 - the allocation: chosen indices (8 bytes per chosen entry), or for ``global`` a running top-k of at
-  most k candidates (about 16 bytes per chosen entry; 2x while merging).
+  most k candidates (16 bytes per candidate, reserved 3x for the merge copies).
 
-Measured (tests/test_selection.py::test_peak_memory_within_one_model_buffer, 2-core CPU dev machine):
-a random 8-layer Llama of 4.5M fp32 parameters (B = 18 MB), ``combined``, global, 1% density:
-peak RSS growth during selection ≈ 0.75 B (2 passes), vs ≈ 2.9 B for naive ``.grad`` + Σg + Σg².
+Measured on the 2-core CPU dev machine (peak RSS growth, Linux VmHWM):
+- tests/test_selection.py::test_peak_memory_within_one_model_buffer: a random 8-layer Llama of 4.8M
+  fp32 parameters (B = 18.3 MiB), ``combined``, global, 1%: ≈ 0.96 B (17.6-17.8 MiB, 5 passes), against
+  ≈ 3.2 B (58 MiB) for the naive way (every ``.grad`` kept, plus Σg and Σg² copies).
+- benchmarks/select_memory.py, SmolLM2-135M shape (B = 513 MiB), ``combined``, 2 passes: 1007 MiB,
+  of which 486 MiB are one calibration batch's activations (2 × 128 tokens) and ≈ 1.02 B the rest.
 """
 
 from __future__ import annotations
@@ -29,11 +33,12 @@ from ..errors import ConfigError
 from ..targets import find_targets
 from .budget import GlobalTopK, make_allocator
 from .gradstats import STAT_BYTES, accumulate_gradients, take_batches
-from .scorers import ScoreContext, combined_parts, get_scorer, required_stats
+from .scorers import ScoreContext, get_scorer, required_stats
 
 SCORING_BYTES_PER_ENTRY = 64  # one module: scores, sort values + indices, quantiles, and allocator slack (measured)
 CANDIDATE_BYTES = 16  # value fp32 + index int64 + module id int32 per running global candidate
 MASK_BYTES = 8  # int64 index per chosen entry
+MIN_ACCUMULATOR_BYTES = 2**20  # toy models, whose reserves exceed their size, still take one pass
 
 
 def model_bytes(model: nn.Module) -> int:
@@ -56,9 +61,9 @@ def plan_passes(sizes: dict[str, int], bytes_per_entry: int, budget: int) -> lis
 
 
 def accumulator_budget(cfg_budget: int, sizes: dict[str, int], k_total: int, is_global: bool) -> int:
-    """What is left for gradient sums once scoring and allocation have their share."""
+    """What is left for gradient sums once scoring and allocation have their share (at least 1 MiB)."""
     allocation = k_total * (3 * CANDIDATE_BYTES if is_global else MASK_BYTES)  # merge copies + slack
-    return cfg_budget - allocation - SCORING_BYTES_PER_ENTRY * max(sizes.values())
+    return max(cfg_budget - allocation - SCORING_BYTES_PER_ENTRY * max(sizes.values()), MIN_ACCUMULATOR_BYTES)
 
 
 def select(
@@ -79,14 +84,11 @@ def select(
         >>> masks = select(model, SparseConfig(density=0.01, scorer="fisher"), dataloader)  # doctest: +SKIP
     """
     scorer = get_scorer(cfg.scorer)
-    weights = dict(cfg.scorer_weights) if cfg.scorer == "combined" else {}
-    if weights:
-        combined_parts(weights)
-    stats = required_stats(cfg.scorer, cfg.scorer_weights)
+    stats = required_stats(cfg.scorer, cfg.scorer_weights)  # also validates the parts of `combined`
     targets = find_targets(model, cfg.target_modules)
     sizes = {name: layer.weight.numel() for name, layer in targets.items()}
     allocator = make_allocator(cfg, sizes)  # checks the budget before any expensive pass
-    batches: list[dict] = []
+    batches: list = []
     groups = [list(sizes)]
     if stats:
         if dataloader is None:
@@ -108,7 +110,7 @@ def select(
                 weight=targets[name].weight,
                 seed=cfg.seed,
                 num_batches=len(batches),
-                scorer_weights=weights,
+                scorer_weights=cfg.scorer_weights,
                 **module_sums,
             )
             allocator.add(name, scorer.fn(ctx))

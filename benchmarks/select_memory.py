@@ -1,0 +1,98 @@
+"""Time and peak memory of `sparseft.select` on a model of SmolLM2-135M's shape (random init, fp32).
+
+Each measurement runs in a fresh process so none inherits another's freed heap:
+  activations: one forward+backward of one calibration batch (what any gradient scorer must pay)
+  select:      sparseft.select with the given scorer over the calibration batches
+  naive:       keep every .grad, then fp32 copies of Σg and Σg² (what selection costs without care)
+Peak = growth of the peak resident set (Linux VmHWM, reset via /proc/self/clear_refs) over the RSS
+after the model and batches exist.
+
+    PYTHONPATH=src python benchmarks/select_memory.py --scorer combined --batches 8 --batch-size 4 --seq 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SMOLLM2_135M = dict(
+    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+    num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True,
+)
+
+
+def rss(field: str) -> int:
+    return int(re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+
+def measure(mode: str, args) -> dict:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sparseft import SparseConfig, select
+    from sparseft.selection.select import model_bytes
+    from sparseft.targets import find_targets
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).eval()
+    gen = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(args.batches):
+        ids = torch.randint(0, SMOLLM2_135M["vocab_size"], (args.batch_size, args.seq), generator=gen)
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+    cfg = SparseConfig(density=args.density, scorer=args.scorer, allocation=args.allocation, calibration_batches=args.batches)
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")
+    base = rss("VmRSS")
+    start = time.perf_counter()
+    if mode == "activations":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        first = next(iter(find_targets(model, ["q_proj"]).values())).weight
+        first.requires_grad_(True)  # the backward runs through the whole network
+        model(**batches[0]).loss.backward()
+        first.grad = None
+    elif mode == "select":
+        masks = select(model, cfg, batches)
+        assert sum(m.numel() for m in masks.values()) > 0
+    else:
+        for b in batches:
+            model(**b).loss.backward()
+        targets = find_targets(model, cfg.target_modules)
+        sums = {n: t.weight.grad.clone() for n, t in targets.items()}
+        squares = {n: t.weight.grad.square() for n, t in targets.items()}
+        del sums, squares
+    seconds = time.perf_counter() - start
+    return {"mode": mode, "seconds": round(seconds, 1), "peak_growth_MiB": round((rss("VmHWM") - base) / 2**20, 1),
+            "model_MiB": round(model_bytes(model) / 2**20, 1), "params": sum(p.numel() for p in model.parameters())}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--mode", choices=["activations", "select", "naive", "all"], default="all")
+    p.add_argument("--scorer", default="combined")
+    p.add_argument("--allocation", default="proportional")
+    p.add_argument("--density", type=float, default=0.01)
+    p.add_argument("--batches", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    if args.mode != "all":
+        print(json.dumps(measure(args.mode, args)))
+        return
+    rest = [a for a in sys.argv[1:] if not a.startswith("--mode")]
+    for mode in ("activations", "select", "naive"):
+        out = subprocess.run([sys.executable, __file__, "--mode", mode, *rest], capture_output=True, text=True, check=True)
+        print(out.stdout.strip().splitlines()[-1], flush=True)
+
+
+if __name__ == "__main__":
+    main()
