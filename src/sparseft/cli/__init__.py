@@ -12,7 +12,7 @@ import sys
 
 from ..errors import SparseFTError
 
-VERBS = ["apply", "bench", "eval", "inspect", "report", "select", "train"]
+VERBS = ["apply", "bench", "demo", "eval", "inspect", "report", "select", "train"]
 
 
 def build_parser() -> argparse.ArgumentParser:

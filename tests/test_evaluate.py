@@ -1,0 +1,96 @@
+"""sparseft eval on a tiny model: base, base + sparse diff, base + LoRA adapter, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import make_tiny_llama
+from sparseft import SparseConfig, get_sparse_model
+from sparseft.cli import main
+from sparseft.evaluate import diff_kind, evaluate
+from sparseft.errors import DiffNotFoundError
+from sparseft.tasks import ROUTING_DATA
+from test_tasks import char_tokenizer
+
+TEST_FILE = str(ROUTING_DATA / "test.jsonl")
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    """A tiny Llama with a chat-templated character tokenizer, saved like a real model directory."""
+    path = tmp_path / "tiny"
+    make_tiny_llama().save_pretrained(path)
+    char_tokenizer(chat=True).save_pretrained(path)
+    return path
+
+
+def run_json(capsys, *argv) -> dict:
+    assert main(["eval", *argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_eval_base_reports_metrics_count_and_time(model_dir, capsys):
+    report = run_json(capsys, "--model", str(model_dir), "--task", "routing", "--data", TEST_FILE, "--limit", "5")
+    assert report["num_examples"] == 5 and report["adapter"] == "none"
+    assert 0.0 <= report["metrics"]["accuracy"] <= 1.0 and report["wall_time_s"] > 0
+    # the same numbers as the library call
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    metrics, n, _ = evaluate(model, char_tokenizer(chat=True), "routing", TEST_FILE, limit=5, progress=False)
+    assert metrics == report["metrics"] and n == 5
+
+
+def test_eval_table_output(model_dir, capsys):
+    assert main(["eval", "--model", str(model_dir), "--task", "routing", "--data", TEST_FILE, "--limit", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy" in out and "2 examples" in out
+
+
+def scores_of(model):
+    from sparseft.tasks import get_task
+
+    task = get_task("routing")
+    return task.label_scores(model, char_tokenizer(chat=True), task.load(TEST_FILE, 4))
+
+
+def test_eval_with_sparse_diff_scores_the_changed_model(model_dir, tmp_path, capsys):
+    sparse = get_sparse_model(AutoModelForCausalLM.from_pretrained(model_dir), SparseConfig(density=0.2, value_dtype="float32"))
+    with torch.no_grad():
+        for layer in sparse.sparse_layers().values():
+            layer.values.normal_(0, 0.5)
+    diff = sparse.save_pretrained(tmp_path / "diff")
+    assert diff_kind(diff) == "sparse"
+    report = run_json(capsys, "--model", str(model_dir), "--diff", str(diff), "--task", "routing", "--data", TEST_FILE, "--limit", "4")
+    assert report["adapter"] == "sparse" and report["num_examples"] == 4
+    base_scores = scores_of(AutoModelForCausalLM.from_pretrained(model_dir).eval())
+    assert not torch.allclose(scores_of(sparse.eval()), base_scores)
+
+
+def test_eval_with_lora_adapter(model_dir, tmp_path, capsys):
+    from peft import LoraConfig, get_peft_model
+
+    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    lora.save_pretrained(tmp_path / "lora")
+    assert diff_kind(tmp_path / "lora") == "lora"
+    report = run_json(capsys, "--model", str(model_dir), "--diff", str(tmp_path / "lora"), "--task", "routing", "--data", TEST_FILE, "--limit", "3")
+    assert report["adapter"] == "lora" and report["num_examples"] == 3
+
+
+def test_eval_rejects_a_directory_that_is_no_diff(model_dir, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DiffNotFoundError):
+        diff_kind(tmp_path / "empty")
+    argv = ["eval", "--model", str(model_dir), "--diff", str(tmp_path / "empty"), "--task", "routing", "--data", TEST_FILE]
+    assert main(argv) == 2
+    assert "not a sparse diff" in capsys.readouterr().err
+
+
+def test_eval_rejects_bad_data_before_loading_the_model(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "hi", "label": "nope"}\n')
+    argv = ["eval", "--model", str(tmp_path / "no-such-model"), "--task", "routing", "--data", str(bad)]
+    assert main(argv) == 2
+    assert "bad.jsonl:1: field 'label'" in capsys.readouterr().err
