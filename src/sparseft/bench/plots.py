@@ -45,24 +45,39 @@ def plot_metric_vs_params(results: dict[str, Any], path: Path) -> Path:
         if rows:
             ax.scatter([r["trainable_params"] for r in rows], [r["metrics"][metric] for r in rows], s=60,
                        label=method, **style)
-    # Rows at (nearly) the same budget sit on top of each other: stack their labels instead.
-    stacked: dict[int, int] = {}
-    for r in training_rows(results):
-        column = round(10 * math.log10(max(r["trainable_params"], 1)))
-        level = stacked.get(column, 0)
-        stacked[column] = level + 1
-        ax.annotate(f"{r['id']} ({r['metrics'][metric]:.3f})", (r["trainable_params"], r["metrics"][metric]),
-                    textcoords="offset points", xytext=(7, -4 + 11 * level), fontsize=8)
     base = next((r for r in ok_rows(results) if r["method"] == "base"), None)
     if base:
         ax.axhline(base["metrics"][metric], color="gray", linestyle="--", linewidth=1, label=f"base ({base['id']})")
     ax.set_xscale("log")
+    label_points(ax, training_rows(results), metric)
     ax.set_xlabel("trainable parameters (log scale)")
     ax.set_ylabel(metric)
     ax.set_title(f"{results.get('task', {}).get('name')}: {metric} vs trainable parameters")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     return save(fig, path)
+
+
+def label_points(ax, rows: list[dict[str, Any]], metric: str) -> None:
+    """Label every point with its row id and value. Rows at (nearly) the same budget sit on top of each
+    other, so their labels are stacked in metric order beside the column, each with a thin leader line."""
+    if not rows:
+        return
+    low, high = ax.get_ylim()
+    step = 0.055 * (high - low)  # one label line, in data units
+    right_edge = max(r["trainable_params"] for r in rows)
+    columns: dict[int, list[dict[str, Any]]] = {}
+    for r in rows:
+        columns.setdefault(round(10 * math.log10(max(r["trainable_params"], 1))), []).append(r)
+    for column in columns.values():
+        column.sort(key=lambda r: -r["metrics"][metric])
+        top = column[0]["metrics"][metric]
+        for i, r in enumerate(column):
+            x, y = r["trainable_params"], r["metrics"][metric]
+            leftwards = x == right_edge and len(columns) > 1
+            ax.annotate(f"{r['id']} ({y:.3f})", xy=(x, y), xytext=(x / 1.8 if leftwards else x * 1.8, top - i * step),
+                        textcoords="data", fontsize=8, va="center", ha="right" if leftwards else "left",
+                        arrowprops=dict(arrowstyle="-", color="gray", lw=0.5))
 
 
 def plot_cost_bars(results: dict[str, Any], path: Path) -> Path:
