@@ -12,7 +12,8 @@ def add_parser(sub):
         help="run a grid of full / LoRA / sparse fine-tuning runs on the same data and compare them",
         description="Train every row of CONFIG (same data, seed and steps), each in a fresh process, evaluate "
         "it on the task's eval split, and write results.json (after every row), results.md, plots/*.png and "
-        "report.md into --out. A failing row is recorded as failed; the grid goes on.",
+        "report.md into --out. A failing row is recorded as failed; the grid goes on (exit status 1 when any row "
+        "failed, 2 for a bad config).",
     )
     p.add_argument("config", metavar="CONFIG.yaml", help="bench config (see examples/bench/)")
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: runs/bench-<name>)")
