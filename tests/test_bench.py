@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from sparseft.bench import load_bench_config, read_results, run_grid, schema_problems, write_report
+from sparseft.bench import load_bench_config, read_results, schema_problems
 from sparseft.bench.config import parse_bench_config
 from sparseft.bench.report import build_report, pick_rows, render_html, render_markdown
 from sparseft.bench.results import write_results
@@ -24,11 +27,18 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # ---------------------------------------------------------------- the CI grid
 
 
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, "-m", "sparseft", *args], capture_output=True, text=True, env=env, timeout=900)
+
+
 @pytest.mark.slow
 def test_tiny_grid_fills_every_field_and_writes_plots_and_report(tmp_path):
     cfg = load_bench_config(TINY)
-    results = run_grid(cfg, tmp_path / "bench", command="pytest tiny grid")
     out = tmp_path / "bench"
+    # Through the CLI in its own process, as CI users run it (and so this test leaves no model state here).
+    assert run_cli("bench", str(TINY), "--out", str(out)).returncode == 0
+    results = json.loads((out / "results.json").read_text())
 
     assert schema_problems(read_results(out / "results.json"), require_complete=True) == []
     rows = {r["id"]: r for r in results["rows"]}
@@ -60,12 +70,11 @@ def test_tiny_grid_fills_every_field_and_writes_plots_and_report(tmp_path):
         assert (out / "plots" / name).read_bytes()[:8] == PNG_MAGIC
     assert "| sparse-random |" in (out / "results.md").read_text()
 
-    md, page = write_report(out / "results.json", html_page=True)
-    text = md.read_text()
+    text = (out / "report.md").read_text()
     for row_id in rows:
         assert f"row `{row_id}`" in text or f"`{row_id}`" in text
     assert "](plots/storage_tenants.png)" in text
-    assert "<table>" in page.read_text()
+    assert "<table>" in (out / "report.html").read_text()
 
 
 @pytest.mark.slow
@@ -78,9 +87,12 @@ def test_a_failing_row_is_recorded_and_the_grid_goes_on(tmp_path):
         {"id": "broken", "method": "sparse", "scorer": "random", "num_params": 10**9, "lr": 1e-2},
         {"id": "sparse-random", "method": "sparse", "scorer": "random", "lr": 1e-2},
     ]
-    cfg = parse_bench_config(raw, where="test", base_dir=TINY.parent)
-    results = run_grid(cfg, tmp_path, plots=False)
-    broken, fine = results["rows"]
+    raw["train_data"], raw["eval_data"] = (str(TINY.parent / raw[k]) for k in ("train_data", "eval_data"))
+    config = tmp_path / "grid.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    proc = run_cli("bench", str(config), "--out", str(tmp_path), "--no-report")
+    assert proc.returncode == 1 and "failed: broken" in proc.stdout
+    broken, fine = json.loads((tmp_path / "results.json").read_text())["rows"]
     assert broken["status"] == "failed" and "does not fit" in broken["error"]
     assert fine["status"] == "ok" and fine["metrics"]
     on_disk = json.loads((tmp_path / "results.json").read_text())
