@@ -58,6 +58,10 @@ class ModelNotFoundError(SparseFTError, FileNotFoundError):
     """A model name is neither a known alias nor a local directory (and no hub access is possible)."""
 
 
+class ResultsFormatError(SparseFTError, ValueError):
+    """A benchmark results.json is missing, not JSON, or lacks fields a report needs."""
+
+
 class MaskFileError(SparseFTError, ValueError):
     """A mask file (written by ``sparseft select`` / ``save_masks``) is missing, unreadable or inconsistent."""
 

@@ -12,7 +12,7 @@ import sys
 
 from ..errors import SparseFTError
 
-VERBS = ["demo", "select", "train", "eval", "apply", "inspect", "verify", "audit", "serve"]
+VERBS = ["demo", "select", "train", "eval", "apply", "inspect", "verify", "audit", "serve", "bench", "report"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,209 @@
+"""BenchConfig: one YAML file that defines a side-by-side grid of fine-tuning runs.
+
+Everything that must be equal for a fair comparison (model, task, data, seed, steps, batch size,
+sequence length) is a grid-level field; a row may only choose its method and that method's own
+knobs (scorer, density / budget, LoRA rank, learning rate).
+
+Example (``examples/bench/tiny.yaml`` is a complete one)::
+
+    model: smollm2-135m
+    task: sst2
+    train_data: ${SPARSEFT_DATA}/sst2/train.tsv
+    eval_data: ${SPARSEFT_DATA}/sst2/dev.tsv
+    steps: 80
+    density: 0.005
+    runs:
+      - {id: full, method: full, lr: 2.0e-5}
+      - {id: lora-matched, method: lora, lora_rank: match, lr: 1.0e-3}
+      - {id: sparse-random, method: sparse, scorer: random, lr: 2.0e-3}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import ConfigError
+from ..selection import SCORERS
+
+METHODS = ("full", "lora", "sparse")
+BASE_ROW_ID = "base"
+ROW_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass
+class RunSpec:
+    """One row of the grid: a method and its own knobs."""
+
+    id: str
+    method: str
+    lr: float
+    scorer: str | None = None  # sparse only
+    density: float | None = None  # sparse only; defaults to the grid's density
+    num_params: int | None = None  # sparse only; exact budget instead of a density
+    lora_rank: int | str | None = None  # lora only: an int, or "match" (rank matching the sparse budget)
+    calibration_batches: int | None = None  # sparse data scorers only
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class BenchConfig:
+    """The grid: shared model, data and schedule, plus the rows to compare."""
+
+    model: str | dict[str, Any]
+    task: str
+    train_data: str
+    eval_data: str
+    runs: list[RunSpec]
+    name: str = "bench"
+    train_limit: int | None = None
+    eval_limit: int | None = None
+    steps: int = 50
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 64
+    seed: int = 0
+    density: float = 0.005
+    target_modules: list[str] | None = None
+    eval_base: bool = True
+    threads: int | None = None
+    device: str = "auto"
+    row_timeout_s: float = 3600.0
+    source: str = ""  # the YAML file this came from (filled by load_bench_config)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def row_ids(self) -> list[str]:
+        return ([BASE_ROW_ID] if self.eval_base else []) + [r.id for r in self.runs]
+
+
+def load_bench_config(path: str | os.PathLike, data_root: str | None = None) -> BenchConfig:
+    """Read and validate a bench YAML file.
+
+    Relative paths resolve against the file's folder; ``${SPARSEFT_DATA}`` expands to ``data_root``,
+    else the environment variable of that name, else ``../shared/data`` next to the working
+    directory (where this project's shared evaluation data sits).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: bench config not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of bench fields, got {type(raw).__name__}")
+    return parse_bench_config(raw, where=str(path), base_dir=path.parent, data_root=data_root)
+
+
+def parse_bench_config(
+    raw: dict[str, Any], where: str = "<bench config>", base_dir: Path | None = None, data_root: str | None = None
+) -> BenchConfig:
+    known = {f.name for f in dataclasses.fields(BenchConfig)} - {"source"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown field(s) {unknown}; known fields: {sorted(known)}")
+    for required in ("model", "task", "train_data", "eval_data", "runs"):
+        if required not in raw:
+            raise ConfigError(f"{where}: missing required field {required!r}")
+    fields = dict(raw)
+    root = data_root or os.environ.get("SPARSEFT_DATA") or str(Path.cwd().parent / "shared" / "data")
+    for key in ("train_data", "eval_data"):
+        fields[key] = resolve_path(str(fields[key]), base_dir, root)
+    if isinstance(fields["model"], str) and fields["model"].startswith((".", "$")):
+        fields["model"] = resolve_path(fields["model"], base_dir, root)
+    fields["runs"] = parse_runs(fields["runs"], where)
+    cfg = BenchConfig(**fields, source=where)
+    check_grid_values(cfg, where)
+    return cfg
+
+
+def resolve_path(value: str, base_dir: Path | None, data_root: str) -> str:
+    value = value.replace("${SPARSEFT_DATA}", data_root).replace("$SPARSEFT_DATA", data_root)
+    p = Path(os.path.expandvars(value)).expanduser()
+    if not p.is_absolute() and base_dir is not None:
+        p = base_dir / p
+    return str(p.resolve()) if p.exists() else str(p)
+
+
+def parse_runs(raw_runs: Any, where: str) -> list[RunSpec]:
+    if not isinstance(raw_runs, list) or not raw_runs:
+        raise ConfigError(f"{where}: 'runs' must be a non-empty list of rows")
+    known = {f.name for f in dataclasses.fields(RunSpec)}
+    runs, seen = [], {BASE_ROW_ID}
+    for i, item in enumerate(raw_runs):
+        at = f"{where}: runs[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{at}: expected a mapping, got {type(item).__name__}")
+        unknown = sorted(set(item) - known)
+        if unknown:
+            raise ConfigError(f"{at}: unknown field(s) {unknown}; known fields: {sorted(known)}")
+        for required in ("id", "method", "lr"):
+            if required not in item:
+                raise ConfigError(f"{at}: missing required field {required!r}")
+        run = RunSpec(**item)
+        check_run(run, at)
+        if run.id in seen:
+            raise ConfigError(f"{at}: row id {run.id!r} is used twice (or is the reserved {BASE_ROW_ID!r})")
+        seen.add(run.id)
+        runs.append(run)
+    return runs
+
+
+def check_run(run: RunSpec, at: str) -> None:
+    if not isinstance(run.id, str) or not ROW_ID_PATTERN.match(run.id):
+        raise ConfigError(f"{at}: id {run.id!r} must be letters, digits, '-', '_' or '.'")
+    if run.method not in METHODS:
+        raise ConfigError(f"{at} ({run.id}): method must be one of {METHODS}, got {run.method!r}")
+    if not isinstance(run.lr, (int, float)) or run.lr <= 0:
+        raise ConfigError(f"{at} ({run.id}): lr must be a positive number, got {run.lr!r}")
+    if run.method == "sparse":
+        if not run.scorer:
+            raise ConfigError(f"{at} ({run.id}): a sparse row needs a scorer (e.g. random, fisher, combined)")
+        if run.scorer not in SCORERS:
+            raise ConfigError(f"{at} ({run.id}): unknown scorer {run.scorer!r}; available: {sorted(SCORERS)}")
+        if run.density is not None and not 0 < float(run.density) <= 1:
+            raise ConfigError(f"{at} ({run.id}): density must be in (0, 1], got {run.density!r}")
+        if run.num_params is not None and int(run.num_params) <= 0:
+            raise ConfigError(f"{at} ({run.id}): num_params must be positive, got {run.num_params!r}")
+    elif run.scorer or run.density is not None or run.num_params is not None:
+        raise ConfigError(f"{at} ({run.id}): scorer/density/num_params apply to sparse rows only")
+    if run.method == "lora":
+        rank = run.lora_rank
+        if rank is None:
+            raise ConfigError(f"{at} ({run.id}): a lora row needs lora_rank (an integer or 'match')")
+        if rank != "match" and not (isinstance(rank, int) and rank >= 1):
+            raise ConfigError(f"{at} ({run.id}): lora_rank must be a positive integer or 'match', got {rank!r}")
+    elif run.lora_rank is not None:
+        raise ConfigError(f"{at} ({run.id}): lora_rank applies to lora rows only")
+
+
+def check_grid_values(cfg: BenchConfig, where: str) -> None:
+    for name in ("steps", "batch_size", "grad_accum", "max_length"):
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{where}: {name} must be a positive integer, got {value!r}")
+    for name in ("train_limit", "eval_limit"):
+        value = getattr(cfg, name)
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{where}: {name} must be a positive integer or absent, got {value!r}")
+    if not 0 < float(cfg.density) <= 1:
+        raise ConfigError(f"{where}: density must be in (0, 1], got {cfg.density!r}")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"{where}: device must be auto, cpu or cuda, got {cfg.device!r}")
+    if not isinstance(cfg.model, (str, dict)):
+        raise ConfigError(f"{where}: model must be an alias/path or a mapping {{tiny: {{...}}}}")
+    if isinstance(cfg.model, dict) and set(cfg.model) != {"tiny"}:
+        raise ConfigError(f"{where}: a model mapping must have the single key 'tiny' (a tiny random model)")
+    for key in ("train_data", "eval_data"):
+        if not Path(getattr(cfg, key)).exists():
+            raise ConfigError(f"{where}: {key} {getattr(cfg, key)} does not exist (set SPARSEFT_DATA or --data-root?)")

@@ -1,0 +1,253 @@
+"""The benchmark grid: every row of a BenchConfig run side by side on one machine → results.json.
+
+Each row runs in a fresh Python process (``sparseft.bench.worker``) so its peak memory is its own
+and a crash or timeout in one row is recorded in that row instead of ending the grid. results.json
+and results.md are rewritten after every row, so nothing finished is lost if the grid is killed.
+
+Example:
+    >>> from sparseft.bench import load_bench_config, run_grid
+    >>> results = run_grid(load_bench_config("examples/bench/tiny.yaml"), "runs/bench-tiny")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from .config import BASE_ROW_ID, BenchConfig, RunSpec
+from .results import SCHEMA_VERSION, results_markdown, write_results
+
+RESULTS_NAME = "results.json"
+MARKDOWN_NAME = "results.md"
+TRAIN_FILE_NAME = "train.jsonl"
+LOG_TAIL_CHARS = 2000
+
+
+def run_grid(cfg: BenchConfig, out: str | os.PathLike, command: str = "", plots: bool = True) -> dict[str, Any]:
+    """Run every row of ``cfg`` into ``out``; returns the results (also in ``out/results.json``)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = prepare_model(cfg, out)
+    train_file, train_rows, skipped = prepare_train_file(cfg, model, out / TRAIN_FILE_NAME)
+    results = new_results(cfg, command, model, len(train_rows), skipped)
+    save(results, out)
+    for spec in row_specs(cfg):
+        row = run_row(cfg, spec, model, train_file, out)
+        results["rows"].append(row)
+        fill_model_size(results, row)
+        save(results, out)
+    results["finished_at"] = now()
+    save(results, out)
+    if plots:
+        from .plots import write_plots
+
+        results["plots"] = [str(p.relative_to(out)) for p in write_plots(results, out)]
+        save(results, out)
+    return results
+
+
+def save(results: dict[str, Any], out: Path) -> None:
+    write_results(results, out / RESULTS_NAME)
+    (out / MARKDOWN_NAME).write_text(results_markdown(results))
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# ---------------------------------------------------------------- shared inputs
+
+
+def prepare_train_file(cfg: BenchConfig, model: str, path: Path) -> tuple[Path, list[dict[str, Any]], int]:
+    """The task's training rows, rendered with the model's tokenizer (its chat template, as evaluation
+    does), written once as JSON Lines so every row trains on the same bytes.
+
+    Rows longer than ``max_length`` tokens are skipped (truncating would cut off the answer), taking the
+    next rows of the file instead until ``train_limit`` rows are kept; the count skipped is returned.
+    """
+    from ..models import load_tokenizer
+    from ..tasks import get_task
+    from ..training.data import Row, encode_row
+
+    tokenizer, task = load_tokenizer(model), get_task(cfg.task)
+    candidates = task.training_rows(cfg.train_data, None if cfg.train_limit is None else 4 * cfg.train_limit, tokenizer)
+    if cfg.train_limit is not None and len(candidates) == 4 * cfg.train_limit:
+        candidates = task.training_rows(cfg.train_data, None, tokenizer)  # many too long: look further
+    kept, skipped = [], 0
+    for number, row in enumerate(candidates, start=1):
+        example = encode_row(Row(f"{cfg.train_data} example {number}", dict(row)), tokenizer, None, False)
+        if len(example.input_ids) > cfg.max_length:
+            skipped += 1
+            continue
+        kept.append(dict(row))
+        if len(kept) == cfg.train_limit:
+            break
+    if not kept:
+        raise ConfigError(f"{cfg.source}: no training row of {cfg.train_data} fits max_length={cfg.max_length} tokens")
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return path, kept, skipped
+
+
+def prepare_model(cfg: BenchConfig, out: Path) -> str:
+    """The model every row loads: an alias/path as given, or a tiny random model built into ``out``
+    whose vocabulary covers the task's prompts, labels and evaluation text."""
+    if isinstance(cfg.model, str):
+        return cfg.model
+    from ..tasks import get_task
+    from .tiny import build_tiny_model_dir
+
+    task = get_task(cfg.task)
+    texts = [v for row in task.training_rows(cfg.train_data, cfg.train_limit) for v in row.values()]
+    texts += [task.prompt(None, r) + " " + task.target(r) for r in task.load(cfg.eval_data, cfg.eval_limit)]
+    shape = cfg.model.get("tiny") or {}
+    return str(build_tiny_model_dir(out / "tiny-model", texts, shape=shape, seed=cfg.seed))
+
+
+def new_results(cfg: BenchConfig, command: str, model: str, num_train_rows: int, skipped: int) -> dict[str, Any]:
+    from ..tasks import get_task
+
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "name": cfg.name,
+        "command": command,
+        "config": {**cfg.to_dict(), "train_rows_used": num_train_rows, "train_rows_skipped_too_long": skipped},
+        "machine": machine_info(cfg),
+        "model": {"name": model if isinstance(cfg.model, str) else "tiny random Llama (built on the fly)",
+                  "path": model, "total_params": None},
+        "task": {"name": cfg.task, "primary_metric": getattr(get_task(cfg.task), "primary_metric", None)},
+        "started_at": now(),
+        "finished_at": None,
+        "rows": [],
+    }
+
+
+def fill_model_size(results: dict[str, Any], row: dict[str, Any]) -> None:
+    """Facts known only once a row ran: the model's size and the task's headline metric."""
+    if results["model"]["total_params"] is None and row.get("total_params"):
+        results["model"]["total_params"] = row["total_params"]
+    if results["task"]["primary_metric"] is None and row.get("primary_metric"):
+        results["task"]["primary_metric"] = row["primary_metric"]
+
+
+def machine_info(cfg: BenchConfig) -> dict[str, Any]:
+    import torch
+
+    cuda = torch.cuda.is_available() and cfg.device != "cpu"
+    return {
+        "device": "cuda" if cuda else "cpu",
+        "device_name": torch.cuda.get_device_name(0) if cuda else cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": cfg.threads or torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+# ---------------------------------------------------------------- rows
+
+
+def row_specs(cfg: BenchConfig) -> list[RunSpec | None]:
+    """The rows in order; ``None`` stands for the base model's evaluation."""
+    return ([None] if cfg.eval_base else []) + list(cfg.runs)
+
+
+def worker_spec(cfg: BenchConfig, spec: RunSpec | None, model: str, train_file: Path, row_dir: Path) -> dict[str, Any]:
+    """Everything one worker process needs, as plain JSON."""
+    run = spec.to_dict() if spec else {"id": BASE_ROW_ID, "method": "base"}
+    if spec and spec.method == "sparse" and spec.density is None and spec.num_params is None:
+        run["density"] = cfg.density
+    return {
+        "run": run,
+        "model": model,
+        "task": cfg.task,
+        "train_file": str(train_file),
+        "eval_data": cfg.eval_data,
+        "eval_limit": cfg.eval_limit,
+        "grid_density": cfg.density,
+        "target_modules": cfg.target_modules,
+        "steps": cfg.steps,
+        "batch_size": cfg.batch_size,
+        "grad_accum": cfg.grad_accum,
+        "max_length": cfg.max_length,
+        "seed": cfg.seed,
+        "threads": cfg.threads,
+        "device": cfg.device,
+        "row_dir": str(row_dir),
+        "result_path": str(row_dir / "row.json"),
+    }
+
+
+def run_row(cfg: BenchConfig, spec: RunSpec | None, model: str, train_file: Path, out: Path) -> dict[str, Any]:
+    """One row in a fresh process; a crash, timeout or error becomes a ``failed`` row."""
+    row_id = spec.id if spec else BASE_ROW_ID
+    row_dir = out / "runs" / row_id
+    row_dir.mkdir(parents=True, exist_ok=True)
+    job = worker_spec(cfg, spec, model, train_file, row_dir)
+    (row_dir / "spec.json").write_text(json.dumps(job, indent=2))
+    result_path = Path(job["result_path"])
+    result_path.unlink(missing_ok=True)
+    started, load_before = time.perf_counter(), load_average()
+    print(f"[bench] {now()} row {row_id}: starting", flush=True)
+    error = None
+    with open(row_dir / "log.txt", "w") as log:
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-m", "sparseft.bench.worker", str(row_dir / "spec.json")],
+                stdout=log, stderr=subprocess.STDOUT, timeout=cfg.row_timeout_s, env=worker_env(),
+            )
+            if proc.returncode != 0 and not result_path.is_file():
+                error = f"worker exited with code {proc.returncode}: {log_tail(row_dir / 'log.txt')}"
+        except subprocess.TimeoutExpired:
+            error = f"row timed out after {cfg.row_timeout_s:.0f} s (row_timeout_s)"
+    row = json.loads(result_path.read_text()) if result_path.is_file() and error is None else failed_row(job, error)
+    row["row_wall_s"] = round(time.perf_counter() - started, 3)
+    # Times on a shared machine depend on what else ran: keep the 1-minute load average around the row.
+    row["load_average"] = {"start": load_before, "end": load_average()}
+    print(f"[bench] {now()} row {row_id}: {row['status']} in {row['row_wall_s']:.0f} s", flush=True)
+    return row
+
+
+def load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:  # not available on this platform
+        return None
+
+
+def worker_env() -> dict[str, str]:
+    """The worker must import this very sparseft, also when it runs from a source tree (PYTHONPATH=src)."""
+    env = dict(os.environ)
+    package_root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def log_tail(path: Path) -> str:
+    text = path.read_text(errors="replace") if path.is_file() else ""
+    return text[-LOG_TAIL_CHARS:]
+
+
+def failed_row(job: dict[str, Any], error: str | None) -> dict[str, Any]:
+    from .worker import empty_row
+
+    row = empty_row(job)
+    row["status"], row["error"] = "failed", error or "worker wrote no result"
+    return row

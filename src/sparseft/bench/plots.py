@@ -1,0 +1,160 @@
+"""The benchmark's pictures (PNG, matplotlib's Agg backend, so no display is needed).
+
+- ``metric_vs_params.png``: task metric against trainable parameters (log x), one marker per method;
+- ``cost_bars.png``: median step time and peak memory, one bar per row;
+- ``storage_tenants.png``: bytes on disk for N tenants: one base + N diffs, one base + N LoRA
+  adapters, N full copies.
+
+Every point is a row of results.json (labelled by its id), so a picture can be traced to its numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .results import ok_rows, row_label  # noqa: E402
+
+METHOD_STYLE = {
+    "full": dict(color="#444444", marker="s"),
+    "lora": dict(color="#1f77b4", marker="^"),
+    "sparse": dict(color="#d62728", marker="o"),
+}
+TENANTS = [1, 10, 100, 1000, 10000]
+
+
+def training_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    return [r for r in ok_rows(results) if r["method"] in METHOD_STYLE]
+
+
+def primary_metric(results: dict[str, Any]) -> str:
+    return results.get("task", {}).get("primary_metric") or "metric"
+
+
+def plot_metric_vs_params(results: dict[str, Any], path: Path) -> Path:
+    metric = primary_metric(results)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, style in METHOD_STYLE.items():
+        rows = [r for r in training_rows(results) if r["method"] == method]
+        if rows:
+            ax.scatter([r["trainable_params"] for r in rows], [r["metrics"][metric] for r in rows], s=60,
+                       label=method, **style)
+    base = next((r for r in ok_rows(results) if r["method"] == "base"), None)
+    if base:
+        ax.axhline(base["metrics"][metric], color="gray", linestyle="--", linewidth=1, label=f"base ({base['id']})")
+    ax.set_xscale("log")
+    label_points(ax, training_rows(results), metric)
+    ax.set_xlabel("trainable parameters (log scale)")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{results.get('task', {}).get('name')}: {metric} vs trainable parameters")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    return save(fig, path)
+
+
+def label_points(ax, rows: list[dict[str, Any]], metric: str) -> None:
+    """Label every point with its row id and value. Rows at (nearly) the same budget sit on top of each
+    other, so their labels are stacked in metric order beside the column, each with a thin leader line."""
+    if not rows:
+        return
+    low, high = ax.get_ylim()
+    step = 0.055 * (high - low)  # one label line, in data units
+    right_edge = max(r["trainable_params"] for r in rows)
+    columns: dict[int, list[dict[str, Any]]] = {}
+    for r in rows:
+        columns.setdefault(round(10 * math.log10(max(r["trainable_params"], 1))), []).append(r)
+    for column in columns.values():
+        column.sort(key=lambda r: -r["metrics"][metric])
+        top = column[0]["metrics"][metric]
+        for i, r in enumerate(column):
+            x, y = r["trainable_params"], r["metrics"][metric]
+            leftwards = x == right_edge and len(columns) > 1
+            ax.annotate(f"{r['id']} ({y:.3f})", xy=(x, y), xytext=(x / 1.8 if leftwards else x * 1.8, top - i * step),
+                        textcoords="data", fontsize=8, va="center", ha="right" if leftwards else "left",
+                        arrowprops=dict(arrowstyle="-", color="gray", lw=0.5))
+
+
+def plot_cost_bars(results: dict[str, Any], path: Path) -> Path:
+    rows = training_rows(results)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
+    labels = [r["id"] for r in rows]
+    colors = [METHOD_STYLE[r["method"]]["color"] for r in rows]
+    left.bar(labels, [r["median_step_s"] for r in rows], color=colors)
+    left.set_ylabel("median step time (s)")
+    left.set_title("time per optimizer step")
+    kind = "peak GPU memory allocated" if any(r.get("peak_memory_kind", "").startswith("cuda") for r in rows) else "peak RSS"
+    right.bar(labels, [r["peak_memory_bytes"] / 1e9 for r in rows], color=colors)
+    right.set_ylabel(f"{kind} (GB)")
+    right.set_title("peak memory while training")
+    for ax in (left, right):
+        ax.tick_params(axis="x", rotation=30, labelsize=8)
+        ax.grid(True, axis="y", alpha=0.3)
+    return save(fig, path)
+
+
+def storage_series(results: dict[str, Any]) -> dict[str, tuple[str, list[float]]]:
+    """``{label: (row id, bytes for each N in TENANTS)}``: what N tenants cost on disk per method."""
+    rows = training_rows(results)
+    full = next((r for r in rows if r["method"] == "full"), None)
+    base_bytes = base_model_bytes(results)
+    series: dict[str, tuple[str, list[float]]] = {}
+    for method, what in (("sparse", "diffs"), ("lora", "LoRA adapters")):
+        row = next((r for r in rows if r["method"] == method), None)
+        if row:
+            series[f"base + N {what} ({row['id']})"] = (row["id"], [base_bytes + n * row["artifact_bytes"] for n in TENANTS])
+    if full:
+        series[f"N full copies ({full['id']})"] = (full["id"], [n * full["artifact_bytes"] for n in TENANTS])
+    return series
+
+
+def base_model_bytes(results: dict[str, Any]) -> float:
+    """Bytes of the one shared base: the full checkpoint's size when measured, else 4 bytes/parameter."""
+    full = next((r for r in training_rows(results) if r["method"] == "full"), None)
+    if full:
+        return float(full["artifact_bytes"])
+    return 4.0 * float(results.get("model", {}).get("total_params") or 0)
+
+
+def plot_storage(results: dict[str, Any], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    styles = {"diffs": METHOD_STYLE["sparse"], "LoRA": METHOD_STYLE["lora"], "full": METHOD_STYLE["full"]}
+    for label, (_, values) in storage_series(results).items():
+        style = next(s for key, s in styles.items() if key in label)
+        ax.plot(TENANTS, [v / 1e9 for v in values], label=label, **style)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("tenants / tasks (N)")
+    ax.set_ylabel("storage on disk (GB)")
+    ax.set_title("storage for N fine-tuned variants of one base model")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    return save(fig, path)
+
+
+def save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_plots(results: dict[str, Any], out: str | Path) -> list[Path]:
+    """All three plots into ``out/plots/``; a plot without data to show is skipped."""
+    folder = Path(out) / "plots"
+    written = []
+    if training_rows(results):
+        written.append(plot_metric_vs_params(results, folder / "metric_vs_params.png"))
+        written.append(plot_cost_bars(results, folder / "cost_bars.png"))
+    if storage_series(results):
+        written.append(plot_storage(results, folder / "storage_tenants.png"))
+    return written
+
+
+__all__ = ["write_plots", "storage_series", "base_model_bytes", "row_label", "TENANTS"]

@@ -1,0 +1,209 @@
+"""results.json: the schema of a benchmark's rows, atomic writing, reading back, and the Markdown table.
+
+One file holds the whole grid: what was run (config, command), where (machine, versions, device)
+and one row per run. Every number a report shows is read from a row, so it can cite the row id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ..errors import ResultsFormatError
+
+SCHEMA_VERSION = 1
+
+# Fields of every row that finished, whatever its method ("base" is evaluation only).
+COMMON_FIELDS = (
+    "id", "method", "status", "error", "metrics", "primary_metric", "eval_examples", "eval_wall_s",
+    "total_params", "trainable_params", "trainable_pct", "seed", "device", "versions", "row_wall_s",
+)
+# Fields every training row (full / lora / sparse) fills.
+TRAINING_FIELDS = (
+    "scorer", "density", "lora_rank", "lr", "steps", "batch_size", "max_length", "train_examples",
+    "train_wall_s", "median_step_s", "tokens_per_s", "final_loss", "first_loss",
+    "peak_memory_bytes", "peak_memory_kind", "optimizer_state_bytes",
+    "artifact_kind", "artifact_bytes", "artifact_path",
+)
+# Fields that are legitimately null on some methods (e.g. a full row has no scorer).
+NOT_APPLICABLE = {
+    "full": {"scorer", "density", "lora_rank"},
+    "lora": {"scorer", "density"},
+    "sparse": {"lora_rank"},
+}
+TOP_LEVEL_FIELDS = ("schema_version", "name", "config", "command", "machine", "model", "task", "started_at", "rows")
+
+
+def write_results(results: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write ``results`` as JSON atomically: a crash mid-write leaves the previous file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(results, f, indent=2, sort_keys=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_results(path: str | os.PathLike) -> dict[str, Any]:
+    """Load a results.json, checking the parts a report relies on."""
+    path = Path(path)
+    if not path.is_file():
+        raise ResultsFormatError(f"{path}: results file not found")
+    try:
+        results = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ResultsFormatError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    problems = schema_problems(results, require_complete=False)
+    if problems:
+        raise ResultsFormatError(f"{path}: " + "; ".join(problems[:5]))
+    return results
+
+
+def schema_problems(results: Any, require_complete: bool = True) -> list[str]:
+    """What is missing or malformed; with ``require_complete`` every applicable field must be non-null."""
+    if not isinstance(results, dict):
+        return [f"expected a JSON object, got {type(results).__name__}"]
+    problems = [f"missing top-level field {k!r}" for k in TOP_LEVEL_FIELDS if k not in results]
+    if results.get("schema_version") not in (None, SCHEMA_VERSION):
+        problems.append(f"schema_version {results.get('schema_version')!r} is not {SCHEMA_VERSION}")
+    rows = results.get("rows")
+    if not isinstance(rows, list):
+        return problems + ["'rows' must be a list"]
+    for i, row in enumerate(rows):
+        problems += row_problems(row, f"rows[{i}]", require_complete)
+    return problems
+
+
+def row_problems(row: Any, where: str, require_complete: bool) -> list[str]:
+    if not isinstance(row, dict):
+        return [f"{where}: expected an object"]
+    where = f"{where} ({row.get('id', '?')})"
+    method = row.get("method")
+    expected = COMMON_FIELDS + (TRAINING_FIELDS if method in NOT_APPLICABLE else ())
+    problems = [f"{where}: missing field {k!r}" for k in expected if k not in row]
+    if not require_complete or row.get("status") != "ok":
+        return problems
+    optional = NOT_APPLICABLE.get(method, set()) | {"error"}
+    problems += [f"{where}: field {k!r} is null" for k in expected if k in row and row[k] is None and k not in optional]
+    if not row.get("metrics"):
+        problems.append(f"{where}: no metrics")
+    return problems
+
+
+def ok_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    return [r for r in results["rows"] if r.get("status") == "ok"]
+
+
+def row_by_id(results: dict[str, Any], row_id: str) -> dict[str, Any] | None:
+    return next((r for r in results["rows"] if r.get("id") == row_id), None)
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "–"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def fmt_count(n: int | None) -> str:
+    if n is None:
+        return "–"
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def fmt_num(x: float | None, digits: int = 2) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def row_label(row: dict[str, Any]) -> str:
+    """Method and its knob, e.g. ``sparse/fisher``, ``lora r=2``, ``full``."""
+    method = row.get("method")
+    if method == "sparse":
+        return f"sparse/{row.get('scorer')}"
+    if method == "lora":
+        return f"lora r={row.get('lora_rank')}"
+    return str(method)
+
+
+def results_table(results: dict[str, Any]) -> str:
+    """The Markdown table of every row (failed rows included, with their error)."""
+    metric = results.get("task", {}).get("primary_metric", "metric")
+    header = (
+        f"| row | method | trainable | % of model | {metric} | other metrics | train s | median step s | "
+        "tokens/s | peak mem | optimizer state | artifact | load avg | status |"
+    )
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for row in results["rows"]:
+        metrics = row.get("metrics") or {}
+        primary = row.get("primary_metric") or metric
+        others = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != primary and isinstance(v, (int, float)))
+        status = "ok" if row.get("status") == "ok" else f"FAILED: {first_line(row.get('error'))}"
+        artifact = f"{fmt_bytes(row.get('artifact_bytes'))} ({row.get('artifact_kind')})" if row.get("artifact_kind") else "–"
+        lines.append(
+            f"| {row.get('id')} | {row_label(row)} | {fmt_count(row.get('trainable_params'))} | "
+            f"{fmt_num(row.get('trainable_pct'), 3)} | {fmt_num(metrics.get(primary), 4)} | {others or '–'} | "
+            f"{fmt_num(row.get('train_wall_s'), 1)} | {fmt_num(row.get('median_step_s'), 3)} | "
+            f"{fmt_num(row.get('tokens_per_s'), 0)} | {fmt_bytes(row.get('peak_memory_bytes'))} | "
+            f"{fmt_bytes(row.get('optimizer_state_bytes'))} | {artifact} | {fmt_load(row.get('load_average'))} | {status} |"
+        )
+    return "\n".join(lines)
+
+
+def fmt_load(load: dict[str, float | None] | None) -> str:
+    """The machine's 1-minute load average when the row started → ended (how shared the cores were)."""
+    if not load or load.get("start") is None:
+        return "–"
+    return f"{load['start']:.1f}→{load['end']:.1f}"
+
+
+def first_line(text: str | None, limit: int = 120) -> str:
+    line = (text or "").strip().splitlines()[-1:] or [""]
+    return line[0][:limit].replace("|", "/")
+
+
+def results_markdown(results: dict[str, Any]) -> str:
+    """results.md: the table plus what produced it."""
+    machine = results.get("machine", {})
+    cfg = results.get("config", {})
+    return "\n".join(
+        [
+            f"# Benchmark: {results.get('name')}",
+            "",
+            f"- model: `{results.get('model', {}).get('name')}` ({fmt_count(results.get('model', {}).get('total_params'))} parameters)",
+            f"- task: `{results.get('task', {}).get('name')}`; train rows: {cfg.get('train_rows_used')} of "
+            f"`{cfg.get('train_data')}` ({cfg.get('train_rows_skipped_too_long', 0)} skipped as longer than max length); "
+            f"eval rows: {cfg.get('eval_limit') or 'all'} of `{cfg.get('eval_data')}`",
+            f"- same for every row: seed {cfg.get('seed')}, {cfg.get('steps')} steps, batch {cfg.get('batch_size')} × "
+            f"grad-accum {cfg.get('grad_accum')}, max length {cfg.get('max_length')}",
+            f"- device: {machine.get('device')} ({machine.get('device_name')}), {machine.get('cpu_count')} CPU cores, "
+            f"torch threads {machine.get('torch_threads')}",
+            f"- command: `{results.get('command')}`",
+            f"- started {results.get('started_at')}, finished {results.get('finished_at') or '(still running)'}",
+            "",
+            results_table(results),
+            "",
+            "Peak memory is the peak resident set size of the row's own process (CPU) or "
+            "`torch.cuda.max_memory_allocated` (GPU); every row runs in a fresh process. Load avg is the "
+            "machine's 1-minute load average when the row started → ended: times of rows run under "
+            "different load are not comparable.",
+            "",
+        ]
+    )

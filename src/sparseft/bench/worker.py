@@ -1,0 +1,208 @@
+"""One benchmark row, run in its own process: train (full / LoRA / sparse), measure, evaluate.
+
+``python -m sparseft.bench.worker SPEC.json`` reads the job written by ``grid.run_row`` and writes the
+row to ``spec["result_path"]``, also when the row fails (status "failed" and the traceback), so the
+grid records it and goes on. A fresh process per row keeps peak memory (ru_maxrss on CPU,
+``torch.cuda.max_memory_allocated`` on GPU) the row's own.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+ARTIFACT_KINDS = {"full": "checkpoint", "lora": "adapter", "sparse": "diff"}
+
+
+def empty_row(job: dict[str, Any]) -> dict[str, Any]:
+    """A row with every schema field present (null until measured)."""
+    run = job["run"]
+    method = run["method"]
+    row: dict[str, Any] = {
+        "id": run["id"], "method": method, "status": "running", "error": None,
+        "metrics": None, "primary_metric": None, "eval_examples": None, "eval_wall_s": None,
+        "total_params": None, "trainable_params": 0 if method == "base" else None,
+        "trainable_pct": 0.0 if method == "base" else None,
+        "seed": job["seed"], "device": None, "versions": versions(), "row_wall_s": None,
+    }
+    if method != "base":
+        row.update({
+            "scorer": run.get("scorer"), "density": run.get("density"), "num_params_requested": run.get("num_params"),
+            "lora_rank": run.get("lora_rank") if isinstance(run.get("lora_rank"), int) else None,
+            "lr": run["lr"], "steps": job["steps"], "batch_size": job["batch_size"], "grad_accum": job["grad_accum"],
+            "max_length": job["max_length"], "train_examples": None,
+            "train_wall_s": None, "loop_wall_s": None, "median_step_s": None, "tokens_per_s": None,
+            "first_loss": None, "final_loss": None, "losses": None,
+            "peak_memory_bytes": None, "peak_memory_kind": None, "optimizer_state_bytes": None,
+            "artifact_kind": ARTIFACT_KINDS[method], "artifact_bytes": None, "artifact_path": None,
+        })
+    return row
+
+
+def versions() -> dict[str, str]:
+    """Versions from package metadata: importing peft only to read its version would cost seconds per row."""
+    from importlib.metadata import version
+
+    from .. import __version__
+
+    return {"sparseft": __version__, **{p: version(p) for p in ("torch", "transformers", "peft")},
+            "python": platform.python_version()}
+
+
+def setup_device(job: dict[str, Any]) -> str:
+    import torch
+
+    if job.get("threads"):
+        torch.set_num_threads(int(job["threads"]))
+    if job["device"] == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return job["device"]
+
+
+# ---------------------------------------------------------------- training
+
+
+def train_config(job: dict[str, Any], device: str):
+    """The TrainConfig of this row: the grid's shared data and schedule, the row's method and knobs."""
+    from ..training import TrainConfig
+
+    run = job["run"]
+    fields: dict[str, Any] = dict(
+        model=job["model"], data=job["train_file"], out=str(Path(job["row_dir"]) / "artifact"),
+        method=run["method"], steps=job["steps"], lr=float(run["lr"]), batch_size=job["batch_size"],
+        grad_accum=job["grad_accum"], max_length=job["max_length"], seed=job["seed"],
+        device=device, progress=False,
+    )
+    if job.get("target_modules"):
+        fields["target_modules"] = job["target_modules"]
+    if run["method"] == "sparse":
+        fields.update(scorer=run["scorer"], density=run.get("density"), num_params=run.get("num_params"))
+        if run.get("calibration_batches"):
+            fields["calibration_batches"] = int(run["calibration_batches"])
+    if run["method"] == "lora":
+        if run["lora_rank"] == "match":
+            # Rank chosen so LoRA trains as many numbers as a sparse row at the grid's density.
+            fields.update(lora_match_sparse=True, density=job["grid_density"])
+        else:
+            fields["lora_rank"] = int(run["lora_rank"])
+    return TrainConfig(**fields)
+
+
+def train_row(job: dict[str, Any], row: dict[str, Any], device: str):
+    """Train and fill the cost fields of ``row``; returns the TrainResult."""
+    import torch
+
+    from ..training import run_training
+
+    cfg = train_config(job, device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    result = run_training(cfg)
+    row["train_wall_s"] = round(time.perf_counter() - started, 3)
+    row.update({
+        "loop_wall_s": round(result.wall_time_s, 3),
+        "median_step_s": result.median_step_s,
+        "tokens_per_s": result.tokens_per_s,
+        "losses": [round(x, 5) for x in result.losses],
+        "first_loss": result.losses[0] if result.losses else None,
+        "final_loss": result.losses[-1] if result.losses else None,
+        "trainable_params": int(result.trainable),
+        "total_params": int(result.total_params),
+        "trainable_pct": 100.0 * result.trainable / result.total_params,
+        "peak_memory_bytes": int(result.peak_memory_bytes),
+        "peak_memory_kind": "cuda_max_memory_allocated" if device.startswith("cuda") else "peak_rss",
+        "optimizer_state_bytes": int(result.optimizer_state_bytes),
+        "artifact_bytes": int(result.artifact_bytes),
+        "artifact_path": str(result.out),
+        "train_examples": count_lines(job["train_file"]),
+    })
+    if job["run"]["method"] == "lora":
+        row["lora_rank"] = int(result.extra.get("lora_rank", cfg.lora_rank))
+    if job["run"]["method"] == "sparse":
+        row["density"] = sparse_density(result.out)
+    return result
+
+
+def sparse_density(diff_dir: Path) -> float:
+    """Share of the targeted entries the diff trains (what the budget became after rounding)."""
+    from ..audit import inspect_diff
+
+    return float(inspect_diff(diff_dir)["density"])
+
+
+def count_lines(path: str) -> int:
+    with open(path, encoding="utf-8") as f:
+        return sum(1 for line in f if line.strip())
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def evaluate_row(job: dict[str, Any], row: dict[str, Any], device: str) -> None:
+    """Task metrics on the eval split for the base, or the base with this row's artifact applied."""
+    from ..evaluate import evaluate_records
+    from ..models import load_tokenizer
+    from ..tasks import get_task
+
+    task = get_task(job["task"])
+    records = task.load(job["eval_data"], job["eval_limit"])
+    model = load_for_eval(job, row).to(device)
+    metrics, count, wall_s = evaluate_records(model, load_tokenizer(job["model"]), task, records,
+                                              batch_size=job.get("eval_batch_size") or 8, progress=False)
+    row["eval_wall_s"] = round(wall_s, 3)
+    row["metrics"] = {k: float(v) for k, v in metrics.items()}
+    row["eval_examples"] = count
+    row["primary_metric"] = getattr(task, "primary_metric", None) or next(iter(metrics))
+    if job["run"]["method"] == "base":
+        row["total_params"] = sum(p.numel() for p in model.parameters())
+
+
+def load_for_eval(job: dict[str, Any], row: dict[str, Any]):
+    """The model to evaluate; a diff or adapter is merged in, so every row evaluates at the base's speed."""
+    from ..evaluate import attach_diff
+    from ..models import load_model
+
+    method = job["run"]["method"]
+    if method == "full":
+        return load_model(row["artifact_path"])  # the full checkpoint is a complete model directory
+    if method == "base":
+        return load_model(job["model"])
+    model, kind = attach_diff(load_model(job["model"]), row["artifact_path"])
+    return model.merge_and_unload()
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def run_job(job: dict[str, Any]) -> dict[str, Any]:
+    row = empty_row(job)
+    try:
+        device = setup_device(job)
+        row["device"] = device
+        if job["run"]["method"] != "base":
+            train_row(job, row, device)
+        evaluate_row(job, row, device)
+        row["status"] = "ok"
+    except Exception:  # noqa: BLE001 - any failure of this row is recorded in the row, by design
+        row["status"], row["error"] = "failed", traceback.format_exc()
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    job = json.loads(Path(argv[0]).read_text())
+    row = run_job(job)
+    Path(job["result_path"]).write_text(json.dumps(row, indent=2))
+    if row["error"]:
+        print(row["error"], file=sys.stderr)
+    return 0 if row["status"] == "ok" else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,38 @@
+"""sparseft bench CONFIG.yaml: full FT vs LoRA vs sparse side by side → results.json, results.md, plots."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+
+
+def add_parser(sub):
+    p = sub.add_parser(
+        "bench",
+        help="run a grid of full / LoRA / sparse fine-tuning runs on the same data and compare them",
+        description="Train every row of CONFIG (same data, seed and steps), each in a fresh process, evaluate "
+        "it on the task's eval split, and write results.json (after every row), results.md, plots/*.png and "
+        "report.md into --out. A failing row is recorded as failed; the grid goes on (exit status 1 when any row "
+        "failed, 2 for a bad config).",
+    )
+    p.add_argument("config", metavar="CONFIG.yaml", help="bench config (see examples/bench/)")
+    p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: runs/bench-<name>)")
+    p.add_argument("--data-root", default=None, metavar="DIR",
+                   help="what ${SPARSEFT_DATA} in the config means (default: $SPARSEFT_DATA or ../shared/data)")
+    p.add_argument("--no-report", action="store_true", help="skip report.md at the end")
+    return p
+
+
+def run(args) -> int:
+    from ..bench import load_bench_config, run_grid, write_report
+
+    cfg = load_bench_config(args.config, data_root=args.data_root)
+    out = args.out or f"runs/bench-{cfg.name}"
+    command = "sparseft " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["bench"] else ""
+    results = run_grid(cfg, out, command=command or f"sparseft bench {args.config} --out {out}")
+    if not args.no_report:
+        write_report(f"{out}/results.json", html_page=True)
+    failed = [r["id"] for r in results["rows"] if r["status"] != "ok"]
+    print(f"wrote {out}/results.json, results.md, plots/, report.md ({len(results['rows'])} rows"
+          + (f"; failed: {', '.join(failed)})" if failed else ")"))
+    return 1 if failed else 0

@@ -1,0 +1,275 @@
+"""sparseft bench / report: the tiny grid end to end, failure isolation, config validation, report numbers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sparseft.bench import load_bench_config, read_results, schema_problems
+from sparseft.bench.config import parse_bench_config
+from sparseft.bench.report import build_report, pick_rows, render_html, render_markdown
+from sparseft.bench.results import write_results
+from sparseft.bench.tiny import build_tokenizer
+from sparseft.cli import main
+from sparseft.errors import ConfigError, ResultsFormatError
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "examples" / "bench" / "tiny.yaml"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------- the CI grid
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, "-m", "sparseft", *args], capture_output=True, text=True, env=env, timeout=900)
+
+
+@pytest.mark.slow
+def test_tiny_grid_fills_every_field_and_writes_plots_and_report(tmp_path):
+    cfg = load_bench_config(TINY)
+    out = tmp_path / "bench"
+    # Through the CLI in its own process, as CI users run it (and so this test leaves no model state here).
+    assert run_cli("bench", str(TINY), "--out", str(out)).returncode == 0
+    results = json.loads((out / "results.json").read_text())
+
+    assert schema_problems(read_results(out / "results.json"), require_complete=True) == []
+    rows = {r["id"]: r for r in results["rows"]}
+    assert list(rows) == cfg.row_ids()
+    assert all(r["status"] == "ok" for r in rows.values()), {k: r["error"] for k, r in rows.items()}
+    training = [r for r in rows.values() if r["method"] != "base"]
+    assert {r["method"] for r in training} == {"full", "lora", "sparse"}
+    # Same data, seed and steps for every row.
+    assert {(r["steps"], r["seed"], r["batch_size"], r["max_length"], r["train_examples"]) for r in training} == {
+        (cfg.steps, cfg.seed, cfg.batch_size, cfg.max_length, cfg.train_limit)
+    }
+    total = rows["base"]["total_params"]
+    assert rows["full"]["trainable_params"] == total
+    sparse, lora = rows["sparse-random"], rows["lora-matched"]
+    assert sparse["trainable_params"] == round(cfg.density * sparse["trainable_params"] / sparse["density"])
+    # "match" picks the LoRA rank whose count is closest to the sparse budget: off by < one rank's worth.
+    per_rank = lora["trainable_params"] / lora["lora_rank"]
+    assert abs(lora["trainable_params"] - sparse["trainable_params"]) <= per_rank / 2 + 1
+    assert sparse["artifact_kind"] == "diff" and Path(sparse["artifact_path"], "sparse_config.json").is_file()
+    assert lora["artifact_kind"] == "adapter" and Path(lora["artifact_path"], "adapter_config.json").is_file()
+    for r in training:
+        # AdamW: fp32 exp_avg + exp_avg_sq per trained number, plus a 4-byte step counter per tensor.
+        assert 0 <= r["optimizer_state_bytes"] - 8 * r["trainable_params"] < 1024
+        assert r["peak_memory_kind"] == "peak_rss" and r["peak_memory_bytes"] > 0
+        assert len(r["losses"]) == cfg.steps
+    assert sparse["artifact_bytes"] < lora["artifact_bytes"] < rows["full"]["artifact_bytes"]
+
+    for name in ("metric_vs_params.png", "cost_bars.png", "storage_tenants.png"):
+        assert (out / "plots" / name).read_bytes()[:8] == PNG_MAGIC
+    assert "| sparse-random |" in (out / "results.md").read_text()
+
+    text = (out / "report.md").read_text()
+    for row_id in rows:
+        assert f"row `{row_id}`" in text or f"`{row_id}`" in text
+    assert "](plots/storage_tenants.png)" in text
+    assert "<table>" in (out / "report.html").read_text()
+
+
+@pytest.mark.slow
+def test_a_failing_row_is_recorded_and_the_grid_goes_on(tmp_path):
+    raw = yaml.safe_load(TINY.read_text())
+    raw["eval_base"] = False
+    raw["row_timeout_s"] = 900
+    raw["runs"] = [
+        # Valid as config, fails in the worker: the budget is larger than the tiny model's targeted weights.
+        {"id": "broken", "method": "sparse", "scorer": "random", "num_params": 10**9, "lr": 1e-2},
+        {"id": "sparse-random", "method": "sparse", "scorer": "random", "lr": 1e-2},
+    ]
+    raw["train_data"], raw["eval_data"] = (str(TINY.parent / raw[k]) for k in ("train_data", "eval_data"))
+    config = tmp_path / "grid.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    proc = run_cli("bench", str(config), "--out", str(tmp_path), "--no-report")
+    assert proc.returncode == 1 and "failed: broken" in proc.stdout
+    broken, fine = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert broken["status"] == "failed" and "does not fit" in broken["error"]
+    assert fine["status"] == "ok" and fine["metrics"]
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert [r["status"] for r in on_disk["rows"]] == ["failed", "ok"]
+    assert "FAILED" in (tmp_path / "results.md").read_text()
+
+
+# ---------------------------------------------------------------- config validation
+
+
+def tiny_raw(**changes):
+    raw = yaml.safe_load(TINY.read_text())
+    raw.update(changes)
+    return raw
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"stepz": 3}, "unknown field(s) ['stepz']"),
+        ({"steps": 0}, "steps must be a positive integer"),
+        ({"runs": [{"id": "a", "method": "sparse", "lr": 1e-3}]}, "needs a scorer"),
+        ({"runs": [{"id": "a", "method": "sparse", "scorer": "psychic", "lr": 1e-3}]}, "unknown scorer 'psychic'"),
+        ({"runs": [{"id": "a", "method": "lora", "lr": 1e-3}]}, "needs lora_rank"),
+        ({"runs": [{"id": "a", "method": "lora", "lora_rank": "big", "lr": 1e-3}]}, "positive integer or 'match'"),
+        ({"runs": [{"id": "a", "method": "full", "lr": 1e-3, "scorer": "random"}]}, "sparse rows only"),
+        ({"runs": [{"id": "a", "method": "dense", "lr": 1e-3}]}, "method must be one of"),
+        ({"runs": [{"id": "a", "method": "full", "lr": 1e-3}, {"id": "a", "method": "full", "lr": 1e-3}]}, "used twice"),
+        ({"runs": [{"id": "base", "method": "full", "lr": 1e-3}]}, "reserved 'base'"),
+        ({"runs": [{"id": "a", "method": "full"}]}, "missing required field 'lr'"),
+        ({"train_data": "data/nope.tsv"}, "nope.tsv does not exist"),
+    ],
+)
+def test_bad_config_is_named(changes, message):
+    with pytest.raises(ConfigError) as err:
+        parse_bench_config(tiny_raw(**changes), where="grid.yaml", base_dir=TINY.parent)
+    assert message in str(err.value) and "grid.yaml" in str(err.value)
+
+
+def test_config_paths_resolve_against_the_file_and_data_root(tmp_path):
+    cfg = load_bench_config(TINY)
+    assert Path(cfg.train_data) == TINY.parent / "data" / "train.tsv"
+    (tmp_path / "sst2").mkdir()
+    for name in ("train.tsv", "dev.tsv"):
+        (tmp_path / "sst2" / name).write_text("sentence\tlabel\ngood .\t1\n")
+    raw = tiny_raw(train_data="${SPARSEFT_DATA}/sst2/train.tsv", eval_data="${SPARSEFT_DATA}/sst2/dev.tsv")
+    cfg = parse_bench_config(raw, base_dir=TINY.parent, data_root=str(tmp_path))
+    assert cfg.train_data == str(tmp_path / "sst2" / "train.tsv")
+
+
+def test_shipped_real_config_parses(tmp_path):
+    for name in ("train.tsv", "dev.tsv"):
+        (tmp_path / "sst2").mkdir(exist_ok=True)
+        (tmp_path / "sst2" / name).write_text("sentence\tlabel\ngood .\t1\n")
+    cfg = load_bench_config(ROOT / "examples" / "bench" / "smollm2_sst2.yaml", data_root=str(tmp_path))
+    methods = [r.method for r in cfg.runs]
+    assert {"full", "lora", "sparse"} <= set(methods)
+    assert {"random", "fisher", "combined"} <= {r.scorer for r in cfg.runs if r.method == "sparse"}
+
+
+def test_tiny_tokenizer_keeps_task_words_distinct():
+    tok = build_tokenizer(["Review: a good film .", "positive", "negative"])
+    ids = tok("positive negative good", add_special_tokens=False)["input_ids"]
+    assert len(set(ids)) == 3 and tok.unk_token_id not in ids
+    assert "<|im_start|>" in tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+
+
+# ---------------------------------------------------------------- the report's numbers
+
+
+def synthetic_results() -> dict:
+    """Hand-made rows with round numbers, so every figure of the report can be checked by hand."""
+
+    def row(id, method, acc, **kw):
+        base = {
+            "id": id, "method": method, "status": "ok", "error": None, "metrics": {"accuracy": acc},
+            "primary_metric": "accuracy", "eval_examples": 100, "eval_wall_s": 1.0, "total_params": 1_000_000,
+            "trainable_params": 0, "trainable_pct": 0.0, "seed": 0, "device": "cpu", "versions": {"torch": "x"},
+            "row_wall_s": 1.0,
+        }
+        if method != "base":
+            base.update({
+                "scorer": None, "density": None, "lora_rank": None, "lr": 1e-3, "steps": 10, "batch_size": 8,
+                "max_length": 64, "train_examples": 80, "train_wall_s": 100.0, "median_step_s": 1.0,
+                "tokens_per_s": 500.0, "final_loss": 0.1, "first_loss": 1.0, "peak_memory_bytes": 4_000_000_000,
+                "peak_memory_kind": "peak_rss", "optimizer_state_bytes": 8, "artifact_kind": "diff",
+                "artifact_bytes": 4_000, "artifact_path": "x",
+            })
+        base.update(kw)
+        return base
+
+    rows = [
+        row("base", "base", 0.60),
+        row("full", "full", 0.90, trainable_params=1_000_000, trainable_pct=100.0, artifact_kind="checkpoint",
+            artifact_bytes=4_000_000, median_step_s=2.0, peak_memory_bytes=5_000_000_000),
+        row("lora", "lora", 0.84, trainable_params=5_000, trainable_pct=0.5, lora_rank=2, artifact_kind="adapter",
+            artifact_bytes=25_000, peak_memory_bytes=4_500_000_000),
+        row("sp-fisher", "sparse", 0.87, scorer="fisher", density=0.005, trainable_params=5_000, trainable_pct=0.5,
+            artifact_bytes=20_000),
+        row("sp-random", "sparse", 0.80, scorer="random", density=0.005, trainable_params=5_000, trainable_pct=0.5,
+            artifact_bytes=20_000, peak_memory_bytes=4_600_000_000),
+        {**row("sp-bad", "sparse", 0.0), "status": "failed", "error": "Traceback...\nValueError: boom", "metrics": None},
+    ]
+    return {
+        "schema_version": 1, "name": "synthetic", "config": {"steps": 10}, "command": "by hand",
+        "machine": {"device": "cpu"}, "model": {"name": "m", "total_params": 1_000_000},
+        "task": {"name": "sst2", "primary_metric": "accuracy"}, "started_at": "t0", "finished_at": "t1", "rows": rows,
+    }
+
+
+def test_report_figures_are_computed_from_the_rows_they_cite(tmp_path):
+    results = synthetic_results()
+    path = write_results(results, tmp_path / "results.json")
+    text = render_markdown(build_report(results, path, tmp_path / "report.md"))
+    # Best sparse row (fisher): 87.0 vs full 90.0 → -3.0 points; keeps (0.87-0.60)/(0.90-0.60) = 90% of the gain.
+    assert "scores 87.0 accuracy vs 90.0 for full fine-tuning (-3.0 points)" in text
+    assert "keeps 90% of full FT's gain" in text and "[row `sp-fisher`, row `full`, row `base`]" in text
+    assert "+3.0 points from it [row `sp-fisher`, row `lora`]" in text
+    # Targets: fisher beats LoRA (met), is 3 points from full (not met), uses less memory and bytes (met);
+    # random is below LoRA and uses more memory than LoRA.
+    fisher_line = next(line for line in text.splitlines() if line.startswith("| `sp-fisher` vs"))
+    assert fisher_line.count("**not met**") == 1 and "-3.0 points" in fisher_line
+    random_line = next(line for line in text.splitlines() if line.startswith("| `sp-random` vs"))
+    assert "**not met** (80.0 vs 84.0)" in random_line and "**not met** (4.6 GB vs 4.5 GB)" in random_line
+    assert "met (20,000 B vs 25,000 B)" in random_line
+    # Storage for 1,000 tenants: base 4 MB + 1000 × 20 KB = 24 MB; full copies 1000 × 4 MB = 4 GB.
+    assert "| 1,000 | 24.0 MB | 29.0 MB | 4.0 GB |" in text
+    assert "`sp-bad` (ValueError: boom)" in text
+    assert "<strong>Quality.</strong>" in render_html(build_report(results, path, tmp_path / "report.md"))
+
+
+def test_report_names_rows_the_grid_never_reached(tmp_path):
+    results = synthetic_results()
+    results["config"]["runs"] = [{"id": r["id"]} for r in results["rows"][1:]] + [{"id": "sp-late"}]
+    results["finished_at"] = None
+    path = write_results(results, tmp_path / "results.json")
+    text = render_markdown(build_report(results, path, tmp_path / "report.md"))
+    assert "no result (the grid was stopped, or is still running): `sp-late`." in text
+
+
+def test_report_warns_when_rows_ran_under_different_load(tmp_path):
+    results = synthetic_results()
+    for row, load in zip(results["rows"][1:5], (1.0, 1.2, 6.0, 1.1)):
+        row["load_average"] = {"start": load, "end": load}
+    path = write_results(results, tmp_path / "results.json")
+    text = render_markdown(build_report(results, path, tmp_path / "report.md"))
+    assert "**Caution:** the machine's load average differed between rows" in text and "`sp-fisher` 6.0" in text
+    for row in results["rows"][1:5]:
+        row["load_average"] = {"start": 2.0, "end": 2.0}
+    assert "Caution" not in render_markdown(build_report(results, path, tmp_path / "report.md"))
+
+
+def test_pick_rows_ignores_failed_rows():
+    picked = pick_rows(synthetic_results())
+    assert picked.best_sparse()["id"] == "sp-fisher"
+    assert [r["id"] for r in picked.failed] == ["sp-bad"]
+
+
+def test_report_cli_writes_markdown_and_html(tmp_path, capsys):
+    path = write_results(synthetic_results(), tmp_path / "results.json")
+    assert main(["report", str(path), "--html"]) == 0
+    assert (tmp_path / "report.md").is_file() and (tmp_path / "report.html").is_file()
+    assert (tmp_path / "plots" / "storage_tenants.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_report_rejects_a_broken_results_file(tmp_path, capsys):
+    bad = tmp_path / "results.json"
+    bad.write_text("{not json")
+    assert main(["report", str(bad)]) == 2
+    assert "results.json: not valid JSON" in capsys.readouterr().err
+    bad.write_text(json.dumps({"rows": [{"id": "x"}]}))
+    with pytest.raises(ResultsFormatError, match="missing top-level field 'config'"):
+        read_results(bad)
+    assert not (tmp_path / "report.md").exists()
+
+
+def test_schema_check_finds_a_null_field():
+    results = synthetic_results()
+    results["rows"][2]["median_step_s"] = None
+    assert schema_problems(results) == ["rows[2] (lora): field 'median_step_s' is null"]
