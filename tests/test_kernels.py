@@ -72,6 +72,9 @@ def test_choose_method_follows_the_cost_model():
     assert choose_method(1024, 1536, 576, k=884_736 // 5) == "dense_gather"
     assert choose_method(1024, 8192, 2048, k=167_772) == "sddmm_csr"  # 1% of a 1B MLP weight
     assert resolve_backend("auto", torch.device("cpu")) == "auto"
+    assert resolve_backend("auto", torch.device("cuda"), density=0.2) == "dense_gather"
+    if triton_available():
+        assert resolve_backend("auto", torch.device("cuda"), density=0.001) == "triton"
     with pytest.raises(ValueError, match="backend"):
         resolve_backend("cuda_magic", torch.device("cpu"))
 
