@@ -214,3 +214,28 @@ def test_layer_deepcopies_and_set_kernels_validates(tiny_model):
     with pytest.raises(ValueError, match="forward_mode"):
         set_kernels(model, forward_mode="nope")
     assert set(BACKENDS) >= {"auto", "triton", *TORCH_METHODS}
+
+
+@pytest.mark.parametrize("backend", ["auto", "dense_gather"])
+def test_training_with_inplace_forward_never_leaves_the_base_changed(tiny_model, tiny_batch, backend):
+    from sparseft import SparseConfig, get_sparse_model
+    from sparseft.diffio import fingerprints
+
+    model = get_sparse_model(tiny_model, SparseConfig(density=0.05, scorer="random"))
+    set_kernels(model, backend=backend, forward_mode="inplace")
+    reference_model = copy.deepcopy(model)
+    set_kernels(reference_model, backend="dense_gather", forward_mode="copy")
+    opts = [torch.optim.AdamW(m.sparse_parameters(), lr=1e-2) for m in (model, reference_model)]
+    for _ in range(3):
+        losses = []
+        for m, opt in zip((model, reference_model), opts):
+            loss = m(**tiny_batch).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.detach())
+        torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    weights = {name: layer.weight for name, layer in model.sparse_layers().items()}
+    assert fingerprints(weights) == model.base_fingerprint
+    for a, b in zip(model.sparse_parameters(), reference_model.sparse_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
