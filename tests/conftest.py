@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+
+# Triton fixes interpreter mode when first imported (transformers imports it below); without CUDA its
+# kernels can only run interpreted, which is how tests/test_kernels.py checks the GPU kernel on CPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

@@ -2,16 +2,31 @@
 
 The forward computes with W + S; the backward returns gradients for the k values only, so no dense
 gradient of the frozen weight is ever stored and the optimizer holds state for k numbers.
+
+Two ways to compute with W + S (``forward_mode``):
+- ``"inplace"`` (default): add S into the weight's k entries, run the dense product, and write
+  the saved original entries back, all inside the call (the backward does the same for grad_x).
+  O(k) index work per call instead of an O(out·in) copy, and the weight is bitwise the base
+  again whenever control is outside this function. A per-layer lock keeps threads that share
+  the layer from seeing each other's half-written weight.
+- ``"copy"``: build a fresh W + S per call (the first implementation; kept for comparison and for
+  weights that cannot be viewed flat).
+The values' gradient goes through ``sparseft.kernels.sampled_weight_grad`` with ``backend``.
 """
 
 from __future__ import annotations
+
+import contextlib
+import threading
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import MergeStateError
-from .kernels import sampled_weight_grad
+from .kernels import BACKENDS, sampled_weight_grad
+
+FORWARD_MODES = ("inplace", "copy")
 
 
 def add_entries(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -39,30 +54,82 @@ def restore_entries(weight: torch.Tensor, indices: torch.Tensor, original: torch
     weight.data.view(-1).index_copy_(0, indices, original)
 
 
+@contextlib.contextmanager
+def entries_added(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, lock=None):
+    """Within the block ``weight`` holds W + S (same rounding as ``add_entries``); after it, W exactly.
+
+    Writes go through ``.data`` so autograd's version counter is not bumped: the change is
+    undone bit for bit before anything else can observe it.
+    """
+    with lock if lock is not None else contextlib.nullcontext():
+        originals = merge_entries(weight, indices, values)
+        try:
+            yield weight.data
+        finally:
+            restore_entries(weight, indices, originals)
+
+
+def weight_with_entries(ctx, weight, indices, values):
+    """A context giving W + S for ``ctx.forward_mode``."""
+    if ctx.forward_mode == "inplace":
+        return entries_added(weight, indices, values, ctx.lock)
+    return contextlib.nullcontext(add_entries(weight, indices, values))
+
+
+class WeightLock:
+    """A ``threading.Lock`` that survives ``copy.deepcopy`` and pickling (a fresh lock each time)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self._lock.release()
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self._lock = threading.Lock()
+
+
 class SparseDeltaFunction(torch.autograd.Function):
-    """y = x (W + S)ᵀ + b with S given by (indices, values); gradients for x, values (and b if trainable)."""
+    """y = x (W + S)ᵀ + b with S given by (indices, values); gradients for x, values (and b if trainable).
+
+    ``backend`` chooses the values' gradient kernel (see ``sparseft.kernels``), ``forward_mode``
+    how W + S is formed, ``lock`` guards in-place mode against concurrent callers.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, indices, values):  # noqa: D102 - autograd protocol
-        ctx.save_for_backward(x, weight, indices, values)
-        ctx.has_bias = bias is not None
-        return F.linear(x, add_entries(weight, indices, values), bias)
+    def forward(ctx, x, weight, bias, indices, values, backend="auto", forward_mode="inplace", lock=None):  # noqa: D102
+        if forward_mode == "inplace" and not weight.is_contiguous():
+            forward_mode = "copy"
+        ctx.save_for_backward(x, indices, values)
+        # The frozen weight is kept by reference, not saved: in-place mode changes it transiently
+        # (and restores it), which the saved-tensor version check would wrongly flag.
+        ctx.weight, ctx.has_bias = weight, bias is not None
+        ctx.backend, ctx.forward_mode, ctx.lock = backend, forward_mode, lock
+        with weight_with_entries(ctx, weight, indices, values) as merged:
+            return F.linear(x, merged, bias)
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: D102 - autograd protocol
-        x, weight, indices, values = ctx.saved_tensors
+        x, indices, values = ctx.saved_tensors
         grad_x = grad_bias = grad_values = None
         if ctx.needs_input_grad[0]:
-            # Rebuilt rather than saved, so W + S does not live from the forward to the backward.
-            # Under autocast grad_out is bf16/fp16 while the weight stays fp32: compute in grad_out's dtype.
-            grad_x = grad_out @ add_entries(weight, indices, values).to(grad_out.dtype)
+            # Formed again rather than kept, so W + S does not live from the forward to the backward.
+            with weight_with_entries(ctx, ctx.weight, indices, values) as merged:
+                # .to: under autocast grad_out may be bf16 while the frozen weight is fp32.
+                grad_x = grad_out @ merged.to(grad_out.dtype)
         if ctx.needs_input_grad[2] and ctx.has_bias:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         if ctx.needs_input_grad[4]:
             g2d = grad_out.reshape(-1, grad_out.shape[-1])
             x2d = x.reshape(-1, x.shape[-1]).to(g2d.dtype)
-            grad_values = sampled_weight_grad(g2d, x2d, indices).to(values.dtype)
-        return grad_x, None, grad_bias, None, grad_values
+            grad_values = sampled_weight_grad(g2d, x2d, indices, backend=ctx.backend).to(values.dtype)
+        return grad_x, None, grad_bias, None, grad_values, None, None, None
 
 
 class SparseLinear(nn.Module):
@@ -81,6 +148,9 @@ class SparseLinear(nn.Module):
             values = torch.zeros(indices.numel(), dtype=torch.float32, device=device)
         self.values = nn.Parameter(values.to(device=device, dtype=torch.float32))
         self._original_entries: torch.Tensor | None = None
+        self.backend = "auto"
+        self.forward_mode = "inplace"
+        self._weight_lock = WeightLock()
 
     @property
     def weight(self) -> torch.Tensor:
@@ -97,21 +167,46 @@ class SparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or self.k == 0:
             return self.base_layer(x)
-        return SparseDeltaFunction.apply(x, self.base_layer.weight, self.base_layer.bias, self.indices, self.values)
+        layer = self.base_layer
+        return SparseDeltaFunction.apply(
+            x, layer.weight, layer.bias, self.indices, self.values, self.backend, self.forward_mode, self._weight_lock
+        )
+
+    def set_kernels(self, backend: str = "auto", forward_mode: str = "inplace") -> None:
+        """Choose the values' gradient kernel and how W + S is formed (see the module docstring)."""
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if forward_mode not in FORWARD_MODES:
+            raise ValueError(f"forward_mode must be one of {FORWARD_MODES}, got {forward_mode!r}")
+        self.backend, self.forward_mode = backend, forward_mode
 
     @torch.no_grad()
     def merge(self) -> None:
         if self.merged:
             raise MergeStateError("this layer is already merged; call unmerge() first")
-        self._original_entries = merge_entries(self.base_layer.weight, self.indices, self.values)
+        with self._weight_lock:
+            self._original_entries = merge_entries(self.base_layer.weight, self.indices, self.values)
 
     @torch.no_grad()
     def unmerge(self) -> None:
         if not self.merged:
             raise MergeStateError("this layer is not merged; nothing to restore")
-        restore_entries(self.base_layer.weight, self.indices, self._original_entries)
-        self._original_entries = None
+        with self._weight_lock:
+            restore_entries(self.base_layer.weight, self.indices, self._original_entries)
+            self._original_entries = None
 
     def extra_repr(self) -> str:
         w = self.base_layer.weight
         return f"k={self.k}, density={self.k / w.numel():.4%}, merged={self.merged}"
+
+
+def set_kernels(model: nn.Module, backend: str = "auto", forward_mode: str = "inplace") -> int:
+    """``set_kernels`` on every ``SparseLinear`` inside ``model``; returns how many layers it set.
+
+    Example: ``set_kernels(sparse_model, backend="dense_gather", forward_mode="copy")`` gives the
+    first implementation (dense dW, W + S copied per call), e.g. to benchmark against.
+    """
+    layers = [m for m in model.modules() if isinstance(m, SparseLinear)]
+    for layer in layers:
+        layer.set_kernels(backend, forward_mode)
+    return len(layers)

@@ -1,4 +1,5 @@
-"""Benchmarks: full fine-tuning vs LoRA vs sparse side by side (grid), their plots and the cost report.
+"""Benchmarks: full fine-tuning vs LoRA vs sparse side by side (grid), their plots and the cost report;
+``gpu_step`` and ``backward_cpu`` time one training step of each method.
 
 Example:
     >>> from sparseft.bench import load_bench_config, run_grid, write_report
