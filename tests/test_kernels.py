@@ -9,7 +9,7 @@ from torch import nn
 
 from sparseft.delta import SparseDeltaFunction, SparseLinear, set_kernels
 from sparseft.kernels import BACKENDS, choose_method, resolve_backend, sampled_weight_grad
-from sparseft.kernels.reference import dense_gather, sddmm_columns, sddmm_csr
+from sparseft.kernels.reference import sddmm_columns, sddmm_csr
 from sparseft.kernels.triton_sddmm import sampled_weight_grad_triton, triton_available
 
 TORCH_METHODS = ["dense_gather", "sddmm_columns", "sddmm_csr"]

@@ -10,13 +10,12 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
+from .atomic import atomic_dir
 from .errors import ModelNotFoundError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -80,16 +79,9 @@ def ensure_converted(out: Path, convert: Callable[[Path], None]) -> Path:
     with file_lock(out.parent / f".{out.name}.lock"):
         if is_complete(out):  # another process finished while we waited
             return out
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        try:
+        with atomic_dir(out) as tmp:  # also replaces a stale, incomplete directory from a crashed run
             convert(tmp)
             (tmp / COMPLETE_MARKER).write_text("ok\n")
-            if out.exists():  # a stale, incomplete directory from a crashed run
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return out
 
 
@@ -182,18 +174,10 @@ def load_tokenizer(name_or_path: str | os.PathLike, required: bool = True):
 def save_model_dir(model, tokenizer, out: str | os.PathLike) -> Path:
     """``save_pretrained`` into a temporary sibling renamed into place, so a crash leaves no half model."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

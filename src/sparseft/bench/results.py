@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..atomic import atomic_file
 from ..errors import ResultsFormatError
 
 SCHEMA_VERSION = 1
@@ -40,16 +40,9 @@ TOP_LEVEL_FIELDS = ("schema_version", "name", "config", "command", "machine", "m
 def write_results(results: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write ``results`` as JSON atomically: a crash mid-write leaves the previous file intact."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(results, f, indent=2, sort_keys=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as tmp, open(tmp, "w") as f:
+        json.dump(results, f, indent=2, sort_keys=False)
+        f.write("\n")
     return path
 
 

@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..atomic import atomic_dir, atomic_file
 from ..diffio import CONFIG_NAME, DELTA_NAME, SparseDiff, file_sha256, read_diff
 from ..errors import DiffRegistryError, SparseFTError, UnknownDiffError
 
@@ -241,17 +241,10 @@ class DiffRegistry:
     def _store_copy(self, source: Path, name: str, number: int) -> str:
         relative = f"diffs/{name}/v{number}"
         target = self.directory / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".v{number}.tmp-", dir=target.parent))
-        try:
+        # Replaces a copy left over from a load whose registry.json write failed.
+        with atomic_dir(target) as tmp:
             for file in (CONFIG_NAME, DELTA_NAME):
                 shutil.copyfile(source / file, tmp / file)
-            if target.exists():  # left over from a load whose registry.json write failed
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return relative
 
     def _state(self) -> dict[str, Any]:
@@ -267,18 +260,11 @@ class DiffRegistry:
     def _save(self) -> None:
         if self.directory is None:
             return
-        self.directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{REGISTRY_FILE}.tmp-", dir=self.directory)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self._state(), f, indent=2, sort_keys=True)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.directory / REGISTRY_FILE)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(self.directory / REGISTRY_FILE) as tmp, open(tmp, "w") as f:
+            json.dump(self._state(), f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
 
     def _restore(self) -> None:
         file = self.directory / REGISTRY_FILE

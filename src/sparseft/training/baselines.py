@@ -7,12 +7,12 @@ directory (``adapter_config.json`` + ``adapter_model.safetensors``).
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ..atomic import atomic_dir
 from ..config import SparseConfig
 from ..models import save_model_dir
 from ..selection.budget import module_budgets, total_budget
@@ -63,14 +63,6 @@ def save_full(model: nn.Module, tokenizer, path: str | os.PathLike) -> Path:
 def save_lora(model: nn.Module, path: str | os.PathLike) -> Path:
     """The peft adapter directory, written to a temporary sibling and renamed into place."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_dir(path) as tmp:
         model.save_pretrained(str(tmp))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path

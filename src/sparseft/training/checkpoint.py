@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..atomic import atomic_dir
 from ..errors import ConfigError
 
 CHECKPOINTS_DIR = "checkpoints"
@@ -73,9 +72,7 @@ def save_checkpoint(
 ) -> Path:
     """Write a checkpoint atomically (a temporary sibling renamed into place). ``run_info`` records
     what must not change on resume (see :func:`check_resumable`)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with atomic_dir(path) as tmp:
         params = {name: p.detach().cpu().contiguous() for name, p in named_params}
         save_file(params, str(tmp / "trainable.safetensors"))
         opt = optimizer.state_dict()
@@ -90,12 +87,6 @@ def save_checkpoint(
         state = {"step": step, "param_names": [n for n, _ in named_params], "param_groups": opt["param_groups"],
                  "run": run_info or {}}
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

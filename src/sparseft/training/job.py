@@ -19,7 +19,8 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
-from ..diffio import CONFIG_NAME, read_diff, replace_dir
+from ..atomic import atomic_dir
+from ..diffio import CONFIG_NAME, read_diff
 from ..errors import ConfigError
 from ..model import SparseModel, get_sparse_model
 from ..models import load_model, load_tokenizer
@@ -242,17 +243,11 @@ KEEP_ON_PUBLISH = (METRICS_NAME, TRAIN_CONFIG_NAME, CHECKPOINTS_DIR)
 def publish(out: Path, write_artifact) -> None:
     """Write the final artifact into a staging sibling, move the run's logs and checkpoints into it, then
     swap it for ``out`` in one rename: ``out`` is never a half-written artifact."""
-    staging = out.with_name(f".{out.name}.final-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    with atomic_dir(out) as staging:
         write_artifact(staging)
         for name in KEEP_ON_PUBLISH:
             if (out / name).exists():
                 os.replace(out / name, staging / name)
-        replace_dir(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def directory_bytes(path: Path, skip: tuple[str, ...] = KEEP_ON_PUBLISH) -> int:
