@@ -14,7 +14,6 @@ next token after ``prompt`` is used.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from importlib import resources
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataFormatError
+from ..tasks.files import read_jsonl
 
 TEXT_FIELDS = ("prompt", "pair", "target")
 KNOWN_FIELDS = {"id", "category", "note", *TEXT_FIELDS, *(f"{f}_ids" for f in TEXT_FIELDS)}
@@ -47,19 +47,8 @@ def default_probe_file() -> Path:
 def read_probe_rows(path: str | os.PathLike) -> list[tuple[str, dict[str, Any]]]:
     """``(where, row)`` per non-blank line, each row a JSON object with known fields only."""
     path = Path(path)
-    if not path.is_file():
-        raise DataFormatError(f"{path}: probe file not found")
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataFormatError(f"{where}: not valid JSON ({e.msg})") from e
-        if not isinstance(row, dict):
-            raise DataFormatError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    for where, row in read_jsonl(path):
         unknown = sorted(set(row) - KNOWN_FIELDS)
         if unknown:
             raise DataFormatError(f"{where}: unknown field(s) {unknown}; known fields: {sorted(KNOWN_FIELDS)}")
