@@ -33,6 +33,17 @@ def add_parser(sub):
     sel.add_argument("--target-modules", help="comma-separated module names (default all Llama projections)")
     sel.add_argument("--calibration-batches", type=int, help="batches a data scorer looks at (default 8)")
     sel.add_argument("--value-dtype", choices=["bfloat16", "float16", "float32"], help="dtype of saved values")
+    dyn = p.add_argument_group(
+        "dynamic re-selection (sparse)",
+        "Let the mask move during training (RigL-style, Evci et al. 2020): every N steps each module drops the "
+        "entries with the smallest |value| and grows, in their place, the entries outside its mask with the largest "
+        "|gradient| on that step's first micro-batch. k per module stays fixed; kept entries keep their values and "
+        "AdamW state, grown ones start at 0. Dropping nonzero values changes the model's output by those values.")
+    dyn.add_argument("--reselect-every", type=int, metavar="N",
+                     help="re-select every N optimizer steps (0: off, the default); e.g. 50 for a 500-step run")
+    dyn.add_argument("--reselect-fraction", type=float, metavar="F",
+                     help="share of each module's k swapped at the first re-selection, in (0, 1]; decays "
+                     "with a cosine to 0 at the last step (default 0.1)")
     opt = p.add_argument_group("optimisation")
     steps = opt.add_mutually_exclusive_group()
     steps.add_argument("--steps", type=int, help="optimizer steps")

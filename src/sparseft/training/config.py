@@ -35,6 +35,10 @@ class TrainConfig:
             value_dtype: as in :class:`sparseft.SparseConfig` (sparse runs; ``target_modules`` also
             sets where LoRA goes).
         masks: a saved masks/diff file to train exactly those entries (instead of selecting).
+        reselect_every / reselect_fraction: dynamic re-selection (sparse runs): every N steps each
+            module swaps its smallest-|value| entries for the largest-|gradient| ones outside its
+            mask, k fixed; ``reselect_fraction`` of k at the first re-selection, cosine-decayed to 0
+            at the end (see ``sparseft.training.reselect``). 0 or None: off (the default).
         steps: optimizer steps; when None, ``epochs`` passes over the data decide.
         batch_size: rows per micro-batch per process; one optimizer step sees
             ``batch_size × grad_accum × world_size`` rows.
@@ -63,6 +67,8 @@ class TrainConfig:
     target_modules: list[str] = field(default_factory=lambda: list(LLAMA_PROJECTIONS))
     calibration_batches: int = 8
     value_dtype: str = "bfloat16"
+    reselect_every: int | None = None
+    reselect_fraction: float = 0.1
     # optimisation
     steps: int | None = None
     epochs: float = 1.0
@@ -114,8 +120,23 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        self.check_reselection()
         if self.method == "sparse" and self.masks is None:
             self.sparse_config()  # validates density / num_params / scorer fields early
+
+    def check_reselection(self) -> None:
+        every, fraction = self.reselect_every, self.reselect_fraction
+        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 0):
+            raise ConfigError(f"reselect_every must be a whole number of steps >= 0 (0 or null: off), got {every!r}")
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
+            raise ConfigError(f"reselect_fraction must be in (0, 1] (share of each module's k swapped at the first "
+                              f"re-selection), got {fraction!r}")
+        if every and self.method != "sparse":
+            raise ConfigError(f"reselect_every applies to sparse runs only (it moves a sparse mask), not method={self.method!r}")
+
+    @property
+    def reselecting(self) -> bool:
+        return bool(self.reselect_every)
 
     # ------------------------------------------------------------ derived
 

@@ -136,9 +136,14 @@ RESUME_FIELDS = ("method", "seed", "batch_size", "grad_accum", "lr", "weight_dec
                  "scorer", "allocation", "masks", "lora_rank", "lora_alpha", "lora_match_sparse", "precision")
 
 
+# Recorded only when re-selection is on, so checkpoints written before it existed still resume.
+RESELECT_FIELDS = ("reselect_every", "reselect_fraction")
+
+
 def run_info(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     values = cfg.to_dict()
-    return {**{k: values[k] for k in RESUME_FIELDS}, "world_size": world_size, "data_sha256": file_sha256(cfg.data)}
+    fields = RESUME_FIELDS + (RESELECT_FIELDS if cfg.reselecting else ())
+    return {**{k: values[k] for k in fields}, "world_size": world_size, "data_sha256": file_sha256(cfg.data)}
 
 
 def resume_checkpoint(cfg: TrainConfig, out: Path, info: dict[str, Any]) -> Checkpoint | None:
@@ -166,7 +171,7 @@ def prepare_method(
         return prepare_lora(model, cfg.target_modules, rank, cfg.lora_alpha, cfg.seed), None, {"lora_rank": rank}
     sparse_cfg = cfg.sparse_config()
     if ckpt is not None and ckpt.masks:
-        masks = ckpt.masks  # resume trains exactly the entries the interrupted run chose
+        masks = ckpt.masks  # the entries trained when it was written (re-selection may have moved them)
     elif cfg.masks:
         masks = load_mask_file(cfg.masks)
     else:

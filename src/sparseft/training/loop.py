@@ -26,11 +26,15 @@ import torch
 import torch.distributed as torch_dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
+
+from ..model import SparseModel
 
 from .checkpoint import checkpoint_dir, save_checkpoint
 from .config import TrainConfig
 from .data import IGNORE_INDEX, Example, make_batches
+from .reselect import ReselectSchedule, check_same_everywhere, reselect
 
 METRICS_NAME = "metrics.jsonl"
 
@@ -180,6 +184,68 @@ def train_step(
     return StepResult(loss=loss, grad_norm=grad_norm, tokens=int(input_tokens))
 
 
+# ---------------------------------------------------------------- dynamic re-selection (sparse runs)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DDP wrapper (or the model itself)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def sparse_layers_of(model: nn.Module) -> dict | None:
+    """``{module name: SparseLinear}`` of a sparse run (names as in its masks), else None."""
+    inner = unwrap(model)
+    return inner.sparse_layers() if isinstance(inner, SparseModel) else None
+
+
+def live_masks(model: nn.Module, masks: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+    """The masks as trained now: re-selection moves them, so checkpoints take them from the layers."""
+    layers = sparse_layers_of(model)
+    return {name: layer.indices for name, layer in layers.items()} if layers else masks
+
+
+def reselect_schedule(cfg: TrainConfig, total_steps: int) -> ReselectSchedule | None:
+    if not cfg.reselecting:
+        return None
+    return ReselectSchedule(int(cfg.reselect_every), float(cfg.reselect_fraction), total_steps)
+
+
+def growth_loss(model: nn.Module, batch: dict[str, torch.Tensor], dist: Distributed, precision: str) -> torch.Tensor:
+    """The summed completion loss of one micro-batch: what ranks the candidates to grow."""
+    batch = {k: v.to(dist.device) for k, v in batch.items()}
+    with autocast_for(dist.device, precision):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return completion_loss_sum(logits, batch["labels"])
+
+
+def process_ops(dist: Distributed):
+    """In-place sum / max / min over processes (None for one process)."""
+    if not dist.enabled:
+        return None, None, None
+    op = torch_dist.ReduceOp
+    return tuple((lambda t, o=o: torch_dist.all_reduce(t, op=o)) for o in (op.SUM, op.MAX, op.MIN))
+
+
+def reselect_step(model: nn.Module, optimizer, schedule: ReselectSchedule, step: int, batch, dist: Distributed,
+                  precision: str) -> int:
+    """Re-select on the step's first micro-batch (eval mode: no dropout); returns entries swapped.
+
+    The unwrapped model runs the extra pass, so DDP's gradient sync is not involved; the dense
+    gradients are summed over processes instead, and the resulting masks checked to agree.
+    """
+    inner, layers = unwrap(model), sparse_layers_of(model)
+    total, high, low = process_ops(dist)
+    was_training = inner.training
+    inner.eval()
+    try:
+        swapped = reselect(layers, optimizer, schedule, step, lambda: growth_loss(inner, batch, dist, precision), total)
+    finally:
+        inner.train(was_training)
+    if dist.enabled:
+        check_same_everywhere(layers, high, low)
+    return sum(swapped.values())
+
+
 # ---------------------------------------------------------------- metrics
 
 
@@ -240,6 +306,7 @@ def train_loop(
     ``cfg.save_every`` steps (rank 0 writes; every rank computes the same update)."""
     params = [p for _, p in named_params]
     warmup = warmup_steps_of(cfg, total_steps)
+    schedule = reselect_schedule(cfg, total_steps)
     write = out is not None and dist.is_main
     metrics = MetricsLog(out / METRICS_NAME, write, resume_step=start_step if start_step else None) if out else None
     stats = LoopStats()
@@ -254,6 +321,11 @@ def train_loop(
         for group in optimizer.param_groups:
             group["lr"] = lr
         batches = make_batches(examples, cfg.batch_size, pad_id, cfg.seed, step, cfg.grad_accum, dist.rank, dist.world_size)
+        reselected = {}
+        if schedule is not None and schedule.due(step):
+            t0 = time.perf_counter()
+            swapped = reselect_step(model, optimizer, schedule, step, batches[0], dist, cfg.precision)
+            reselected = {"reselected": swapped, "reselect_time_s": time.perf_counter() - t0}
         t0 = time.perf_counter()
         result = train_step(model, batches, optimizer, params, cfg.max_grad_norm, dist, cfg.precision)
         if dist.device.type == "cuda":
@@ -264,15 +336,16 @@ def train_loop(
         stats.tokens += result.tokens
         bar.set_postfix(loss=f"{result.loss:.4f}", tok_s=f"{result.tokens / elapsed:,.0f}")
         done = step + 1
-        if metrics and (done % cfg.log_every == 0 or done == total_steps):
+        if metrics and (done % cfg.log_every == 0 or done == total_steps or reselected):
             metrics.write({
                 "step": done, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
                 "tokens_per_s": result.tokens / elapsed, "step_time_s": elapsed,
                 "peak_memory_bytes": peak_memory_bytes(dist.device),
                 "epoch": done * cfg.batch_size * cfg.grad_accum * dist.world_size / len(examples),
+                **reselected,
             })
         if write and cfg.save_every and done % cfg.save_every == 0 and done < total_steps:
-            save_checkpoint(checkpoint_dir(out, done), done, named_params, optimizer, masks, run_info)
+            save_checkpoint(checkpoint_dir(out, done), done, named_params, optimizer, live_masks(model, masks), run_info)
     bar.close()
     stats.wall_time_s = time.perf_counter() - started
     stats.peak_memory_bytes = peak_memory_bytes(dist.device)
