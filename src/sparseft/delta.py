@@ -143,7 +143,8 @@ class SparseLinear(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         device = base_layer.weight.device
-        self.register_buffer("indices", indices.to(device=device, dtype=torch.long), persistent=False)
+        # A copy: re-selection changes the buffer in place, which must not reach the caller's masks.
+        self.register_buffer("indices", indices.to(device=device, dtype=torch.long, copy=True), persistent=False)
         if values is None:
             values = torch.zeros(indices.numel(), dtype=torch.float32, device=device)
         self.values = nn.Parameter(values.to(device=device, dtype=torch.float32))
