@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import make_tiny_llama, make_tiny_tokenizer
@@ -42,3 +43,34 @@ def test_two_gloo_processes_match_one_process(tiny_model_with_tokenizer_dir, tmp
         assert torch.equal(a[name].indices, b[name].indices)
         torch.testing.assert_close(a[name].values, b[name].values, rtol=1e-4, atol=1e-6)
     assert float(sum(layer.values.abs().sum() for layer in a.values())) > 0
+
+
+@pytest.mark.slow  # two fresh torchrun processes: ~20 s idle, longer on a busy 2-core box
+def test_reselection_under_two_gloo_processes_matches_one_process(tiny_model_with_tokenizer_dir, tmp_path):
+    """Growth gradients are summed over processes: both ranks pick the entries one process picks on
+    the whole global batch (the run itself fails if the ranks' masks disagree)."""
+    data = write_train_file(tmp_path / "train.jsonl", n=16)
+    settings = ["--density", "0.1", "--steps", "4", "--lr", "1e-2", "--max-length", "64", "--value-dtype", "float32",
+                "--seed", "0", "--no-progress", "--reselect-every", "2", "--reselect-fraction", "0.5"]
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "sparseft", "train",
+         "--model", str(tiny_model_with_tokenizer_dir), "--data", str(data), *settings, "--batch-size", "2",
+         "--out", str(tmp_path / "ddp")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+
+    single = run_training(
+        TrainConfig(model=str(tiny_model_with_tokenizer_dir), data=str(data), out=str(tmp_path / "single"), density=0.1,
+                    steps=4, lr=1e-2, max_length=64, value_dtype="float32", seed=0, batch_size=4, progress=False,
+                    reselect_every=2, reselect_fraction=0.5),
+        model=make_tiny_llama(), tokenizer=make_tiny_tokenizer(),
+    )
+    a = SparseModel.from_pretrained(make_tiny_llama(), tmp_path / "ddp").sparse_layers()
+    b = SparseModel.from_pretrained(make_tiny_llama(), single.out).sparse_layers()
+    for name in a:
+        assert torch.equal(a[name].indices, b[name].indices), name
+        torch.testing.assert_close(a[name].values, b[name].values, rtol=1e-4, atol=1e-6)
+    swapped = [json.loads(line).get("reselected") for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert swapped[2] and swapped[2] > 0  # it did move entries (before step 3)
