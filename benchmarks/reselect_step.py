@@ -1,0 +1,87 @@
+"""Cost of one dynamic re-selection against one ordinary sparse training step (CPU, random-init Llama).
+
+Both on the same micro-batch: a training step is forward + backward (sparse gradients) + AdamW; a
+re-selection is one extra forward + backward that forms each layer's dense weight gradient in turn,
+ranks it and swaps entries (``sparseft.training.loop.reselect_step``). Medians of ``--repeats`` runs.
+
+    PYTHONPATH=src python benchmarks/reselect_step.py                 # small: 4 layers, hidden 256
+    PYTHONPATH=src python benchmarks/reselect_step.py --shape tiny    # the tests' 2-layer, hidden-32 model
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+SHAPES = {
+    "tiny": dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2),
+    "small": dict(vocab_size=2048, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
+                  num_key_value_heads=4),
+}
+
+
+def median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="small")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--density", type=float, default=0.01)
+    parser.add_argument("--fraction", type=float, default=0.1)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1, help="1: on a shared box, 2 threads mostly measure spin-waiting")
+    args = parser.parse_args()
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sparseft import SparseConfig, get_sparse_model
+    from sparseft.training.loop import Distributed, reselect_step, train_step
+    from sparseft.training.reselect import ReselectSchedule
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(**SHAPES[args.shape], max_position_embeddings=max(128, args.seq),
+                                        tie_word_embeddings=False))
+    model = get_sparse_model(base, SparseConfig(density=args.density, scorer="random"))
+    model.train()
+    params = model.sparse_parameters()
+    optimizer = torch.optim.AdamW(params, lr=1e-3, foreach=False)
+    ids = torch.randint(0, base.config.vocab_size, (args.batch_size, args.seq))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    dist = Distributed()
+    schedule = ReselectSchedule(every=1, fraction=args.fraction, total_steps=10**9)  # the full fraction every call
+
+    def step():
+        train_step(model, [batch], optimizer, params, 1.0, dist, "fp32")
+
+    def reselect():
+        reselect_step(model, optimizer, schedule, 1, batch, dist, "fp32")
+
+    step(), reselect()  # warm-up (allocator, kernel choice)
+    step_s, reselect_s = median_time(step, args.repeats), median_time(reselect, args.repeats)
+    layers = model.sparse_layers().values()
+    print(json.dumps({
+        "shape": args.shape, "params": sum(p.numel() for p in base.parameters()),
+        "targeted": sum(layer.weight.numel() for layer in layers), "k": sum(layer.k for layer in layers),
+        "swapped_per_reselect": sum(schedule.count(layer.k, layer.weight.numel(), 1) for layer in layers),
+        "tokens_per_batch": args.batch_size * args.seq, "threads": args.threads,
+        "train_step_s": round(step_s, 4), "reselect_s": round(reselect_s, 4), "ratio": round(reselect_s / step_s, 2),
+        "load_average_1min": os.getloadavg()[0],
+    }))
+
+
+if __name__ == "__main__":
+    main()
