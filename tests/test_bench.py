@@ -251,6 +251,17 @@ def test_pick_rows_ignores_failed_rows():
     assert [r["id"] for r in picked.failed] == ["sp-bad"]
 
 
+def test_sweep_rows_are_compared_with_the_best_lora_and_full_rows():
+    results = synthetic_results()
+    weak = [dict(r) for r in results["rows"] if r["method"] in ("lora", "full")]
+    for r in weak:
+        r["id"], r["metrics"] = r["id"] + "-weak-lr", {"accuracy": 0.70}
+    results["rows"] = weak + results["rows"]  # the weaker guesses come first, as in a sweep file
+    picked = pick_rows(results)
+    assert picked.full["id"] == "full"
+    assert picked.lora_match(picked.best_sparse())["id"] == "lora"
+
+
 def test_report_cli_writes_markdown_and_html(tmp_path, capsys):
     path = write_results(synthetic_results(), tmp_path / "results.json")
     assert main(["report", str(path), "--html"]) == 0
