@@ -146,6 +146,67 @@ def test_squad_reader_splits_by_article(tmp_path):
     assert read_squad_json(path)[1]["answers"] == ["1"]
 
 
+def broken_squad(tmp_path, break_it) -> Path:
+    """The 3-article file of ``squad_file`` after ``break_it(data)`` changed one item in place."""
+    document = json.loads(squad_file(tmp_path).read_text())
+    break_it(document["data"])
+    path = tmp_path / "broken.json"
+    path.write_text(json.dumps(document))
+    return path
+
+
+@pytest.mark.parametrize(
+    "break_it, message",
+    [
+        (lambda d: d[1]["paragraphs"][0].pop("context"), r"data\[1\]\.paragraphs\[0\]: missing field 'context'"),
+        (lambda d: d[1]["paragraphs"][0].update(context=None), r"data\[1\]\.paragraphs\[0\]: field 'context' must be a non-empty string"),
+        (lambda d: d[2]["paragraphs"][0]["qas"][0]["answers"][0].update(text=None), r"data\[2\]\.paragraphs\[0\]\.qas\[0\]\.answers\[0\]\.text: expected a string, got None"),
+        (lambda d: d[2]["paragraphs"][0]["qas"][0]["answers"].__setitem__(0, "2"), r"data\[2\]\.paragraphs\[0\]\.qas\[0\]\.answers\[0\]: expected a JSON object, got str"),
+        (lambda d: d[0]["paragraphs"][0]["qas"][0].update(question=None), r"data\[0\]\.paragraphs\[0\]\.qas\[0\]: field 'question' must be a non-empty string"),
+        (lambda d: d[0]["paragraphs"][0]["qas"][0].update(id=7), r"data\[0\]\.paragraphs\[0\]\.qas\[0\]\.id: expected a string, got 7"),
+        (lambda d: d[0]["paragraphs"][0]["qas"][0].pop("answers"), r"data\[0\]\.paragraphs\[0\]\.qas\[0\]: missing field 'answers'"),
+        (lambda d: d[0]["paragraphs"][0]["qas"][0]["answers"][0].update(text=" "), r"data\[0\]\.paragraphs\[0\]\.qas\[0\]\.answers: needs at least one answer"),
+        (lambda d: d[0]["paragraphs"][0].update(qas={}), r"data\[0\]\.paragraphs\[0\]\.qas: expected a list, got dict"),
+        (lambda d: d[0].pop("paragraphs"), r"data\[0\]: missing field 'paragraphs'"),
+        (lambda d: d.__setitem__(1, None), r"data\[1\]: expected a JSON object, got NoneType"),
+    ],
+)
+def test_squad_reader_names_the_malformed_item(tmp_path, break_it, message):
+    path = broken_squad(tmp_path, break_it)
+    with pytest.raises(DataFormatError, match=r"broken\.json: " + message):
+        read_squad_json(path)
+
+
+def test_squad_reader_names_absolute_item_in_a_split_and_skips_other_articles(tmp_path):
+    path = broken_squad(tmp_path, lambda d: d[2]["paragraphs"][0].pop("context"))
+    assert [r["id"] for r in read_squad_json(path, slice(0, 2))] == ["q0", "q1"]
+    with pytest.raises(DataFormatError, match=r"data\[2\]\.paragraphs\[0\]: missing field 'context'"):
+        read_squad_json(path, slice(1, None))
+
+
+@pytest.mark.parametrize("content", ['{"data": {"title": "x"}}', "[1, 2]", '{"version": "1.1"}', "{not json", b"\xff\xfe{}"])
+def test_squad_reader_rejects_files_that_are_not_squad(tmp_path, content):
+    path = tmp_path / "squad.json"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(DataFormatError, match=r"squad\.json: not a SQuAD JSON file"):
+        read_squad_json(path)
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"summary": "s"}', r"val.jsonl:2: missing field 'dialogue'"),
+        ('{"dialogue": "A: hi", "summary": null}', r"val.jsonl:2: field 'summary' must be a non-empty string, got None"),
+        ('{"dialogue": ["A: hi"], "summary": "s"}', r"val.jsonl:2: field 'dialogue' must be a non-empty string"),
+    ],
+)
+def test_dialogue_reader_names_line_and_field(tmp_path, line, message):
+    path = tmp_path / "val.jsonl"
+    path.write_text(json.dumps({"dialogue": "A: hi", "summary": "They greet."}) + "\n" + line + "\n")
+    with pytest.raises(DataFormatError, match=message):
+        read_dialogue_jsonl(path)
+
+
 def test_unknown_task_and_bad_limit_are_clear_errors():
     with pytest.raises(ConfigError, match="unknown task 'nope'; available: .*sst2"):
         get_task("nope")
