@@ -207,6 +207,23 @@ def test_dialogue_reader_names_line_and_field(tmp_path, line, message):
         read_dialogue_jsonl(path)
 
 
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"sentence\tlabel\nfine \t1\nno label here\n", r"dev.tsv:3: expected 2 tab-separated fields \(sentence, label\), got 1"),
+        (b"sentence\tlabel\nfine \t1\n\t0\n", r"dev.tsv:3: field 'sentence' is empty"),
+        (b"sentence\tlabel\nfine \t1\nok \t\n", r"dev.tsv:3: field 'label' must be one of 0..1, got ''"),
+        (b"sentence\tlabel\nfine \t1\nbad \xff byte\t0\n", r"dev.tsv:3: not UTF-8 text"),
+        (b"sentence\n", r"dev.tsv:1: expected the header"),
+    ],
+)
+def test_sst2_reader_names_line_and_field(tmp_path, content, message):
+    path = tmp_path / "dev.tsv"
+    path.write_bytes(content)
+    with pytest.raises(DataFormatError, match=message):
+        read_sst2_tsv(path, ["negative", "positive"])
+
+
 def test_unknown_task_and_bad_limit_are_clear_errors():
     with pytest.raises(ConfigError, match="unknown task 'nope'; available: .*sst2"):
         get_task("nope")
