@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +15,7 @@ import torch
 from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
 
+import sparseft
 from conftest import make_tiny_llama
 from sparseft.errors import ConfigError, DataFormatError
 from sparseft.tasks import ROUTING_DATA, ROUTING_DEPARTMENTS, get_task
@@ -237,6 +242,39 @@ def test_bundled_routing_data_is_valid_and_split_cleanly():
     assert len(train) >= 150 and len(test) >= 60
     assert {r["label"] for r in train} == {r["label"] for r in test} == set(range(len(ROUTING_DEPARTMENTS)))
     assert not {r["text"] for r in train} & {r["text"] for r in test}
+
+
+def test_bundled_routing_data_is_package_data():
+    """The demo's data lies inside the installed package, not in the source tree next to it."""
+    package = Path(sparseft.__file__).resolve().parent
+    assert ROUTING_DATA.resolve().is_relative_to(package / "data")
+    assert {p.name for p in ROUTING_DATA.iterdir()} >= {"train.jsonl", "test.jsonl"}
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_demo_data_and_reads_it_from_the_install(tmp_path):
+    """Build a wheel from a copy of the source, unpack it like an install and load the demo data from there."""
+    pytest.importorskip("setuptools")
+    root = Path(__file__).resolve().parents[1]
+    source = tmp_path / "source"
+    shutil.copytree(root / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, source / name)
+    build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index"]
+    subprocess.run([*build, "-w", str(tmp_path / "wheel"), str(source)], check=True, capture_output=True)
+    (wheel,) = (tmp_path / "wheel").glob("sparseft-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        assert {"sparseft/data/support_routing/train.jsonl", "sparseft/data/support_routing/test.jsonl"} <= names
+        archive.extractall(tmp_path / "site")
+    script = (
+        "import sparseft; from sparseft.tasks import ROUTING_DATA, get_task; "
+        "print(sparseft.__file__); print(len(get_task('routing').load(ROUTING_DATA / 'test.jsonl')))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    out = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, check=True, capture_output=True, text=True)
+    where, count = out.stdout.split()
+    assert Path(where).is_relative_to(tmp_path / "site") and int(count) == len(get_task("routing").load(ROUTING_DATA / "test.jsonl"))
 
 
 @pytest.mark.parametrize("relative", ["sst2/dev.tsv", "squad/dev-v1.1.json", "samsum/test.jsonl"])
