@@ -167,6 +167,37 @@ def test_corrupt_registry_file_is_a_clear_error(tmp_path, diffs):
         DiffRegistry(engine.prepare, directory=tmp_path / "ok")
 
 
+def registry_files(directory):
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_unload_that_cannot_write_the_registry_changes_nothing(tmp_path, diffs, monkeypatch):
+    engine, _ = engine_and_registry()
+    registry = DiffRegistry(engine.prepare, directory=tmp_path)
+    registry.load("a", diffs["a"])
+    registry.load("a", diffs["b"])
+    registry.rollback("a")
+    registry.load("b", diffs["b"])
+    listing, files = registry.listing(), registry_files(tmp_path)
+
+    def save_fails():
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(registry, "_save", save_fails)
+    with pytest.raises(OSError, match="No space left"):
+        registry.unload("a")
+    assert registry.listing() == listing and registry.resolve("a").version == 1
+    assert registry.count_versions() == 3 and registry.resolve("a@2").version == 2
+    assert registry_files(tmp_path) == files  # registry.json and both stored copies untouched
+
+    monkeypatch.undo()
+    assert [v.version for v in registry.unload("a")] == [1, 2]
+    assert registry.names() == ["b"] and sorted(p.name for p in (tmp_path / "diffs").iterdir()) == ["b"]
+    assert DiffRegistry(engine.prepare, directory=tmp_path).listing() == registry.listing()
+    assert registry.load("a", diffs["a"]).version == 1  # the name is free again, stored afresh
+    assert DiffRegistry(engine.prepare, directory=tmp_path).names() == ["a", "b"]
+
+
 def test_text_stream_never_emits_part_of_a_stop_string():
     tok = make_tokenizer()
     ids = tok("w10 w11 w12 w13")["input_ids"]

@@ -324,7 +324,7 @@ def create_app(
 
     @app.delete("/admin/diffs/{name}", dependencies=[Depends(require_admin)])
     async def unload_diff(name: str):
-        removed = registry.unload(name)
+        removed = await run_in_threadpool(registry.unload, name)  # writes registry.json, deletes the copies
         for v in removed:
             await run_in_threadpool(engine.forget, v)
         metrics.diff_versions.set(registry.count_versions())
@@ -332,7 +332,7 @@ def create_app(
 
     @app.post("/admin/diffs/{name}/rollback", dependencies=[Depends(require_admin)])
     async def rollback_diff(name: str, body: RollbackRequest | None = None):
-        current = registry.rollback(name, body.version if body else None)
+        current = await run_in_threadpool(registry.rollback, name, body.version if body else None)
         return version_info(current)
 
     # ------------------------------------------------------------ operators

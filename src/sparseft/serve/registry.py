@@ -19,6 +19,7 @@ import re
 import shutil
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -187,15 +188,23 @@ class DiffRegistry:
         return self.load(name, path)
 
     def unload(self, name: str) -> list[DiffVersion]:
-        """Forget ``name`` and all its versions (and their stored copies)."""
+        """Forget ``name`` and all its versions (and their stored copies).
+
+        If ``registry.json`` cannot be written, the name stays loaded, in memory and on disk, as before.
+        """
         with self._lock:
             if name not in self._versions:
                 raise UnknownDiffError(f"no diff named {name!r} is loaded")
-            removed = self._versions.pop(name)
-            self._current.pop(name)
-            self._save()
-        if self.directory is not None:
-            shutil.rmtree(self.directory / "diffs" / name, ignore_errors=True)
+            removed, current = self._versions.pop(name), self._current.pop(name)
+            try:
+                self._save()
+            except BaseException:
+                self._versions[name], self._current[name] = removed, current
+                raise
+            # Moved aside under the lock, so a load of the same name right after cannot lose its new copy.
+            doomed = self._set_aside(name)
+        if doomed is not None:
+            shutil.rmtree(doomed, ignore_errors=True)
         return removed
 
     def rollback(self, name: str, version: int | None = None) -> DiffVersion:
@@ -237,6 +246,21 @@ class DiffRegistry:
             self._current[loaded.name] = previous
         if loaded.stored_at:
             shutil.rmtree(self.directory / loaded.stored_at, ignore_errors=True)
+
+    def _set_aside(self, name: str) -> Path | None:
+        """Rename the stored copies of an unloaded ``name`` out of the way; the caller deletes them unlocked."""
+        if self.directory is None:
+            return None
+        stored = self.directory / "diffs" / name
+        aside = self.directory / "diffs" / f".unloaded-{name}-{uuid.uuid4().hex}"  # no diff name starts with '.'
+        try:
+            stored.rename(aside)
+        except FileNotFoundError:
+            return None
+        except OSError:  # cannot rename: delete in place, still under the lock
+            shutil.rmtree(stored, ignore_errors=True)
+            return None
+        return aside
 
     def _store_copy(self, source: Path, name: str, number: int) -> str:
         relative = f"diffs/{name}/v{number}"
