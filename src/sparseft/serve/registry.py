@@ -37,8 +37,8 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 # module name -> (flat indices, values in the weight's dtype), ready for delta.merge_entries
 Entries = dict[str, tuple[torch.Tensor, torch.Tensor]]
-# Validates a diff against the served base and returns its entries (the engine provides it).
-Prepare = Callable[[SparseDiff, str], Entries]
+# Validates a diff against the served base and returns its entries (``Engine.validated_entries``).
+ValidatedEntries = Callable[[SparseDiff, str], Entries]
 
 
 @dataclass(eq=False)  # identity matters: the engine compares "is this the version merged now?"
@@ -90,8 +90,13 @@ def parse_model_id(model_id: str) -> tuple[str, int | None]:
 class DiffRegistry:
     """Thread-safe map of diff names to versions; persistent when given a directory."""
 
-    def __init__(self, prepare: Prepare, reserved_names: tuple[str, ...] = (), directory: str | os.PathLike | None = None):
-        self._prepare = prepare
+    def __init__(
+        self,
+        validated_entries: ValidatedEntries,
+        reserved_names: tuple[str, ...] = (),
+        directory: str | os.PathLike | None = None,
+    ):
+        self._validated_entries = validated_entries
         self._reserved = set(reserved_names)
         self._lock = threading.RLock()
         self._versions: dict[str, list[DiffVersion]] = {}
@@ -157,7 +162,7 @@ class DiffRegistry:
         self._check_name(name)
         path = Path(path).resolve()
         diff = read_diff(path)
-        entries = self._prepare(diff, str(path))
+        entries = self._validated_entries(diff, str(path))
         sha = content_sha256(path)
         if diff.file_hashes.get(DELTA_NAME) and file_sha256(path / DELTA_NAME) != diff.file_hashes[DELTA_NAME]:
             raise DiffRegistryError(f"{path / DELTA_NAME}: changed while it was being loaded; load it again")
@@ -308,7 +313,7 @@ class DiffRegistry:
         try:
             stored = self.directory / record["path"]
             diff = read_diff(stored)
-            entries = self._prepare(diff, str(stored))
+            entries = self._validated_entries(diff, str(stored))
             loaded = DiffVersion(
                 name, int(record["version"]), record["source"], content_sha256(stored), diff.num_entries,
                 float(record["loaded_at"]), entries, stored_at=record["path"],
