@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# CPU-only machines: a local CPU wheel. With a GPU, run `make install TORCH_SPEC="torch"` (or install your torch into the venv first).
+# Installed only when the venv has no torch yet; no GPU detection: the build is whatever pip resolves this spec to
+# from its configured package sources. Pick another with `make install TORCH_SPEC=...`, or install torch into the venv first.
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 

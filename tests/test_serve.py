@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -196,6 +197,29 @@ def test_rollback_switches_outputs(client, files, refs):
 
     assert client.delete("/admin/diffs/gamma").json()["unloaded_versions"] == [1, 2]
     assert_openai_error(client.post("/v1/completions", json={"model": "gamma", "prompt": prompt}), 404, "model_not_found")
+
+
+def test_admin_routes_run_registry_writes_off_the_event_loop(server, client, files, monkeypatch):
+    """unload and rollback write registry.json and delete files: like load, they run in the thread pool."""
+    registry, on_loop = server.app.state.registry, {}
+
+    def spy(method):
+        def call(*args, **kwargs):
+            try:
+                asyncio.get_running_loop()
+                on_loop[method.__name__] = True
+            except RuntimeError:  # no loop in this thread: a worker thread
+                on_loop[method.__name__] = False
+            return method(*args, **kwargs)
+        return call
+
+    for name in ("load", "rollback", "unload"):
+        monkeypatch.setattr(registry, name, spy(getattr(registry, name)))
+    for path in (files["alpha"], files["beta"]):
+        assert client.post("/admin/diffs", json={"name": "delta", "path": str(path)}).status_code == 201
+    assert client.post("/admin/diffs/delta/rollback").json()["version"] == 1
+    assert client.delete("/admin/diffs/delta").json()["unloaded_versions"] == [1, 2]
+    assert on_loop == {"load": False, "rollback": False, "unload": False}
 
 
 def test_loading_a_diff_for_another_base_is_refused(client, files):

@@ -36,7 +36,7 @@ def assert_bitwise(model, state):
 
 def engine_and_registry(dtype=torch.float32, **kw):
     engine = Engine(make_tiny_llama().to(dtype), make_tokenizer(), **kw)
-    return engine, DiffRegistry(engine.prepare, reserved_names=("base",))
+    return engine, DiffRegistry(engine.validated_entries, reserved_names=("base",))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -158,13 +158,44 @@ def test_corrupt_registry_file_is_a_clear_error(tmp_path, diffs):
     engine, _ = engine_and_registry()
     (tmp_path / "registry.json").write_text('{"format": "something else"}')
     with pytest.raises(DiffRegistryError, match="registry.json.*not a sparseft serving registry"):
-        DiffRegistry(engine.prepare, directory=tmp_path)
-    registry = DiffRegistry(engine.prepare, directory=tmp_path / "ok")
+        DiffRegistry(engine.validated_entries, directory=tmp_path)
+    registry = DiffRegistry(engine.validated_entries, directory=tmp_path / "ok")
     registry.load("a", diffs["a"])
     stored = tmp_path / "ok" / "diffs" / "a" / "v1" / "sparse_config.json"
     stored.write_text(stored.read_text().replace('"base_model"', '"base_model" ', 1))  # same JSON, other bytes
     with pytest.raises(DiffRegistryError, match="modified since they were registered"):
-        DiffRegistry(engine.prepare, directory=tmp_path / "ok")
+        DiffRegistry(engine.validated_entries, directory=tmp_path / "ok")
+
+
+def registry_files(directory):
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_unload_that_cannot_write_the_registry_changes_nothing(tmp_path, diffs, monkeypatch):
+    engine, _ = engine_and_registry()
+    registry = DiffRegistry(engine.validated_entries, directory=tmp_path)
+    registry.load("a", diffs["a"])
+    registry.load("a", diffs["b"])
+    registry.rollback("a")
+    registry.load("b", diffs["b"])
+    listing, files = registry.listing(), registry_files(tmp_path)
+
+    def save_fails():
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(registry, "_save", save_fails)
+    with pytest.raises(OSError, match="No space left"):
+        registry.unload("a")
+    assert registry.listing() == listing and registry.resolve("a").version == 1
+    assert registry.count_versions() == 3 and registry.resolve("a@2").version == 2
+    assert registry_files(tmp_path) == files  # registry.json and both stored copies untouched
+
+    monkeypatch.undo()
+    assert [v.version for v in registry.unload("a")] == [1, 2]
+    assert registry.names() == ["b"] and sorted(p.name for p in (tmp_path / "diffs").iterdir()) == ["b"]
+    assert DiffRegistry(engine.validated_entries, directory=tmp_path).listing() == registry.listing()
+    assert registry.load("a", diffs["a"]).version == 1  # the name is free again, stored afresh
+    assert DiffRegistry(engine.validated_entries, directory=tmp_path).names() == ["a", "b"]
 
 
 def test_text_stream_never_emits_part_of_a_stop_string():

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +15,7 @@ import torch
 from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
 
+import sparseft
 from conftest import make_tiny_llama
 from sparseft.errors import ConfigError, DataFormatError
 from sparseft.tasks import ROUTING_DATA, ROUTING_DEPARTMENTS, get_task
@@ -146,6 +151,84 @@ def test_squad_reader_splits_by_article(tmp_path):
     assert read_squad_json(path)[1]["answers"] == ["1"]
 
 
+def broken_squad(tmp_path, break_it) -> Path:
+    """The 3-article file of ``squad_file`` after ``break_it(data)`` changed one item in place."""
+    document = json.loads(squad_file(tmp_path).read_text())
+    break_it(document["data"])
+    path = tmp_path / "broken.json"
+    path.write_text(json.dumps(document))
+    return path
+
+
+@pytest.mark.parametrize(
+    "break_it, message",
+    [
+        (lambda d: d[1]["paragraphs"][0].pop("context"), r"data\[1\]\.paragraphs\[0\]: missing field 'context'"),
+        (lambda d: d[1]["paragraphs"][0].update(context=None), r"data\[1\]\.paragraphs\[0\]: field 'context' must be a non-empty string"),
+        (lambda d: d[2]["paragraphs"][0]["qas"][0]["answers"][0].update(text=None), r"data\[2\]\.paragraphs\[0\]\.qas\[0\]\.answers\[0\]\.text: expected a string, got None"),
+        (lambda d: d[2]["paragraphs"][0]["qas"][0]["answers"].__setitem__(0, "2"), r"data\[2\]\.paragraphs\[0\]\.qas\[0\]\.answers\[0\]: expected a JSON object, got str"),
+        (lambda d: d[0]["paragraphs"][0]["qas"][0].update(question=None), r"data\[0\]\.paragraphs\[0\]\.qas\[0\]: field 'question' must be a non-empty string"),
+        (lambda d: d[0]["paragraphs"][0]["qas"][0].update(id=7), r"data\[0\]\.paragraphs\[0\]\.qas\[0\]\.id: expected a string, got 7"),
+        (lambda d: d[0]["paragraphs"][0]["qas"][0].pop("answers"), r"data\[0\]\.paragraphs\[0\]\.qas\[0\]: missing field 'answers'"),
+        (lambda d: d[0]["paragraphs"][0]["qas"][0]["answers"][0].update(text=" "), r"data\[0\]\.paragraphs\[0\]\.qas\[0\]\.answers: needs at least one answer"),
+        (lambda d: d[0]["paragraphs"][0].update(qas={}), r"data\[0\]\.paragraphs\[0\]\.qas: expected a list, got dict"),
+        (lambda d: d[0].pop("paragraphs"), r"data\[0\]: missing field 'paragraphs'"),
+        (lambda d: d.__setitem__(1, None), r"data\[1\]: expected a JSON object, got NoneType"),
+    ],
+)
+def test_squad_reader_names_the_malformed_item(tmp_path, break_it, message):
+    path = broken_squad(tmp_path, break_it)
+    with pytest.raises(DataFormatError, match=r"broken\.json: " + message):
+        read_squad_json(path)
+
+
+def test_squad_reader_names_absolute_item_in_a_split_and_skips_other_articles(tmp_path):
+    path = broken_squad(tmp_path, lambda d: d[2]["paragraphs"][0].pop("context"))
+    assert [r["id"] for r in read_squad_json(path, slice(0, 2))] == ["q0", "q1"]
+    with pytest.raises(DataFormatError, match=r"data\[2\]\.paragraphs\[0\]: missing field 'context'"):
+        read_squad_json(path, slice(1, None))
+
+
+@pytest.mark.parametrize("content", ['{"data": {"title": "x"}}', "[1, 2]", '{"version": "1.1"}', "{not json", b"\xff\xfe{}"])
+def test_squad_reader_rejects_files_that_are_not_squad(tmp_path, content):
+    path = tmp_path / "squad.json"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(DataFormatError, match=r"squad\.json: not a SQuAD JSON file"):
+        read_squad_json(path)
+
+
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ('{"summary": "s"}', r"val.jsonl:2: missing field 'dialogue'"),
+        ('{"dialogue": "A: hi", "summary": null}', r"val.jsonl:2: field 'summary' must be a non-empty string, got None"),
+        ('{"dialogue": ["A: hi"], "summary": "s"}', r"val.jsonl:2: field 'dialogue' must be a non-empty string"),
+    ],
+)
+def test_dialogue_reader_names_line_and_field(tmp_path, line, message):
+    path = tmp_path / "val.jsonl"
+    path.write_text(json.dumps({"dialogue": "A: hi", "summary": "They greet."}) + "\n" + line + "\n")
+    with pytest.raises(DataFormatError, match=message):
+        read_dialogue_jsonl(path)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"sentence\tlabel\nfine \t1\nno label here\n", r"dev.tsv:3: expected 2 tab-separated fields \(sentence, label\), got 1"),
+        (b"sentence\tlabel\nfine \t1\n\t0\n", r"dev.tsv:3: field 'sentence' is empty"),
+        (b"sentence\tlabel\nfine \t1\nok \t\n", r"dev.tsv:3: field 'label' must be one of 0..1, got ''"),
+        (b"sentence\tlabel\nfine \t1\nbad \xff byte\t0\n", r"dev.tsv:3: not UTF-8 text"),
+        (b"sentence\n", r"dev.tsv:1: expected the header"),
+    ],
+)
+def test_sst2_reader_names_line_and_field(tmp_path, content, message):
+    path = tmp_path / "dev.tsv"
+    path.write_bytes(content)
+    with pytest.raises(DataFormatError, match=message):
+        read_sst2_tsv(path, ["negative", "positive"])
+
+
 def test_unknown_task_and_bad_limit_are_clear_errors():
     with pytest.raises(ConfigError, match="unknown task 'nope'; available: .*sst2"):
         get_task("nope")
@@ -159,6 +242,39 @@ def test_bundled_routing_data_is_valid_and_split_cleanly():
     assert len(train) >= 150 and len(test) >= 60
     assert {r["label"] for r in train} == {r["label"] for r in test} == set(range(len(ROUTING_DEPARTMENTS)))
     assert not {r["text"] for r in train} & {r["text"] for r in test}
+
+
+def test_bundled_routing_data_is_package_data():
+    """The demo's data lies inside the installed package, not in the source tree next to it."""
+    package = Path(sparseft.__file__).resolve().parent
+    assert ROUTING_DATA.resolve().is_relative_to(package / "data")
+    assert {p.name for p in ROUTING_DATA.iterdir()} >= {"train.jsonl", "test.jsonl"}
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_demo_data_and_reads_it_from_the_install(tmp_path):
+    """Build a wheel from a copy of the source, unpack it like an install and load the demo data from there."""
+    pytest.importorskip("setuptools")
+    root = Path(__file__).resolve().parents[1]
+    source = tmp_path / "source"
+    shutil.copytree(root / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, source / name)
+    build = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index"]
+    subprocess.run([*build, "-w", str(tmp_path / "wheel"), str(source)], check=True, capture_output=True)
+    (wheel,) = (tmp_path / "wheel").glob("sparseft-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        assert {"sparseft/data/support_routing/train.jsonl", "sparseft/data/support_routing/test.jsonl"} <= names
+        archive.extractall(tmp_path / "site")
+    script = (
+        "import sparseft; from sparseft.tasks import ROUTING_DATA, get_task; "
+        "print(sparseft.__file__); print(len(get_task('routing').load(ROUTING_DATA / 'test.jsonl')))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    out = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, check=True, capture_output=True, text=True)
+    where, count = out.stdout.split()
+    assert Path(where).is_relative_to(tmp_path / "site") and int(count) == len(get_task("routing").load(ROUTING_DATA / "test.jsonl"))
 
 
 @pytest.mark.parametrize("relative", ["sst2/dev.tsv", "squad/dev-v1.1.json", "samsum/test.jsonl"])

@@ -71,7 +71,7 @@ def evaluate(
     """``(metrics, number of examples, wall seconds)`` of ``model`` on ``task`` over the file ``data``.
 
     Example:
-        >>> metrics, n, seconds = evaluate(model, tok, "routing", "examples/support_routing/test.jsonl")  # doctest: +SKIP
+        >>> metrics, n, seconds = evaluate(model, tok, "routing", ROUTING_DATA / "test.jsonl")  # doctest: +SKIP
     """
     task = get_task(task) if isinstance(task, str) else task
     return evaluate_records(model, tokenizer, task, task.load(data, limit), batch_size, progress)

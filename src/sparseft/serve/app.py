@@ -12,10 +12,10 @@ import asyncio
 import json
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..errors import ServerBusyError, SparseFTError, UnknownDiffError
 from .decoding import Completion, SamplingParams, encode_chat, encode_text
 from .engine import Engine
+from .metrics import ServeMetrics
 from .protocol import (
     APIError,
     ChatCompletionRequest,
@@ -130,6 +131,266 @@ class BodyLimit:
         )
 
 
+@dataclass
+class ServeContext:
+    """What every route shares: the engine, the registry, the base's served name and the limits.
+
+    ``create_app`` puts one on ``app.state.serve``; routes get it through ``Depends(serve_context)``.
+    """
+
+    engine: Engine
+    registry: DiffRegistry
+    base_name: str
+    limits: ServeLimits = field(default_factory=ServeLimits)
+    admin_token: str | None = None
+    started: int = field(default_factory=lambda: int(time.time()))
+    context_tokens: int = field(init=False)  # the model's context length
+    vocab_size: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.context_tokens = int(getattr(self.engine.model.config, "max_position_embeddings", 0) or 1 << 30)
+        self.vocab_size = self.engine.model.get_input_embeddings().num_embeddings
+
+    @property
+    def metrics(self) -> ServeMetrics:
+        return self.engine.metrics
+
+    def resolve(self, model_id: str) -> DiffVersion | None:
+        """The diff a request's ``model`` names; None for the base."""
+        return None if model_id == self.base_name else self.registry.resolve(model_id)
+
+    def served_name(self, diff: DiffVersion | None) -> str:
+        return self.base_name if diff is None else diff.key
+
+    def labels(self, diff: DiffVersion | None) -> tuple[str, str]:
+        """The (diff, version) labels of the per-diff metrics."""
+        return (self.base_name, "") if diff is None else (diff.name, str(diff.version))
+
+
+def serve_context(request: Request) -> ServeContext:
+    return request.app.state.serve
+
+
+# ---------------------------------------------------------------- errors
+
+
+def answer(request: Request, error: APIError) -> JSONResponse:
+    """The error in OpenAI's shape, counted in ``request_errors``."""
+    path = request.url.path if request.url.path in KNOWN_PATHS else "other"
+    serve_context(request).metrics.request_errors.labels(path, str(error.status)).inc()
+    return JSONResponse(error.body(), status_code=error.status)
+
+
+async def on_api_error(request: Request, e: APIError):
+    return answer(request, e)
+
+
+async def on_sparseft_error(request: Request, e: SparseFTError):
+    return answer(request, as_api_error(e))
+
+
+async def on_invalid_body(request: Request, e: RequestValidationError):
+    problems = e.errors()
+    first = problems[0] if problems else {}
+    where = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or "body"
+    message = f"invalid request body: {where}: {first.get('msg', 'malformed')}"
+    if len(problems) > 1:
+        message += f" (and {len(problems) - 1} more problem(s))"
+    return answer(request, APIError(400, message, "invalid_request_error", "invalid_request", where))
+
+
+async def on_http_error(request: Request, e: StarletteHTTPException):
+    code = "not_found" if e.status_code == 404 else "http_error"
+    return answer(request, APIError(e.status_code, str(e.detail), "invalid_request_error", code))
+
+
+# ---------------------------------------------------------------- generation helpers
+
+
+def check_budget(ctx: ServeContext, prompt_ids: list[int], max_tokens: int | None) -> int:
+    """The request's ``max_tokens`` after checking prompt and output fit the server's limits and the context."""
+    limits, context = ctx.limits, ctx.context_tokens
+    if not prompt_ids:
+        raise APIError(400, "the prompt is empty after tokenization", param="prompt")
+    prompt_limit = min(limits.max_prompt_tokens or context, context)
+    if len(prompt_ids) > prompt_limit:
+        raise APIError(400, f"the prompt has {len(prompt_ids)} tokens; this server accepts at most {prompt_limit}",
+                       code="context_length_exceeded", param="prompt")
+    if max_tokens is None:  # chat without a limit: as much as the limits and the context allow
+        max_tokens = min(limits.max_tokens, context - len(prompt_ids))
+    if max_tokens > limits.max_tokens:
+        raise APIError(400, f"max_tokens={max_tokens} is over this server's limit of {limits.max_tokens}",
+                       code="max_tokens_exceeded", param="max_tokens")
+    if len(prompt_ids) + max_tokens > context:
+        raise APIError(400, f"{len(prompt_ids)} prompt tokens + max_tokens={max_tokens} exceed the model's "
+                       f"context of {context} tokens", code="context_length_exceeded", param="max_tokens")
+    return max_tokens
+
+
+def params_of(body, max_tokens: int) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                          stop=body.stop_list(), seed=body.seed)
+
+
+def record(ctx: ServeContext, endpoint: str, diff: DiffVersion | None, c: Completion, start: float) -> None:
+    """Count a finished request in the per-diff metrics."""
+    lab, metrics = ctx.labels(diff), ctx.metrics
+    metrics.requests.labels(*lab, endpoint).inc()
+    metrics.prompt_tokens.labels(*lab).inc(c.prompt_tokens)
+    metrics.completion_tokens.labels(*lab).inc(c.completion_tokens)
+    metrics.latency.labels(*lab).observe(time.perf_counter() - start)
+
+
+async def respond(ctx: ServeContext, endpoint: str, diff, prompt_ids, params: SamplingParams, stream: bool, chat: bool):
+    """Queue the generation; answer with the whole body, or stream it as server-sent events."""
+    start = time.perf_counter()
+    rid, model = new_id("chatcmpl" if chat else "cmpl"), ctx.served_name(diff)
+    events = AsyncEvents()
+    job = ctx.engine.submit(diff, prompt_ids, params, events)
+    if stream:
+        chunks = sse(ctx, endpoint, diff, events, job, rid, model, chat, start)
+        return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    try:
+        c = await events.result()
+    finally:
+        job.cancel()  # no-op once finished; stops the worker if this client went away
+    record(ctx, endpoint, diff, c, start)
+    return chat_body(rid, model, c) if chat else completion_body(rid, model, c)
+
+
+async def sse(ctx: ServeContext, endpoint, diff, events: AsyncEvents, job, rid, model, chat, start) -> AsyncIterator[str]:
+    """The job's text pieces as OpenAI stream chunks, then the finish reason (or the error), then [DONE]."""
+
+    def chunk(text: str, finish: str | None = None) -> str:
+        body = chat_chunk(rid, model, {"content": text} if text else {}, finish) if chat else completion_chunk(
+            rid, model, text, finish)
+        return f"data: {json.dumps(body)}\n\n"
+
+    try:
+        if chat:
+            yield f"data: {json.dumps(chat_chunk(rid, model, {'role': 'assistant', 'content': ''}))}\n\n"
+        while True:
+            kind, payload = await events.queue.get()
+            if kind == "text":
+                yield chunk(payload)
+            elif kind == "done":
+                record(ctx, endpoint, diff, payload, start)
+                yield chunk("", payload.finish_reason)
+                break
+            else:
+                error = as_api_error(payload)
+                ctx.metrics.request_errors.labels(endpoint, str(error.status)).inc()
+                yield f"data: {json.dumps(error.body())}\n\n"
+                break
+        yield "data: [DONE]\n\n"
+    finally:
+        job.cancel()
+
+
+# ---------------------------------------------------------------- OpenAI routes
+
+router = APIRouter()
+
+
+@router.get("/v1/models")
+async def list_models(ctx: ServeContext = Depends(serve_context)):
+    cards = [model_card(ctx.base_name, ctx.base_name, ctx.started)]
+    for name, versions in ctx.registry.snapshot():
+        cards.append(model_card(name, ctx.base_name, ctx.started, parent=ctx.base_name))
+        cards += [model_card(v.key, ctx.base_name, int(v.loaded_at), parent=name) for v in versions]
+    return {"object": "list", "data": cards}
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, ctx: ServeContext = Depends(serve_context)):
+    diff = ctx.resolve(body.model)
+    if isinstance(body.prompt, list):
+        bad = [t for t in body.prompt if not 0 <= t < ctx.vocab_size]
+        if bad:
+            raise APIError(400, f"prompt token ids must be in [0, {ctx.vocab_size}), got {bad[:5]}", param="prompt")
+        prompt_ids = list(body.prompt)
+    else:
+        prompt_ids = encode_text(ctx.engine.tokenizer, body.prompt)
+    params = params_of(body, check_budget(ctx, prompt_ids, body.max_tokens))
+    return await respond(ctx, "/v1/completions", diff, prompt_ids, params, body.stream, chat=False)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, ctx: ServeContext = Depends(serve_context)):
+    diff = ctx.resolve(body.model)
+    if not getattr(ctx.engine.tokenizer, "chat_template", None):
+        raise APIError(400, f"the tokenizer of {ctx.base_name} has no chat template; use /v1/completions",
+                       code="no_chat_template", param="messages")
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    prompt_ids = encode_chat(ctx.engine.tokenizer, messages)
+    params = params_of(body, check_budget(ctx, prompt_ids, body.requested_max_tokens()))
+    return await respond(ctx, "/v1/chat/completions", diff, prompt_ids, params, body.stream, chat=True)
+
+
+# ---------------------------------------------------------------- admin routes
+# The registry's changes write registry.json (and copy or delete diff files): they run in the thread pool.
+
+
+def require_admin(request: Request) -> None:
+    token = serve_context(request).admin_token
+    if token is not None and request.headers.get("authorization") != f"Bearer {token}":
+        raise APIError(401, "admin routes need the header 'Authorization: Bearer <admin token>'",
+                       "authentication_error", "invalid_admin_token")
+
+
+admin = APIRouter(prefix="/admin/diffs", dependencies=[Depends(require_admin)])
+
+
+def version_info(ctx: ServeContext, v: DiffVersion) -> dict[str, Any]:
+    return {"name": v.name, "version": v.version, "model": v.key, "num_entries": v.num_entries,
+            "source": v.source, "current": ctx.registry.current(v.name) is v}
+
+
+@admin.get("")
+async def list_diffs(ctx: ServeContext = Depends(serve_context)):
+    return {"base": ctx.base_name, "merged": ctx.served_name(ctx.engine.merged), "diffs": ctx.registry.listing()}
+
+
+@admin.post("", status_code=201)
+async def load_diff(body: LoadDiffRequest, ctx: ServeContext = Depends(serve_context)):
+    loaded = await run_in_threadpool(ctx.registry.load, body.name, body.path)
+    ctx.metrics.diff_versions.set(ctx.registry.count_versions())
+    return version_info(ctx, loaded)
+
+
+@admin.delete("/{name}")
+async def unload_diff(name: str, ctx: ServeContext = Depends(serve_context)):
+    removed = await run_in_threadpool(ctx.registry.unload, name)
+    for v in removed:
+        await run_in_threadpool(ctx.engine.forget, v)
+    ctx.metrics.diff_versions.set(ctx.registry.count_versions())
+    return {"name": name, "unloaded_versions": [v.version for v in removed]}
+
+
+@admin.post("/{name}/rollback")
+async def rollback_diff(name: str, body: RollbackRequest | None = None, ctx: ServeContext = Depends(serve_context)):
+    current = await run_in_threadpool(ctx.registry.rollback, name, body.version if body else None)
+    return version_info(ctx, current)
+
+
+# ---------------------------------------------------------------- operators
+
+
+@router.get("/health")
+async def health(ctx: ServeContext = Depends(serve_context)):
+    engine = ctx.engine
+    state = {"status": "ok" if engine.alive else "worker stopped", "model": ctx.base_name,
+             "diffs": len(ctx.registry.names()), "merged": ctx.served_name(engine.merged),
+             "queue_depth": engine.queue_depth}
+    return JSONResponse(state, status_code=200 if engine.alive else 503)
+
+
+@router.get("/metrics")
+async def prometheus(ctx: ServeContext = Depends(serve_context)):
+    content, content_type = ctx.metrics.render()
+    return Response(content, media_type=content_type)
+
+
 def create_app(
     engine: Engine,
     registry: DiffRegistry,
@@ -138,11 +399,7 @@ def create_app(
     admin_token: str | None = None,
 ) -> FastAPI:
     """The FastAPI app; its lifespan starts and stops ``engine``'s worker."""
-    limits = limits or ServeLimits()
-    metrics = engine.metrics
-    started = int(time.time())
-    context = int(getattr(engine.model.config, "max_position_embeddings", 0) or 1 << 30)
-    vocab = engine.model.get_input_embeddings().num_embeddings
+    ctx = ServeContext(engine, registry, base_name, limits or ServeLimits(), admin_token)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -153,200 +410,14 @@ def create_app(
             await run_in_threadpool(engine.stop)
 
     app = FastAPI(title="sparseft serve", lifespan=lifespan)
-    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=ctx.limits.max_body_bytes)
+    app.state.serve = ctx
     app.state.engine, app.state.registry, app.state.base_name = engine, registry, base_name
-    metrics.diff_versions.set(registry.count_versions())
-
-    # ------------------------------------------------------------ errors
-
-    def answer(request: Request, error: APIError) -> JSONResponse:
-        path = request.url.path if request.url.path in KNOWN_PATHS else "other"
-        metrics.request_errors.labels(path, str(error.status)).inc()
-        return JSONResponse(error.body(), status_code=error.status)
-
-    @app.exception_handler(APIError)
-    async def on_api_error(request: Request, e: APIError):
-        return answer(request, e)
-
-    @app.exception_handler(SparseFTError)
-    async def on_sparseft_error(request: Request, e: SparseFTError):
-        return answer(request, as_api_error(e))
-
-    @app.exception_handler(RequestValidationError)
-    async def on_invalid_body(request: Request, e: RequestValidationError):
-        problems = e.errors()
-        first = problems[0] if problems else {}
-        where = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or "body"
-        message = f"invalid request body: {where}: {first.get('msg', 'malformed')}"
-        if len(problems) > 1:
-            message += f" (and {len(problems) - 1} more problem(s))"
-        return answer(request, APIError(400, message, "invalid_request_error", "invalid_request", where))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def on_http_error(request: Request, e: StarletteHTTPException):
-        code = "not_found" if e.status_code == 404 else "http_error"
-        return answer(request, APIError(e.status_code, str(e.detail), "invalid_request_error", code))
-
-    # ------------------------------------------------------------ helpers
-
-    def resolve(model_id: str) -> DiffVersion | None:
-        return None if model_id == base_name else registry.resolve(model_id)
-
-    def served_name(diff: DiffVersion | None) -> str:
-        return base_name if diff is None else diff.key
-
-    def labels(diff: DiffVersion | None) -> tuple[str, str]:
-        return (base_name, "") if diff is None else (diff.name, str(diff.version))
-
-    def check_budget(prompt_ids: list[int], max_tokens: int | None) -> int:
-        if not prompt_ids:
-            raise APIError(400, "the prompt is empty after tokenization", param="prompt")
-        prompt_limit = min(limits.max_prompt_tokens or context, context)
-        if len(prompt_ids) > prompt_limit:
-            raise APIError(400, f"the prompt has {len(prompt_ids)} tokens; this server accepts at most {prompt_limit}",
-                           code="context_length_exceeded", param="prompt")
-        if max_tokens is None:  # chat without a limit: as much as the limits and the context allow
-            max_tokens = min(limits.max_tokens, context - len(prompt_ids))
-        if max_tokens > limits.max_tokens:
-            raise APIError(400, f"max_tokens={max_tokens} is over this server's limit of {limits.max_tokens}",
-                           code="max_tokens_exceeded", param="max_tokens")
-        if len(prompt_ids) + max_tokens > context:
-            raise APIError(400, f"{len(prompt_ids)} prompt tokens + max_tokens={max_tokens} exceed the model's "
-                           f"context of {context} tokens", code="context_length_exceeded", param="max_tokens")
-        return max_tokens
-
-    def params_of(body, max_tokens: int) -> SamplingParams:
-        return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                              stop=body.stop_list(), seed=body.seed)
-
-    def record(endpoint: str, diff: DiffVersion | None, c: Completion, start: float) -> None:
-        lab = labels(diff)
-        metrics.requests.labels(*lab, endpoint).inc()
-        metrics.prompt_tokens.labels(*lab).inc(c.prompt_tokens)
-        metrics.completion_tokens.labels(*lab).inc(c.completion_tokens)
-        metrics.latency.labels(*lab).observe(time.perf_counter() - start)
-
-    async def respond(endpoint: str, diff, prompt_ids, params: SamplingParams, stream: bool, chat: bool):
-        start = time.perf_counter()
-        rid, model = new_id("chatcmpl" if chat else "cmpl"), served_name(diff)
-        events = AsyncEvents()
-        job = engine.submit(diff, prompt_ids, params, events)
-        if stream:
-            chunks = sse(endpoint, diff, events, job, rid, model, chat, start)
-            return StreamingResponse(chunks, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        try:
-            c = await events.result()
-        finally:
-            job.cancel()  # no-op once finished; stops the worker if this client went away
-        record(endpoint, diff, c, start)
-        return chat_body(rid, model, c) if chat else completion_body(rid, model, c)
-
-    async def sse(endpoint, diff, events: AsyncEvents, job, rid, model, chat, start) -> AsyncIterator[str]:
-        def chunk(text: str, finish: str | None = None) -> str:
-            body = chat_chunk(rid, model, {"content": text} if text else {}, finish) if chat else completion_chunk(
-                rid, model, text, finish)
-            return f"data: {json.dumps(body)}\n\n"
-
-        try:
-            if chat:
-                yield f"data: {json.dumps(chat_chunk(rid, model, {'role': 'assistant', 'content': ''}))}\n\n"
-            while True:
-                kind, payload = await events.queue.get()
-                if kind == "text":
-                    yield chunk(payload)
-                elif kind == "done":
-                    record(endpoint, diff, payload, start)
-                    yield chunk("", payload.finish_reason)
-                    break
-                else:
-                    error = as_api_error(payload)
-                    metrics.request_errors.labels(endpoint, str(error.status)).inc()
-                    yield f"data: {json.dumps(error.body())}\n\n"
-                    break
-            yield "data: [DONE]\n\n"
-        finally:
-            job.cancel()
-
-    def require_admin(request: Request) -> None:
-        if admin_token is not None and request.headers.get("authorization") != f"Bearer {admin_token}":
-            raise APIError(401, "admin routes need the header 'Authorization: Bearer <admin token>'",
-                           "authentication_error", "invalid_admin_token")
-
-    # ------------------------------------------------------------ OpenAI routes
-
-    @app.get("/v1/models")
-    async def list_models():
-        cards = [model_card(base_name, base_name, started)]
-        for name, versions in registry.snapshot():
-            cards.append(model_card(name, base_name, started, parent=base_name))
-            cards += [model_card(v.key, base_name, int(v.loaded_at), parent=name) for v in versions]
-        return {"object": "list", "data": cards}
-
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
-        diff = resolve(body.model)
-        if isinstance(body.prompt, list):
-            bad = [t for t in body.prompt if not 0 <= t < vocab]
-            if bad:
-                raise APIError(400, f"prompt token ids must be in [0, {vocab}), got {bad[:5]}", param="prompt")
-            prompt_ids = list(body.prompt)
-        else:
-            prompt_ids = encode_text(engine.tokenizer, body.prompt)
-        params = params_of(body, check_budget(prompt_ids, body.max_tokens))
-        return await respond("/v1/completions", diff, prompt_ids, params, body.stream, chat=False)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
-        diff = resolve(body.model)
-        if not getattr(engine.tokenizer, "chat_template", None):
-            raise APIError(400, f"the tokenizer of {base_name} has no chat template; use /v1/completions",
-                           code="no_chat_template", param="messages")
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        prompt_ids = encode_chat(engine.tokenizer, messages)
-        params = params_of(body, check_budget(prompt_ids, body.requested_max_tokens()))
-        return await respond("/v1/chat/completions", diff, prompt_ids, params, body.stream, chat=True)
-
-    # ------------------------------------------------------------ admin routes
-
-    def version_info(v: DiffVersion) -> dict[str, Any]:
-        return {"name": v.name, "version": v.version, "model": v.key, "num_entries": v.num_entries,
-                "source": v.source, "current": registry.current(v.name) is v}
-
-    @app.get("/admin/diffs", dependencies=[Depends(require_admin)])
-    async def list_diffs():
-        return {"base": base_name, "merged": served_name(engine.merged), "diffs": registry.listing()}
-
-    @app.post("/admin/diffs", status_code=201, dependencies=[Depends(require_admin)])
-    async def load_diff(body: LoadDiffRequest):
-        loaded = await run_in_threadpool(registry.load, body.name, body.path)
-        metrics.diff_versions.set(registry.count_versions())
-        return version_info(loaded)
-
-    @app.delete("/admin/diffs/{name}", dependencies=[Depends(require_admin)])
-    async def unload_diff(name: str):
-        removed = registry.unload(name)
-        for v in removed:
-            await run_in_threadpool(engine.forget, v)
-        metrics.diff_versions.set(registry.count_versions())
-        return {"name": name, "unloaded_versions": [v.version for v in removed]}
-
-    @app.post("/admin/diffs/{name}/rollback", dependencies=[Depends(require_admin)])
-    async def rollback_diff(name: str, body: RollbackRequest | None = None):
-        current = registry.rollback(name, body.version if body else None)
-        return version_info(current)
-
-    # ------------------------------------------------------------ operators
-
-    @app.get("/health")
-    async def health():
-        state = {"status": "ok" if engine.alive else "worker stopped", "model": base_name,
-                 "diffs": len(registry.names()), "merged": served_name(engine.merged),
-                 "queue_depth": engine.queue_depth}
-        return JSONResponse(state, status_code=200 if engine.alive else 503)
-
-    @app.get("/metrics")
-    async def prometheus():
-        content, content_type = metrics.render()
-        return Response(content, media_type=content_type)
-
+    app.add_exception_handler(APIError, on_api_error)
+    app.add_exception_handler(SparseFTError, on_sparseft_error)
+    app.add_exception_handler(RequestValidationError, on_invalid_body)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.include_router(router)
+    app.include_router(admin)
+    ctx.metrics.diff_versions.set(registry.count_versions())
     return app

@@ -71,7 +71,7 @@ class Engine:
 
     Example:
         >>> engine = Engine(model, tokenizer)  # doctest: +SKIP
-        >>> registry = DiffRegistry(engine.prepare)  # doctest: +SKIP
+        >>> registry = DiffRegistry(engine.validated_entries)  # doctest: +SKIP
         >>> engine.start()  # doctest: +SKIP
         >>> engine.complete(registry.load("support", "diffs/support"), ids, SamplingParams(max_tokens=8))  # doctest: +SKIP
     """
@@ -96,7 +96,7 @@ class Engine:
 
     # ------------------------------------------------------------ diff validation (for the registry)
 
-    def prepare(self, diff: SparseDiff, where: str) -> Entries:
+    def validated_entries(self, diff: SparseDiff, where: str) -> Entries:
         """Check ``diff`` fits the served base (modules, shapes, fingerprint) and return its entries
         on the model's device in the weights' dtype. Raises the diffio errors for a wrong diff."""
         targets = find_targets(self.model, diff.config.target_modules)

@@ -90,7 +90,7 @@ def time_swaps(size: str, density: float, repeats: int) -> dict[str, float]:
     from .registry import DiffRegistry
 
     engine = Engine(random_llama(size), tokenizer=None)
-    registry = DiffRegistry(engine.prepare)
+    registry = DiffRegistry(engine.validated_entries)
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(2):
             sparse = get_sparse_model(random_llama(size), SparseConfig(density=density, scorer="random", seed=i))

@@ -19,6 +19,7 @@ import re
 import shutil
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -36,8 +37,8 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 # module name -> (flat indices, values in the weight's dtype), ready for delta.merge_entries
 Entries = dict[str, tuple[torch.Tensor, torch.Tensor]]
-# Validates a diff against the served base and returns its entries (the engine provides it).
-Prepare = Callable[[SparseDiff, str], Entries]
+# Validates a diff against the served base and returns its entries (``Engine.validated_entries``).
+ValidatedEntries = Callable[[SparseDiff, str], Entries]
 
 
 @dataclass(eq=False)  # identity matters: the engine compares "is this the version merged now?"
@@ -89,8 +90,13 @@ def parse_model_id(model_id: str) -> tuple[str, int | None]:
 class DiffRegistry:
     """Thread-safe map of diff names to versions; persistent when given a directory."""
 
-    def __init__(self, prepare: Prepare, reserved_names: tuple[str, ...] = (), directory: str | os.PathLike | None = None):
-        self._prepare = prepare
+    def __init__(
+        self,
+        validated_entries: ValidatedEntries,
+        reserved_names: tuple[str, ...] = (),
+        directory: str | os.PathLike | None = None,
+    ):
+        self._validated_entries = validated_entries
         self._reserved = set(reserved_names)
         self._lock = threading.RLock()
         self._versions: dict[str, list[DiffVersion]] = {}
@@ -156,7 +162,7 @@ class DiffRegistry:
         self._check_name(name)
         path = Path(path).resolve()
         diff = read_diff(path)
-        entries = self._prepare(diff, str(path))
+        entries = self._validated_entries(diff, str(path))
         sha = content_sha256(path)
         if diff.file_hashes.get(DELTA_NAME) and file_sha256(path / DELTA_NAME) != diff.file_hashes[DELTA_NAME]:
             raise DiffRegistryError(f"{path / DELTA_NAME}: changed while it was being loaded; load it again")
@@ -187,15 +193,23 @@ class DiffRegistry:
         return self.load(name, path)
 
     def unload(self, name: str) -> list[DiffVersion]:
-        """Forget ``name`` and all its versions (and their stored copies)."""
+        """Forget ``name`` and all its versions (and their stored copies).
+
+        If ``registry.json`` cannot be written, the name stays loaded, in memory and on disk, as before.
+        """
         with self._lock:
             if name not in self._versions:
                 raise UnknownDiffError(f"no diff named {name!r} is loaded")
-            removed = self._versions.pop(name)
-            self._current.pop(name)
-            self._save()
-        if self.directory is not None:
-            shutil.rmtree(self.directory / "diffs" / name, ignore_errors=True)
+            removed, current = self._versions.pop(name), self._current.pop(name)
+            try:
+                self._save()
+            except BaseException:
+                self._versions[name], self._current[name] = removed, current
+                raise
+            # Moved aside under the lock, so a load of the same name right after cannot lose its new copy.
+            doomed = self._set_aside(name)
+        if doomed is not None:
+            shutil.rmtree(doomed, ignore_errors=True)
         return removed
 
     def rollback(self, name: str, version: int | None = None) -> DiffVersion:
@@ -237,6 +251,21 @@ class DiffRegistry:
             self._current[loaded.name] = previous
         if loaded.stored_at:
             shutil.rmtree(self.directory / loaded.stored_at, ignore_errors=True)
+
+    def _set_aside(self, name: str) -> Path | None:
+        """Rename the stored copies of an unloaded ``name`` out of the way; the caller deletes them unlocked."""
+        if self.directory is None:
+            return None
+        stored = self.directory / "diffs" / name
+        aside = self.directory / "diffs" / f".unloaded-{name}-{uuid.uuid4().hex}"  # no diff name starts with '.'
+        try:
+            stored.rename(aside)
+        except FileNotFoundError:
+            return None
+        except OSError:  # cannot rename: delete in place, still under the lock
+            shutil.rmtree(stored, ignore_errors=True)
+            return None
+        return aside
 
     def _store_copy(self, source: Path, name: str, number: int) -> str:
         relative = f"diffs/{name}/v{number}"
@@ -284,7 +313,7 @@ class DiffRegistry:
         try:
             stored = self.directory / record["path"]
             diff = read_diff(stored)
-            entries = self._prepare(diff, str(stored))
+            entries = self._validated_entries(diff, str(stored))
             loaded = DiffVersion(
                 name, int(record["version"]), record["source"], content_sha256(stored), diff.num_entries,
                 float(record["loaded_at"]), entries, stored_at=record["path"],

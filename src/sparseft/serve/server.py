@@ -36,7 +36,7 @@ def build_app(
         raise ModelNotFoundError(f"{model}: no tokenizer could be loaded ({e}); serving needs one next to the model") from e
     engine = Engine(base, tokenizer, ServeMetrics(), max_queue=limits.max_queue)
     base_name = served_name or str(model)
-    registry = DiffRegistry(engine.prepare, reserved_names=(base_name,), directory=registry_dir)
+    registry = DiffRegistry(engine.validated_entries, reserved_names=(base_name,), directory=registry_dir)
     for name, path in diffs:
         registry.ensure(name, path)
     return create_app(engine, registry, base_name, limits, admin_token)

@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -22,8 +23,8 @@ from .summarization import SummarizationTask
 TASKS: dict[str, Task] = {}
 
 ROUTING_DEPARTMENTS = ["billing", "technical", "shipping", "account", "returns", "sales"]
-# The bundled demo data set, in the source tree next to the package.
-ROUTING_DATA = Path(__file__).resolve().parents[3] / "examples" / "support_routing"
+# The bundled demo data set (train.jsonl, test.jsonl): package data, so `sparseft demo` works from a wheel too.
+ROUTING_DATA = Path(str(resources.files("sparseft") / "data" / "support_routing"))
 
 
 def register_task(task: Task) -> Task:

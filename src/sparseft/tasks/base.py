@@ -82,7 +82,7 @@ class Task(ABC):
         through it (as evaluation does) and the completion ends with its end-of-turn token.
 
         Example:
-            >>> rows = get_task("routing").training_rows("examples/support_routing/train.jsonl", tokenizer=tok)  # doctest: +SKIP
+            >>> rows = get_task("routing").training_rows(ROUTING_DATA / "train.jsonl", tokenizer=tok)  # doctest: +SKIP
         """
         return [
             {"prompt": self.prompt(tokenizer, r), "completion": completion_text(tokenizer, self.target(r))}

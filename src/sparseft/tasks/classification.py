@@ -8,6 +8,7 @@ Any label set works: SST-2 sentiment and the bundled support-ticket routing are 
 from __future__ import annotations
 
 import csv
+import io
 import os
 from dataclasses import dataclass, field
 from typing import Callable
@@ -26,22 +27,30 @@ def read_sst2_tsv(path: str | os.PathLike, labels: list[str]) -> list[Record]:
     GLUE keeps a trailing space before the tab and raw ``"`` characters, so quoting is off.
     """
     path = existing_file(path)
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataFormatError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     records = []
-    with open(path, encoding="utf-8", newline="") as handle:
-        rows = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
+    rows = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
+    try:
         header = next(rows, None)
         if header is None or [h.strip() for h in header[:2]] != ["sentence", "label"]:
             raise DataFormatError(f"{path}:1: expected the header 'sentence<TAB>label', got {header!r}")
-        for number, row in enumerate(rows, start=2):
+        for row in rows:
+            where = f"{path}:{rows.line_num}"
             if len(row) != 2:
-                raise DataFormatError(f"{path}:{number}: expected 2 tab-separated fields, got {len(row)}")
+                raise DataFormatError(f"{where}: expected 2 tab-separated fields (sentence, label), got {len(row)}")
             sentence, label = row[0].strip(), row[1].strip()
-            if label not in {str(i) for i in range(len(labels))} or not sentence:
-                raise DataFormatError(
-                    f"{path}:{number}: field 'label' must be one of 0..{len(labels) - 1} and 'sentence' "
-                    f"non-empty, got label={label!r}"
-                )
+            if not sentence:
+                raise DataFormatError(f"{where}: field 'sentence' is empty")
+            if label not in {str(i) for i in range(len(labels))}:
+                raise DataFormatError(f"{where}: field 'label' must be one of 0..{len(labels) - 1}, got {label!r}")
             records.append({"text": sentence, "label": int(label)})
+    except csv.Error as e:
+        raise DataFormatError(f"{path}:{rows.line_num}: unreadable TSV row ({e})") from None
     return records
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from ..errors import DataFormatError
 from .base import Record, Task, encode_prompt
-from .files import existing_file, take
+from .files import existing_file, take, text_field
 from .inference import generate_texts
 
 ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -47,24 +47,62 @@ def best_over_references(metric, prediction: str, references: list[str]) -> floa
 
 
 def read_squad_json(path, articles: slice | None = None) -> list[Record]:
-    """Questions of a SQuAD v1.1 file, optionally only from the articles in ``articles`` (a split by article)."""
+    """Questions of a SQuAD v1.1 file, optionally only from the articles in ``articles`` (a split by article).
+
+    Every level is checked before it is used, so a malformed file fails with a
+    :class:`DataFormatError` naming the file and the item (``data[3].paragraphs[0].qas[2].answers[0].text``)
+    instead of a ``KeyError`` deep inside. Answers whose text is blank are skipped; a question needs at
+    least one that is not.
+    """
     path = existing_file(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))["data"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise DataFormatError(f"{path}: not a SQuAD JSON file with a top-level 'data' list ({e})") from None
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataFormatError(f"{path}: not a SQuAD JSON file ({e})") from None
+    data = document.get("data") if isinstance(document, dict) else None
+    if not isinstance(data, list):
+        raise DataFormatError(f"{path}: not a SQuAD JSON file: expected a top-level object with a 'data' list")
     records = []
-    for a, article in enumerate(data[articles] if articles else data):
-        for p, paragraph in enumerate(article.get("paragraphs", [])):
-            for q, qa in enumerate(paragraph.get("qas", [])):
-                where = f"{path}: data[{a}].paragraphs[{p}].qas[{q}]"
-                answers = [ans.get("text", "") for ans in qa.get("answers", []) if ans.get("text", "").strip()]
-                if not answers or not qa.get("question", "").strip():
-                    raise DataFormatError(f"{where}: needs a 'question' and at least one answer with 'text'")
-                records.append(
-                    {"id": qa.get("id", ""), "context": paragraph["context"], "question": qa["question"], "answers": answers}
-                )
+    for a in range(len(data))[articles or slice(None)]:  # absolute indices, so errors name the real item
+        at_article = f"{path}: data[{a}]"
+        for p, paragraph in enumerate(_list_field(_object(data[a], at_article), "paragraphs", at_article)):
+            at_paragraph = f"{at_article}.paragraphs[{p}]"
+            paragraph = _object(paragraph, at_paragraph)
+            context = text_field(paragraph, "context", at_paragraph)
+            for q, qa in enumerate(_list_field(paragraph, "qas", at_paragraph)):
+                at_question = f"{at_paragraph}.qas[{q}]"
+                qa = _object(qa, at_question)
+                question = text_field(qa, "question", at_question)
+                qid = qa.get("id", "")
+                if not isinstance(qid, str):
+                    raise DataFormatError(f"{at_question}.id: expected a string, got {qid!r:.60}")
+                answers = []
+                for m, answer in enumerate(_list_field(qa, "answers", at_question)):
+                    at_answer = f"{at_question}.answers[{m}]"
+                    text = _object(answer, at_answer).get("text")
+                    if not isinstance(text, str):
+                        raise DataFormatError(f"{at_answer}.text: expected a string, got {text!r:.60}")
+                    if text.strip():
+                        answers.append(text)
+                if not answers:
+                    raise DataFormatError(f"{at_question}.answers: needs at least one answer with a non-empty 'text'")
+                records.append({"id": qid, "context": context, "question": question, "answers": answers})
     return records
+
+
+def _object(value, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise DataFormatError(f"{where}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _list_field(obj: dict, field: str, where: str) -> list:
+    """A required list field (``paragraphs``, ``qas``, ``answers``)."""
+    if field not in obj:
+        raise DataFormatError(f"{where}: missing field {field!r} (fields present: {sorted(obj)})")
+    if not isinstance(obj[field], list):
+        raise DataFormatError(f"{where}.{field}: expected a list, got {type(obj[field]).__name__}")
+    return obj[field]
 
 
 @dataclass
