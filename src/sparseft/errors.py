@@ -38,6 +38,10 @@ class NonFiniteValuesError(SparseFTError, ValueError):
     """Values of a sparse delta contain NaN or Inf."""
 
 
+class NonFiniteScoresError(SparseFTError, ValueError):
+    """A scorer rated some entries of a module NaN or Inf, so no top-k of that module is meaningful."""
+
+
 class DtypeMismatchError(SparseFTError, TypeError):
     """A tensor of the diff has a dtype other than the one its config declares."""
 
