@@ -91,6 +91,7 @@ class SparseModel(nn.Module):
         return {n: m for n, m in self.base_model.named_modules() if isinstance(m, SparseLinear)}
 
     def sparse_parameters(self) -> list[nn.Parameter]:
+        """The values of every sparse layer; those of a layer with k=0 are empty and frozen."""
         return [layer.values for layer in self.sparse_layers().values()]
 
     def num_trainable(self) -> int:
@@ -173,7 +174,7 @@ class SparseModel(nn.Module):
         with torch.no_grad():
             for name, layer in sparse.sparse_layers().items():
                 layer.values.copy_(diff.values[name].to(torch.float32))
-                layer.values.requires_grad_(is_trainable)
+                layer.values.requires_grad_(is_trainable and layer.k > 0)  # k=0: nothing to train (see SparseLinear)
         return sparse
 
 
