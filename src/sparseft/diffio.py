@@ -12,7 +12,8 @@ Layout of ``sparse_delta.safetensors`` (three tensors):
 Modules are concatenated in sorted name order; ``sparse_config.json["tensors"]`` gives each one's k.
 
 With bf16 values a trained entry costs about 4 bytes on disk. Everything is validated before any
-model is touched; writes are atomic (a temporary directory renamed into place).
+model is touched. A write goes to a temporary directory renamed into place (``atomic.replace_dir``):
+a reader sees the previous diff or the new one, never a partial one.
 """
 
 from __future__ import annotations
@@ -260,8 +261,8 @@ def config_json(diff: SparseDiff, delta_sha256: str) -> dict[str, Any]:
 
 
 def write_diff(diff: SparseDiff, path: str | os.PathLike, validate: bool = True) -> Path:
-    """Write atomically: files go to a temporary sibling directory that replaces ``path`` at the end,
-    so a crash part-way leaves any previous diff at ``path`` as it was."""
+    """Write via a temporary sibling directory that replaces ``path`` at the end (``atomic.replace_dir``),
+    so a crash while writing leaves any previous diff at ``path`` as it was."""
     if validate:
         check_diff(diff, where=str(path))
     path = Path(path)

@@ -54,6 +54,11 @@ class MergeStateError(SparseFTError, RuntimeError):
     """merge/unmerge called in the wrong state (e.g. unmerge without a prior merge)."""
 
 
+class AtomicReplaceError(SparseFTError, OSError):
+    """A finished output could not be renamed into place; the message names where the new version
+    was left and where the old one is."""
+
+
 class DataFormatError(SparseFTError, ValueError):
     """A training or evaluation data file has a malformed row."""
 
