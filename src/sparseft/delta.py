@@ -151,7 +151,9 @@ class SparseLinear(nn.Module):
             raise ValueError(f"values must have shape ({indices.numel()},) to match the indices, got {tuple(values.shape)}")
         # With k=0 there is nothing to train and the forward skips the autograd function, so a trainable
         # `values` would never receive a gradient (DDP fails on such unused parameters): frozen instead.
-        self.values = nn.Parameter(values.to(device=device, dtype=torch.float32), requires_grad=indices.numel() > 0)
+        # A copy too: training changes the values in place, which must not reach the caller's tensor.
+        values = values.detach().to(device=device, dtype=torch.float32, copy=True)
+        self.values = nn.Parameter(values, requires_grad=indices.numel() > 0)
         self._original_entries: torch.Tensor | None = None
         self.backend = "auto"
         self.forward_mode = "inplace"

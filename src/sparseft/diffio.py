@@ -181,6 +181,8 @@ def check_indices(name: str, indices: torch.Tensor, numel: int, where: str) -> N
 def check_values(name: str, values: torch.Tensor, k: int, where: str, dtype: torch.dtype | None = None) -> None:
     if dtype is not None and values.dtype != dtype:
         raise DtypeMismatchError(f"{where}: values of {name} are {values.dtype}, the config declares {dtype}")
+    if values.dim() != 1:
+        raise DiffCorruptError(f"{where}: values of {name} must be 1-D, got shape {tuple(values.shape)}")
     if values.numel() != k:
         raise DiffCorruptError(f"{where}: {name} has {values.numel()} values for {k} indices")
     bad = ~torch.isfinite(values.float())
@@ -340,7 +342,7 @@ def check_file_hashes(path: Path, meta: dict[str, Any]) -> None:
 
 
 def load_delta_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """The three streams of the tensor file, checked for presence and index dtypes (not yet split)."""
+    """The three streams of the tensor file, checked for presence, 1-D shape and index dtypes (not yet split)."""
     delta_path = path / DELTA_NAME
     if not delta_path.is_file():
         raise DiffNotFoundError(f"{delta_path}: missing")
@@ -351,6 +353,9 @@ def load_delta_tensors(path: Path) -> dict[str, torch.Tensor]:
     missing = {"gaps", "escapes", "values"} - set(tensors)
     if missing:
         raise DiffCorruptError(f"{delta_path}: tensors {sorted(missing)} are missing")
+    for name in ("gaps", "escapes", "values"):
+        if tensors[name].dim() != 1:
+            raise DiffCorruptError(f"{delta_path}: tensor {name!r} must be 1-D, got shape {tuple(tensors[name].shape)}")
     if tensors["gaps"].dtype != torch.int16 or tensors["escapes"].dtype != torch.int64:
         raise DtypeMismatchError(
             f"{delta_path}: gaps/escapes must be int16/int64, got {tensors['gaps'].dtype}/{tensors['escapes'].dtype}"
