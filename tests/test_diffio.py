@@ -106,7 +106,13 @@ def corrupt_cases():
     def column(name):  # a [n, 1] stream has the right numel, so only a 1-D check catches it
         return lambda p: rewrite_delta(p, **{name: load_file(str(p / DELTA_NAME))[name].reshape(-1, 1)})
 
+    def no_modules(p):  # consistent with itself, but there is nothing to fingerprint or apply
+        edit_config(p, lambda m: m.__setitem__("tensors", {}))
+        rewrite_delta(p, gaps=torch.zeros(0, dtype=torch.int16), escapes=torch.zeros(0, dtype=torch.long),
+                      values=torch.zeros(0, dtype=torch.bfloat16))
+
     return [
+        ("no modules", no_modules, DiffCorruptError),
         ("values not 1-D", column("values"), DiffCorruptError),
         ("gaps not 1-D", column("gaps"), DiffCorruptError),
         ("escapes not 1-D", column("escapes"), DiffCorruptError),

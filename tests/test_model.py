@@ -157,3 +157,11 @@ def test_a_module_with_k_0_has_no_trainable_parameter(tiny_batch, tmp_path):
         loaded.merge()
         torch.testing.assert_close(loaded(**tiny_batch).logits, before, rtol=1e-6, atol=1e-6)
         loaded.unmerge()
+
+
+def test_empty_masks_are_refused_with_a_clear_error(tiny_model):
+    pristine = state_bytes(tiny_model)
+    with pytest.raises(ConfigError, match="masks select no module"):
+        get_sparse_model(tiny_model, SparseConfig(density=0.05), masks={})
+    assert all(p.requires_grad for p in tiny_model.parameters())
+    assert all(torch.equal(t, pristine[n]) for n, t in tiny_model.state_dict().items())

@@ -312,6 +312,8 @@ def check_tensor_specs(meta: dict[str, Any], cfg_path: Path) -> None:
     """The fields later steps index into have the types they expect (a clear error, not a KeyError)."""
     if not isinstance(meta["file_hashes"], dict) or not isinstance(meta["tensors"], dict):
         raise DiffCorruptError(f"{cfg_path}: fields 'file_hashes' and 'tensors' must be mappings")
+    if not meta["tensors"]:
+        raise DiffCorruptError(f"{cfg_path}: field 'tensors' lists no module; a diff changes at least one")
     for name, spec in meta["tensors"].items():
         shape = spec.get("shape") if isinstance(spec, dict) else None
         k = spec.get("k") if isinstance(spec, dict) else None

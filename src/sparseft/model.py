@@ -16,7 +16,7 @@ from torch import nn
 from .config import SparseConfig
 from .delta import SparseLinear
 from .diffio import SparseDiff, check_against_model, check_diff, fingerprints, read_diff, write_diff
-from .errors import MergeStateError
+from .errors import ConfigError, MergeStateError
 from .selection import select
 from .targets import find_targets
 
@@ -37,6 +37,11 @@ def get_sparse_model(
     targets = find_targets(model, config.target_modules)
     if masks is None:
         masks = select(model, config)
+    if not masks:
+        raise ConfigError(
+            "masks select no module: pass {module name: flat indices} for at least one targeted layer "
+            f"(e.g. {next(iter(targets))!r}), or masks=None to select with the config's scorer"
+        )
     weights = {name: layer.weight for name, layer in targets.items()}
     probe = SparseDiff(
         config=config,
