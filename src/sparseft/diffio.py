@@ -30,7 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_dir
-from .config import SparseConfig
+from .config import DTYPES, SparseConfig
 from .errors import (
     DiffCorruptError,
     DiffNotFoundError,
@@ -45,7 +45,6 @@ from .errors import (
 FORMAT_VERSION = 1
 CONFIG_NAME = "sparse_config.json"
 DELTA_NAME = "sparse_delta.safetensors"
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 MAX_GAP = 65535
 
 

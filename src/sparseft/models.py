@@ -16,9 +16,8 @@ from typing import Callable, Iterator
 import torch
 
 from .atomic import atomic_dir
+from .config import DTYPES
 from .errors import ModelNotFoundError
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # alias -> function that returns a local model directory (building it on first use).
 ALIASES: dict[str, Callable[[], Path]] = {}
