@@ -64,7 +64,8 @@ class DataFormatError(SparseFTError, ValueError):
 
 
 class ModelNotFoundError(SparseFTError, FileNotFoundError):
-    """A model name is neither a known alias nor a local directory (and no hub access is possible)."""
+    """A model name is neither a known alias nor a local directory (and no hub access is possible), or
+    what it names cannot be loaded (no or invalid config.json, missing or truncated weights, no tokenizer)."""
 
 
 class ResultsFormatError(SparseFTError, ValueError):
