@@ -118,15 +118,6 @@ def fingerprints(weights: dict[str, torch.Tensor]) -> dict[str, str]:
     return prints
 
 
-def check_fingerprint(
-    diff: SparseDiff,
-    weights: dict[str, torch.Tensor],
-    where: str,
-    fingerprint_of: Callable[[dict[str, torch.Tensor]], str] = fingerprint,
-) -> None:
-    check_base_fingerprint(diff.base_fingerprint, diff.base_model, weights, where, fingerprint_of)
-
-
 def check_base_fingerprint(
     expected_prints: dict[str, str],
     base_model: str,
@@ -134,7 +125,8 @@ def check_base_fingerprint(
     where: str,
     fingerprint_of: Callable[[dict[str, torch.Tensor]], str] = fingerprint,
 ) -> None:
-    """``weights`` are the base the fingerprints were recorded for (no-op when none were recorded).
+    """``weights`` are the base ``expected_prints`` were recorded for (no-op when none were recorded).
+    ``check_against_model`` calls it for a whole diff; ``audit.verify`` calls it with a config's fields.
     ``fingerprint_of`` lets a caller whose weights may hold a merged diff (the server) hash the base
     entries instead of the live ones, or reuse a cached hash."""
     if not expected_prints:
@@ -177,9 +169,7 @@ def check_indices(name: str, indices: torch.Tensor, numel: int, where: str) -> N
         raise InvalidIndicesError(f"{where}: indices of {name} are not sorted ascending at position {pos}")
 
 
-def check_values(name: str, values: torch.Tensor, k: int, where: str, dtype: torch.dtype | None = None) -> None:
-    if dtype is not None and values.dtype != dtype:
-        raise DtypeMismatchError(f"{where}: values of {name} are {values.dtype}, the config declares {dtype}")
+def check_values(name: str, values: torch.Tensor, k: int, where: str) -> None:
     if values.dim() != 1:
         raise DiffCorruptError(f"{where}: values of {name} must be 1-D, got shape {tuple(values.shape)}")
     if values.numel() != k:
@@ -208,7 +198,7 @@ def check_against_model(
 ) -> None:
     """The diff fits these base weights: every module exists with the recorded shape, same base."""
     check_shapes(diff.shapes, weights, where)
-    check_fingerprint(diff, {n: weights[n] for n in diff.shapes}, where, fingerprint_of)
+    check_base_fingerprint(diff.base_fingerprint, diff.base_model, {n: weights[n] for n in diff.shapes}, where, fingerprint_of)
 
 
 def check_shapes(shapes: dict[str, tuple[int, ...]], weights: dict[str, torch.Tensor], where: str) -> None:
@@ -323,11 +313,6 @@ def check_tensor_specs(meta: dict[str, Any], cfg_path: Path) -> None:
             )
 
 
-def read_delta(path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
-    check_file_hashes(path, meta)
-    return load_delta_tensors(path)
-
-
 def check_file_hashes(path: Path, meta: dict[str, Any]) -> None:
     """Every file whose sha256 was recorded at save time exists and still has that hash."""
     for name, expected in sorted(meta["file_hashes"].items()):
@@ -403,7 +388,8 @@ def read_diff(path: str | os.PathLike) -> SparseDiff:
     """Read and fully validate a diff directory (not yet against a model)."""
     path = Path(path)
     meta = read_config(path)
-    tensors = read_delta(path, meta)
+    check_file_hashes(path, meta)
+    tensors = load_delta_tensors(path)
     check_value_dtype(meta, tensors, str(path / DELTA_NAME))
     masks, values = split_modules(meta, tensors, str(path / DELTA_NAME))
     config = parse_selection(meta, str(path / CONFIG_NAME))
