@@ -20,7 +20,7 @@ from transformers import BatchEncoding
 from conftest import make_tiny_llama
 from sparseft import SparseConfig, get_sparse_model, select
 from sparseft.errors import ConfigError, DataFormatError, InvalidIndicesError, MaskFileError, NonFiniteScoresError
-from sparseft.selection import allocate, budget_report, load_masks, module_budgets, read_mask_file, save_masks
+from sparseft.selection import allocate, budget_report, get_scorer, load_masks, module_budgets, read_mask_file, save_masks
 from sparseft.selection.budget import top_k_indices
 from sparseft.selection.scorers import quantile_normalise
 from sparseft.selection.select import model_bytes, plan_passes
@@ -198,6 +198,19 @@ def test_data_scorers_need_data_and_labels():
         select(model, SparseConfig(scorer="combined", scorer_weights={"combined": 1.0}), llama_batches())
     with pytest.raises(ConfigError, match="at least one weight > 0"):
         select(model, SparseConfig(scorer="combined", scorer_weights={"fisher": 0.0}), llama_batches())
+
+
+def test_one_rule_decides_whether_a_scorer_needs_data():
+    # Scorer.needs_data said "combined needs data" whatever its weights, while select() only gathers
+    # the statistics of the weighted parts: both now ask required_stats.
+    combined = get_scorer("combined")
+    assert combined.needs_data_for({"gradient": 0.5, "fisher": 0.5})
+    assert combined.needs_data_for({"magnitude": 1.0, "taylor": 0.1})
+    assert not combined.needs_data_for({"magnitude": 1.0, "random": 0.5, "fisher": 0.0})
+    assert not get_scorer("random").needs_data_for({"gradient": 1.0})
+    assert get_scorer("fisher").needs_data_for({})
+    masks = select(make_tiny_llama(), SparseConfig(density=0.05, scorer="combined", scorer_weights={"magnitude": 1.0}))
+    assert sum(m.numel() for m in masks.values()) > 0  # no dataloader needed, as the rule says
 
 
 # ------------------------------------------------------------------ budgets

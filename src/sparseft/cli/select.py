@@ -58,7 +58,7 @@ def run(args) -> int:
 
     cfg = make_config(args)
     batches = None
-    if get_scorer(cfg.scorer).needs_data:
+    if get_scorer(cfg.scorer).needs_data_for(cfg.scorer_weights):
         if not args.data:
             raise ConfigError(f"scorer {cfg.scorer!r} needs calibration data; pass --data FILE")
         tokenizer = load_tokenizer(args.model)
