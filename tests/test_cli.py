@@ -9,6 +9,9 @@ from transformers import AutoModelForCausalLM
 from conftest import make_tiny_llama
 from sparseft import SparseConfig, get_sparse_model
 from sparseft.cli import VERBS, build_parser, main
+from sparseft.config import DTYPES
+from sparseft.errors import ConfigError
+from sparseft.models import resolve_dtype
 
 
 def test_help_for_every_verb(capsys):
@@ -69,6 +72,52 @@ def test_apply_refuses_other_base_with_clear_error(trained_diff, tmp_path, capsy
 def test_unknown_model_is_named(tmp_path, capsys):
     assert main(["apply", "--model", str(tmp_path / "nope"), "--diff", str(tmp_path), "--out", str(tmp_path / "m")]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("verb", ["apply", "audit", "eval", "select", "serve", "train", "verify"])
+def test_unknown_dtype_is_a_usage_error(verb, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([verb, "--dtype", "float64", "--help"])
+    assert exit_info.value.code == 2
+    assert "--dtype" in capsys.readouterr().err and "float64" not in list(DTYPES)
+
+
+def test_resolve_dtype_raises_config_error():
+    with pytest.raises(ConfigError, match="unknown dtype 'fp8'.*bfloat16"):
+        resolve_dtype("fp8")
+
+
+def unloadable_models(tmp_path):
+    empty = tmp_path / "empty"  # a directory, but no config.json
+    empty.mkdir()
+    bad_json = tmp_path / "bad-json"
+    bad_json.mkdir()
+    (bad_json / "config.json").write_text("{oops")
+    truncated = tmp_path / "truncated"
+    make_tiny_llama().save_pretrained(truncated)
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    return [empty, bad_json, truncated]
+
+
+def test_an_unloadable_model_directory_exits_2_naming_it(trained_diff, tmp_path, capsys):
+    # 1 means "a check failed"; a base that cannot be loaded is unusable input: 2, as the docs say.
+    _, diff = trained_diff
+    for model_dir in unloadable_models(tmp_path):
+        assert main(["verify", "--diff", str(diff), "--model", str(model_dir)]) == 2
+        err = capsys.readouterr().err
+        assert f"sparseft verify: error: {model_dir}: cannot be loaded" in err and "Traceback" not in err
+        assert main(["apply", "--model", str(model_dir), "--diff", str(diff), "--out", str(tmp_path / "m")]) == 2
+        assert str(model_dir) in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_model_directory_without_tokenizer_exits_2_when_one_is_needed(tiny_model_dir, tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    args = ["select", "--model", str(tiny_model_dir), "--data", str(data), "--scorer", "fisher", "--out", str(tmp_path / "m")]
+    assert main(args) == 2
+    assert f"{tiny_model_dir}: no tokenizer can be loaded" in capsys.readouterr().err
 
 
 def test_parser_builds():

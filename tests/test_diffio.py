@@ -103,7 +103,19 @@ def corrupt_cases():
             m["tensors"]["model.layers.1.self_attn.zz_proj"] = m["tensors"].pop("model.layers.1.self_attn.v_proj")
         edit_config(p, rename)
 
+    def column(name):  # a [n, 1] stream has the right numel, so only a 1-D check catches it
+        return lambda p: rewrite_delta(p, **{name: load_file(str(p / DELTA_NAME))[name].reshape(-1, 1)})
+
+    def no_modules(p):  # consistent with itself, but there is nothing to fingerprint or apply
+        edit_config(p, lambda m: m.__setitem__("tensors", {}))
+        rewrite_delta(p, gaps=torch.zeros(0, dtype=torch.int16), escapes=torch.zeros(0, dtype=torch.long),
+                      values=torch.zeros(0, dtype=torch.bfloat16))
+
     return [
+        ("no modules", no_modules, DiffCorruptError),
+        ("values not 1-D", column("values"), DiffCorruptError),
+        ("gaps not 1-D", column("gaps"), DiffCorruptError),
+        ("escapes not 1-D", column("escapes"), DiffCorruptError),
         ("missing config", lambda p: (p / CONFIG_NAME).unlink(), DiffNotFoundError),
         ("missing delta", lambda p: (p / DELTA_NAME).unlink(), DiffNotFoundError),
         ("truncated delta", truncate, DiffCorruptError),
@@ -133,9 +145,49 @@ def test_bad_diff_raises_its_error_and_leaves_model_unchanged(case, tmp_path):
         SparseModel.from_pretrained(base, path)
     assert isinstance(info.value, SparseFTError)
     assert str(path.name) in str(info.value) or "diff" in str(info.value)
+    assert_unchanged(base, before, modules_before)
+
+
+def assert_unchanged(base, before, modules_before):
     assert [type(m) for m in base.modules()] == modules_before
+    assert all(p.requires_grad for p in base.parameters())  # not frozen either
     after = base.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[n], before[n]) for n in before)
+
+
+def test_values_not_1d_are_named(tmp_path):
+    path, diff = saved_diff(tmp_path)
+    rewrite_delta(path, values=load_file(str(path / DELTA_NAME))["values"].reshape(-1, 1))
+    with pytest.raises(DiffCorruptError, match=r"tensor 'values' must be 1-D, got shape \(\d+, 1\)"):
+        read_diff(path)
+    name = sorted(diff.values)[0]
+    diff.values[name] = diff.values[name].reshape(-1, 1)  # an in-memory diff is checked the same way
+    with pytest.raises(DiffCorruptError, match=f"values of {name} must be 1-D"):
+        write_diff(diff, tmp_path / "other")
+    assert not (tmp_path / "other").exists()
+
+
+def test_a_failure_while_wrapping_undoes_the_wrapping(tmp_path, monkeypatch):
+    """from_pretrained promises an unchanged model on any error, even one after validation."""
+    import sparseft.model as model_module
+
+    path, _ = saved_diff(tmp_path)
+    base = make_tiny_llama()
+    before = {n: t.clone() for n, t in base.state_dict().items()}
+    modules_before = [type(m) for m in base.modules()]
+    real, made = model_module.SparseLinear, []
+
+    def flaky(*args, **kwargs):
+        if len(made) == 3:
+            raise RuntimeError("out of memory")
+        made.append(real(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(model_module, "SparseLinear", flaky)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        SparseModel.from_pretrained(base, path)
+    assert len(made) == 3  # three layers had been wrapped
+    assert_unchanged(base, before, modules_before)
 
 
 def test_missing_directory(tmp_path):

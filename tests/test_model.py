@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_llama
-from sparseft import SparseConfig, SparseModel, get_sparse_model
+from sparseft import SparseConfig, SparseModel, get_sparse_model, select
 from sparseft.errors import ConfigError, FingerprintMismatchError, InvalidIndicesError, ShapeMismatchError
 
 
@@ -128,3 +128,40 @@ def test_fp32_diff_applies_to_bf16_base(tmp_path, tiny_batch):
     get_sparse_model(base, SparseConfig(density=0.05)).save_pretrained(tmp_path / "d")
     served = make_tiny_llama().to(torch.bfloat16)
     SparseModel.from_pretrained(served, tmp_path / "d")  # no error: bf16 fingerprint recorded too
+
+
+def test_a_module_with_k_0_has_no_trainable_parameter(tiny_batch, tmp_path):
+    # k=0 is normal (per_module rounding, global allocation, --masks from a diff with empty modules).
+    # Its forward skips the autograd function, so a trainable `values` would never get a gradient,
+    # which DDP reports as an unused parameter.
+    masks = select(make_tiny_llama(), SparseConfig(density=0.05, scorer="random"))
+    empty = "model.layers.1.self_attn.k_proj"
+    masks[empty] = torch.zeros(0, dtype=torch.long)
+    model = get_sparse_model(make_tiny_llama(), SparseConfig(density=0.05, value_dtype="float32"), masks)
+    layers = model.sparse_layers()
+    assert layers[empty].k == 0 and not layers[empty].values.requires_grad
+    assert all(layer.values.requires_grad for n, layer in layers.items() if n != empty)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert len(trainable) == len(masks) - 1 and not any(empty in n for n in trainable)
+    assert model.num_trainable() == sum(m.numel() for m in masks.values())
+    train_a_few_steps(model, tiny_batch, steps=2)
+    model.save_pretrained(tmp_path / "d")
+
+    loaded = SparseModel.from_pretrained(make_tiny_llama(), tmp_path / "d", is_trainable=True)
+    layers = loaded.sparse_layers()
+    assert set(layers) == set(masks) and layers[empty].k == 0  # the diff still lists the empty module
+    assert not layers[empty].values.requires_grad
+    assert all(layer.values.requires_grad for n, layer in layers.items() if n != empty)
+    with torch.no_grad():
+        before = loaded(**tiny_batch).logits
+        loaded.merge()
+        torch.testing.assert_close(loaded(**tiny_batch).logits, before, rtol=1e-6, atol=1e-6)
+        loaded.unmerge()
+
+
+def test_empty_masks_are_refused_with_a_clear_error(tiny_model):
+    pristine = state_bytes(tiny_model)
+    with pytest.raises(ConfigError, match="masks select no module"):
+        get_sparse_model(tiny_model, SparseConfig(density=0.05), masks={})
+    assert all(p.requires_grad for p in tiny_model.parameters())
+    assert all(torch.equal(t, pristine[n]) for n, t in tiny_model.state_dict().items())

@@ -19,8 +19,8 @@ from transformers import BatchEncoding
 
 from conftest import make_tiny_llama
 from sparseft import SparseConfig, get_sparse_model, select
-from sparseft.errors import ConfigError, DataFormatError, InvalidIndicesError, MaskFileError
-from sparseft.selection import allocate, budget_report, load_masks, module_budgets, read_mask_file, save_masks
+from sparseft.errors import ConfigError, DataFormatError, InvalidIndicesError, MaskFileError, NonFiniteScoresError
+from sparseft.selection import allocate, budget_report, get_scorer, load_masks, module_budgets, read_mask_file, save_masks
 from sparseft.selection.budget import top_k_indices
 from sparseft.selection.scorers import quantile_normalise
 from sparseft.selection.select import model_bytes, plan_passes
@@ -200,6 +200,19 @@ def test_data_scorers_need_data_and_labels():
         select(model, SparseConfig(scorer="combined", scorer_weights={"fisher": 0.0}), llama_batches())
 
 
+def test_one_rule_decides_whether_a_scorer_needs_data():
+    # Scorer.needs_data said "combined needs data" whatever its weights, while select() only gathers
+    # the statistics of the weighted parts: both now ask required_stats.
+    combined = get_scorer("combined")
+    assert combined.needs_data_for({"gradient": 0.5, "fisher": 0.5})
+    assert combined.needs_data_for({"magnitude": 1.0, "taylor": 0.1})
+    assert not combined.needs_data_for({"magnitude": 1.0, "random": 0.5, "fisher": 0.0})
+    assert not get_scorer("random").needs_data_for({"gradient": 1.0})
+    assert get_scorer("fisher").needs_data_for({})
+    masks = select(make_tiny_llama(), SparseConfig(density=0.05, scorer="combined", scorer_weights={"magnitude": 1.0}))
+    assert sum(m.numel() for m in masks.values()) > 0  # no dataloader needed, as the rule says
+
+
 # ------------------------------------------------------------------ budgets
 
 
@@ -258,6 +271,40 @@ def test_streaming_global_top_k_equals_one_sort_over_everything():
         for i, n in enumerate(scores):
             expected = chosen[(chosen >= offsets[i]) & (chosen < offsets[i + 1])] - offsets[i]
             assert torch.equal(masks[n], expected)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_scores_are_refused_not_silently_dropped(bad):
+    # topk ranks NaN above everything: the k-th value became NaN and `>=` then matched nothing, so
+    # the module (or, under global allocation, the whole running candidate set) got no entry.
+    s = torch.rand(1000)
+    s[5] = bad
+    with pytest.raises(NonFiniteScoresError, match="1 of 1000 scores are NaN or Inf"):
+        top_k_indices(s, 10)
+    gen = torch.Generator().manual_seed(0)
+    scores = {"a": torch.rand(20, 30, generator=gen), "b": torch.rand(10, 30, generator=gen)}
+    scores["b"].view(-1)[7] = bad
+    for allocation in ("global", "proportional", "per_module"):
+        with pytest.raises(NonFiniteScoresError, match="^b: "):
+            allocate(SparseConfig(density=0.1, allocation=allocation), scores)
+
+
+def test_select_names_the_module_whose_scores_are_not_finite(monkeypatch):
+    from sparseft.selection import scorers
+
+    model, batches = make_tiny_llama(), llama_batches(1)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.v_proj.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteScoresError, match=r"model\.layers\.1\.self_attn\.v_proj: .*the weight itself holds NaN/Inf"):
+        select(model, SparseConfig(density=0.05, scorer="magnitude", allocation="global"))
+
+    def overflowed(ctx):  # what fisher gives when Σg² overflows in a low-precision run
+        out = scorers.fisher_scores(ctx)
+        return out.fill_(float("inf")) if ctx.name.endswith("layers.0.mlp.up_proj") else out
+
+    monkeypatch.setitem(scorers.SCORERS, "fisher", scorers.Scorer("fisher", overflowed, (scorers.GRAD_SQ_SUM,)))
+    with pytest.raises(NonFiniteScoresError, match=r"layers\.0\.mlp\.up_proj: .*overflowed.*float32"):
+        select(make_tiny_llama(), SparseConfig(density=0.05, scorer="fisher"), batches)
 
 
 # ------------------------------------------------------------------ mask files

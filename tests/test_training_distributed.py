@@ -74,3 +74,32 @@ def test_reselection_under_two_gloo_processes_matches_one_process(tiny_model_wit
         torch.testing.assert_close(a[name].values, b[name].values, rtol=1e-4, atol=1e-6)
     swapped = [json.loads(line).get("reselected") for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert swapped[2] and swapped[2] > 0  # it did move entries (before step 3)
+
+
+@pytest.mark.slow  # two fresh torchrun processes
+def test_two_gloo_processes_train_masks_with_an_empty_module(tiny_model_with_tokenizer_dir, tmp_path):
+    """A module with k=0 (here from --masks) has nothing to train: DDP must not wait for its gradient
+    (it used to fail with 'Expected to have finished reduction in the prior iteration')."""
+    from sparseft import SparseConfig, select
+    from sparseft.selection import save_masks
+    from sparseft.targets import find_targets
+
+    base, cfg = make_tiny_llama(), SparseConfig(density=0.1, scorer="random")
+    masks = select(base, cfg)
+    empty = "model.layers.0.self_attn.v_proj"
+    masks[empty] = torch.zeros(0, dtype=torch.long)
+    shapes = {n: tuple(t.weight.shape) for n, t in find_targets(base, cfg.target_modules).items()}
+    save_masks(tmp_path / "masks.safetensors", masks, shapes, cfg)
+    data = write_train_file(tmp_path / "train.jsonl", n=16)
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "sparseft", "train",
+         "--model", str(tiny_model_with_tokenizer_dir), "--data", str(data), "--masks", str(tmp_path / "masks.safetensors"),
+         "--steps", "2", "--lr", "1e-2", "--max-length", "64", "--value-dtype", "float32", "--seed", "0",
+         "--no-progress", "--batch-size", "2", "--out", str(tmp_path / "ddp")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    layers = SparseModel.from_pretrained(make_tiny_llama(), tmp_path / "ddp").sparse_layers()
+    assert layers[empty].k == 0 and set(layers) == set(masks)
+    assert float(sum(layer.values.abs().sum() for layer in layers.values())) > 0

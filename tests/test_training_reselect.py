@@ -125,6 +125,20 @@ def test_reselect_keeps_k_per_module_and_swaps_the_scheduled_count(tiny_batch):
     assert all(torch.equal(masks[n], chosen[n]) for n in masks)  # the caller's masks are not changed
 
 
+def test_reselect_leaves_a_module_with_k_0_alone(tiny_batch):
+    masks = select(make_tiny_llama(), SparseConfig(density=0.1, scorer="random", seed=0))
+    empty = "model.layers.0.mlp.up_proj"
+    masks[empty] = torch.zeros(0, dtype=torch.long)
+    model = get_sparse_model(make_tiny_llama(), SparseConfig(density=0.1), masks)
+    layers = model.sparse_layers()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, foreach=False)
+    model(**tiny_batch).loss.backward()
+    optimizer.step()
+    swapped = reselect(layers, optimizer, ReselectSchedule(every=2, fraction=0.3, total_steps=10), 2,
+                       lambda: model(**tiny_batch).loss)
+    assert layers[empty].k == 0 and empty not in swapped and sum(swapped.values()) > 0
+
+
 def test_training_with_reselection_follows_the_schedule_and_the_loss_falls(train_file, tmp_path):
     fixed = train_in_process(quick_config(train_file, tmp_path / "fixed", steps=12))
     moving = train_in_process(quick_config(train_file, tmp_path / "moving", steps=12, reselect_every=3,

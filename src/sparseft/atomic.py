@@ -1,8 +1,13 @@
-"""Directories that appear whole or not at all.
+"""Outputs that a reader sees whole: the old version or the new one, never a partial one.
 
 Everything sparseft writes for a user (diffs, checkpoints, adapters, converted models, registry copies)
 goes to a temporary sibling first and is renamed into place at the end, so a crash part-way never
 leaves a half-written directory where a reader (or ``--resume``) would take it for a finished one.
+
+A file is replaced in one atomic rename. A directory cannot be renamed over a non-empty one, so
+replacing one takes two renames (the old one aside, the new one in): between them the path briefly
+does not exist, and a crash exactly there leaves the old version at ``.NAME.old-XXXXXXXX/NAME`` and
+the new one at ``.NAME.tmp-XXXXXXXX`` beside the target.
 """
 
 from __future__ import annotations
@@ -14,39 +19,68 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from .errors import AtomicReplaceError
+
 
 @contextmanager
 def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary directory beside ``target``; when the block ends without an error it
-    replaces ``target`` (whatever was there is removed), otherwise it is deleted and ``target`` is left
-    as it was."""
+    replaces ``target`` (``replace_dir``). If the block raises, the temporary directory is deleted and
+    ``target`` is left as it was; if the final renames fail, the new content is kept (see ``replace_dir``)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
-        replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    replace_dir(tmp, target)
 
 
 def replace_dir(new: Path, target: Path) -> None:
-    """Put ``new`` at ``target``; an existing ``target`` is moved aside first, so at every moment the
-    path holds either the old directory or the new one."""
-    if not target.exists():
-        os.replace(new, target)
+    """Rename the directory ``new`` to ``target``, replacing whatever is there.
+
+    A reader of ``target`` sees the old version or the new one, never a mix: an existing ``target`` is
+    first renamed into a fresh hidden sibling (``.NAME.old-XXXXXXXX/NAME``, unique per call, so a
+    leftover from a crashed run is never in the way), then ``new`` is renamed to ``target``, and only
+    then is the old version deleted. Between the two renames ``target`` does not exist; a crash there
+    leaves the old version at the aside path. ``new`` is never deleted here: if a rename fails, the old
+    version is put back where possible and AtomicReplaceError says where both versions are.
+    """
+    new, target = Path(new), Path(target)
+    if not os.path.lexists(target):
+        try:
+            os.replace(new, target)
+        except OSError as e:
+            raise AtomicReplaceError(f"could not rename {new} to {target} ({e}); the new version is left at {new}") from e
         return
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    os.replace(target, old)
-    os.replace(new, target)
-    shutil.rmtree(old, ignore_errors=True)
+    aside_dir = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    aside = aside_dir / target.name
+    try:
+        os.replace(target, aside)
+    except OSError as e:
+        shutil.rmtree(aside_dir, ignore_errors=True)
+        raise AtomicReplaceError(
+            f"could not move {target} aside to {aside} ({e}); {target} is unchanged and the new version is left at {new}"
+        ) from e
+    try:
+        os.replace(new, target)
+    except OSError as e:
+        try:
+            os.replace(aside, target)
+            old_at = f"{target} still holds the old version"
+            shutil.rmtree(aside_dir, ignore_errors=True)
+        except OSError:
+            old_at = f"the old version is at {aside}"
+        raise AtomicReplaceError(f"could not rename {new} to {target} ({e}); the new version is left at {new} and {old_at}") from e
+    shutil.rmtree(aside_dir, ignore_errors=True)
 
 
 @contextmanager
 def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``target`` to write; on success it is renamed onto ``target``, on
-    error removed, so ``target`` always holds a complete file (the previous one until the rename)."""
+    """Yield a temporary path beside ``target`` to write; on success it is renamed onto ``target`` in one
+    atomic step, on error removed, so ``target`` always holds a complete file (the previous one until the rename)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)

@@ -8,13 +8,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from .errors import ConfigError
 
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ALLOCATIONS = ("global", "proportional", "per_module")
-VALUE_DTYPES = ("bfloat16", "float16", "float32")
+# The one name -> dtype table: diff values, model loading (--dtype) and the benchmarks all use it.
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+VALUE_DTYPES = tuple(DTYPES)
 
 
 @dataclass

@@ -147,7 +147,13 @@ class SparseLinear(nn.Module):
         self.register_buffer("indices", indices.to(device=device, dtype=torch.long, copy=True), persistent=False)
         if values is None:
             values = torch.zeros(indices.numel(), dtype=torch.float32, device=device)
-        self.values = nn.Parameter(values.to(device=device, dtype=torch.float32))
+        if tuple(values.shape) != (indices.numel(),):
+            raise ValueError(f"values must have shape ({indices.numel()},) to match the indices, got {tuple(values.shape)}")
+        # With k=0 there is nothing to train and the forward skips the autograd function, so a trainable
+        # `values` would never receive a gradient (DDP fails on such unused parameters): frozen instead.
+        # A copy too: training changes the values in place, which must not reach the caller's tensor.
+        values = values.detach().to(device=device, dtype=torch.float32, copy=True)
+        self.values = nn.Parameter(values, requires_grad=indices.numel() > 0)
         self._original_entries: torch.Tensor | None = None
         self.backend = "auto"
         self.forward_mode = "inplace"

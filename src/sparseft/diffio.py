@@ -12,7 +12,8 @@ Layout of ``sparse_delta.safetensors`` (three tensors):
 Modules are concatenated in sorted name order; ``sparse_config.json["tensors"]`` gives each one's k.
 
 With bf16 values a trained entry costs about 4 bytes on disk. Everything is validated before any
-model is touched; writes are atomic (a temporary directory renamed into place).
+model is touched. A write goes to a temporary directory renamed into place (``atomic.replace_dir``):
+a reader sees the previous diff or the new one, never a partial one.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_dir
-from .config import SparseConfig
+from .config import DTYPES, SparseConfig
 from .errors import (
     DiffCorruptError,
     DiffNotFoundError,
@@ -44,7 +45,6 @@ from .errors import (
 FORMAT_VERSION = 1
 CONFIG_NAME = "sparse_config.json"
 DELTA_NAME = "sparse_delta.safetensors"
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 MAX_GAP = 65535
 
 
@@ -118,15 +118,6 @@ def fingerprints(weights: dict[str, torch.Tensor]) -> dict[str, str]:
     return prints
 
 
-def check_fingerprint(
-    diff: SparseDiff,
-    weights: dict[str, torch.Tensor],
-    where: str,
-    fingerprint_of: Callable[[dict[str, torch.Tensor]], str] = fingerprint,
-) -> None:
-    check_base_fingerprint(diff.base_fingerprint, diff.base_model, weights, where, fingerprint_of)
-
-
 def check_base_fingerprint(
     expected_prints: dict[str, str],
     base_model: str,
@@ -134,7 +125,8 @@ def check_base_fingerprint(
     where: str,
     fingerprint_of: Callable[[dict[str, torch.Tensor]], str] = fingerprint,
 ) -> None:
-    """``weights`` are the base the fingerprints were recorded for (no-op when none were recorded).
+    """``weights`` are the base ``expected_prints`` were recorded for (no-op when none were recorded).
+    ``check_against_model`` calls it for a whole diff; ``audit.verify`` calls it with a config's fields.
     ``fingerprint_of`` lets a caller whose weights may hold a merged diff (the server) hash the base
     entries instead of the live ones, or reuse a cached hash."""
     if not expected_prints:
@@ -177,9 +169,9 @@ def check_indices(name: str, indices: torch.Tensor, numel: int, where: str) -> N
         raise InvalidIndicesError(f"{where}: indices of {name} are not sorted ascending at position {pos}")
 
 
-def check_values(name: str, values: torch.Tensor, k: int, where: str, dtype: torch.dtype | None = None) -> None:
-    if dtype is not None and values.dtype != dtype:
-        raise DtypeMismatchError(f"{where}: values of {name} are {values.dtype}, the config declares {dtype}")
+def check_values(name: str, values: torch.Tensor, k: int, where: str) -> None:
+    if values.dim() != 1:
+        raise DiffCorruptError(f"{where}: values of {name} must be 1-D, got shape {tuple(values.shape)}")
     if values.numel() != k:
         raise DiffCorruptError(f"{where}: {name} has {values.numel()} values for {k} indices")
     bad = ~torch.isfinite(values.float())
@@ -206,7 +198,7 @@ def check_against_model(
 ) -> None:
     """The diff fits these base weights: every module exists with the recorded shape, same base."""
     check_shapes(diff.shapes, weights, where)
-    check_fingerprint(diff, {n: weights[n] for n in diff.shapes}, where, fingerprint_of)
+    check_base_fingerprint(diff.base_fingerprint, diff.base_model, {n: weights[n] for n in diff.shapes}, where, fingerprint_of)
 
 
 def check_shapes(shapes: dict[str, tuple[int, ...]], weights: dict[str, torch.Tensor], where: str) -> None:
@@ -260,8 +252,8 @@ def config_json(diff: SparseDiff, delta_sha256: str) -> dict[str, Any]:
 
 
 def write_diff(diff: SparseDiff, path: str | os.PathLike, validate: bool = True) -> Path:
-    """Write atomically: files go to a temporary sibling directory that replaces ``path`` at the end,
-    so a crash part-way leaves any previous diff at ``path`` as it was."""
+    """Write via a temporary sibling directory that replaces ``path`` at the end (``atomic.replace_dir``),
+    so a crash while writing leaves any previous diff at ``path`` as it was."""
     if validate:
         check_diff(diff, where=str(path))
     path = Path(path)
@@ -309,6 +301,8 @@ def check_tensor_specs(meta: dict[str, Any], cfg_path: Path) -> None:
     """The fields later steps index into have the types they expect (a clear error, not a KeyError)."""
     if not isinstance(meta["file_hashes"], dict) or not isinstance(meta["tensors"], dict):
         raise DiffCorruptError(f"{cfg_path}: fields 'file_hashes' and 'tensors' must be mappings")
+    if not meta["tensors"]:
+        raise DiffCorruptError(f"{cfg_path}: field 'tensors' lists no module; a diff changes at least one")
     for name, spec in meta["tensors"].items():
         shape = spec.get("shape") if isinstance(spec, dict) else None
         k = spec.get("k") if isinstance(spec, dict) else None
@@ -317,11 +311,6 @@ def check_tensor_specs(meta: dict[str, Any], cfg_path: Path) -> None:
             raise DiffCorruptError(
                 f"{cfg_path}: tensors[{name!r}] must be {{'shape': [positive ints], 'k': int >= 0}}, got {spec!r}"
             )
-
-
-def read_delta(path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
-    check_file_hashes(path, meta)
-    return load_delta_tensors(path)
 
 
 def check_file_hashes(path: Path, meta: dict[str, Any]) -> None:
@@ -339,7 +328,7 @@ def check_file_hashes(path: Path, meta: dict[str, Any]) -> None:
 
 
 def load_delta_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """The three streams of the tensor file, checked for presence and index dtypes (not yet split)."""
+    """The three streams of the tensor file, checked for presence, 1-D shape and index dtypes (not yet split)."""
     delta_path = path / DELTA_NAME
     if not delta_path.is_file():
         raise DiffNotFoundError(f"{delta_path}: missing")
@@ -350,6 +339,9 @@ def load_delta_tensors(path: Path) -> dict[str, torch.Tensor]:
     missing = {"gaps", "escapes", "values"} - set(tensors)
     if missing:
         raise DiffCorruptError(f"{delta_path}: tensors {sorted(missing)} are missing")
+    for name in ("gaps", "escapes", "values"):
+        if tensors[name].dim() != 1:
+            raise DiffCorruptError(f"{delta_path}: tensor {name!r} must be 1-D, got shape {tuple(tensors[name].shape)}")
     if tensors["gaps"].dtype != torch.int16 or tensors["escapes"].dtype != torch.int64:
         raise DtypeMismatchError(
             f"{delta_path}: gaps/escapes must be int16/int64, got {tensors['gaps'].dtype}/{tensors['escapes'].dtype}"
@@ -396,7 +388,8 @@ def read_diff(path: str | os.PathLike) -> SparseDiff:
     """Read and fully validate a diff directory (not yet against a model)."""
     path = Path(path)
     meta = read_config(path)
-    tensors = read_delta(path, meta)
+    check_file_hashes(path, meta)
+    tensors = load_delta_tensors(path)
     check_value_dtype(meta, tensors, str(path / DELTA_NAME))
     masks, values = split_modules(meta, tensors, str(path / DELTA_NAME))
     config = parse_selection(meta, str(path / CONFIG_NAME))

@@ -38,6 +38,10 @@ class NonFiniteValuesError(SparseFTError, ValueError):
     """Values of a sparse delta contain NaN or Inf."""
 
 
+class NonFiniteScoresError(SparseFTError, ValueError):
+    """A scorer rated some entries of a module NaN or Inf, so no top-k of that module is meaningful."""
+
+
 class DtypeMismatchError(SparseFTError, TypeError):
     """A tensor of the diff has a dtype other than the one its config declares."""
 
@@ -50,12 +54,18 @@ class MergeStateError(SparseFTError, RuntimeError):
     """merge/unmerge called in the wrong state (e.g. unmerge without a prior merge)."""
 
 
+class AtomicReplaceError(SparseFTError, OSError):
+    """A finished output could not be renamed into place; the message names where the new version
+    was left and where the old one is."""
+
+
 class DataFormatError(SparseFTError, ValueError):
     """A training or evaluation data file has a malformed row."""
 
 
 class ModelNotFoundError(SparseFTError, FileNotFoundError):
-    """A model name is neither a known alias nor a local directory (and no hub access is possible)."""
+    """A model name is neither a known alias nor a local directory (and no hub access is possible), or
+    what it names cannot be loaded (no or invalid config.json, missing or truncated weights, no tokenizer)."""
 
 
 class ResultsFormatError(SparseFTError, ValueError):

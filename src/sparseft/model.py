@@ -16,7 +16,7 @@ from torch import nn
 from .config import SparseConfig
 from .delta import SparseLinear
 from .diffio import SparseDiff, check_against_model, check_diff, fingerprints, read_diff, write_diff
-from .errors import MergeStateError
+from .errors import ConfigError, MergeStateError
 from .selection import select
 from .targets import find_targets
 
@@ -37,6 +37,11 @@ def get_sparse_model(
     targets = find_targets(model, config.target_modules)
     if masks is None:
         masks = select(model, config)
+    if not masks:
+        raise ConfigError(
+            "masks select no module: pass {module name: flat indices} for at least one targeted layer "
+            f"(e.g. {next(iter(targets))!r}), or masks=None to select with the config's scorer"
+        )
     weights = {name: layer.weight for name, layer in targets.items()}
     probe = SparseDiff(
         config=config,
@@ -58,18 +63,32 @@ class SparseModel(nn.Module):
         config: SparseConfig,
         masks: dict[str, torch.Tensor],
         base_fingerprint: dict[str, str] | None = None,
+        values: dict[str, torch.Tensor] | None = None,
     ):
+        """Freeze ``model`` and wrap the layers named in ``masks`` (with ``values``, else zeros).
+        If anything fails part-way, the wrapping and freezing are undone before the error propagates."""
         super().__init__()
         self.base_model = model
         self.sparse_config = config
         targets = find_targets(model, config.target_modules)
         self.base_fingerprint = base_fingerprint or fingerprints({n: targets[n].weight for n in masks})
-        for param in model.parameters():
-            param.requires_grad_(False)
-        for name, indices in masks.items():
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, SparseLinear(targets[name], indices.to(torch.long)))
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        wrapped: list[tuple[nn.Module, str, nn.Module]] = []
+        try:
+            for param in trainable:
+                param.requires_grad_(False)
+            for name, indices in masks.items():
+                parent_name, _, child = name.rpartition(".")
+                parent = model.get_submodule(parent_name) if parent_name else model
+                layer = SparseLinear(targets[name], indices.to(torch.long), None if values is None else values[name])
+                setattr(parent, child, layer)
+                wrapped.append((parent, child, targets[name]))
+        except BaseException:
+            for parent, child, original in reversed(wrapped):
+                setattr(parent, child, original)
+            for param in trainable:
+                param.requires_grad_(True)
+            raise
 
     # ------------------------------------------------------------ forwarding
 
@@ -91,6 +110,7 @@ class SparseModel(nn.Module):
         return {n: m for n, m in self.base_model.named_modules() if isinstance(m, SparseLinear)}
 
     def sparse_parameters(self) -> list[nn.Parameter]:
+        """The values of every sparse layer; those of a layer with k=0 are empty and frozen."""
         return [layer.values for layer in self.sparse_layers().values()]
 
     def num_trainable(self) -> int:
@@ -165,15 +185,15 @@ class SparseModel(nn.Module):
     def from_pretrained(
         cls, model: nn.Module, diff_directory: str | os.PathLike, is_trainable: bool = False
     ) -> "SparseModel":
-        """Load a diff onto ``model``. Everything is validated first; on any error ``model`` is unchanged."""
+        """Load a diff onto ``model``. Everything is validated and every value tensor prepared before the
+        model is touched, and a failure while wrapping undoes it: on any error ``model`` is unchanged."""
         diff = read_diff(diff_directory)
         targets = find_targets(model, diff.config.target_modules)
         check_against_model(diff, {n: t.weight for n, t in targets.items()}, where=str(diff_directory))
-        sparse = cls(model, diff.config, diff.masks, base_fingerprint=diff.base_fingerprint or None)
-        with torch.no_grad():
-            for name, layer in sparse.sparse_layers().items():
-                layer.values.copy_(diff.values[name].to(torch.float32))
-                layer.values.requires_grad_(is_trainable)
+        values = {name: diff.values[name].to(torch.float32) for name in diff.masks}
+        sparse = cls(model, diff.config, diff.masks, base_fingerprint=diff.base_fingerprint or None, values=values)
+        for layer in sparse.sparse_layers().values():
+            layer.values.requires_grad_(is_trainable and layer.k > 0)  # k=0: nothing to train (see SparseLinear)
         return sparse
 
 

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
+from safetensors import SafetensorError
 
 from .atomic import atomic_dir
-from .errors import ModelNotFoundError
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from .config import DTYPES
+from .errors import ConfigError, ModelNotFoundError
 
 # alias -> function that returns a local model directory (building it on first use).
 ALIASES: dict[str, Callable[[], Path]] = {}
@@ -129,8 +129,13 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+        raise ConfigError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
     return DTYPES[dtype]
+
+
+# What transformers raises for a directory it cannot load: no or invalid config.json, an unknown
+# model_type, missing or truncated weight files, no hub access.
+LOAD_ERRORS = (OSError, ValueError, SafetensorError)
 
 
 def resolve_model_path(name_or_path: str | os.PathLike) -> str:
@@ -152,7 +157,11 @@ def load_model(name_or_path: str | os.PathLike, dtype: str | torch.dtype | None 
     """A causal LM from an alias, a local directory, or an HF id when online."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name_or_path), dtype=resolve_dtype(dtype))
+    dtype, path = resolve_dtype(dtype), resolve_model_path(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except LOAD_ERRORS as e:
+        raise ModelNotFoundError(f"{name_or_path}: cannot be loaded as a causal LM ({type(e).__name__}: {e})") from e
     if str(name_or_path) in ALIASES:
         # Diffs record this name as their base: the alias is portable, a cache path is not.
         model.config._name_or_path = str(name_or_path)
@@ -163,11 +172,12 @@ def load_tokenizer(name_or_path: str | os.PathLike, required: bool = True):
     """The model's tokenizer; with ``required=False``, None when the directory has none."""
     from transformers import AutoTokenizer
 
+    path = resolve_model_path(name_or_path)
     try:
-        return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
-    except (OSError, ValueError):
+        return AutoTokenizer.from_pretrained(path)
+    except LOAD_ERRORS as e:
         if required:
-            raise
+            raise ModelNotFoundError(f"{name_or_path}: no tokenizer can be loaded ({type(e).__name__}: {e})") from e
         return None
 
 

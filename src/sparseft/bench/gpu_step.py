@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import LLAMA_PROJECTIONS, SparseConfig
+from ..config import DTYPES, LLAMA_PROJECTIONS, SparseConfig
 from ..delta import set_kernels
 from ..targets import find_targets
 
@@ -245,9 +245,6 @@ def machine_line(args, rate: float | None) -> str:
     rate_text = f", measured {args.dtype} matmul {rate / 1e12:.0f} TFLOP/s" if rate else ""
     return (f"{card}; torch {torch.__version__}{rate_text}; {args.dtype}, batch {args.batch} × {args.seq}, "
             f"AdamW, median of {args.steps} steps after {args.warmup} warm-up")
-
-
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

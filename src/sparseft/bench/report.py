@@ -7,7 +7,7 @@ tasks or tenants would cost. Every figure cites the row id(s) of results.json it
 The page is built once as a list of blocks and rendered to Markdown or HTML, so both say the same.
 
 Example:
-    >>> write_report("runs/bench/results.json", html=True)  # doctest: +SKIP
+    >>> write_report("runs/bench/results.json", html_page=True)  # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -96,10 +96,6 @@ def ok_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     return [r for r in results["rows"] if r.get("status") == "ok"]
 
 
-def row_by_id(results: dict[str, Any], row_id: str) -> dict[str, Any] | None:
-    return next((r for r in results["rows"] if r.get("id") == row_id), None)
-
-
 # ---------------------------------------------------------------- formatting
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..config import DTYPES
+
 
 def add_parser(sub):
     p = sub.add_parser(
@@ -13,7 +15,7 @@ def add_parser(sub):
     p.add_argument("--model", required=True, help="base model: alias (e.g. smollm2-135m), local directory or HF id")
     p.add_argument("--diff", required=True, metavar="DIR", help="diff directory")
     p.add_argument("--out", required=True, metavar="MERGED_DIR", help="where to write the merged model")
-    p.add_argument("--dtype", default="float32", help="dtype to load the base in (default: float32)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype to load the base in (default: float32)")
     return p
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..config import DTYPES
+
 
 def add_parser(sub):
     from ..audit.report import Thresholds
@@ -24,7 +26,7 @@ def add_parser(sub):
     p.add_argument("--max-pair-drift", type=float, default=limits.max_pair_drift,
                    help=f"limit on the largest |change| of a pair's log-prob gap, nats (default {limits.max_pair_drift})")
     p.add_argument("--out", metavar="DIR", help="where to write audit.json and audit.md (default: DIFF_DIR-audit)")
-    p.add_argument("--dtype", default="float32", help="dtype to load the base in (default: float32)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype to load the base in (default: float32)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default 8)")
     p.add_argument("--repro", action="store_true",
                    help="also re-run the diff's training from its recorded config and seed on CPU and check that "

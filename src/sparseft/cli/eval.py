@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from ..config import DTYPES
+
 
 def add_parser(sub):
     from ..tasks import TASKS
@@ -21,7 +23,7 @@ def add_parser(sub):
     p.add_argument("--data", required=True, metavar="PATH", help="data file in the task's format")
     p.add_argument("--limit", type=int, metavar="N", help="only the first N examples")
     p.add_argument("--batch-size", type=int, default=8, help="examples per forward pass (default: 8)")
-    p.add_argument("--dtype", default="float32", help="dtype to load the model in (default: float32)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype to load the model in (default: float32)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return p
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from ..config import DTYPES
+
 
 def add_parser(sub):
     p = sub.add_parser(
@@ -26,7 +28,7 @@ def add_parser(sub):
     p.add_argument("--batch-size", type=int, default=4, help="rows per calibration batch")
     p.add_argument("--max-length", type=int, default=256, help="tokens per row (longer rows are cut)")
     p.add_argument("--seed", type=int, default=0, help="seeds the random scorer and the order of calibration rows")
-    p.add_argument("--dtype", default="float32", help="dtype to load the model in (default: float32)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype to load the model in (default: float32)")
     p.add_argument("--json", action="store_true", help="print the per-module budget as JSON")
     return p
 
@@ -56,7 +58,7 @@ def run(args) -> int:
 
     cfg = make_config(args)
     batches = None
-    if get_scorer(cfg.scorer).needs_data:
+    if get_scorer(cfg.scorer).needs_data_for(cfg.scorer_weights):
         if not args.data:
             raise ConfigError(f"scorer {cfg.scorer!r} needs calibration data; pass --data FILE")
         tokenizer = load_tokenizer(args.model)

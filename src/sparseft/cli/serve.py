@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..config import DTYPES
+
 
 def diff_spec(text: str) -> tuple[str, str]:
     name, eq, path = text.partition("=")
@@ -27,7 +29,7 @@ def add_parser(sub):
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--registry", metavar="DIR", help="keep loaded diffs and versions in DIR across restarts")
     p.add_argument("--served-name", help="the base's name in requests (default: the --model argument)")
-    p.add_argument("--dtype", default="float32", help="dtype to load the base in (default: float32)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype to load the base in (default: float32)")
     p.add_argument("--device", default="cpu", help="torch device for the model (default: cpu)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice; 1 helps on busy CPUs)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413 (default: 1 MiB)")

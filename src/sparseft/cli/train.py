@@ -6,6 +6,8 @@ import argparse
 import json
 import os
 
+from ..config import DTYPES
+
 
 def add_parser(sub):
     p = sub.add_parser(
@@ -64,7 +66,7 @@ def add_parser(sub):
     run.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
                      help="continue from a checkpoint dir (no value: the newest under --out/checkpoints)")
     run.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar")
-    run.add_argument("--dtype", help="dtype to load the base in (default float32)")
+    run.add_argument("--dtype", choices=list(DTYPES), help="dtype to load the base in (default float32)")
     run.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
     run.add_argument("--precision", choices=["auto", "bf16", "fp32"],
                      help="auto (default): bf16 autocast on CUDA, fp32 on CPU")

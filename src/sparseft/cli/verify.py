@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from ..config import DTYPES
+
 
 def add_parser(sub):
     p = sub.add_parser(
@@ -15,7 +17,7 @@ def add_parser(sub):
     )
     p.add_argument("--diff", required=True, metavar="DIR", help="diff directory")
     p.add_argument("--model", help="base model (alias, local directory or HF id) for the shape and fingerprint checks")
-    p.add_argument("--dtype", default="float32", help="dtype to load the base in (default: float32)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype to load the base in (default: float32)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
     return p
 

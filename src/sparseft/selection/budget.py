@@ -12,7 +12,7 @@ import math
 import torch
 
 from ..config import SparseConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, NonFiniteScoresError
 
 
 def total_budget(cfg: SparseConfig, total_entries: int) -> int:
@@ -55,6 +55,17 @@ def module_budgets(cfg: SparseConfig, sizes: dict[str, int]) -> dict[str, int]:
     return budgets
 
 
+def check_finite_scores(flat: torch.Tensor, name: str) -> None:
+    """Refuse NaN/Inf scores: topk ranks NaN above every number, so a single one would make the
+    k-th value NaN and select nothing at all (and an Inf crowds out the real ranking)."""
+    bad = ~torch.isfinite(flat)
+    if bool(bad.any()):
+        raise NonFiniteScoresError(
+            f"{name}: {int(bad.sum())} of {flat.numel()} scores are NaN or Inf "
+            f"(first at flat index {int(bad.nonzero()[0])}); they cannot be ranked"
+        )
+
+
 def top_k_order(flat: torch.Tensor, k: int) -> torch.Tensor:
     """Positions of the k highest values, best first; ties go to the lower position.
 
@@ -72,9 +83,11 @@ def top_k_order(flat: torch.Tensor, k: int) -> torch.Tensor:
     return candidates[order]
 
 
-def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Sorted flat indices of the k highest scores (ties broken towards the lower index)."""
+def top_k_indices(scores: torch.Tensor, k: int, name: str = "scores") -> torch.Tensor:
+    """Sorted flat indices of the k highest scores (ties broken towards the lower index).
+    Raises NonFiniteScoresError (naming ``name``) if any score is NaN or Inf."""
     flat = scores.reshape(-1).float()
+    check_finite_scores(flat, name)
     if k >= flat.numel():
         return torch.arange(flat.numel(), dtype=torch.long)
     return torch.sort(top_k_order(flat, k)).values
@@ -92,7 +105,7 @@ class ModuleTopK:
         return sum(self.budgets.values())
 
     def add(self, name: str, scores: torch.Tensor) -> None:
-        self.chosen[name] = top_k_indices(scores, self.budgets[name])
+        self.chosen[name] = top_k_indices(scores, self.budgets[name], name)
 
     def masks(self) -> dict[str, torch.Tensor]:
         return {name: self.chosen[name] for name in self.budgets}
@@ -119,6 +132,7 @@ class GlobalTopK:
 
     def add(self, name: str, scores: torch.Tensor) -> None:
         flat = scores.reshape(-1).float()
+        check_finite_scores(flat, name)  # before the running candidates are touched
         positions = torch.arange(flat.numel())
         if self.values.numel() == self.k:
             # Full: a newcomer must beat the weakest candidate outright (ties keep the earlier module).

@@ -40,11 +40,12 @@ class ScoreContext:
 class Scorer:
     name: str
     fn: Callable[[ScoreContext], torch.Tensor]
-    stats: tuple[str, ...]  # gradient statistics it reads; empty for data-free scorers
+    stats: tuple[str, ...]  # gradient statistics it may read; empty for data-free scorers
 
-    @property
-    def needs_data(self) -> bool:
-        return bool(self.stats)
+    def needs_data_for(self, scorer_weights: dict[str, float]) -> bool:
+        """Whether selecting with this scorer needs calibration data: ``required_stats`` decides, so
+        ``combined`` with only data-free parts (e.g. {"magnitude": 1.0}) needs none, as in ``select``."""
+        return bool(required_stats(self.name, scorer_weights))
 
 
 SCORERS: dict[str, Scorer] = {}
@@ -81,7 +82,8 @@ def combined_parts(scorer_weights: dict[str, float]) -> dict[str, float]:
 
 
 def required_stats(scorer: str, scorer_weights: dict[str, float]) -> tuple[str, ...]:
-    """Gradient statistics a scorer needs (for ``combined``: those of its weighted parts only)."""
+    """Gradient statistics a scorer needs (for ``combined``: those of its weighted parts only).
+    The one rule for "does this selection need data?" (``select``, ``Scorer.needs_data_for``)."""
     if scorer != "combined":
         return get_scorer(scorer).stats
     needed = {s for part in combined_parts(scorer_weights) for s in get_scorer(part).stats}

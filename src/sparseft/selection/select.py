@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..config import SparseConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, NonFiniteScoresError
 from ..targets import find_targets
 from .budget import GlobalTopK, make_allocator
 from .gradstats import STAT_BYTES, accumulate_gradients, take_batches
@@ -113,6 +113,23 @@ def select(
                 scorer_weights=cfg.scorer_weights,
                 **module_sums,
             )
-            allocator.add(name, scorer.fn(ctx))
+            try:
+                allocator.add(name, scorer.fn(ctx))
+            except NonFiniteScoresError as e:
+                raise NonFiniteScoresError(f"{e}; {non_finite_cause(cfg, targets[name].weight, stats)}") from None
             del ctx, module_sums
     return allocator.masks()
+
+
+def non_finite_cause(cfg: SparseConfig, weight: torch.Tensor, stats: tuple[str, ...]) -> str:
+    """The likely reason a module's scores came out NaN/Inf, and what to do about it."""
+    if not bool(torch.isfinite(weight).all()):
+        return "the weight itself holds NaN/Inf, so the base model is broken"
+    if stats:
+        dtype = str(weight.dtype).removeprefix("torch.")
+        return (
+            f"the gradient statistics of scorer {cfg.scorer!r} overflowed on the calibration batches "
+            f"(model in {dtype}); select with the model loaded in float32 (--dtype float32), "
+            "or with fewer or shorter calibration batches"
+        )
+    return f"scorer {cfg.scorer!r} produced them from a finite weight"

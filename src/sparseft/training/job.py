@@ -185,7 +185,7 @@ def prepare_method(
 def select_masks(model: nn.Module, sparse_cfg, examples: list[Example], pad_id: int, cfg: TrainConfig) -> dict[str, torch.Tensor]:
     """Masks from the configured scorer; data scorers see the first batches of the training stream
     (the same on every process, so all ranks choose the same entries)."""
-    if not get_scorer(sparse_cfg.scorer).needs_data:
+    if not get_scorer(sparse_cfg.scorer).needs_data_for(sparse_cfg.scorer_weights):
         return select(model, sparse_cfg)
     batches = calibration_batches(examples, cfg.batch_size, pad_id, cfg.seed, sparse_cfg.calibration_batches)
     return select(model, sparse_cfg, batches)

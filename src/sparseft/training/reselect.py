@@ -108,7 +108,7 @@ def growth_candidates(
     handles = [layer.register_forward_hook(on_forward(n)) for n, layer in active.items()]
     try:
         loss = loss_fn()
-        torch.autograd.grad(loss, [layer.values for layer in layers.values()], allow_unused=True)
+        torch.autograd.grad(loss, [layer.values for layer in layers.values() if layer.values.requires_grad], allow_unused=True)
     finally:
         for h in handles:
             h.remove()
