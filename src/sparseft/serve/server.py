@@ -32,8 +32,8 @@ def build_app(
     base = load_model(model, dtype=dtype).to(device)
     try:
         tokenizer = load_tokenizer(model)
-    except (OSError, ValueError) as e:
-        raise ModelNotFoundError(f"{model}: no tokenizer could be loaded ({e}); serving needs one next to the model") from e
+    except ModelNotFoundError as e:  # load_tokenizer already names the path and the cause
+        raise ModelNotFoundError(f"{e}; serving needs one next to the model") from e
     engine = Engine(base, tokenizer, ServeMetrics(), max_queue=limits.max_queue)
     base_name = served_name or str(model)
     registry = DiffRegistry(engine.validated_entries, reserved_names=(base_name,), directory=registry_dir)
