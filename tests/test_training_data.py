@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+from conftest import TINY_CHAT_TEMPLATE
 from sparseft.errors import DataFormatError
 from sparseft.training.data import (
     IGNORE_INDEX,
@@ -148,3 +149,33 @@ def test_global_batch_is_the_same_however_it_is_split(tiny_tokenizer):
     epoch = [tuple(r.tolist()) for s in range(5) for r in make_batches(examples, 2, 0, seed=3, step=s)[0]["input_ids"]]
     assert len(set(epoch)) == 10
     assert torch.equal(make_batches(examples, 2, 0, seed=3, step=1)[0]["input_ids"], make_batches(examples, 2, 0, seed=3, step=1)[0]["input_ids"])
+
+
+def bos_adding_tokenizer(template: str | None):
+    """The tiny tokenizer made to put BOS before every text (as Llama's do), with the given chat template."""
+    from tokenizers.processors import TemplateProcessing
+
+    from conftest import make_tiny_tokenizer
+
+    tok = make_tiny_tokenizer()
+    bos = tok.bos_token_id
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    tok.chat_template = template
+    return tok
+
+
+@pytest.mark.parametrize("template", ["{{ bos_token }}" + TINY_CHAT_TEMPLATE, TINY_CHAT_TEMPLATE, None],
+                         ids=["template-writes-bos", "template-without-bos", "no-template"])
+def test_training_sees_the_prompt_evaluation_scores(template):
+    """A task's training row starts with exactly the ids evaluation feeds the model: one BOS, never two."""
+    from sparseft.tasks import ROUTING_DATA, get_task
+    from sparseft.tasks.base import encode_prompt
+
+    tok, task = bos_adding_tokenizer(template), get_task("routing")
+    rows = task.training_rows(ROUTING_DATA / "train.jsonl", limit=2, tokenizer=tok)
+    records = task.load(ROUTING_DATA / "train.jsonl", limit=2)
+    for example, record in zip(encode_rows(rows, tok), records):
+        prompt_ids = encode_prompt(tok, task.prompt(tok, record))
+        assert prompt_ids[0] == tok.bos_token_id and prompt_ids[1] != tok.bos_token_id
+        assert example.input_ids[: len(prompt_ids)] == prompt_ids
+        assert example.input_ids.count(tok.bos_token_id) == 1

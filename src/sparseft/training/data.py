@@ -29,6 +29,7 @@ from typing import Any, Iterator
 import torch
 
 from ..errors import DataFormatError
+from ..tasks.base import prompt_prefix
 
 IGNORE_INDEX = -100
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -235,23 +236,15 @@ def row_segments(data: dict[str, Any], tokenizer, where: str) -> list[tuple[str,
     return [(data["prompt"], False), (data["completion"], True)]
 
 
-def special_prefix(tokenizer) -> list[int]:
-    """The ids the tokenizer itself puts before a text (BOS for Llama-style tokenizers, nothing for
-    SmolLM2's), so fine-tuning sees sequences shaped like the ones the model was trained on."""
-    ids = list(tokenizer("", add_special_tokens=True)["input_ids"])
-    if ids and ids[-1] == tokenizer.eos_token_id:
-        ids = ids[:-1]
-    return ids
-
-
 def encode_row(row: Row, tokenizer, max_length: int | None, truncation: bool) -> Example:
     """Tokenise each piece on its own (so the completion boundary is exact) and concatenate.
 
-    prompt/completion rows start with the tokenizer's own special prefix (e.g. BOS) and end with EOS,
+    prompt/completion rows start with the tokenizer's own special prefix (e.g. BOS) unless the prompt
+    text already carries it (the rule evaluation uses: ``tasks.base.prompt_prefix``) and end with EOS,
     which is a completion token so the model learns to stop; chat rows rely on the template's markers.
     """
     is_chat = "messages" in row.data
-    input_ids: list[int] = [] if is_chat else special_prefix(tokenizer)
+    input_ids: list[int] = [] if is_chat else prompt_prefix(tokenizer, row.data["prompt"])
     labels: list[int] = [IGNORE_INDEX] * len(input_ids)
     for text, is_completion in row_segments(row.data, tokenizer, row.where):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
