@@ -1,6 +1,7 @@
 import hashlib
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -217,3 +218,48 @@ def test_bf16_autocast_trains_sparse_values(train_file, tmp_path):
     assert all(torch.isfinite(torch.tensor(result.losses)))
     values = SparseModel.from_pretrained(make_tiny_llama(), result.out).sparse_parameters()
     assert all(v.dtype == torch.float32 and float(v.abs().max()) > 0 for v in values)
+
+
+def test_yaml_numbers_in_exponent_form_are_numbers(train_file, tmp_path):
+    """PyYAML reads ``1e-3`` (no dot) as a string; the config converts it instead of failing mid-run."""
+    config = tmp_path / "run.yaml"
+    config.write_text(f"data: {train_file}\nout: {tmp_path / 'out'}\nlr: 1e-2\ndensity: 1e-1\nbatch_size: 4.0\n"
+                      "steps: 2\nwarmup_ratio: 5e-1\nmax_grad_norm: '1'\nvalue_dtype: float32\nprogress: false\n")
+    cfg = TrainConfig.from_yaml(config)
+    assert (cfg.lr, cfg.density, cfg.batch_size, cfg.warmup_ratio, cfg.max_grad_norm) == (0.01, 0.1, 4, 0.5, 1.0)
+    assert type(cfg.lr) is float and type(cfg.density) is float and type(cfg.batch_size) is int
+    assert type(cfg.sparse_config().density) is float
+    result = train_in_process(cfg)
+    assert len(result.losses) == 2
+
+
+@pytest.mark.parametrize("line, message", [
+    ("lr: fast", "lr must be a number, got 'fast'"),
+    ("batch_size: 8.5", "batch_size must be a whole number, got 8.5"),
+    ("steps: 1e-1", "steps must be a whole number, got '1e-1'"),
+    ("density: [1]", "density must be a number, got [1]"),
+    ("lr: .nan", "lr must be a finite number"),
+    ("truncation: 'no'", "truncation must be true or false, got 'no'"),
+    ("lr: -1e-3", "lr must be > 0"),
+])
+def test_bad_yaml_values_name_file_line_and_field(tmp_path, line, message):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: tiny\n{line}\n")
+    with pytest.raises(ConfigError, match=re.escape(f"run.yaml:line 2: {message}")):
+        TrainConfig.from_yaml(config)
+    # A flag given on the command line wins over the file, so the file's bad value no longer matters.
+    field = line.split(":")[0]
+    good = {"lr": 1e-3, "batch_size": 8, "steps": 3, "density": 0.5, "truncation": True}[field]
+    assert getattr(TrainConfig.from_yaml(config, **{field: good}), field) == good
+
+
+def test_sparse_config_yaml_converts_numbers(tmp_path):
+    from sparseft import SparseConfig
+
+    path = tmp_path / "sparse.yaml"
+    path.write_text("density: 1e-2\ncalibration_batches: 4.0\nseed: '3'\nscorer_weights: {gradient: 5e-1, fisher: 5e-1}\n")
+    cfg = SparseConfig.from_yaml(path)
+    assert (cfg.density, cfg.calibration_batches, cfg.seed) == (0.01, 4, 3)
+    assert type(cfg.density) is float and cfg.scorer_weights == {"gradient": 0.5, "fisher": 0.5}
+    with pytest.raises(ConfigError, match="num_params must be a whole number, got 10.5"):
+        SparseConfig(num_params=10.5)
