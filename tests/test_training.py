@@ -263,3 +263,27 @@ def test_sparse_config_yaml_converts_numbers(tmp_path):
     assert type(cfg.density) is float and cfg.scorer_weights == {"gradient": 0.5, "fisher": 0.5}
     with pytest.raises(ConfigError, match="num_params must be a whole number, got 10.5"):
         SparseConfig(num_params=10.5)
+
+
+def test_masks_keep_the_selection_settings_they_were_chosen_with(train_file, tmp_path):
+    """``train --masks`` records how its entries were chosen (the mask file's or diff's config), not the
+    train run's own scorer/allocation/seed flags, which chose nothing."""
+    from sparseft import SparseConfig
+    from sparseft.selection import save_masks, select
+    from sparseft.targets import find_targets
+
+    model = make_tiny_llama()
+    chosen = SparseConfig(density=0.05, scorer="magnitude", allocation="global", seed=7, target_modules=["q_proj", "v_proj"])
+    masks = select(model, chosen)
+    shapes = {n: tuple(t.weight.shape) for n, t in find_targets(model, chosen.target_modules).items()}
+    mask_file = save_masks(tmp_path / "masks.safetensors", masks, shapes, chosen)
+
+    from_file = train_in_process(quick_config(train_file, tmp_path / "a", steps=1, masks=str(mask_file)))
+    selection = json.loads((from_file.out / "sparse_config.json").read_text())["selection"]
+    assert (selection["scorer"], selection["allocation"], selection["seed"]) == ("magnitude", "global", 7)
+    assert selection["target_modules"] == ["q_proj", "v_proj"] and selection["value_dtype"] == "float32"
+    assert selection["num_params"] == from_file.trainable == sum(m.numel() for m in masks.values())
+
+    from_diff = train_in_process(quick_config(train_file, tmp_path / "b", steps=1, masks=str(from_file.out), seed=3))
+    again = json.loads((from_diff.out / "sparse_config.json").read_text())["selection"]
+    assert again == selection

@@ -29,7 +29,7 @@ def add_parser(sub):
     sel.add_argument("--num-params", type=int, help="exact number of entries to train (instead of --density)")
     sel.add_argument("--scorer", help="random, magnitude, or a data scorer such as gradient/fisher (default random)")
     sel.add_argument("--allocation", choices=["global", "proportional", "per_module"])
-    sel.add_argument("--masks", metavar="DIFF_DIR", help="train exactly the entries of this diff / masks file")
+    sel.add_argument("--masks", metavar="DIFF_OR_FILE", help="train exactly the entries of this diff dir or mask file (its selection settings are recorded)")
     sel.add_argument("--target-modules", help="comma-separated module names (default all Llama projections)")
     sel.add_argument("--calibration-batches", type=int, help="batches a data scorer looks at (default 8)")
     sel.add_argument("--value-dtype", choices=["bfloat16", "float16", "float32"], help="dtype of saved values")

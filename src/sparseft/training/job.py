@@ -24,7 +24,8 @@ from ..diffio import CONFIG_NAME, read_diff
 from ..errors import ConfigError
 from ..model import SparseModel, get_sparse_model
 from ..models import load_model, load_tokenizer
-from ..selection import select
+from ..config import SparseConfig
+from ..selection import read_mask_file, select
 from ..selection.scorers import get_scorer
 from .baselines import lora_rank_matching, prepare_full, prepare_lora, save_full, save_lora, sparse_budget
 from .checkpoint import (
@@ -170,15 +171,18 @@ def prepare_method(
             rank = lora_rank_matching(model, cfg.target_modules, sparse_budget(model, cfg.sparse_config()))
         return prepare_lora(model, cfg.target_modules, rank, cfg.lora_alpha, cfg.seed), None, {"lora_rank": rank}
     sparse_cfg = cfg.sparse_config()
+    if cfg.masks:
+        given, chosen_with = load_mask_file(cfg.masks)
+        # The diff records how its entries were chosen (the mask file's scorer, allocation, seed, targets)
+        # and the budget actually trained, not this run's selection flags, which chose nothing.
+        sparse_cfg = dataclasses.replace(chosen_with, value_dtype=cfg.value_dtype,
+                                         num_params=sum(int(m.numel()) for m in given.values()))
     if ckpt is not None and ckpt.masks:
         masks = ckpt.masks  # the entries trained when it was written (re-selection may have moved them)
     elif cfg.masks:
-        masks = load_mask_file(cfg.masks)
+        masks = given
     else:
         masks = select_masks(model, sparse_cfg, examples, pad_id, cfg)
-    if cfg.masks:
-        # The diff should record the budget actually trained, not the density flag's default.
-        sparse_cfg = dataclasses.replace(sparse_cfg, num_params=sum(int(m.numel()) for m in masks.values()))
     return get_sparse_model(model, sparse_cfg, masks), masks, {}
 
 
@@ -191,15 +195,14 @@ def select_masks(model: nn.Module, sparse_cfg, examples: list[Example], pad_id: 
     return select(model, sparse_cfg, batches)
 
 
-def load_mask_file(path: str) -> dict[str, torch.Tensor]:
-    """Masks from a diff directory (train the entries another run chose) or a masks file."""
+def load_mask_file(path: str) -> tuple[dict[str, torch.Tensor], SparseConfig]:
+    """Masks and the selection config that chose them, from a diff directory (train the entries
+    another run chose) or a mask file written by ``sparseft select``."""
     if (Path(path) / CONFIG_NAME).is_file():
-        return read_diff(path).masks
-    from .. import selection
-
-    if hasattr(selection, "load_masks"):
-        return selection.load_masks(path)
-    raise ConfigError(f"{path}: not a diff directory; pass a diff written by save_pretrained / sparseft train")
+        diff = read_diff(path)
+        return diff.masks, diff.config
+    mask_file = read_mask_file(path)
+    return mask_file.masks, mask_file.config
 
 
 def wrap_ddp(model: nn.Module, dist: Distributed) -> nn.Module:
