@@ -287,3 +287,35 @@ def test_masks_keep_the_selection_settings_they_were_chosen_with(train_file, tmp
     from_diff = train_in_process(quick_config(train_file, tmp_path / "b", steps=1, masks=str(from_file.out), seed=3))
     again = json.loads((from_diff.out / "sparse_config.json").read_text())["selection"]
     assert again == selection
+
+
+def tree_bytes(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("steps", [2, 1])
+def test_resume_with_no_steps_left_is_refused_and_changes_nothing(steps, train_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    train_in_process(quick_config(train_file, out, steps=4, save_every=2))
+    before = tree_bytes(out)
+    with pytest.raises(ConfigError, match=rf"step-000002: the checkpoint is at step 2, .* {steps} steps"):
+        train_in_process(quick_config(train_file, out, steps=steps, save_every=2,
+                                      resume=str(out / "checkpoints" / "step-000002")))
+    assert tree_bytes(out) == before
+
+
+def test_cli_summary_of_a_run_without_losses_does_not_crash(monkeypatch, capsys):
+    """The CLI summary guards an empty loss list (as bench/worker.py does) instead of an IndexError."""
+    import sparseft.training as training
+    from sparseft.training.job import TrainResult
+
+    empty = TrainResult(out="x", method="sparse", steps=0, losses=[], trainable=1, total_params=2, wall_time_s=0.0,
+                        median_step_s=0.0, tokens_per_s=0.0, peak_memory_bytes=0, optimizer_state_bytes=0,
+                        artifact_bytes=0)
+    monkeypatch.setattr(training, "run_training", lambda cfg: empty)
+    assert main(["train", "--model", "m", "--data", "d.jsonl", "--out", "o"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["first_loss"] is None and summary["last_loss"] is None
+    from sparseft.demo import loss_span
+
+    assert loss_span(None, None) == "n/a (no step ran)" and loss_span(2.0, 1.5) == "2.000 -> 1.500"

@@ -96,6 +96,8 @@ def run(args) -> int:
     result = run_training(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         summary = {k: result.to_dict()[k] for k in ("out", "method", "steps", "trainable", "total_params", "artifact_bytes")}
-        summary.update(first_loss=result.losses[0], last_loss=result.losses[-1], tokens_per_s=round(result.tokens_per_s, 1))
+        losses = result.losses
+        summary.update(first_loss=losses[0] if losses else None, last_loss=losses[-1] if losses else None,
+                       tokens_per_s=round(result.tokens_per_s, 1))
         print(json.dumps(summary))
     return 0

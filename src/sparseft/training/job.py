@@ -86,8 +86,8 @@ def run_training(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=Non
             tokenizer = load_training_tokenizer(cfg.model)
         examples = load_examples(cfg.data, tokenizer, cfg.max_length, cfg.truncation)
         info = run_info(cfg, dist.world_size)
-        ckpt = resume_checkpoint(cfg, out, info)
         total_steps = steps_for(cfg, len(examples), dist.world_size)
+        ckpt = resume_checkpoint(cfg, out, info, total_steps)
         torch.manual_seed(cfg.seed)
         model.to(dist.device)  # before selection, so data scorers run on the accelerator
         model, masks, extra = prepare_method(cfg, model, examples, pad_id_of(tokenizer), ckpt)
@@ -147,7 +147,9 @@ def run_info(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     return {**{k: values[k] for k in fields}, "world_size": world_size, "data_sha256": file_sha256(cfg.data)}
 
 
-def resume_checkpoint(cfg: TrainConfig, out: Path, info: dict[str, Any]) -> Checkpoint | None:
+def resume_checkpoint(cfg: TrainConfig, out: Path, info: dict[str, Any], total_steps: int) -> Checkpoint | None:
+    """The checkpoint to continue from (None for a fresh run), refused unless this run may continue it:
+    same settings, and steps left to train (else the checkpoint would be published as the final result)."""
     if not cfg.resume:
         return None
     path = latest_checkpoint(out) if cfg.resume == "latest" else Path(cfg.resume)
@@ -156,6 +158,9 @@ def resume_checkpoint(cfg: TrainConfig, out: Path, info: dict[str, Any]) -> Chec
     cfg.resume = str(path)
     ckpt = load_checkpoint(path)
     check_resumable(ckpt, info, str(path))
+    if ckpt.step >= total_steps:
+        raise ConfigError(f"{path}: the checkpoint is at step {ckpt.step}, and this run has {total_steps} steps in "
+                          f"all, so there is nothing left to train; resume with --steps greater than {ckpt.step}")
     return ckpt
 
 
