@@ -319,3 +319,17 @@ def test_cli_summary_of_a_run_without_losses_does_not_crash(monkeypatch, capsys)
     from sparseft.demo import loss_span
 
     assert loss_span(None, None) == "n/a (no step ran)" and loss_span(2.0, 1.5) == "2.000 -> 1.500"
+
+
+def test_metrics_log_resume_drops_a_partial_last_line_with_a_warning(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (1, 2, 3)]
+    path.write_text("\n".join(lines) + '\n{"step": 4, "lo')  # the crash hit while step 4 was being written
+    with pytest.warns(UserWarning, match=r"metrics.jsonl:line 4: dropping a partial last line"):
+        loop_module.MetricsLog(path, True, resume_step=2)
+    assert path.read_text() == lines[0] + "\n" + lines[1] + "\n"
+
+    path.write_text(lines[0] + '\n{"step": 2, "lo\n' + lines[2] + "\n")
+    with pytest.raises(ConfigError, match=r"metrics.jsonl:line 2: cannot resume, the metrics log is damaged"):
+        loop_module.MetricsLog(path, True, resume_step=2)
+    assert path.read_text() == lines[0] + '\n{"step": 2, "lo\n' + lines[2] + "\n"  # left as it was
