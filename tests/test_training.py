@@ -65,7 +65,7 @@ def test_cli_train_writes_a_loadable_diff_and_the_loss_falls(tiny_model_with_tok
     assert summary["last_loss"] < summary["first_loss"]
     assert {"sparse_config.json", "sparse_delta.safetensors", "metrics.jsonl", "train_config.yaml", "checkpoints"} <= {
         p.name for p in out.iterdir()}
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000005", "step-000010"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000005", "step-000010", "train_config.yaml"]
 
     examples = load_examples(train_file, make_tiny_tokenizer(), max_length=512)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_with_tokenizer_dir)
@@ -116,7 +116,7 @@ def test_resume_after_a_crash_gives_the_uninterrupted_diff(train_file, tmp_path,
         train_in_process(quick_config(train_file, out, **settings))
     monkeypatch.setattr(loop_module, "train_step", real_step)
     assert not (out / "sparse_delta.safetensors").exists()  # no final diff from a crashed run
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "train_config.yaml"]
 
     resumed = train_in_process(quick_config(train_file, out, resume="latest", **settings))
     assert sha256(resumed.out / "sparse_delta.safetensors") == sha256(reference.out / "sparse_delta.safetensors")
@@ -333,3 +333,36 @@ def test_metrics_log_resume_drops_a_partial_last_line_with_a_warning(tmp_path):
     with pytest.raises(ConfigError, match=r"metrics.jsonl:line 2: cannot resume, the metrics log is damaged"):
         loop_module.MetricsLog(path, True, resume_step=2)
     assert path.read_text() == lines[0] + '\n{"step": 2, "lo\n' + lines[2] + "\n"  # left as it was
+
+
+def test_a_crashed_fresh_run_leaves_the_earlier_result_and_its_config(train_file, tmp_path, monkeypatch):
+    """train_config.yaml describes the published artifact: it is written with it, not before training; the
+    run in progress keeps its own copy under checkpoints/ to resume from."""
+    out = tmp_path / "run"
+    train_in_process(quick_config(train_file, out, steps=2))
+    before = tree_bytes(out)
+    real_step, calls = loop_module.train_step, []
+
+    def crash_at_third_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("simulated crash")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop_module, "train_step", crash_at_third_step)
+    with pytest.raises(KeyboardInterrupt):
+        train_in_process(quick_config(train_file, out, steps=4, lr=5e-3, save_every=2))
+    monkeypatch.setattr(loop_module, "train_step", real_step)
+    for name in ("train_config.yaml", "sparse_config.json", "sparse_delta.safetensors"):
+        assert (out / name).read_bytes() == before[name], name
+
+    # The interrupted run resumes from its own config; a partial metrics line left by the crash is dropped.
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 0.')
+    in_progress = TrainConfig.from_yaml(out / "checkpoints" / "train_config.yaml", resume="latest")
+    assert (in_progress.steps, in_progress.lr) == (4, 5e-3)
+    with pytest.warns(UserWarning, match="partial last line"):
+        train_in_process(in_progress)
+    published = TrainConfig.from_yaml(out / "train_config.yaml")
+    assert (published.steps, published.lr, published.resume) == (4, 5e-3, None)
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]

@@ -2,7 +2,7 @@
 
 load model + tokenizer → read and validate all data (nothing written yet) → choose the trainable
 parameters (sparse masks, all weights, or LoRA) → optimizer (+ checkpoint on resume) → train loop →
-save the artifact, metrics.jsonl and train_config.yaml into ``out`` atomically.
+save the artifact and train_config.yaml (with metrics.jsonl and checkpoints) into ``out`` atomically.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
-from ..atomic import atomic_dir
+from ..atomic import atomic_dir, atomic_file
 from ..diffio import CONFIG_NAME, read_diff
 from ..errors import ConfigError
 from ..model import SparseModel, get_sparse_model
@@ -102,7 +102,7 @@ def run_training(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=Non
         stats = train_loop(trained, optimizer, named_params, examples, cfg, pad_id_of(tokenizer), total_steps, dist,
                            start_step=ckpt.step if ckpt else 0, out=out, masks=masks, run_info=info)
         if dist.is_main:
-            publish(out, lambda path: save_artifact(cfg, model, tokenizer, path, total_steps))
+            publish(out, lambda path: save_artifact(cfg, model, tokenizer, path, total_steps), cfg)
         if dist.enabled:
             torch_dist.barrier()
         return make_result(cfg, out, model, stats, total_steps, extra)
@@ -221,13 +221,25 @@ def wrap_ddp(model: nn.Module, dist: Distributed) -> nn.Module:
 
 
 def prepare_out_dir(out: Path, cfg: TrainConfig, resuming: bool) -> None:
-    """Create ``out`` with the effective config; a fresh run clears an earlier run's metrics and checkpoints."""
+    """Create ``out`` for the run's logs; a fresh run clears an earlier run's metrics and checkpoints.
+
+    Whatever describes a finished result (the artifact, ``train_config.yaml``) is left alone until
+    :func:`publish` replaces it in one rename, so a crash keeps an earlier result with its own config.
+    The run in progress saves its config beside its checkpoints, to resume from
+    (``--config out/checkpoints/train_config.yaml --resume``).
+    """
     out.mkdir(parents=True, exist_ok=True)
     if not resuming:
         shutil.rmtree(out / CHECKPOINTS_DIR, ignore_errors=True)
         (out / METRICS_NAME).unlink(missing_ok=True)
-    # Saved without `resume`, so `--config out/train_config.yaml` repeats the run from the start.
-    dataclasses.replace(cfg, resume=None).to_yaml(out / TRAIN_CONFIG_NAME)
+    if cfg.save_every:
+        write_train_config(cfg, out / CHECKPOINTS_DIR / TRAIN_CONFIG_NAME)
+
+
+def write_train_config(cfg: TrainConfig, path: Path) -> None:
+    """The effective config, without ``resume``, so ``--config`` with it repeats the run from the start."""
+    with atomic_file(path) as tmp:
+        dataclasses.replace(cfg, resume=None).to_yaml(tmp)
 
 
 def provenance(cfg: TrainConfig, total_steps: int) -> dict[str, Any]:
@@ -250,21 +262,26 @@ def save_artifact(cfg: TrainConfig, model: nn.Module, tokenizer, path: Path, tot
         save_lora(model, path)
 
 
-KEEP_ON_PUBLISH = (METRICS_NAME, TRAIN_CONFIG_NAME, CHECKPOINTS_DIR)
+# The run's logs and checkpoints, carried over into the published directory.
+KEEP_ON_PUBLISH = (METRICS_NAME, CHECKPOINTS_DIR)
+# Files of ``out`` that are not the artifact itself.
+NOT_ARTIFACT = (*KEEP_ON_PUBLISH, TRAIN_CONFIG_NAME)
 
 
-def publish(out: Path, write_artifact) -> None:
-    """Write the final artifact into a staging sibling, move the run's logs and checkpoints into it, then
-    swap it for ``out`` in one rename: ``out`` is never a half-written artifact."""
+def publish(out: Path, write_artifact, cfg: TrainConfig) -> None:
+    """Write the final artifact and its ``train_config.yaml`` into a staging sibling, move the run's logs
+    and checkpoints into it, then swap it for ``out`` in one rename: ``out`` is never a half-written
+    artifact, nor an earlier artifact beside this run's config."""
     with atomic_dir(out) as staging:
         write_artifact(staging)
+        write_train_config(cfg, staging / TRAIN_CONFIG_NAME)
         for name in KEEP_ON_PUBLISH:
             if (out / name).exists():
                 os.replace(out / name, staging / name)
 
 
-def directory_bytes(path: Path, skip: tuple[str, ...] = KEEP_ON_PUBLISH) -> int:
-    """Bytes of the artifact alone (not its logs or checkpoints)."""
+def directory_bytes(path: Path, skip: tuple[str, ...] = NOT_ARTIFACT) -> int:
+    """Bytes of the artifact alone (not its config, logs or checkpoints)."""
     return sum(f.stat().st_size for f in path.iterdir() if f.is_file() and f.name not in skip)
 
 
