@@ -179,3 +179,16 @@ def test_training_sees_the_prompt_evaluation_scores(template):
         assert prompt_ids[0] == tok.bos_token_id and prompt_ids[1] != tok.bos_token_id
         assert example.input_ids[: len(prompt_ids)] == prompt_ids
         assert example.input_ids.count(tok.bos_token_id) == 1
+
+
+def test_a_label_at_position_0_is_not_a_loss_token(tiny_tokenizer, tmp_path):
+    """The shifted loss predicts token t from tokens < t: label 0 is never scored, so it does not count."""
+    from sparseft.training.data import Example
+
+    assert Example([5, 6, 7], [5, IGNORE_INDEX, IGNORE_INDEX]).num_loss_tokens == 0
+    assert Example([5, 6, 7], [5, 6, 7]).num_loss_tokens == 2
+    # A one-token conversation whose only token is the answer trains nothing: a clear error, not a silent no-op.
+    tiny_tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    path = write_jsonl(tmp_path / "m.jsonl", [{"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "x"}]}])
+    with pytest.raises(DataFormatError, match=r"m.jsonl:line 1: field 'messages' leaves no completion tokens"):
+        load_examples(path, tiny_tokenizer)

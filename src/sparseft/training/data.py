@@ -53,7 +53,9 @@ class Example:
 
     @property
     def num_loss_tokens(self) -> int:
-        return sum(1 for label in self.labels if label != IGNORE_INDEX)
+        """Labels the loss scores: the next-token loss predicts token t from tokens < t, so the label at
+        position 0 never is (``training.loop.count_loss_tokens`` counts the same way)."""
+        return sum(1 for label in self.labels[1:] if label != IGNORE_INDEX)
 
 
 # ---------------------------------------------------------------- reading files
