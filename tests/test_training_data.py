@@ -192,3 +192,9 @@ def test_a_label_at_position_0_is_not_a_loss_token(tiny_tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "m.jsonl", [{"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "x"}]}])
     with pytest.raises(DataFormatError, match=r"m.jsonl:line 1: field 'messages' leaves no completion tokens"):
         load_examples(path, tiny_tokenizer)
+
+
+def test_a_conversation_starting_with_the_assistant_is_a_clear_error(tiny_tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "m.jsonl", [{"messages": [{"role": "assistant", "content": "hello"}]}])
+    with pytest.raises(DataFormatError, match=r"m.jsonl:line 1: messages\[0\] is an assistant turn"):
+        load_examples(path, tiny_tokenizer)

@@ -214,6 +214,9 @@ def chat_segments(messages: list[dict[str, str]], tokenizer, where: str) -> list
     rendered = ""
     for i, msg in enumerate(messages):
         if msg["role"] == "assistant":
+            if i == 0:
+                raise DataFormatError(f"{where}: messages[0] is an assistant turn; a conversation must start with a "
+                                      "user or system turn for the reply to have a prompt")
             before = render(messages[:i], generation_prompt=True)
             segments.append((take_suffix(before, rendered, where), False))
             rendered = before
