@@ -1,4 +1,5 @@
 import csv
+import hashlib
 import json
 
 import pytest
@@ -198,3 +199,22 @@ def test_a_conversation_starting_with_the_assistant_is_a_clear_error(tiny_tokeni
     path = write_jsonl(tmp_path / "m.jsonl", [{"messages": [{"role": "assistant", "content": "hello"}]}])
     with pytest.raises(DataFormatError, match=r"m.jsonl:line 1: messages\[0\] is an assistant turn"):
         load_examples(path, tiny_tokenizer)
+
+
+def test_one_file_hash_for_diffs_and_data(tmp_path):
+    """training.data hashes with diffio's file_sha256 (one implementation); a dataset directory hashes
+    its files' names and hashes, so renaming or editing any file changes it."""
+    import datasets
+
+    from sparseft import diffio
+    from sparseft.audit import repro
+    from sparseft.training import data, job
+
+    assert data.file_sha256 is diffio.file_sha256 and repro.data_sha256 is job.data_sha256 is data.data_sha256
+    jsonl = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    assert data.data_sha256(jsonl) == diffio.file_sha256(jsonl) == hashlib.sha256(jsonl.read_bytes()).hexdigest()
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "d_dir"))
+    digest = data.data_sha256(tmp_path / "d_dir")
+    assert digest == data.data_sha256(tmp_path / "d_dir") and len(digest) == 64
+    (tmp_path / "d_dir" / "extra.txt").write_text("x")
+    assert data.data_sha256(tmp_path / "d_dir") != digest

@@ -28,6 +28,7 @@ from typing import Any, Iterator
 
 import torch
 
+from ..diffio import file_sha256
 from ..errors import DataFormatError
 from ..tasks.base import prompt_prefix
 
@@ -61,17 +62,14 @@ class Example:
 # ---------------------------------------------------------------- reading files
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a data file, or of every file (by relative name) of a dataset directory."""
+def data_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a data file; for a dataset directory, of each file's relative name and sha256."""
     path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    if not path.is_dir():
+        return file_sha256(path)
     h = hashlib.sha256()
-    for f in files:
-        if path.is_dir():
-            h.update(str(f.relative_to(path)).encode() + b"\0")
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(path)}\0{file_sha256(f)}\n".encode())
     return h.hexdigest()
 
 

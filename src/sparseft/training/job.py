@@ -37,7 +37,7 @@ from .checkpoint import (
     restore_checkpoint,
 )
 from .config import TrainConfig
-from .data import Example, calibration_batches, file_sha256, load_examples, pad_id_of
+from .data import Example, calibration_batches, data_sha256, load_examples, pad_id_of
 from .loop import METRICS_NAME, Distributed, LoopStats, make_optimizer, setup_distributed, train_loop, trainable_parameters
 
 TRAIN_CONFIG_NAME = "train_config.yaml"
@@ -144,7 +144,7 @@ RESELECT_FIELDS = ("reselect_every", "reselect_fraction")
 def run_info(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     values = cfg.to_dict()
     fields = RESUME_FIELDS + (RESELECT_FIELDS if cfg.reselecting else ())
-    return {**{k: values[k] for k in fields}, "world_size": world_size, "data_sha256": file_sha256(cfg.data)}
+    return {**{k: values[k] for k in fields}, "world_size": world_size, "data_sha256": data_sha256(cfg.data)}
 
 
 def resume_checkpoint(cfg: TrainConfig, out: Path, info: dict[str, Any], total_steps: int) -> Checkpoint | None:
@@ -245,7 +245,7 @@ def write_train_config(cfg: TrainConfig, path: Path) -> None:
 def provenance(cfg: TrainConfig, total_steps: int) -> dict[str, Any]:
     return {
         "data_file": Path(cfg.data).name,
-        "data_sha256": file_sha256(cfg.data),
+        "data_sha256": data_sha256(cfg.data),
         "train_config": cfg.provenance_dict(),
         "seed": cfg.seed,
         "steps": total_steps,
