@@ -104,7 +104,7 @@ def test_sst2_reader_keeps_quotes_and_strips_trailing_space(tmp_path):
 def test_sst2_reader_names_the_bad_line(tmp_path):
     path = tmp_path / "dev.tsv"
     path.write_text("sentence\tlabel\nfine \t1\nbroken \t7\n", encoding="utf-8")
-    with pytest.raises(DataFormatError, match=r"dev.tsv:3: field 'label'"):
+    with pytest.raises(DataFormatError, match=r"dev.tsv:line 3: field 'label'"):
         read_sst2_tsv(path, ["negative", "positive"])
 
 
@@ -117,10 +117,10 @@ def test_dialogue_reader_normalises_line_endings(tmp_path):
 def test_jsonl_reader_names_line_and_field(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "hello", "label": "billing"}\n{"text": "hi"}\n')
-    with pytest.raises(DataFormatError, match=r"bad.jsonl:2: missing field 'label'"):
+    with pytest.raises(DataFormatError, match=r"bad.jsonl:line 2: missing field 'label'"):
         get_task("routing").load(path)
     path.write_text('{"text": "hello", "label": "marketing"}\n')
-    with pytest.raises(DataFormatError, match=r"bad.jsonl:1: field 'label' is 'marketing'"):
+    with pytest.raises(DataFormatError, match=r"bad.jsonl:line 1: field 'label' is 'marketing'"):
         get_task("routing").load(path)
 
 

@@ -218,3 +218,17 @@ def test_one_file_hash_for_diffs_and_data(tmp_path):
     assert digest == data.data_sha256(tmp_path / "d_dir") and len(digest) == 64
     (tmp_path / "d_dir" / "extra.txt").write_text("x")
     assert data.data_sha256(tmp_path / "d_dir") != digest
+
+
+def test_training_and_task_files_share_one_jsonl_reader(tmp_path):
+    from sparseft.tasks import files
+    from sparseft.training import data
+
+    assert data.read_jsonl is files.read_jsonl
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "a", "completion": "b"}\n\n[1, 2]\n')
+    with pytest.raises(DataFormatError, match=r"d.jsonl:line 3: expected a JSON object, got list"):
+        read_rows(path)
+    path.write_text('{"text": "a", "label": "billing"}\n{"text": "b", "label": \n')
+    with pytest.raises(DataFormatError, match=r"d.jsonl:line 2: invalid JSON \(Expecting value at column 24\)"):
+        list(files.read_jsonl(path))

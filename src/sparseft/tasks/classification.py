@@ -31,14 +31,14 @@ def read_sst2_tsv(path: str | os.PathLike, labels: list[str]) -> list[Record]:
         rows = csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE)
         header = next(rows, None)
         if header is None or [h.strip() for h in header[:2]] != ["sentence", "label"]:
-            raise DataFormatError(f"{path}:1: expected the header 'sentence<TAB>label', got {header!r}")
+            raise DataFormatError(f"{path}:line 1: expected the header 'sentence<TAB>label', got {header!r}")
         for number, row in enumerate(rows, start=2):
             if len(row) != 2:
-                raise DataFormatError(f"{path}:{number}: expected 2 tab-separated fields, got {len(row)}")
+                raise DataFormatError(f"{path}:line {number}: expected 2 tab-separated fields, got {len(row)}")
             sentence, label = row[0].strip(), row[1].strip()
             if label not in {str(i) for i in range(len(labels))} or not sentence:
                 raise DataFormatError(
-                    f"{path}:{number}: field 'label' must be one of 0..{len(labels) - 1} and 'sentence' "
+                    f"{path}:line {number}: field 'label' must be one of 0..{len(labels) - 1} and 'sentence' "
                     f"non-empty, got label={label!r}"
                 )
             records.append({"text": sentence, "label": int(label)})

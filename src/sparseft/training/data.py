@@ -31,6 +31,7 @@ import torch
 from ..diffio import file_sha256
 from ..errors import DataFormatError
 from ..tasks.base import prompt_prefix
+from ..tasks.files import read_jsonl
 
 IGNORE_INDEX = -100
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -71,17 +72,6 @@ def data_sha256(path: str | os.PathLike) -> str:
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
         h.update(f"{f.relative_to(path)}\0{file_sha256(f)}\n".encode())
     return h.hexdigest()
-
-
-def read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield f"{path}:line {number}", json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataFormatError(f"{path}:line {number}: invalid JSON ({e.msg} at column {e.colno})") from e
 
 
 def read_csv(path: Path) -> Iterator[tuple[str, Any]]:
