@@ -232,3 +232,13 @@ def test_training_and_task_files_share_one_jsonl_reader(tmp_path):
     path.write_text('{"text": "a", "label": "billing"}\n{"text": "b", "label": \n')
     with pytest.raises(DataFormatError, match=r"d.jsonl:line 2: invalid JSON \(Expecting value at column 24\)"):
         list(files.read_jsonl(path))
+
+
+def test_one_pad_id_rule_for_training_and_evaluation(tiny_tokenizer):
+    from sparseft.tasks.inference import pad_token_id
+    from sparseft.training import data, job
+
+    assert not hasattr(data, "pad_id_of") and job.pad_token_id is pad_token_id
+    assert pad_token_id(tiny_tokenizer) == tiny_tokenizer.pad_token_id
+    tiny_tokenizer.pad_token = None
+    assert pad_token_id(tiny_tokenizer) == tiny_tokenizer.eos_token_id

@@ -277,12 +277,6 @@ def load_examples(path: str | os.PathLike, tokenizer, max_length: int | None = N
 # ---------------------------------------------------------------- batching
 
 
-def pad_id_of(tokenizer) -> int:
-    if tokenizer.pad_token_id is not None:
-        return tokenizer.pad_token_id
-    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-
-
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example: ``input_ids``, ``attention_mask`` and ``labels`` (-100 on padding)."""
     width = max(len(e.input_ids) for e in examples)

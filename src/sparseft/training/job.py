@@ -20,13 +20,14 @@ import torch.distributed as torch_dist
 from torch import nn
 
 from ..atomic import atomic_dir, atomic_file
+from ..config import SparseConfig
 from ..diffio import CONFIG_NAME, read_diff
 from ..errors import ConfigError
 from ..model import SparseModel, get_sparse_model
 from ..models import load_model, load_tokenizer
-from ..config import SparseConfig
 from ..selection import read_mask_file, select
 from ..selection.scorers import get_scorer
+from ..tasks.inference import pad_token_id
 from .baselines import lora_rank_matching, prepare_full, prepare_lora, save_full, save_lora, sparse_budget
 from .checkpoint import (
     CHECKPOINTS_DIR,
@@ -37,7 +38,7 @@ from .checkpoint import (
     restore_checkpoint,
 )
 from .config import TrainConfig
-from .data import Example, calibration_batches, data_sha256, load_examples, pad_id_of
+from .data import Example, calibration_batches, data_sha256, load_examples
 from .loop import METRICS_NAME, Distributed, LoopStats, make_optimizer, setup_distributed, train_loop, trainable_parameters
 
 TRAIN_CONFIG_NAME = "train_config.yaml"
@@ -90,7 +91,7 @@ def run_training(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=Non
         ckpt = resume_checkpoint(cfg, out, info, total_steps)
         torch.manual_seed(cfg.seed)
         model.to(dist.device)  # before selection, so data scorers run on the accelerator
-        model, masks, extra = prepare_method(cfg, model, examples, pad_id_of(tokenizer), ckpt)
+        model, masks, extra = prepare_method(cfg, model, examples, pad_token_id(tokenizer), ckpt)
         model.to(dist.device)
         named_params = trainable_parameters(model)
         optimizer = make_optimizer(named_params, cfg)
@@ -99,7 +100,7 @@ def run_training(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=Non
         if dist.is_main:
             prepare_out_dir(out, cfg, resuming=ckpt is not None)
         trained = wrap_ddp(model, dist)
-        stats = train_loop(trained, optimizer, named_params, examples, cfg, pad_id_of(tokenizer), total_steps, dist,
+        stats = train_loop(trained, optimizer, named_params, examples, cfg, pad_token_id(tokenizer), total_steps, dist,
                            start_step=ckpt.step if ckpt else 0, out=out, masks=masks, run_info=info)
         if dist.is_main:
             publish(out, lambda path: save_artifact(cfg, model, tokenizer, path, total_steps), cfg)
