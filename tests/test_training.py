@@ -366,3 +366,13 @@ def test_a_crashed_fresh_run_leaves_the_earlier_result_and_its_config(train_file
     published = TrainConfig.from_yaml(out / "train_config.yaml")
     assert (published.steps, published.lr, published.resume) == (4, 5e-3, None)
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_a_masks_path_that_is_neither_diff_nor_mask_file_is_named(train_file, tmp_path):
+    from sparseft.errors import MaskFileError
+
+    bogus = tmp_path / "masks.safetensors"
+    bogus.write_text("not safetensors")
+    with pytest.raises(MaskFileError, match=r"masks.safetensors: not a readable safetensors file"):
+        train_in_process(quick_config(train_file, tmp_path / "out", steps=1, masks=str(bogus)))
+    assert not (tmp_path / "out").exists()
