@@ -376,3 +376,39 @@ def test_a_masks_path_that_is_neither_diff_nor_mask_file_is_named(train_file, tm
     with pytest.raises(MaskFileError, match=r"masks.safetensors: not a readable safetensors file"):
         train_in_process(quick_config(train_file, tmp_path / "out", steps=1, masks=str(bogus)))
     assert not (tmp_path / "out").exists()
+
+
+def documented_train_commands(text):
+    """The argument lists of every ``sparseft train`` command in the fenced bash blocks of a doc."""
+    import shlex
+
+    commands = []
+    inline = [span for span in re.findall(r"(?<!`)`([^`\n]+)`(?!`)", text) if span.startswith("sparseft train ")]
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S) + inline:
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if "sparseft" in words and words[words.index("sparseft") + 1:][:1] == ["train"]:
+                commands.append(words[words.index("sparseft") + 2:])
+    return commands
+
+
+def test_every_train_command_in_docs_training_md_parses():
+    from pathlib import Path
+
+    from sparseft.cli import build_parser
+    from sparseft.cli.train import config_from_args
+    from sparseft.models import ALIASES
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
+    commands = documented_train_commands(text)
+    assert len(commands) >= 9
+    for words in commands:
+        try:
+            args = build_parser().parse_args(["train", *words])
+        except SystemExit:
+            raise AssertionError(f"docs/training.md: sparseft train {' '.join(words)}: not accepted by the parser")
+        assert args.model in (None, "M") or args.model in ALIASES, f"unknown model alias {args.model!r}"
+        if not args.config:
+            config_from_args(args)  # the values are valid TrainConfig values too
+    for block in re.findall(r"```yaml\n(.*?)```", text, flags=re.S):
+        TrainConfig.from_dict(yaml.safe_load(block))
