@@ -412,3 +412,19 @@ def test_every_train_command_in_docs_training_md_parses():
             config_from_args(args)  # the values are valid TrainConfig values too
     for block in re.findall(r"```yaml\n(.*?)```", text, flags=re.S):
         TrainConfig.from_dict(yaml.safe_load(block))
+
+
+def test_train_help_shows_each_default_once_and_from_train_config(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
+    assert "None" not in text
+    defaults = TrainConfig()
+    for phrase in ("peak learning rate (default: 0.001)", f"(default: {defaults.batch_size})",
+                   "share of targeted entries to train (default: 0.01)", "clip the gradient norm to this (default: 1.0)",
+                   "(default: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)"):
+        assert phrase in text, phrase
+    # One default per flag: the flags' own texts no longer repeat them by hand.
+    sections = re.split(r" (?=--[a-z])", text.split("options:", 1)[1])
+    for section in sections:
+        assert section.count("default") <= 1, section
