@@ -180,7 +180,7 @@ def test_bad_probe_rows_are_named(row, message, tmp_path):
     path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt_ids": [1]}, row])
     with pytest.raises(DataFormatError, match=message) as info:
         load_probes(path, vocab_size=128, tokenizer=make_tokenizer())
-    assert f"{path}:2" in str(info.value)
+    assert f"{path}:line 2" in str(info.value)
 
 
 def test_text_probes_need_a_tokenizer(tmp_path):

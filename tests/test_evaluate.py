@@ -93,4 +93,4 @@ def test_eval_rejects_bad_data_before_loading_the_model(tmp_path, capsys):
     bad.write_text('{"text": "hi", "label": "nope"}\n')
     argv = ["eval", "--model", str(tmp_path / "no-such-model"), "--task", "routing", "--data", str(bad)]
     assert main(argv) == 2
-    assert "bad.jsonl:1: field 'label'" in capsys.readouterr().err
+    assert "bad.jsonl:line 1: field 'label'" in capsys.readouterr().err

@@ -109,7 +109,7 @@ def test_sst2_reader_keeps_quotes_and_strips_trailing_space(tmp_path):
 def test_sst2_reader_names_the_bad_line(tmp_path):
     path = tmp_path / "dev.tsv"
     path.write_text("sentence\tlabel\nfine \t1\nbroken \t7\n", encoding="utf-8")
-    with pytest.raises(DataFormatError, match=r"dev.tsv:3: field 'label'"):
+    with pytest.raises(DataFormatError, match=r"dev.tsv:line 3: field 'label'"):
         read_sst2_tsv(path, ["negative", "positive"])
 
 
@@ -122,10 +122,10 @@ def test_dialogue_reader_normalises_line_endings(tmp_path):
 def test_jsonl_reader_names_line_and_field(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "hello", "label": "billing"}\n{"text": "hi"}\n')
-    with pytest.raises(DataFormatError, match=r"bad.jsonl:2: missing field 'label'"):
+    with pytest.raises(DataFormatError, match=r"bad.jsonl:line 2: missing field 'label'"):
         get_task("routing").load(path)
     path.write_text('{"text": "hello", "label": "marketing"}\n')
-    with pytest.raises(DataFormatError, match=r"bad.jsonl:1: field 'label' is 'marketing'"):
+    with pytest.raises(DataFormatError, match=r"bad.jsonl:line 1: field 'label' is 'marketing'"):
         get_task("routing").load(path)
 
 
@@ -200,9 +200,9 @@ def test_squad_reader_rejects_files_that_are_not_squad(tmp_path, content):
 @pytest.mark.parametrize(
     "line, message",
     [
-        ('{"summary": "s"}', r"val.jsonl:2: missing field 'dialogue'"),
-        ('{"dialogue": "A: hi", "summary": null}', r"val.jsonl:2: field 'summary' must be a non-empty string, got None"),
-        ('{"dialogue": ["A: hi"], "summary": "s"}', r"val.jsonl:2: field 'dialogue' must be a non-empty string"),
+        ('{"summary": "s"}', r"val.jsonl:line 2: missing field 'dialogue'"),
+        ('{"dialogue": "A: hi", "summary": null}', r"val.jsonl:line 2: field 'summary' must be a non-empty string, got None"),
+        ('{"dialogue": ["A: hi"], "summary": "s"}', r"val.jsonl:line 2: field 'dialogue' must be a non-empty string"),
     ],
 )
 def test_dialogue_reader_names_line_and_field(tmp_path, line, message):
@@ -212,14 +212,21 @@ def test_dialogue_reader_names_line_and_field(tmp_path, line, message):
         read_dialogue_jsonl(path)
 
 
+def test_jsonl_reader_names_the_line_of_a_bad_byte(tmp_path):
+    path = tmp_path / "val.jsonl"
+    path.write_bytes(json.dumps({"dialogue": "A: hi", "summary": "s"}).encode() + b'\n{"dialogue": "\xff"}\n')
+    with pytest.raises(DataFormatError, match=r"val.jsonl:line 2: not UTF-8 text"):
+        read_dialogue_jsonl(path)
+
+
 @pytest.mark.parametrize(
     "content, message",
     [
-        (b"sentence\tlabel\nfine \t1\nno label here\n", r"dev.tsv:3: expected 2 tab-separated fields \(sentence, label\), got 1"),
-        (b"sentence\tlabel\nfine \t1\n\t0\n", r"dev.tsv:3: field 'sentence' is empty"),
-        (b"sentence\tlabel\nfine \t1\nok \t\n", r"dev.tsv:3: field 'label' must be one of 0..1, got ''"),
-        (b"sentence\tlabel\nfine \t1\nbad \xff byte\t0\n", r"dev.tsv:3: not UTF-8 text"),
-        (b"sentence\n", r"dev.tsv:1: expected the header"),
+        (b"sentence\tlabel\nfine \t1\nno label here\n", r"dev.tsv:line 3: expected 2 tab-separated fields \(sentence, label\), got 1"),
+        (b"sentence\tlabel\nfine \t1\n\t0\n", r"dev.tsv:line 3: field 'sentence' is empty"),
+        (b"sentence\tlabel\nfine \t1\nok \t\n", r"dev.tsv:line 3: field 'label' must be one of 0..1, got ''"),
+        (b"sentence\tlabel\nfine \t1\nbad \xff byte\t0\n", r"dev.tsv:line 3: not UTF-8 text"),
+        (b"sentence\n", r"dev.tsv:line 1: expected the header"),
     ],
 )
 def test_sst2_reader_names_line_and_field(tmp_path, content, message):

@@ -1,6 +1,7 @@
 import hashlib
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -64,7 +65,7 @@ def test_cli_train_writes_a_loadable_diff_and_the_loss_falls(tiny_model_with_tok
     assert summary["last_loss"] < summary["first_loss"]
     assert {"sparse_config.json", "sparse_delta.safetensors", "metrics.jsonl", "train_config.yaml", "checkpoints"} <= {
         p.name for p in out.iterdir()}
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000005", "step-000010"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000005", "step-000010", "train_config.yaml"]
 
     examples = load_examples(train_file, make_tiny_tokenizer(), max_length=512)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_with_tokenizer_dir)
@@ -115,7 +116,7 @@ def test_resume_after_a_crash_gives_the_uninterrupted_diff(train_file, tmp_path,
         train_in_process(quick_config(train_file, out, **settings))
     monkeypatch.setattr(loop_module, "train_step", real_step)
     assert not (out / "sparse_delta.safetensors").exists()  # no final diff from a crashed run
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "train_config.yaml"]
 
     resumed = train_in_process(quick_config(train_file, out, resume="latest", **settings))
     assert sha256(resumed.out / "sparse_delta.safetensors") == sha256(reference.out / "sparse_delta.safetensors")
@@ -217,3 +218,213 @@ def test_bf16_autocast_trains_sparse_values(train_file, tmp_path):
     assert all(torch.isfinite(torch.tensor(result.losses)))
     values = SparseModel.from_pretrained(make_tiny_llama(), result.out).sparse_parameters()
     assert all(v.dtype == torch.float32 and float(v.abs().max()) > 0 for v in values)
+
+
+def test_yaml_numbers_in_exponent_form_are_numbers(train_file, tmp_path):
+    """PyYAML reads ``1e-3`` (no dot) as a string; the config converts it instead of failing mid-run."""
+    config = tmp_path / "run.yaml"
+    config.write_text(f"data: {train_file}\nout: {tmp_path / 'out'}\nlr: 1e-2\ndensity: 1e-1\nbatch_size: 4.0\n"
+                      "steps: 2\nwarmup_ratio: 5e-1\nmax_grad_norm: '1'\nvalue_dtype: float32\nprogress: false\n")
+    cfg = TrainConfig.from_yaml(config)
+    assert (cfg.lr, cfg.density, cfg.batch_size, cfg.warmup_ratio, cfg.max_grad_norm) == (0.01, 0.1, 4, 0.5, 1.0)
+    assert type(cfg.lr) is float and type(cfg.density) is float and type(cfg.batch_size) is int
+    assert type(cfg.sparse_config().density) is float
+    result = train_in_process(cfg)
+    assert len(result.losses) == 2
+
+
+@pytest.mark.parametrize("line, message", [
+    ("lr: fast", "lr must be a number, got 'fast'"),
+    ("batch_size: 8.5", "batch_size must be a whole number, got 8.5"),
+    ("steps: 1e-1", "steps must be a whole number, got '1e-1'"),
+    ("density: [1]", "density must be a number, got [1]"),
+    ("lr: .nan", "lr must be a finite number"),
+    ("truncation: 'no'", "truncation must be true or false, got 'no'"),
+    ("lr: -1e-3", "lr must be > 0"),
+])
+def test_bad_yaml_values_name_file_line_and_field(tmp_path, line, message):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: tiny\n{line}\n")
+    with pytest.raises(ConfigError, match=re.escape(f"run.yaml:line 2: {message}")):
+        TrainConfig.from_yaml(config)
+    # A flag given on the command line wins over the file, so the file's bad value no longer matters.
+    field = line.split(":")[0]
+    good = {"lr": 1e-3, "batch_size": 8, "steps": 3, "density": 0.5, "truncation": True}[field]
+    assert getattr(TrainConfig.from_yaml(config, **{field: good}), field) == good
+
+
+def test_sparse_config_yaml_converts_numbers(tmp_path):
+    from sparseft import SparseConfig
+
+    path = tmp_path / "sparse.yaml"
+    path.write_text("density: 1e-2\ncalibration_batches: 4.0\nseed: '3'\nscorer_weights: {gradient: 5e-1, fisher: 5e-1}\n")
+    cfg = SparseConfig.from_yaml(path)
+    assert (cfg.density, cfg.calibration_batches, cfg.seed) == (0.01, 4, 3)
+    assert type(cfg.density) is float and cfg.scorer_weights == {"gradient": 0.5, "fisher": 0.5}
+    with pytest.raises(ConfigError, match="num_params must be a whole number, got 10.5"):
+        SparseConfig(num_params=10.5)
+
+
+def test_masks_keep_the_selection_settings_they_were_chosen_with(train_file, tmp_path):
+    """``train --masks`` records how its entries were chosen (the mask file's or diff's config), not the
+    train run's own scorer/allocation/seed flags, which chose nothing."""
+    from sparseft import SparseConfig
+    from sparseft.selection import save_masks, select
+    from sparseft.targets import find_targets
+
+    model = make_tiny_llama()
+    chosen = SparseConfig(density=0.05, scorer="magnitude", allocation="global", seed=7, target_modules=["q_proj", "v_proj"])
+    masks = select(model, chosen)
+    shapes = {n: tuple(t.weight.shape) for n, t in find_targets(model, chosen.target_modules).items()}
+    mask_file = save_masks(tmp_path / "masks.safetensors", masks, shapes, chosen)
+
+    from_file = train_in_process(quick_config(train_file, tmp_path / "a", steps=1, masks=str(mask_file)))
+    selection = json.loads((from_file.out / "sparse_config.json").read_text())["selection"]
+    assert (selection["scorer"], selection["allocation"], selection["seed"]) == ("magnitude", "global", 7)
+    assert selection["target_modules"] == ["q_proj", "v_proj"] and selection["value_dtype"] == "float32"
+    assert selection["num_params"] == from_file.trainable == sum(m.numel() for m in masks.values())
+
+    from_diff = train_in_process(quick_config(train_file, tmp_path / "b", steps=1, masks=str(from_file.out), seed=3))
+    again = json.loads((from_diff.out / "sparse_config.json").read_text())["selection"]
+    assert again == selection
+
+
+def tree_bytes(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("steps", [2, 1])
+def test_resume_with_no_steps_left_is_refused_and_changes_nothing(steps, train_file, tmp_path, capsys):
+    out = tmp_path / "run"
+    train_in_process(quick_config(train_file, out, steps=4, save_every=2))
+    before = tree_bytes(out)
+    with pytest.raises(ConfigError, match=rf"step-000002: the checkpoint is at step 2, .* {steps} steps"):
+        train_in_process(quick_config(train_file, out, steps=steps, save_every=2,
+                                      resume=str(out / "checkpoints" / "step-000002")))
+    assert tree_bytes(out) == before
+
+
+def test_cli_summary_of_a_run_without_losses_does_not_crash(monkeypatch, capsys):
+    """The CLI summary guards an empty loss list (as bench/worker.py does) instead of an IndexError."""
+    import sparseft.training as training
+    from sparseft.training.job import TrainResult
+
+    empty = TrainResult(out="x", method="sparse", steps=0, losses=[], trainable=1, total_params=2, wall_time_s=0.0,
+                        median_step_s=0.0, tokens_per_s=0.0, peak_memory_bytes=0, optimizer_state_bytes=0,
+                        artifact_bytes=0)
+    monkeypatch.setattr(training, "run_training", lambda cfg: empty)
+    assert main(["train", "--model", "m", "--data", "d.jsonl", "--out", "o"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["first_loss"] is None and summary["last_loss"] is None
+    from sparseft.demo import loss_span
+
+    assert loss_span(None, None) == "n/a (no step ran)" and loss_span(2.0, 1.5) == "2.000 -> 1.500"
+
+
+def test_metrics_log_resume_drops_a_partial_last_line_with_a_warning(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": s, "loss": 1.0 / s}) for s in (1, 2, 3)]
+    path.write_text("\n".join(lines) + '\n{"step": 4, "lo')  # the crash hit while step 4 was being written
+    with pytest.warns(UserWarning, match=r"metrics.jsonl:line 4: dropping a partial last line"):
+        loop_module.MetricsLog(path, True, resume_step=2)
+    assert path.read_text() == lines[0] + "\n" + lines[1] + "\n"
+
+    path.write_text(lines[0] + '\n{"step": 2, "lo\n' + lines[2] + "\n")
+    with pytest.raises(ConfigError, match=r"metrics.jsonl:line 2: cannot resume, the metrics log is damaged"):
+        loop_module.MetricsLog(path, True, resume_step=2)
+    assert path.read_text() == lines[0] + '\n{"step": 2, "lo\n' + lines[2] + "\n"  # left as it was
+
+
+def test_a_crashed_fresh_run_leaves_the_earlier_result_and_its_config(train_file, tmp_path, monkeypatch):
+    """train_config.yaml describes the published artifact: it is written with it, not before training; the
+    run in progress keeps its own copy under checkpoints/ to resume from."""
+    out = tmp_path / "run"
+    train_in_process(quick_config(train_file, out, steps=2))
+    before = tree_bytes(out)
+    real_step, calls = loop_module.train_step, []
+
+    def crash_at_third_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("simulated crash")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop_module, "train_step", crash_at_third_step)
+    with pytest.raises(KeyboardInterrupt):
+        train_in_process(quick_config(train_file, out, steps=4, lr=5e-3, save_every=2))
+    monkeypatch.setattr(loop_module, "train_step", real_step)
+    for name in ("train_config.yaml", "sparse_config.json", "sparse_delta.safetensors"):
+        assert (out / name).read_bytes() == before[name], name
+
+    # The interrupted run resumes from its own config; a partial metrics line left by the crash is dropped.
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 0.')
+    in_progress = TrainConfig.from_yaml(out / "checkpoints" / "train_config.yaml", resume="latest")
+    assert (in_progress.steps, in_progress.lr) == (4, 5e-3)
+    with pytest.warns(UserWarning, match="partial last line"):
+        train_in_process(in_progress)
+    published = TrainConfig.from_yaml(out / "train_config.yaml")
+    assert (published.steps, published.lr, published.resume) == (4, 5e-3, None)
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_a_masks_path_that_is_neither_diff_nor_mask_file_is_named(train_file, tmp_path):
+    from sparseft.errors import MaskFileError
+
+    bogus = tmp_path / "masks.safetensors"
+    bogus.write_text("not safetensors")
+    with pytest.raises(MaskFileError, match=r"masks.safetensors: not a readable safetensors file"):
+        train_in_process(quick_config(train_file, tmp_path / "out", steps=1, masks=str(bogus)))
+    assert not (tmp_path / "out").exists()
+
+
+def documented_train_commands(text):
+    """The argument lists of every ``sparseft train`` command in the fenced bash blocks of a doc."""
+    import shlex
+
+    commands = []
+    inline = [span for span in re.findall(r"(?<!`)`([^`\n]+)`(?!`)", text) if span.startswith("sparseft train ")]
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S) + inline:
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if "sparseft" in words and words[words.index("sparseft") + 1:][:1] == ["train"]:
+                commands.append(words[words.index("sparseft") + 2:])
+    return commands
+
+
+def test_every_train_command_in_docs_training_md_parses():
+    from pathlib import Path
+
+    from sparseft.cli import build_parser
+    from sparseft.cli.train import config_from_args
+    from sparseft.models import ALIASES
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
+    commands = documented_train_commands(text)
+    assert len(commands) >= 9
+    for words in commands:
+        try:
+            args = build_parser().parse_args(["train", *words])
+        except SystemExit:
+            raise AssertionError(f"docs/training.md: sparseft train {' '.join(words)}: not accepted by the parser")
+        assert args.model in (None, "M") or args.model in ALIASES, f"unknown model alias {args.model!r}"
+        if not args.config:
+            config_from_args(args)  # the values are valid TrainConfig values too
+    for block in re.findall(r"```yaml\n(.*?)```", text, flags=re.S):
+        TrainConfig.from_dict(yaml.safe_load(block))
+
+
+def test_train_help_shows_each_default_once_and_from_train_config(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
+    assert "None" not in text
+    defaults = TrainConfig()
+    for phrase in ("peak learning rate (default: 0.001)", f"(default: {defaults.batch_size})",
+                   "share of targeted entries to train (default: 0.01)", "clip the gradient norm to this (default: 1.0)",
+                   "(default: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)"):
+        assert phrase in text, phrase
+    # One default per flag: the flags' own texts no longer repeat them by hand.
+    sections = re.split(r" (?=--[a-z])", text.split("options:", 1)[1])
+    for section in sections:
+        assert section.count("default") <= 1, section

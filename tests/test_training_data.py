@@ -1,9 +1,11 @@
 import csv
+import hashlib
 import json
 
 import pytest
 import torch
 
+from conftest import TINY_CHAT_TEMPLATE
 from sparseft.errors import DataFormatError
 from sparseft.training.data import (
     IGNORE_INDEX,
@@ -148,3 +150,95 @@ def test_global_batch_is_the_same_however_it_is_split(tiny_tokenizer):
     epoch = [tuple(r.tolist()) for s in range(5) for r in make_batches(examples, 2, 0, seed=3, step=s)[0]["input_ids"]]
     assert len(set(epoch)) == 10
     assert torch.equal(make_batches(examples, 2, 0, seed=3, step=1)[0]["input_ids"], make_batches(examples, 2, 0, seed=3, step=1)[0]["input_ids"])
+
+
+def bos_adding_tokenizer(template: str | None):
+    """The tiny tokenizer made to put BOS before every text (as Llama's do), with the given chat template."""
+    from tokenizers.processors import TemplateProcessing
+
+    from conftest import make_tiny_tokenizer
+
+    tok = make_tiny_tokenizer()
+    bos = tok.bos_token_id
+    tok.backend_tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    tok.chat_template = template
+    return tok
+
+
+@pytest.mark.parametrize("template", ["{{ bos_token }}" + TINY_CHAT_TEMPLATE, TINY_CHAT_TEMPLATE, None],
+                         ids=["template-writes-bos", "template-without-bos", "no-template"])
+def test_training_sees_the_prompt_evaluation_scores(template):
+    """A task's training row starts with exactly the ids evaluation feeds the model: one BOS, never two."""
+    from sparseft.tasks import ROUTING_DATA, get_task
+    from sparseft.tasks.base import encode_prompt
+
+    tok, task = bos_adding_tokenizer(template), get_task("routing")
+    rows = task.training_rows(ROUTING_DATA / "train.jsonl", limit=2, tokenizer=tok)
+    records = task.load(ROUTING_DATA / "train.jsonl", limit=2)
+    for example, record in zip(encode_rows(rows, tok), records):
+        prompt_ids = encode_prompt(tok, task.prompt(tok, record))
+        assert prompt_ids[0] == tok.bos_token_id and prompt_ids[1] != tok.bos_token_id
+        assert example.input_ids[: len(prompt_ids)] == prompt_ids
+        assert example.input_ids.count(tok.bos_token_id) == 1
+
+
+def test_a_label_at_position_0_is_not_a_loss_token(tiny_tokenizer, tmp_path):
+    """The shifted loss predicts token t from tokens < t: label 0 is never scored, so it does not count."""
+    from sparseft.training.data import Example
+
+    assert Example([5, 6, 7], [5, IGNORE_INDEX, IGNORE_INDEX]).num_loss_tokens == 0
+    assert Example([5, 6, 7], [5, 6, 7]).num_loss_tokens == 2
+    # A one-token conversation whose only token is the answer trains nothing: a clear error, not a silent no-op.
+    tiny_tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    path = write_jsonl(tmp_path / "m.jsonl", [{"messages": [{"role": "user", "content": ""}, {"role": "assistant", "content": "x"}]}])
+    with pytest.raises(DataFormatError, match=r"m.jsonl:line 1: field 'messages' leaves no completion tokens"):
+        load_examples(path, tiny_tokenizer)
+
+
+def test_a_conversation_starting_with_the_assistant_is_a_clear_error(tiny_tokenizer, tmp_path):
+    path = write_jsonl(tmp_path / "m.jsonl", [{"messages": [{"role": "assistant", "content": "hello"}]}])
+    with pytest.raises(DataFormatError, match=r"m.jsonl:line 1: messages\[0\] is an assistant turn"):
+        load_examples(path, tiny_tokenizer)
+
+
+def test_one_file_hash_for_diffs_and_data(tmp_path):
+    """training.data hashes with diffio's file_sha256 (one implementation); a dataset directory hashes
+    its files' names and hashes, so renaming or editing any file changes it."""
+    import datasets
+
+    from sparseft import diffio
+    from sparseft.audit import repro
+    from sparseft.training import data, job
+
+    assert data.file_sha256 is diffio.file_sha256 and repro.data_sha256 is job.data_sha256 is data.data_sha256
+    jsonl = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    assert data.data_sha256(jsonl) == diffio.file_sha256(jsonl) == hashlib.sha256(jsonl.read_bytes()).hexdigest()
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "d_dir"))
+    digest = data.data_sha256(tmp_path / "d_dir")
+    assert digest == data.data_sha256(tmp_path / "d_dir") and len(digest) == 64
+    (tmp_path / "d_dir" / "extra.txt").write_text("x")
+    assert data.data_sha256(tmp_path / "d_dir") != digest
+
+
+def test_training_and_task_files_share_one_jsonl_reader(tmp_path):
+    from sparseft.tasks import files
+    from sparseft.training import data
+
+    assert data.read_jsonl is files.read_jsonl
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "a", "completion": "b"}\n\n[1, 2]\n')
+    with pytest.raises(DataFormatError, match=r"d.jsonl:line 3: expected a JSON object, got list"):
+        read_rows(path)
+    path.write_text('{"text": "a", "label": "billing"}\n{"text": "b", "label": \n')
+    with pytest.raises(DataFormatError, match=r"d.jsonl:line 2: invalid JSON \(Expecting value at column 24\)"):
+        list(files.read_jsonl(path))
+
+
+def test_one_pad_id_rule_for_training_and_evaluation(tiny_tokenizer):
+    from sparseft.tasks.inference import pad_token_id
+    from sparseft.training import data, job
+
+    assert not hasattr(data, "pad_id_of") and job.pad_token_id is pad_token_id
+    assert pad_token_id(tiny_tokenizer) == tiny_tokenizer.pad_token_id
+    tiny_tokenizer.pad_token = None
+    assert pad_token_id(tiny_tokenizer) == tiny_tokenizer.eos_token_id

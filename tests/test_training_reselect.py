@@ -220,6 +220,8 @@ def test_bad_reselect_options_are_rejected_before_anything_is_written(flags, mes
 def test_reselect_values_from_yaml_are_checked_too():
     with pytest.raises(ConfigError, match="whole number"):
         TrainConfig.from_dict({"reselect_every": 2.5})
-    with pytest.raises(ConfigError, match="reselect_fraction"):
-        TrainConfig.from_dict({"reselect_every": 2, "reselect_fraction": "0.1"})
+    with pytest.raises(ConfigError, match="reselect_fraction must be a number"):
+        TrainConfig.from_dict({"reselect_every": 2, "reselect_fraction": "lots"})
+    # A numeric string (how PyYAML reads ``1e-1``) is stored as the number it spells.
+    assert TrainConfig.from_dict({"reselect_every": 2, "reselect_fraction": "1e-1"}).reselect_fraction == 0.1
     assert not TrainConfig(reselect_every=0).reselecting and TrainConfig(reselect_every=4).reselecting

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,53 @@ ALLOCATIONS = ("global", "proportional", "per_module")
 # The one name -> dtype table: diff values, model loading (--dtype) and the benchmarks all use it.
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 VALUE_DTYPES = tuple(DTYPES)
+
+
+# ---------------------------------------------------------------- field values from YAML / JSON / flags
+
+
+def to_float(name: str, value: Any) -> float:
+    """``value`` as a finite float. PyYAML reads ``1e-3`` (no dot) as a string, so numeric strings count."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    return number
+
+
+def to_int(name: str, value: Any) -> int:
+    """``value`` as an int: an int, or a float / numeric string with no fractional part (``8.0``, ``1e3``)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    number = to_float(name, value)
+    if not number.is_integer():
+        raise ConfigError(f"{name} must be a whole number, got {value!r}")
+    return int(number)
+
+
+def convert_fields(obj: Any) -> None:
+    """Store every numeric / boolean field of dataclass ``obj`` as its declared type (``int``,
+    ``float``, ``bool``, each possibly ``| None``), or raise a ConfigError naming the field."""
+    for f in dataclasses.fields(obj):
+        kinds = {part.strip() for part in str(f.type).split("|")}
+        value = getattr(obj, f.name)
+        if value is None and "None" in kinds:
+            continue
+        if "float" in kinds:
+            setattr(obj, f.name, to_float(f.name, value))
+        elif "int" in kinds:
+            setattr(obj, f.name, to_int(f.name, value))
+        elif "bool" in kinds and not isinstance(value, bool):
+            raise ConfigError(f"{f.name} must be true or false, got {value!r}")
 
 
 @dataclass
@@ -57,10 +105,13 @@ class SparseConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        convert_fields(self)
+        if isinstance(self.scorer_weights, dict):
+            self.scorer_weights = {k: to_float(f"scorer_weights.{k}", v) for k, v in self.scorer_weights.items()}
         if self.num_params is None:
-            if self.density is None or not (0.0 < float(self.density) <= 1.0):
+            if self.density is None or not (0.0 < self.density <= 1.0):
                 raise ConfigError(f"density must be in (0, 1], got {self.density!r}")
-        elif int(self.num_params) <= 0:
+        elif self.num_params <= 0:
             raise ConfigError(f"num_params must be a positive integer, got {self.num_params!r}")
         if isinstance(self.target_modules, str):
             self.target_modules = [self.target_modules]
@@ -70,7 +121,7 @@ class SparseConfig:
             raise ConfigError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
         if self.value_dtype not in VALUE_DTYPES:
             raise ConfigError(f"value_dtype must be one of {VALUE_DTYPES}, got {self.value_dtype!r}")
-        if int(self.calibration_batches) < 1:
+        if self.calibration_batches < 1:
             raise ConfigError(f"calibration_batches must be >= 1, got {self.calibration_batches!r}")
 
     def to_dict(self) -> dict[str, Any]:

@@ -55,8 +55,8 @@ class DemoReport:
     model_bytes: int
     revert_bitwise_equal: bool
     train_steps: int
-    first_loss: float
-    last_loss: float
+    first_loss: float | None  # None when no step ran
+    last_loss: float | None
     diff_dir: str
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -85,7 +85,8 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> DemoReport:
     rows_file = write_rows(task.training_rows(data_dir / "train.jsonl", tokenizer=tokenizer), out / "train_rows.jsonl")
     with clock("train"):
         result = run_training(train_config(cfg, rows_file, out / "diff"), model=model, tokenizer=tokenizer)
-    log(f"trained {result.trainable:,} entries for {result.steps} steps: loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}")
+    first_loss, last_loss = (result.losses[0], result.losses[-1]) if result.losses else (None, None)
+    log(f"trained {result.trainable:,} entries for {result.steps} steps: loss {loss_span(first_loss, last_loss)}")
 
     # From here on the saved file is what counts: a fresh base + the diff as read back from disk.
     base = load_model(cfg.model).eval()
@@ -115,8 +116,8 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> DemoReport:
         model_bytes=model_file_bytes(cfg.model, base),
         revert_bitwise_equal=reverted,
         train_steps=result.steps,
-        first_loss=result.losses[0],
-        last_loss=result.losses[-1],
+        first_loss=first_loss,
+        last_loss=last_loss,
         diff_dir=str(out / "diff"),
         seconds={**clock.seconds, "total": clock.total()},
     )
@@ -158,6 +159,10 @@ def model_file_bytes(name: str, model) -> int:
     return sum(f.stat().st_size for f in files) or sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def loss_span(first: float | None, last: float | None) -> str:
+    return "n/a (no step ran)" if first is None or last is None else f"{first:.3f} -> {last:.3f}"
+
+
 def format_report(r: DemoReport) -> str:
     """The demo's summary: what was trained, what it cost, and what it changed."""
     s = r.seconds
@@ -167,7 +172,7 @@ def format_report(r: DemoReport) -> str:
             f"sparse fine-tuning of {r.model} on '{r.task}' ({r.num_train} training / {r.num_test} test examples)",
             f"  trained entries   {r.trained_entries:,} = {r.trained_entries / r.model_parameters:.3%} of {r.model_parameters:,} parameters",
             f"  diff size         {r.diff_bytes / 1e6:.2f} MB vs model {r.model_bytes / 1e6:.1f} MB ({r.diff_bytes / r.model_bytes:.2%})",
-            f"  training          {r.train_steps} steps, loss {r.first_loss:.3f} -> {r.last_loss:.3f}, {s.get('train', 0):.0f} s",
+            f"  training          {r.train_steps} steps, loss {loss_span(r.first_loss, r.last_loss)}, {s.get('train', 0):.0f} s",
             f"  {r.metric:<17} {r.before:.1%} -> {r.after:.1%}  (before/after fine-tuning, test set)",
             f"  apply + revert    merged for evaluation, unmerged: weights bitwise equal to the base: {r.revert_bitwise_equal}",
             f"  diff saved to     {r.diff_dir}  (sparseft apply --model {r.model} --diff {r.diff_dir} --out merged/)",

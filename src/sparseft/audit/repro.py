@@ -19,7 +19,7 @@ import yaml
 from ..diffio import DELTA_NAME, file_sha256, read_config, read_diff
 from ..errors import NotReproducibleError
 from ..training import TrainConfig, run_training
-from ..training.data import file_sha256 as data_sha256
+from ..training.data import data_sha256
 from ..training.job import TRAIN_CONFIG_NAME
 
 # How a re-run differs from the recorded run by design: where it goes, and CPU without resuming.

@@ -54,7 +54,8 @@ def run(args) -> int:
     from ..models import load_model, load_tokenizer
     from ..selection import budget_report, format_budget_report, get_scorer, save_masks, select
     from ..targets import find_targets
-    from ..training.data import calibration_batches, load_examples, pad_id_of
+    from ..tasks.inference import pad_token_id
+    from ..training.data import calibration_batches, load_examples
 
     cfg = make_config(args)
     batches = None
@@ -64,7 +65,7 @@ def run(args) -> int:
         tokenizer = load_tokenizer(args.model)
         examples = load_examples(args.data, tokenizer, args.max_length, truncation=True)
         # The same first batches `sparseft train` calibrates on with the same seed and batch size.
-        batches = calibration_batches(examples, args.batch_size, pad_id_of(tokenizer), cfg.seed, cfg.calibration_batches)
+        batches = calibration_batches(examples, args.batch_size, pad_token_id(tokenizer), cfg.seed, cfg.calibration_batches)
     model = load_model(args.model, dtype=args.dtype)
     masks = select(model, cfg, batches)
     targets = find_targets(model, cfg.target_modules)

@@ -3,10 +3,38 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 
 from ..config import DTYPES
+
+
+class TrainConfigDefaults(argparse.HelpFormatter):
+    """Help that ends each flag with the TrainConfig default it falls back to.
+
+    The flags themselves default to None ("not given"), so values from --config are not overridden;
+    argparse's ArgumentDefaultsHelpFormatter would print that None after every flag. TrainConfig is
+    imported only when help is shown.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = config_default(action.dest)
+        if action.nargs == 0 or default in (None, "", []) or not action.option_strings:
+            return text  # switches, and fields whose absence the help text explains
+        if isinstance(default, list):
+            default = ", ".join(default)
+        return f"{text} (default: {default})".replace("%", "%%")
+
+
+def config_default(name: str):
+    from ..training.config import TrainConfig
+
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == name:
+            return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return None
 
 
 def add_parser(sub):
@@ -18,22 +46,22 @@ def add_parser(sub):
         "adapter (lora), plus metrics.jsonl and the effective train_config.yaml. Every flag can come from "
         "--config run.yaml; flags given on the command line win. Runs data-parallel under torchrun / "
         "accelerate launch.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=TrainConfigDefaults,
         argument_default=None,
     )
     p.add_argument("--config", metavar="YAML", help="TrainConfig fields as YAML (flags override them)")
     p.add_argument("--model", help="base model: alias (e.g. smollm2-135m), local directory or HF id")
     p.add_argument("--data", metavar="FILE", help="rows {prompt, completion} or {messages}: .jsonl, .csv, .parquet, .arrow or a datasets dir")
     p.add_argument("--out", metavar="DIR", help="output directory")
-    p.add_argument("--method", choices=["sparse", "full", "lora"], help="what to train (default sparse)")
+    p.add_argument("--method", choices=["sparse", "full", "lora"], help="what to train")
     sel = p.add_argument_group("selection (sparse)")
-    sel.add_argument("--density", type=float, help="share of targeted entries to train (default 0.01)")
+    sel.add_argument("--density", type=float, help="share of targeted entries to train")
     sel.add_argument("--num-params", type=int, help="exact number of entries to train (instead of --density)")
-    sel.add_argument("--scorer", help="random, magnitude, or a data scorer such as gradient/fisher (default random)")
-    sel.add_argument("--allocation", choices=["global", "proportional", "per_module"])
-    sel.add_argument("--masks", metavar="DIFF_DIR", help="train exactly the entries of this diff / masks file")
-    sel.add_argument("--target-modules", help="comma-separated module names (default all Llama projections)")
-    sel.add_argument("--calibration-batches", type=int, help="batches a data scorer looks at (default 8)")
+    sel.add_argument("--scorer", help="random, magnitude, or a data scorer such as gradient/fisher")
+    sel.add_argument("--allocation", choices=["global", "proportional", "per_module"], help="how the budget is split over modules")
+    sel.add_argument("--masks", metavar="DIFF_OR_FILE", help="train exactly the entries of this diff dir or mask file (its selection settings are recorded)")
+    sel.add_argument("--target-modules", help="comma-separated module names")
+    sel.add_argument("--calibration-batches", type=int, help="batches a data scorer looks at")
     sel.add_argument("--value-dtype", choices=["bfloat16", "float16", "float32"], help="dtype of saved values")
     dyn = p.add_argument_group(
         "dynamic re-selection (sparse)",
@@ -42,37 +70,37 @@ def add_parser(sub):
         "|gradient| on that step's first micro-batch. k per module stays fixed; kept entries keep their values and "
         "AdamW state, grown ones start at 0. Dropping nonzero values changes the model's output by those values.")
     dyn.add_argument("--reselect-every", type=int, metavar="N",
-                     help="re-select every N optimizer steps (0: off, the default); e.g. 50 for a 500-step run")
+                     help="re-select every N optimizer steps (0 or not given: off); e.g. 50 for a 500-step run")
     dyn.add_argument("--reselect-fraction", type=float, metavar="F",
                      help="share of each module's k swapped at the first re-selection, in (0, 1]; decays "
-                     "with a cosine to 0 at the last step (default 0.1)")
+                     "with a cosine to 0 at the last step")
     opt = p.add_argument_group("optimisation")
     steps = opt.add_mutually_exclusive_group()
-    steps.add_argument("--steps", type=int, help="optimizer steps")
-    steps.add_argument("--epochs", type=float, help="passes over the data (when --steps is not given; default 1)")
-    opt.add_argument("--lr", type=float, help="peak learning rate (default 1e-3)")
-    opt.add_argument("--weight-decay", type=float)
-    opt.add_argument("--warmup-steps", type=int)
-    opt.add_argument("--warmup-ratio", type=float)
-    opt.add_argument("--max-grad-norm", type=float)
-    opt.add_argument("--batch-size", type=int, help="rows per micro-batch per process (default 8)")
-    opt.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
-    opt.add_argument("--max-length", type=int, help="longest example in tokens (default 512)")
+    steps.add_argument("--steps", type=int, help="optimizer steps (not given: as many as --epochs takes)")
+    steps.add_argument("--epochs", type=float, help="passes over the data, when --steps is not given")
+    opt.add_argument("--lr", type=float, help="peak learning rate")
+    opt.add_argument("--weight-decay", type=float, help="AdamW weight decay")
+    opt.add_argument("--warmup-steps", type=int, help="linear warm-up steps (wins over --warmup-ratio)")
+    opt.add_argument("--warmup-ratio", type=float, help="warm-up as a share of all steps")
+    opt.add_argument("--max-grad-norm", type=float, help="clip the gradient norm to this")
+    opt.add_argument("--batch-size", type=int, help="rows per micro-batch per process")
+    opt.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
+    opt.add_argument("--max-length", type=int, help="longest example in tokens")
     opt.add_argument("--truncation", action="store_true", help="cut longer examples instead of rejecting them")
-    opt.add_argument("--seed", type=int)
+    opt.add_argument("--seed", type=int, help="seeds selection, data order and initialisation")
     run = p.add_argument_group("run")
     run.add_argument("--save-every", type=int, help="checkpoint every N steps (0: never)")
-    run.add_argument("--log-every", type=int)
+    run.add_argument("--log-every", type=int, help="write metrics.jsonl every N steps")
     run.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
                      help="continue from a checkpoint dir (no value: the newest under --out/checkpoints)")
     run.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar")
-    run.add_argument("--dtype", choices=list(DTYPES), help="dtype to load the base in (default float32)")
-    run.add_argument("--device", help="auto (default), cpu, cuda, cuda:1, ...")
+    run.add_argument("--dtype", choices=list(DTYPES), help="dtype to load the base in")
+    run.add_argument("--device", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     run.add_argument("--precision", choices=["auto", "bf16", "fp32"],
-                     help="auto (default): bf16 autocast on CUDA, fp32 on CPU")
+                     help="auto: bf16 autocast on CUDA, fp32 on CPU")
     lora = p.add_argument_group("LoRA baseline")
-    lora.add_argument("--lora-rank", type=int)
-    lora.add_argument("--lora-alpha", type=float)
+    lora.add_argument("--lora-rank", type=int, help="LoRA rank")
+    lora.add_argument("--lora-alpha", type=float, help="LoRA alpha (not given: 2 × rank)")
     lora.add_argument("--lora-match-sparse", action="store_true",
                       help="choose the rank so LoRA trains about as many parameters as --density would")
     return p
@@ -98,6 +126,8 @@ def run(args) -> int:
     result = run_training(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         summary = {k: result.to_dict()[k] for k in ("out", "method", "steps", "trainable", "total_params", "artifact_bytes")}
-        summary.update(first_loss=result.losses[0], last_loss=result.losses[-1], tokens_per_s=round(result.tokens_per_s, 1))
+        losses = result.losses
+        summary.update(first_loss=losses[0] if losses else None, last_loss=losses[-1] if losses else None,
+                       tokens_per_s=round(result.tokens_per_s, 1))
         print(json.dumps(summary))
     return 0

@@ -32,15 +32,15 @@ def read_sst2_tsv(path: str | os.PathLike, labels: list[str]) -> list[Record]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        raise DataFormatError(f"{path}:{line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise DataFormatError(f"{path}:line {line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     records = []
     rows = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
     try:
         header = next(rows, None)
         if header is None or [h.strip() for h in header[:2]] != ["sentence", "label"]:
-            raise DataFormatError(f"{path}:1: expected the header 'sentence<TAB>label', got {header!r}")
+            raise DataFormatError(f"{path}:line 1: expected the header 'sentence<TAB>label', got {header!r}")
         for row in rows:
-            where = f"{path}:{rows.line_num}"
+            where = f"{path}:line {rows.line_num}"
             if len(row) != 2:
                 raise DataFormatError(f"{where}: expected 2 tab-separated fields (sentence, label), got {len(row)}")
             sentence, label = row[0].strip(), row[1].strip()
@@ -50,7 +50,7 @@ def read_sst2_tsv(path: str | os.PathLike, labels: list[str]) -> list[Record]:
                 raise DataFormatError(f"{where}: field 'label' must be one of 0..{len(labels) - 1}, got {label!r}")
             records.append({"text": sentence, "label": int(label)})
     except csv.Error as e:
-        raise DataFormatError(f"{path}:{rows.line_num}: unreadable TSV row ({e})") from None
+        raise DataFormatError(f"{path}:line {rows.line_num}: unreadable TSV row ({e})") from None
     return records
 
 

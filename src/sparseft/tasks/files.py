@@ -18,17 +18,24 @@ def existing_file(path: str | os.PathLike) -> Path:
 
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, Any]]]:
-    """``(where, object)`` for each non-blank line; ``where`` is ``file:line`` for error messages."""
+    """``(where, object)`` for each non-blank line; ``where`` is ``file:line N`` for error messages.
+
+    The one JSON Lines reader: task data, probe files and training data (``sparseft.training.data``).
+    """
     path = existing_file(path)
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:  # bytes, so a bad byte is reported with its line
+        for number, raw in enumerate(handle, start=1):
+            where = f"{path}:line {number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataFormatError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start} of the line)") from None
             if not line.strip():
                 continue
-            where = f"{path}:{number}"
             try:
-                obj = json.loads(line)
+                obj = json.loads(line.rstrip("\r\n"))  # a column at the end stays on this line
             except json.JSONDecodeError as e:
-                raise DataFormatError(f"{where}: invalid JSON ({e.msg})") from None
+                raise DataFormatError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(obj, dict):
                 raise DataFormatError(f"{where}: expected a JSON object, got {type(obj).__name__}")
             yield where, obj

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from ..config import ALLOCATIONS, LLAMA_PROJECTIONS, VALUE_DTYPES, SparseConfig
+from ..config import ALLOCATIONS, LLAMA_PROJECTIONS, VALUE_DTYPES, SparseConfig, convert_fields
 from ..errors import ConfigError
 
 METHODS = ("sparse", "full", "lora")
@@ -100,22 +100,23 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, str):
             self.target_modules = [t.strip() for t in self.target_modules.split(",") if t.strip()]
+        convert_fields(self)  # numbers from YAML may be strings (``lr: 1e-3``); store the declared types
         checks = [
             (self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}"),
             (self.allocation in ALLOCATIONS, f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}"),
             (self.value_dtype in VALUE_DTYPES, f"value_dtype must be one of {VALUE_DTYPES}, got {self.value_dtype!r}"),
-            (self.steps is None or int(self.steps) >= 1, f"steps must be >= 1, got {self.steps!r}"),
-            (float(self.epochs) > 0, f"epochs must be > 0, got {self.epochs!r}"),
-            (float(self.lr) > 0, f"lr must be > 0, got {self.lr!r}"),
-            (int(self.batch_size) >= 1, f"batch_size must be >= 1, got {self.batch_size!r}"),
-            (int(self.grad_accum) >= 1, f"grad_accum must be >= 1, got {self.grad_accum!r}"),
-            (self.max_length is None or int(self.max_length) >= 2, f"max_length must be >= 2, got {self.max_length!r}"),
-            (self.warmup_steps is None or int(self.warmup_steps) >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps!r}"),
-            (0.0 <= float(self.warmup_ratio) < 1.0, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}"),
-            (int(self.save_every) >= 0, f"save_every must be >= 0, got {self.save_every!r}"),
-            (int(self.log_every) >= 1, f"log_every must be >= 1, got {self.log_every!r}"),
+            (self.steps is None or self.steps >= 1, f"steps must be >= 1, got {self.steps!r}"),
+            (self.epochs > 0, f"epochs must be > 0, got {self.epochs!r}"),
+            (self.lr > 0, f"lr must be > 0, got {self.lr!r}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size!r}"),
+            (self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum!r}"),
+            (self.max_length is None or self.max_length >= 2, f"max_length must be >= 2, got {self.max_length!r}"),
+            (self.warmup_steps is None or self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps!r}"),
+            (0.0 <= self.warmup_ratio < 1.0, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}"),
+            (self.save_every >= 0, f"save_every must be >= 0, got {self.save_every!r}"),
+            (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every!r}"),
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
-            (int(self.lora_rank) >= 1, f"lora_rank must be >= 1, got {self.lora_rank!r}"),
+            (self.lora_rank >= 1, f"lora_rank must be >= 1, got {self.lora_rank!r}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -175,15 +176,36 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> "TrainConfig":
-        """Fields from a YAML file; ``overrides`` that are not None win (how CLI flags combine with --config)."""
+        """Fields from a YAML file; ``overrides`` that are not None win (how CLI flags combine with --config).
+
+        A bad value that comes from the file is reported as ``FILE:line N: <field> ...``.
+        """
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: no such config file")
+        text = path.read_text()
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = yaml.safe_load(text) or {}
+            lines = key_lines(text)
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({e})") from e
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of TrainConfig fields, got {type(data).__name__}")
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.from_dict(data)
+        given = {k: v for k, v in overrides.items() if v is not None}
+        data.update(given)
+        try:
+            return cls.from_dict(data)
+        except ConfigError as e:
+            # Every field check's message starts with the field's name.
+            name = str(e).split(" ", 1)[0]
+            if name in lines and name not in given:
+                raise ConfigError(f"{path}:line {lines[name]}: {e}") from e
+            raise
+
+
+def key_lines(text: str) -> dict[str, int]:
+    """``{field: 1-based line}`` of the top-level keys of a YAML mapping (``-`` in keys read as ``_``)."""
+    node = yaml.compose(text)
+    if not isinstance(node, yaml.MappingNode):
+        return {}
+    return {str(key.value).replace("-", "_"): key.start_mark.line + 1 for key, _ in node.value}

@@ -28,7 +28,10 @@ from typing import Any, Iterator
 
 import torch
 
+from ..diffio import file_sha256
 from ..errors import DataFormatError
+from ..tasks.base import prompt_prefix
+from ..tasks.files import read_jsonl
 
 IGNORE_INDEX = -100
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -52,35 +55,23 @@ class Example:
 
     @property
     def num_loss_tokens(self) -> int:
-        return sum(1 for label in self.labels if label != IGNORE_INDEX)
+        """Labels the loss scores: the next-token loss predicts token t from tokens < t, so the label at
+        position 0 never is (``training.loop.count_loss_tokens`` counts the same way)."""
+        return sum(1 for label in self.labels[1:] if label != IGNORE_INDEX)
 
 
 # ---------------------------------------------------------------- reading files
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a data file, or of every file (by relative name) of a dataset directory."""
+def data_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a data file; for a dataset directory, of each file's relative name and sha256."""
     path = Path(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    if not path.is_dir():
+        return file_sha256(path)
     h = hashlib.sha256()
-    for f in files:
-        if path.is_dir():
-            h.update(str(f.relative_to(path)).encode() + b"\0")
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(path)}\0{file_sha256(f)}\n".encode())
     return h.hexdigest()
-
-
-def read_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield f"{path}:line {number}", json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataFormatError(f"{path}:line {number}: invalid JSON ({e.msg} at column {e.colno})") from e
 
 
 def read_csv(path: Path) -> Iterator[tuple[str, Any]]:
@@ -211,6 +202,9 @@ def chat_segments(messages: list[dict[str, str]], tokenizer, where: str) -> list
     rendered = ""
     for i, msg in enumerate(messages):
         if msg["role"] == "assistant":
+            if i == 0:
+                raise DataFormatError(f"{where}: messages[0] is an assistant turn; a conversation must start with a "
+                                      "user or system turn for the reply to have a prompt")
             before = render(messages[:i], generation_prompt=True)
             segments.append((take_suffix(before, rendered, where), False))
             rendered = before
@@ -235,23 +229,15 @@ def row_segments(data: dict[str, Any], tokenizer, where: str) -> list[tuple[str,
     return [(data["prompt"], False), (data["completion"], True)]
 
 
-def special_prefix(tokenizer) -> list[int]:
-    """The ids the tokenizer itself puts before a text (BOS for Llama-style tokenizers, nothing for
-    SmolLM2's), so fine-tuning sees sequences shaped like the ones the model was trained on."""
-    ids = list(tokenizer("", add_special_tokens=True)["input_ids"])
-    if ids and ids[-1] == tokenizer.eos_token_id:
-        ids = ids[:-1]
-    return ids
-
-
 def encode_row(row: Row, tokenizer, max_length: int | None, truncation: bool) -> Example:
     """Tokenise each piece on its own (so the completion boundary is exact) and concatenate.
 
-    prompt/completion rows start with the tokenizer's own special prefix (e.g. BOS) and end with EOS,
+    prompt/completion rows start with the tokenizer's own special prefix (e.g. BOS) unless the prompt
+    text already carries it (the rule evaluation uses: ``tasks.base.prompt_prefix``) and end with EOS,
     which is a completion token so the model learns to stop; chat rows rely on the template's markers.
     """
     is_chat = "messages" in row.data
-    input_ids: list[int] = [] if is_chat else special_prefix(tokenizer)
+    input_ids: list[int] = [] if is_chat else prompt_prefix(tokenizer, row.data["prompt"])
     labels: list[int] = [IGNORE_INDEX] * len(input_ids)
     for text, is_completion in row_segments(row.data, tokenizer, row.where):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
@@ -289,12 +275,6 @@ def load_examples(path: str | os.PathLike, tokenizer, max_length: int | None = N
 
 
 # ---------------------------------------------------------------- batching
-
-
-def pad_id_of(tokenizer) -> int:
-    if tokenizer.pad_token_id is not None:
-        return tokenizer.pad_token_id
-    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:

@@ -2,7 +2,7 @@
 
 load model + tokenizer → read and validate all data (nothing written yet) → choose the trainable
 parameters (sparse masks, all weights, or LoRA) → optimizer (+ checkpoint on resume) → train loop →
-save the artifact, metrics.jsonl and train_config.yaml into ``out`` atomically.
+save the artifact and train_config.yaml (with metrics.jsonl and checkpoints) into ``out`` atomically.
 """
 
 from __future__ import annotations
@@ -19,13 +19,15 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
-from ..atomic import atomic_dir
+from ..atomic import atomic_dir, atomic_file
+from ..config import SparseConfig
 from ..diffio import CONFIG_NAME, read_diff
 from ..errors import ConfigError
 from ..model import SparseModel, get_sparse_model
 from ..models import load_model, load_tokenizer
-from ..selection import select
+from ..selection import read_mask_file, select
 from ..selection.scorers import get_scorer
+from ..tasks.inference import pad_token_id
 from .baselines import lora_rank_matching, prepare_full, prepare_lora, save_full, save_lora, sparse_budget
 from .checkpoint import (
     CHECKPOINTS_DIR,
@@ -36,7 +38,7 @@ from .checkpoint import (
     restore_checkpoint,
 )
 from .config import TrainConfig
-from .data import Example, calibration_batches, file_sha256, load_examples, pad_id_of
+from .data import Example, calibration_batches, data_sha256, load_examples
 from .loop import METRICS_NAME, Distributed, LoopStats, make_optimizer, setup_distributed, train_loop, trainable_parameters
 
 TRAIN_CONFIG_NAME = "train_config.yaml"
@@ -85,11 +87,11 @@ def run_training(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=Non
             tokenizer = load_training_tokenizer(cfg.model)
         examples = load_examples(cfg.data, tokenizer, cfg.max_length, cfg.truncation)
         info = run_info(cfg, dist.world_size)
-        ckpt = resume_checkpoint(cfg, out, info)
         total_steps = steps_for(cfg, len(examples), dist.world_size)
+        ckpt = resume_checkpoint(cfg, out, info, total_steps)
         torch.manual_seed(cfg.seed)
         model.to(dist.device)  # before selection, so data scorers run on the accelerator
-        model, masks, extra = prepare_method(cfg, model, examples, pad_id_of(tokenizer), ckpt)
+        model, masks, extra = prepare_method(cfg, model, examples, pad_token_id(tokenizer), ckpt)
         model.to(dist.device)
         named_params = trainable_parameters(model)
         optimizer = make_optimizer(named_params, cfg)
@@ -98,10 +100,10 @@ def run_training(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=Non
         if dist.is_main:
             prepare_out_dir(out, cfg, resuming=ckpt is not None)
         trained = wrap_ddp(model, dist)
-        stats = train_loop(trained, optimizer, named_params, examples, cfg, pad_id_of(tokenizer), total_steps, dist,
+        stats = train_loop(trained, optimizer, named_params, examples, cfg, pad_token_id(tokenizer), total_steps, dist,
                            start_step=ckpt.step if ckpt else 0, out=out, masks=masks, run_info=info)
         if dist.is_main:
-            publish(out, lambda path: save_artifact(cfg, model, tokenizer, path, total_steps))
+            publish(out, lambda path: save_artifact(cfg, model, tokenizer, path, total_steps), cfg)
         if dist.enabled:
             torch_dist.barrier()
         return make_result(cfg, out, model, stats, total_steps, extra)
@@ -143,10 +145,12 @@ RESELECT_FIELDS = ("reselect_every", "reselect_fraction")
 def run_info(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     values = cfg.to_dict()
     fields = RESUME_FIELDS + (RESELECT_FIELDS if cfg.reselecting else ())
-    return {**{k: values[k] for k in fields}, "world_size": world_size, "data_sha256": file_sha256(cfg.data)}
+    return {**{k: values[k] for k in fields}, "world_size": world_size, "data_sha256": data_sha256(cfg.data)}
 
 
-def resume_checkpoint(cfg: TrainConfig, out: Path, info: dict[str, Any]) -> Checkpoint | None:
+def resume_checkpoint(cfg: TrainConfig, out: Path, info: dict[str, Any], total_steps: int) -> Checkpoint | None:
+    """The checkpoint to continue from (None for a fresh run), refused unless this run may continue it:
+    same settings, and steps left to train (else the checkpoint would be published as the final result)."""
     if not cfg.resume:
         return None
     path = latest_checkpoint(out) if cfg.resume == "latest" else Path(cfg.resume)
@@ -155,6 +159,9 @@ def resume_checkpoint(cfg: TrainConfig, out: Path, info: dict[str, Any]) -> Chec
     cfg.resume = str(path)
     ckpt = load_checkpoint(path)
     check_resumable(ckpt, info, str(path))
+    if ckpt.step >= total_steps:
+        raise ConfigError(f"{path}: the checkpoint is at step {ckpt.step}, and this run has {total_steps} steps in "
+                          f"all, so there is nothing left to train; resume with --steps greater than {ckpt.step}")
     return ckpt
 
 
@@ -170,15 +177,18 @@ def prepare_method(
             rank = lora_rank_matching(model, cfg.target_modules, sparse_budget(model, cfg.sparse_config()))
         return prepare_lora(model, cfg.target_modules, rank, cfg.lora_alpha, cfg.seed), None, {"lora_rank": rank}
     sparse_cfg = cfg.sparse_config()
+    if cfg.masks:
+        given, chosen_with = load_mask_file(cfg.masks)
+        # The diff records how its entries were chosen (the mask file's scorer, allocation, seed, targets)
+        # and the budget actually trained, not this run's selection flags, which chose nothing.
+        sparse_cfg = dataclasses.replace(chosen_with, value_dtype=cfg.value_dtype,
+                                         num_params=sum(int(m.numel()) for m in given.values()))
     if ckpt is not None and ckpt.masks:
         masks = ckpt.masks  # the entries trained when it was written (re-selection may have moved them)
     elif cfg.masks:
-        masks = load_mask_file(cfg.masks)
+        masks = given
     else:
         masks = select_masks(model, sparse_cfg, examples, pad_id, cfg)
-    if cfg.masks:
-        # The diff should record the budget actually trained, not the density flag's default.
-        sparse_cfg = dataclasses.replace(sparse_cfg, num_params=sum(int(m.numel()) for m in masks.values()))
     return get_sparse_model(model, sparse_cfg, masks), masks, {}
 
 
@@ -191,15 +201,14 @@ def select_masks(model: nn.Module, sparse_cfg, examples: list[Example], pad_id: 
     return select(model, sparse_cfg, batches)
 
 
-def load_mask_file(path: str) -> dict[str, torch.Tensor]:
-    """Masks from a diff directory (train the entries another run chose) or a masks file."""
+def load_mask_file(path: str) -> tuple[dict[str, torch.Tensor], SparseConfig]:
+    """Masks and the selection config that chose them, from a diff directory (train the entries
+    another run chose) or a mask file written by ``sparseft select``."""
     if (Path(path) / CONFIG_NAME).is_file():
-        return read_diff(path).masks
-    from .. import selection
-
-    if hasattr(selection, "load_masks"):
-        return selection.load_masks(path)
-    raise ConfigError(f"{path}: not a diff directory; pass a diff written by save_pretrained / sparseft train")
+        diff = read_diff(path)
+        return diff.masks, diff.config
+    mask_file = read_mask_file(path)
+    return mask_file.masks, mask_file.config
 
 
 def wrap_ddp(model: nn.Module, dist: Distributed) -> nn.Module:
@@ -213,19 +222,31 @@ def wrap_ddp(model: nn.Module, dist: Distributed) -> nn.Module:
 
 
 def prepare_out_dir(out: Path, cfg: TrainConfig, resuming: bool) -> None:
-    """Create ``out`` with the effective config; a fresh run clears an earlier run's metrics and checkpoints."""
+    """Create ``out`` for the run's logs; a fresh run clears an earlier run's metrics and checkpoints.
+
+    Whatever describes a finished result (the artifact, ``train_config.yaml``) is left alone until
+    :func:`publish` replaces it in one rename, so a crash keeps an earlier result with its own config.
+    The run in progress saves its config beside its checkpoints, to resume from
+    (``--config out/checkpoints/train_config.yaml --resume``).
+    """
     out.mkdir(parents=True, exist_ok=True)
     if not resuming:
         shutil.rmtree(out / CHECKPOINTS_DIR, ignore_errors=True)
         (out / METRICS_NAME).unlink(missing_ok=True)
-    # Saved without `resume`, so `--config out/train_config.yaml` repeats the run from the start.
-    dataclasses.replace(cfg, resume=None).to_yaml(out / TRAIN_CONFIG_NAME)
+    if cfg.save_every:
+        write_train_config(cfg, out / CHECKPOINTS_DIR / TRAIN_CONFIG_NAME)
+
+
+def write_train_config(cfg: TrainConfig, path: Path) -> None:
+    """The effective config, without ``resume``, so ``--config`` with it repeats the run from the start."""
+    with atomic_file(path) as tmp:
+        dataclasses.replace(cfg, resume=None).to_yaml(tmp)
 
 
 def provenance(cfg: TrainConfig, total_steps: int) -> dict[str, Any]:
     return {
         "data_file": Path(cfg.data).name,
-        "data_sha256": file_sha256(cfg.data),
+        "data_sha256": data_sha256(cfg.data),
         "train_config": cfg.provenance_dict(),
         "seed": cfg.seed,
         "steps": total_steps,
@@ -242,21 +263,26 @@ def save_artifact(cfg: TrainConfig, model: nn.Module, tokenizer, path: Path, tot
         save_lora(model, path)
 
 
-KEEP_ON_PUBLISH = (METRICS_NAME, TRAIN_CONFIG_NAME, CHECKPOINTS_DIR)
+# The run's logs and checkpoints, carried over into the published directory.
+KEEP_ON_PUBLISH = (METRICS_NAME, CHECKPOINTS_DIR)
+# Files of ``out`` that are not the artifact itself.
+NOT_ARTIFACT = (*KEEP_ON_PUBLISH, TRAIN_CONFIG_NAME)
 
 
-def publish(out: Path, write_artifact) -> None:
-    """Write the final artifact into a staging sibling, move the run's logs and checkpoints into it, then
-    swap it for ``out`` in one rename: ``out`` is never a half-written artifact."""
+def publish(out: Path, write_artifact, cfg: TrainConfig) -> None:
+    """Write the final artifact and its ``train_config.yaml`` into a staging sibling, move the run's logs
+    and checkpoints into it, then swap it for ``out`` in one rename: ``out`` is never a half-written
+    artifact, nor an earlier artifact beside this run's config."""
     with atomic_dir(out) as staging:
         write_artifact(staging)
+        write_train_config(cfg, staging / TRAIN_CONFIG_NAME)
         for name in KEEP_ON_PUBLISH:
             if (out / name).exists():
                 os.replace(out / name, staging / name)
 
 
-def directory_bytes(path: Path, skip: tuple[str, ...] = KEEP_ON_PUBLISH) -> int:
-    """Bytes of the artifact alone (not its logs or checkpoints)."""
+def directory_bytes(path: Path, skip: tuple[str, ...] = NOT_ARTIFACT) -> int:
+    """Bytes of the artifact alone (not its config, logs or checkpoints)."""
     return sum(f.stat().st_size for f in path.iterdir() if f.is_file() and f.name not in skip)
 
 

@@ -19,6 +19,7 @@ import resource
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from ..errors import ConfigError
 from ..model import SparseModel
 
 from .checkpoint import checkpoint_dir, save_checkpoint
@@ -250,7 +252,8 @@ def reselect_step(model: nn.Module, optimizer, schedule: ReselectSchedule, step:
 
 
 class MetricsLog:
-    """metrics.jsonl: one JSON object per logged step. On resume, lines past the resumed step are dropped."""
+    """metrics.jsonl: one JSON object per logged step. On resume, lines past the resumed step are dropped,
+    and so is a partial last line (a crash in the middle of writing it), with a warning."""
 
     def __init__(self, path: Path, enabled: bool, resume_step: int | None = None):
         self.path, self.enabled = path, enabled
@@ -258,13 +261,34 @@ class MetricsLog:
             return
         kept = []
         if resume_step is not None and path.is_file():
-            kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= resume_step]
+            kept = [line for line, record in read_metrics(path) if record["step"] <= resume_step]
         path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: Path) -> list[tuple[str, dict]]:
+    """``(line, record)`` for every record of a metrics.jsonl. An unparseable last line is what a crash
+    while writing leaves: it is skipped with a warning. Anywhere else it is a ConfigError naming it."""
+    lines = [(number, line) for number, line in enumerate(path.read_text().splitlines(), start=1) if line.strip()]
+    records = []
+    for i, (number, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("not a metrics record with an integer 'step'")
+        except ValueError as e:  # json.JSONDecodeError is a ValueError
+            if i == len(lines) - 1:
+                warnings.warn(f"{path}:line {number}: dropping a partial last line (the interrupted run stopped while "
+                              f"writing it): {line[:60]!r}", stacklevel=2)
+                break
+            raise ConfigError(f"{path}:line {number}: cannot resume, the metrics log is damaged ({e}); move the file "
+                              "away to resume without the earlier steps' metrics") from e
+        records.append((line, record))
+    return records
 
 
 # ---------------------------------------------------------------- the loop
