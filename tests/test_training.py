@@ -98,23 +98,30 @@ def test_same_seed_gives_the_same_diff_bytes(train_file, tmp_path):
     assert a.losses == b.losses
 
 
+def train_until_crash(monkeypatch, cfg, crash_at_call: int) -> None:
+    """Train with a simulated crash (KeyboardInterrupt) at the ``crash_at_call``-th call of train_step."""
+    real_step, calls = loop_module.train_step, []
+
+    def crashing_step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == crash_at_call:
+            raise KeyboardInterrupt("simulated crash")
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop_module, "train_step", crashing_step)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_in_process(cfg)
+    finally:
+        monkeypatch.setattr(loop_module, "train_step", real_step)
+
+
 def test_resume_after_a_crash_gives_the_uninterrupted_diff(train_file, tmp_path, monkeypatch):
     settings = dict(steps=6, save_every=2, grad_accum=2, batch_size=2, warmup_steps=2)
     reference = train_in_process(quick_config(train_file, tmp_path / "ref", **settings))
 
-    real_step, calls = loop_module.train_step, []
-
-    def crash_at_fourth_step(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt("simulated crash")
-        return real_step(*args, **kwargs)
-
     out = tmp_path / "crashed"
-    monkeypatch.setattr(loop_module, "train_step", crash_at_fourth_step)
-    with pytest.raises(KeyboardInterrupt):
-        train_in_process(quick_config(train_file, out, **settings))
-    monkeypatch.setattr(loop_module, "train_step", real_step)
+    train_until_crash(monkeypatch, quick_config(train_file, out, **settings), crash_at_call=4)
     assert not (out / "sparse_delta.safetensors").exists()  # no final diff from a crashed run
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000002", "train_config.yaml"]
 
@@ -341,18 +348,7 @@ def test_a_crashed_fresh_run_leaves_the_earlier_result_and_its_config(train_file
     out = tmp_path / "run"
     train_in_process(quick_config(train_file, out, steps=2))
     before = tree_bytes(out)
-    real_step, calls = loop_module.train_step, []
-
-    def crash_at_third_step(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt("simulated crash")
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(loop_module, "train_step", crash_at_third_step)
-    with pytest.raises(KeyboardInterrupt):
-        train_in_process(quick_config(train_file, out, steps=4, lr=5e-3, save_every=2))
-    monkeypatch.setattr(loop_module, "train_step", real_step)
+    train_until_crash(monkeypatch, quick_config(train_file, out, steps=4, lr=5e-3, save_every=2), crash_at_call=3)
     for name in ("train_config.yaml", "sparse_config.json", "sparse_delta.safetensors"):
         assert (out / name).read_bytes() == before[name], name
 

@@ -13,10 +13,9 @@ from sparseft.cli import main
 from sparseft.delta import SparseLinear
 from sparseft.errors import ConfigError
 from sparseft.training import TrainConfig
-from sparseft.training import loop as loop_module
 from sparseft.training.checkpoint import load_checkpoint
 from sparseft.training.reselect import ReselectSchedule, growth_candidates, plan_swap, reselect, swap_entries
-from test_training import quick_config, sha256, train_in_process, write_train_file
+from test_training import quick_config, sha256, train_in_process, train_until_crash, write_train_file
 
 
 @pytest.fixture
@@ -172,19 +171,8 @@ def test_resume_with_reselection_gives_the_uninterrupted_diff(train_file, tmp_pa
     settings = dict(steps=6, save_every=3, reselect_every=2, reselect_fraction=0.5, grad_accum=2, batch_size=2)
     reference = train_in_process(quick_config(train_file, tmp_path / "ref", **settings))
 
-    real_step, calls = loop_module.train_step, []
-
-    def crash_at_fifth_step(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt("simulated crash")
-        return real_step(*args, **kwargs)
-
     out = tmp_path / "crashed"
-    monkeypatch.setattr(loop_module, "train_step", crash_at_fifth_step)
-    with pytest.raises(KeyboardInterrupt):
-        train_in_process(quick_config(train_file, out, **settings))
-    monkeypatch.setattr(loop_module, "train_step", real_step)
+    train_until_crash(monkeypatch, quick_config(train_file, out, **settings), crash_at_call=5)
     saved = load_checkpoint(out / "checkpoints" / "step-000003").masks
     initial = get_sparse_model(make_tiny_llama(), quick_config(train_file, out).sparse_config()).sparse_layers()
     initial = {n: layer.indices for n, layer in initial.items()}
