@@ -126,10 +126,11 @@ class TrainConfig:
             self.sparse_config()  # validates density / num_params / scorer fields early
 
     def check_reselection(self) -> None:
+        # Types are settled by convert_fields (an int or None, a float); only the ranges are checked here.
         every, fraction = self.reselect_every, self.reselect_fraction
-        if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 0):
+        if every is not None and every < 0:
             raise ConfigError(f"reselect_every must be a whole number of steps >= 0 (0 or null: off), got {every!r}")
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction <= 1.0:
+        if not 0.0 < fraction <= 1.0:
             raise ConfigError(f"reselect_fraction must be in (0, 1] (share of each module's k swapped at the first "
                               f"re-selection), got {fraction!r}")
         if every and self.method != "sparse":

@@ -32,7 +32,6 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from ..model import SparseModel
-
 from .checkpoint import checkpoint_dir, save_checkpoint
 from .config import TrainConfig
 from .data import IGNORE_INDEX, Example, make_batches
@@ -209,7 +208,7 @@ def live_masks(model: nn.Module, masks: dict[str, torch.Tensor] | None) -> dict[
 def reselect_schedule(cfg: TrainConfig, total_steps: int) -> ReselectSchedule | None:
     if not cfg.reselecting:
         return None
-    return ReselectSchedule(int(cfg.reselect_every), float(cfg.reselect_fraction), total_steps)
+    return ReselectSchedule(cfg.reselect_every, cfg.reselect_fraction, total_steps)
 
 
 def growth_loss(model: nn.Module, batch: dict[str, torch.Tensor], dist: Distributed, precision: str) -> torch.Tensor:
