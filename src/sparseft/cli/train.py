@@ -62,7 +62,7 @@ def add_parser(sub):
     sel.add_argument("--masks", metavar="DIFF_OR_FILE", help="train exactly the entries of this diff dir or mask file (its selection settings are recorded)")
     sel.add_argument("--target-modules", help="comma-separated module names")
     sel.add_argument("--calibration-batches", type=int, help="batches a data scorer looks at")
-    sel.add_argument("--value-dtype", choices=["bfloat16", "float16", "float32"], help="dtype of saved values")
+    sel.add_argument("--value-dtype", choices=list(DTYPES), help="dtype of saved values")
     dyn = p.add_argument_group(
         "dynamic re-selection (sparse)",
         "Let the mask move during training (RigL-style, Evci et al. 2020): every N steps each module drops the "
