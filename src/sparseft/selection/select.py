@@ -15,8 +15,10 @@ selection holds at most about B extra bytes (plus the activations of one calibra
 
 Measured on the 2-core CPU dev machine (peak RSS growth, Linux VmHWM):
 - tests/test_selection.py::test_peak_memory_within_one_model_buffer: a random 8-layer Llama of 4.8M
-  fp32 parameters (B = 18.3 MiB), ``combined``, global, 1%: ≈ 0.96 B (17.6-17.8 MiB, 5 passes), against
-  ≈ 3.2 B (58 MiB) for the naive way (every ``.grad`` kept, plus Σg and Σg² copies).
+  fp32 parameters (B = 18.3 MiB), ``combined``, global, 1%: ≈ 0.85 B (15.2-15.9 MiB, 5 passes) with
+  glibc's malloc thresholds fixed so that RSS follows live bytes, against ≈ 3.2 B (58 MiB) for the
+  naive way (every ``.grad`` kept, plus Σg and Σg² copies). With the default dynamic thresholds the
+  heap adds 0-3 MiB of freed-but-resident slack (0.96-1.11 B seen across runs).
 - benchmarks/select_memory.py, SmolLM2-135M shape (B = 513 MiB), ``combined``, 2 passes: 1007 MiB,
   of which 486 MiB are one calibration batch's activations (2 × 128 tokens) and ≈ 1.02 B the rest.
 """
