@@ -124,6 +124,8 @@ def tiny_raw(**changes):
         ({"runs": [{"id": "base", "method": "full", "lr": 1e-3}]}, "reserved 'base'"),
         ({"runs": [{"id": "a", "method": "full"}]}, "missing required field 'lr'"),
         ({"train_data": "data/nope.tsv"}, "nope.tsv does not exist"),
+        ({"task": "sst3"}, "unknown task 'sst3'"),
+        ({"eval_task": "squad-heldout"}, "eval_task 'squad-heldout' is a qa task but task 'sst2' is classification"),
     ],
 )
 def test_bad_config_is_named(changes, message):
@@ -132,7 +134,7 @@ def test_bad_config_is_named(changes, message):
     assert message in str(err.value) and "grid.yaml" in str(err.value)
 
 
-def test_config_paths_resolve_against_the_file_and_data_root(tmp_path):
+def test_config_paths_resolve_against_the_file_and_data_root(tmp_path, monkeypatch):
     cfg = load_bench_config(TINY)
     assert Path(cfg.train_data) == TINY.parent / "data" / "train.tsv"
     (tmp_path / "sst2").mkdir()
@@ -141,6 +143,30 @@ def test_config_paths_resolve_against_the_file_and_data_root(tmp_path):
     raw = tiny_raw(train_data="${SPARSEFT_DATA}/sst2/train.tsv", eval_data="${SPARSEFT_DATA}/sst2/dev.tsv")
     cfg = parse_bench_config(raw, base_dir=TINY.parent, data_root=str(tmp_path))
     assert cfg.train_data == str(tmp_path / "sst2" / "train.tsv")
+    # A relative data root is where the user stands, as in `--data-root ../shared/data`.
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    cfg = parse_bench_config(raw, base_dir=TINY.parent, data_root="..")
+    assert cfg.train_data == str(tmp_path / "sst2" / "train.tsv")
+
+
+def test_eval_task_scores_held_out_articles_the_rows_never_trained_on(tmp_path):
+    from sparseft.bench.grid import new_results, worker_spec
+    from sparseft.tasks import get_task
+
+    articles = [{"title": f"t{a}", "paragraphs": [{"context": f"word{a} is here .", "qas": [
+        {"id": f"q{a}", "question": f"which word {a}?", "answers": [{"text": f"word{a}", "answer_start": 0}]}]}]}
+        for a in range(42)]
+    squad = tmp_path / "squad.json"
+    squad.write_text(json.dumps({"version": "1.1", "data": articles}))
+    cfg = parse_bench_config(tiny_raw(task="squad-train", eval_task="squad-heldout", train_data=str(squad),
+                                      eval_data=str(squad)), base_dir=TINY.parent)
+    assert worker_spec(cfg, None, "m", tmp_path / "train.jsonl", tmp_path)["eval_task"] == "squad-heldout"
+    assert new_results(cfg, "cmd", "m", 0, 0)["task"] == {"name": "squad-train", "eval_task": "squad-heldout",
+                                                          "primary_metric": None}
+    trained = {r["completion"].strip() for r in get_task(cfg.task).training_rows(cfg.train_data, None)}
+    scored = {r["answers"][0] for r in get_task(cfg.evaluated_task).load(cfg.eval_data)}
+    assert trained == {f"word{a}" for a in range(40)} and scored == {"word40", "word41"}
 
 
 def test_shipped_real_config_parses(tmp_path):

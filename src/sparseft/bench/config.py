@@ -64,6 +64,9 @@ class BenchConfig:
     eval_data: str
     runs: list[RunSpec]
     name: str = "bench"
+    # The task that reads eval_data when it differs from the training one, e.g. SQuAD split by article:
+    # train with squad-train, evaluate with squad-heldout (the same file, other articles).
+    eval_task: str | None = None
     train_limit: int | None = None
     eval_limit: int | None = None
     steps: int = 50
@@ -81,6 +84,10 @@ class BenchConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def evaluated_task(self) -> str:
+        return self.eval_task or self.task
 
     def row_ids(self) -> list[str]:
         return ([BASE_ROW_ID] if self.eval_base else []) + [r.id for r in self.runs]
@@ -116,7 +123,8 @@ def parse_bench_config(
         if required not in raw:
             raise ConfigError(f"{where}: missing required field {required!r}")
     fields = dict(raw)
-    root = data_root or os.environ.get("SPARSEFT_DATA") or str(Path.cwd().parent / "shared" / "data")
+    # A data root is the user's, given from where they stand: relative to the working directory, not the file.
+    root = str(Path(data_root or os.environ.get("SPARSEFT_DATA") or "../shared/data").expanduser().absolute())
     for key in ("train_data", "eval_data"):
         fields[key] = resolve_path(str(fields[key]), base_dir, root)
     if isinstance(fields["model"], str) and fields["model"].startswith((".", "$")):
@@ -200,6 +208,7 @@ def check_grid_values(cfg: BenchConfig, where: str) -> None:
         raise ConfigError(f"{where}: density must be in (0, 1], got {cfg.density!r}")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"{where}: device must be auto, cpu or cuda, got {cfg.device!r}")
+    check_tasks(cfg, where)
     if not isinstance(cfg.model, (str, dict)):
         raise ConfigError(f"{where}: model must be an alias/path or a mapping {{tiny: {{...}}}}")
     if isinstance(cfg.model, dict) and set(cfg.model) != {"tiny"}:
@@ -207,3 +216,16 @@ def check_grid_values(cfg: BenchConfig, where: str) -> None:
     for key in ("train_data", "eval_data"):
         if not Path(getattr(cfg, key)).exists():
             raise ConfigError(f"{where}: {key} {getattr(cfg, key)} does not exist (set SPARSEFT_DATA or --data-root?)")
+
+
+def check_tasks(cfg: BenchConfig, where: str) -> None:
+    """Known task names; a separate eval task must score the same kind of output the rows learn."""
+    from ..tasks import get_task
+
+    try:
+        train, evaluated = get_task(cfg.task), get_task(cfg.evaluated_task)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    if train.family != evaluated.family:
+        raise ConfigError(f"{where}: eval_task {cfg.eval_task!r} is a {evaluated.family} task but task "
+                          f"{cfg.task!r} is {train.family}; the rows would be scored on a task they did not learn")

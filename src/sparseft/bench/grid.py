@@ -104,9 +104,9 @@ def prepare_model(cfg: BenchConfig, out: Path) -> str:
     from ..tasks import get_task
     from .tiny import build_tiny_model_dir
 
-    task = get_task(cfg.task)
+    task, eval_task = get_task(cfg.task), get_task(cfg.evaluated_task)
     texts = [v for row in task.training_rows(cfg.train_data, cfg.train_limit) for v in row.values()]
-    texts += [task.prompt(None, r) + " " + task.target(r) for r in task.load(cfg.eval_data, cfg.eval_limit)]
+    texts += [eval_task.prompt(None, r) + " " + eval_task.target(r) for r in eval_task.load(cfg.eval_data, cfg.eval_limit)]
     shape = cfg.model.get("tiny") or {}
     return str(build_tiny_model_dir(out / "tiny-model", texts, shape=shape, seed=cfg.seed))
 
@@ -122,7 +122,8 @@ def new_results(cfg: BenchConfig, command: str, model: str, num_train_rows: int,
         "machine": machine_info(cfg),
         "model": {"name": model if isinstance(cfg.model, str) else "tiny random Llama (built on the fly)",
                   "path": model, "total_params": None},
-        "task": {"name": cfg.task, "primary_metric": getattr(get_task(cfg.task), "primary_metric", None)},
+        "task": {"name": cfg.task, "eval_task": cfg.evaluated_task,
+                 "primary_metric": getattr(get_task(cfg.evaluated_task), "primary_metric", None)},
         "started_at": now(),
         "finished_at": None,
         "rows": [],
@@ -177,7 +178,7 @@ def worker_spec(cfg: BenchConfig, spec: RunSpec | None, model: str, train_file: 
     return {
         "run": run,
         "model": model,
-        "task": cfg.task,
+        "eval_task": cfg.evaluated_task,
         "train_file": str(train_file),
         "eval_data": cfg.eval_data,
         "eval_limit": cfg.eval_limit,

@@ -179,7 +179,8 @@ def results_markdown(results: dict[str, Any]) -> str:
             f"- model: `{results.get('model', {}).get('name')}` ({fmt_count(results.get('model', {}).get('total_params'))} parameters)",
             f"- task: `{results.get('task', {}).get('name')}`; train rows: {cfg.get('train_rows_used')} of "
             f"`{cfg.get('train_data')}` ({cfg.get('train_rows_skipped_too_long', 0)} skipped as longer than max length); "
-            f"eval rows: {cfg.get('eval_limit') or 'all'} of `{cfg.get('eval_data')}`",
+            f"eval rows: {cfg.get('eval_limit') or 'all'} of `{cfg.get('eval_data')}`"
+            + (f" (read as task `{cfg['eval_task']}`)" if cfg.get("eval_task") else ""),
             f"- same for every row: seed {cfg.get('seed')}, {cfg.get('steps')} steps, batch {cfg.get('batch_size')} × "
             f"grad-accum {cfg.get('grad_accum')}, max length {cfg.get('max_length')}",
             f"- device: {machine.get('device')} ({machine.get('device_name')}), {machine.get('cpu_count')} CPU cores, "

@@ -150,7 +150,7 @@ def evaluate_row(job: dict[str, Any], row: dict[str, Any], device: str) -> None:
     from ..models import load_tokenizer
     from ..tasks import get_task
 
-    task = get_task(job["task"])
+    task = get_task(job["eval_task"])
     records = task.load(job["eval_data"], job["eval_limit"])
     model = load_for_eval(job, row).to(device)
     metrics, count, wall_s = evaluate_records(model, load_tokenizer(job["model"]), task, records,
