@@ -99,6 +99,23 @@ def test_a_failing_row_is_recorded_and_the_grid_goes_on(tmp_path):
     assert [r["status"] for r in on_disk["rows"]] == ["failed", "ok"]
     assert "FAILED" in (tmp_path / "results.md").read_text()
 
+    # Running into the same folder again is refused; nothing there changes.
+    before = (tmp_path / "results.json").read_bytes()
+    proc = run_cli("bench", str(config), "--out", str(tmp_path), "--no-report")
+    assert proc.returncode == 2 and "--resume keeps its finished rows" in proc.stderr
+    assert (tmp_path / "results.json").read_bytes() == before
+
+    # Fixed and resumed: only the failed row runs again; the finished one is kept as it was measured.
+    raw["runs"][0]["num_params"] = 100
+    config.write_text(yaml.safe_dump(raw))
+    proc = run_cli("bench", str(config), "--out", str(tmp_path), "--no-report", "--resume")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "row sparse-random: kept from the earlier run" in proc.stdout and "row broken: starting" in proc.stdout
+    resumed = json.loads((tmp_path / "results.json").read_text())
+    assert [r["status"] for r in resumed["rows"]] == ["ok", "ok"]
+    assert resumed["rows"][1] == fine and resumed["started_at"] == on_disk["started_at"]
+    assert len(resumed["resumed_at"]) == 1 and "resumed " in (tmp_path / "results.md").read_text()
+
 
 # ---------------------------------------------------------------- config validation
 
@@ -167,6 +184,29 @@ def test_eval_task_scores_held_out_articles_the_rows_never_trained_on(tmp_path):
     trained = {r["completion"].strip() for r in get_task(cfg.task).training_rows(cfg.train_data, None)}
     scored = {r["answers"][0] for r in get_task(cfg.evaluated_task).load(cfg.eval_data)}
     assert trained == {f"word{a}" for a in range(40)} and scored == {"word40", "word41"}
+
+
+def test_resume_refuses_another_machine_or_other_training_rows(tmp_path, tiny_model_with_tokenizer_dir):
+    from sparseft.bench import run_grid
+    from sparseft.bench.grid import machine_info, new_results, prepare_train_file
+
+    cfg = parse_bench_config(tiny_raw(model=str(tiny_model_with_tokenizer_dir), max_length=512), base_dir=TINY.parent)
+    with pytest.raises(ConfigError, match="nothing to resume"):
+        run_grid(cfg, tmp_path, resume=True)
+    earlier = new_results(cfg, "cmd", cfg.model, 0, 0)
+    earlier["machine"] = {**machine_info(cfg), "cpu_count": 512}
+    write_results(earlier, tmp_path / "results.json")
+    with pytest.raises(ConfigError, match="measured on another machine.*cpu_count 512"):
+        run_grid(cfg, tmp_path, resume=True)
+
+    train_file = tmp_path / "train.jsonl"
+    prepare_train_file(cfg, cfg.model, train_file)
+    written = train_file.read_bytes()
+    prepare_train_file(cfg, cfg.model, train_file, keep_same=True)  # the same rows again: fine
+    cfg.train_limit -= 1
+    with pytest.raises(ConfigError, match="training rows differ"):
+        prepare_train_file(cfg, cfg.model, train_file, keep_same=True)
+    assert train_file.read_bytes() == written
 
 
 def test_shipped_real_config_parses(tmp_path):

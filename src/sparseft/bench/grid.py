@@ -31,16 +31,36 @@ TRAIN_FILE_NAME = "train.jsonl"
 LOG_TAIL_CHARS = 2000
 
 
-def run_grid(cfg: BenchConfig, out: str | os.PathLike, command: str = "", plots: bool = True) -> dict[str, Any]:
-    """Run every row of ``cfg`` into ``out``; returns the results (also in ``out/results.json``)."""
+def run_grid(
+    cfg: BenchConfig, out: str | os.PathLike, command: str = "", plots: bool = True,
+    resume: bool = False, overwrite: bool = False,
+) -> dict[str, Any]:
+    """Run every row of ``cfg`` into ``out``; returns the results (also in ``out/results.json``).
+
+    With ``resume``, rows that finished ``ok`` in ``out`` by an earlier run of the same job (same spec,
+    same training file, same machine) are kept as they are and only the others run. Results already in
+    ``out`` are otherwise refused unless ``overwrite``: hours of measurement are not lost to a typo.
+    """
     out = Path(out)
+    if not (resume or overwrite) and (out / RESULTS_NAME).is_file():
+        raise ConfigError(f"{out / RESULTS_NAME} holds an earlier run: --resume keeps its finished rows, "
+                          "--overwrite starts over, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
+    earlier = read_earlier_run(cfg, out) if resume else None
     model = prepare_model(cfg, out)
-    train_file, train_rows, skipped = prepare_train_file(cfg, model, out / TRAIN_FILE_NAME)
+    train_file, train_rows, skipped = prepare_train_file(cfg, model, out / TRAIN_FILE_NAME, keep_same=resume)
     results = new_results(cfg, command, model, len(train_rows), skipped)
+    kept = {}
+    if earlier is not None:
+        kept = reusable_rows(cfg, earlier, model, train_file, out)
+        results["started_at"] = earlier["started_at"]
+        results["resumed_at"] = earlier.get("resumed_at", []) + [now()]
     save(results, out)
     for spec in row_specs(cfg):
-        row = run_row(cfg, spec, model, train_file, out)
+        row_id = spec.id if spec else BASE_ROW_ID
+        if row_id in kept:
+            print(f"[bench] row {row_id}: kept from the earlier run (ok)", flush=True)
+        row = kept.get(row_id) or run_row(cfg, spec, model, train_file, out)
         results["rows"].append(row)
         fill_model_size(results, row)
         save(results, out)
@@ -52,6 +72,43 @@ def run_grid(cfg: BenchConfig, out: str | os.PathLike, command: str = "", plots:
         results["plots"] = [str(p.relative_to(out)) for p in write_plots(results, out)]
         save(results, out)
     return results
+
+
+def read_earlier_run(cfg: BenchConfig, out: Path) -> dict[str, Any]:
+    """The results.json a resumed grid continues; it must come from this machine (times are compared)."""
+    from .results import read_results
+
+    path = out / RESULTS_NAME
+    if not path.is_file():
+        raise ConfigError(f"--resume: {path} does not exist; nothing to resume (run without --resume)")
+    earlier = read_results(path)
+    here = machine_info(cfg)
+    before = earlier.get("machine", {})
+    for key in ("device", "device_name", "cpu_count"):
+        if before.get(key) != here[key]:
+            raise ConfigError(f"--resume: {path} was measured on another machine ({key} {before.get(key)!r}, "
+                              f"here {here[key]!r}); its times would not compare with new rows. Use a new --out.")
+    return earlier
+
+
+def reusable_rows(cfg: BenchConfig, earlier: dict[str, Any], model: str, train_file: Path, out: Path) -> dict[str, Any]:
+    """Earlier ``ok`` rows whose worker spec equals what this config would run now, by row id."""
+    kept = {}
+    for row in earlier.get("rows", []):
+        spec_path = out / "runs" / row["id"] / "spec.json"
+        if row.get("status") != "ok" or not spec_path.is_file():
+            continue
+        spec = next((s for s in row_specs(cfg) if (s.id if s else BASE_ROW_ID) == row["id"]), False)
+        if spec is not False and same_job(json.loads(spec_path.read_text()),
+                                          worker_spec(cfg, spec, model, train_file, spec_path.parent)):
+            kept[row["id"]] = row
+    return kept
+
+
+def same_job(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Equal worker specs up to where the folder was reached from (a relative or absolute --out)."""
+    paths = ("row_dir", "result_path", "train_file")
+    return {k: v for k, v in a.items() if k not in paths} == {k: v for k, v in b.items() if k not in paths}
 
 
 def save(results: dict[str, Any], out: Path) -> None:
@@ -66,12 +123,15 @@ def now() -> str:
 # ---------------------------------------------------------------- shared inputs
 
 
-def prepare_train_file(cfg: BenchConfig, model: str, path: Path) -> tuple[Path, list[dict[str, Any]], int]:
+def prepare_train_file(
+    cfg: BenchConfig, model: str, path: Path, keep_same: bool = False
+) -> tuple[Path, list[dict[str, Any]], int]:
     """The task's training rows, rendered with the model's tokenizer (its chat template, as evaluation
     does), written once as JSON Lines so every row trains on the same bytes.
 
     Rows longer than ``max_length`` tokens are skipped (truncating would cut off the answer), taking the
     next rows of the file instead until ``train_limit`` rows are kept; the count skipped is returned.
+    With ``keep_same`` (a resumed grid) an existing file must come out byte for byte the same.
     """
     from ..models import load_tokenizer
     from ..tasks import get_task
@@ -92,7 +152,11 @@ def prepare_train_file(cfg: BenchConfig, model: str, path: Path) -> tuple[Path, 
             break
     if not kept:
         raise ConfigError(f"{cfg.source}: no training row of {cfg.train_data} fits max_length={cfg.max_length} tokens")
-    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    text = "".join(json.dumps(r) + "\n" for r in kept)
+    if keep_same and path.is_file() and path.read_text() != text:
+        raise ConfigError(f"--resume: the training rows differ from {path} of the earlier run (data, limits or "
+                          "tokenizer changed); its rows cannot be compared with new ones. Use a new --out.")
+    path.write_text(text)
     return path, kept, skipped
 
 

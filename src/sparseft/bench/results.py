@@ -186,7 +186,9 @@ def results_markdown(results: dict[str, Any]) -> str:
             f"- device: {machine.get('device')} ({machine.get('device_name')}), {machine.get('cpu_count')} CPU cores, "
             f"torch threads {machine.get('torch_threads')}",
             f"- command: `{results.get('command')}`",
-            f"- started {results.get('started_at')}, finished {results.get('finished_at') or '(still running)'}",
+            f"- started {results.get('started_at')}, "
+            + "".join(f"resumed {t}, " for t in results.get("resumed_at", []))
+            + f"finished {results.get('finished_at') or '(still running)'}",
             "",
             results_table(results),
             "",

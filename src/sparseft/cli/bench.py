@@ -19,6 +19,11 @@ def add_parser(sub):
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: runs/bench-<name>)")
     p.add_argument("--data-root", default=None, metavar="DIR",
                    help="what ${SPARSEFT_DATA} in the config means (default: $SPARSEFT_DATA or ../shared/data)")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue a grid cut short in --out: rows that finished ok with the same spec, training "
+                       "rows and machine are kept, the others run")
+    again.add_argument("--overwrite", action="store_true", help="start over in an --out that holds earlier results")
     p.add_argument("--no-report", action="store_true", help="skip report.md at the end")
     return p
 
@@ -29,7 +34,8 @@ def run(args) -> int:
     cfg = load_bench_config(args.config, data_root=args.data_root)
     out = args.out or f"runs/bench-{cfg.name}"
     command = "sparseft " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["bench"] else ""
-    results = run_grid(cfg, out, command=command or f"sparseft bench {args.config} --out {out}")
+    results = run_grid(cfg, out, command=command or f"sparseft bench {args.config} --out {out}",
+                       resume=args.resume, overwrite=args.overwrite)
     if not args.no_report:
         write_report(f"{out}/results.json", html_page=True)
     failed = [r["id"] for r in results["rows"] if r["status"] != "ok"]
