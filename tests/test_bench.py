@@ -180,7 +180,7 @@ def test_eval_task_scores_held_out_articles_the_rows_never_trained_on(tmp_path):
                                       eval_data=str(squad)), base_dir=TINY.parent)
     assert worker_spec(cfg, None, "m", tmp_path / "train.jsonl", tmp_path)["eval_task"] == "squad-heldout"
     assert new_results(cfg, "cmd", "m", 0, 0)["task"] == {"name": "squad-train", "eval_task": "squad-heldout",
-                                                          "primary_metric": None}
+                                                          "primary_metric": "f1"}
     trained = {r["completion"].strip() for r in get_task(cfg.task).training_rows(cfg.train_data, None)}
     scored = {r["answers"][0] for r in get_task(cfg.evaluated_task).load(cfg.eval_data)}
     assert trained == {f"word{a}" for a in range(40)} and scored == {"word40", "word41"}

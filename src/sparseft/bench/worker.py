@@ -158,7 +158,7 @@ def evaluate_row(job: dict[str, Any], row: dict[str, Any], device: str) -> None:
     row["eval_wall_s"] = round(wall_s, 3)
     row["metrics"] = {k: float(v) for k, v in metrics.items()}
     row["eval_examples"] = count
-    row["primary_metric"] = getattr(task, "primary_metric", None) or next(iter(metrics))
+    row["primary_metric"] = task.primary_metric or next(iter(metrics))
     if job["run"]["method"] == "base":
         row["total_params"] = sum(p.numel() for p in model.parameters())
 

@@ -75,6 +75,7 @@ class Task(ABC):
 
     name: str
     family: str
+    primary_metric: str | None = None  # the headline metric of reports; None: the first one evaluate returns
 
     @abstractmethod
     def load(self, path: str | os.PathLike, limit: int | None = None) -> list[Record]:

@@ -113,6 +113,8 @@ class QATask(Task):
     articles: slice | None = None  # a split by article, e.g. slice(40, None) for the last 8 of the dev file
     max_new_tokens: int = 24
     family: str = "qa"
+    # Token F1 gives partial credit; exact match reads 0 for a small model that answers in its own words.
+    primary_metric: str = "f1"
     template: str = (
         "Read the passage and answer the question with a short phrase copied from the passage.\n\n"
         "Passage: {context}\n\nQuestion: {question}"
