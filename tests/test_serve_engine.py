@@ -198,6 +198,19 @@ def test_unload_that_cannot_write_the_registry_changes_nothing(tmp_path, diffs, 
     assert DiffRegistry(engine.validated_entries, directory=tmp_path).names() == ["a", "b"]
 
 
+def test_copies_an_unload_could_not_delete_are_removed_at_the_next_start(tmp_path, diffs, monkeypatch):
+    engine, _ = engine_and_registry()
+    registry = DiffRegistry(engine.validated_entries, directory=tmp_path)
+    registry.load("a", diffs["a"])
+    registry.load("b", diffs["b"])
+    monkeypatch.setattr("sparseft.serve.registry.shutil.rmtree", lambda *a, **k: None)  # the delete fails
+    registry.unload("a")
+    monkeypatch.undo()
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "diffs").iterdir()) == [".unloaded", "b"]
+    restarted = DiffRegistry(engine.validated_entries, directory=tmp_path)
+    assert restarted.names() == ["b"] and [p.name for p in (tmp_path / "diffs").iterdir()] == ["b"]
+
+
 def test_text_stream_never_emits_part_of_a_stop_string():
     tok = make_tokenizer()
     ids = tok("w10 w11 w12 w13")["input_ids"]

@@ -87,6 +87,9 @@ def parse_model_id(model_id: str) -> tuple[str, int | None]:
     return name, int(version)
 
 
+UNLOADED_PREFIX = ".unloaded-"
+
+
 class DiffRegistry:
     """Thread-safe map of diff names to versions; persistent when given a directory."""
 
@@ -257,7 +260,7 @@ class DiffRegistry:
         if self.directory is None:
             return None
         stored = self.directory / "diffs" / name
-        aside = self.directory / "diffs" / f".unloaded-{name}-{uuid.uuid4().hex}"  # no diff name starts with '.'
+        aside = self.directory / "diffs" / f"{UNLOADED_PREFIX}{name}-{uuid.uuid4().hex}"  # no diff name starts with '.'
         try:
             stored.rename(aside)
         except FileNotFoundError:
@@ -296,6 +299,10 @@ class DiffRegistry:
             os.fsync(f.fileno())
 
     def _restore(self) -> None:
+        # Copies set aside by an unload whose delete failed (crash, busy file): registry.json had already
+        # forgotten them, so nothing refers to them any more.
+        for leftover in (self.directory / "diffs").glob(f"{UNLOADED_PREFIX}*"):
+            shutil.rmtree(leftover, ignore_errors=True)
         file = self.directory / REGISTRY_FILE
         if not file.exists():
             return
