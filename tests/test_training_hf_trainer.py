@@ -1,11 +1,13 @@
 """A SparseModel is a plain nn.Module whose only trainable parameters are the values, so the
 Hugging Face Trainer trains it as is; save_pretrained then writes the diff."""
 
+import pytest
 import torch
 from transformers import Trainer, TrainingArguments
 
 from conftest import make_tiny_llama
 from sparseft import SparseConfig, SparseModel, get_sparse_model
+from sparseft.errors import ConfigError
 from sparseft.training.data import collate, encode_rows
 
 
@@ -44,3 +46,81 @@ def test_hf_trainer_trains_the_values_and_save_pretrained_writes_the_diff(tiny_t
     reloaded = SparseModel.from_pretrained(make_tiny_llama(), model.save_pretrained(tmp_path / "diff"))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, expected)
+
+
+def test_sparse_trainer_reselects_the_mask_on_schedule_and_saves_the_moved_mask(tiny_tokenizer, tmp_path):
+    from sparseft.training.hf import SparseTrainer
+    from sparseft.training.reselect import ReselectSchedule
+
+    examples = encode_rows([{"prompt": f"q{i}", "completion": f" a{i % 3}"} for i in range(16)], tiny_tokenizer)
+    torch.manual_seed(0)
+    model = get_sparse_model(make_tiny_llama(), SparseConfig(density=0.05, value_dtype="float32"))
+    layers = model.sparse_layers()
+    before = {n: layer.indices.clone() for n, layer in layers.items()}
+    args = TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
+                             gradient_accumulation_steps=2, report_to=[], save_strategy="no", use_cpu=True,
+                             remove_unused_columns=False, disable_tqdm=True)
+    trainer = SparseTrainer(model=model, args=args, train_dataset=ExampleDataset(examples),
+                            data_collator=lambda rows: collate(rows, tiny_tokenizer.pad_token_id),
+                            reselect_every=2, reselect_fraction=0.5)
+    trainer.train()
+
+    # Once per due step (step 2 of 4), not once per micro-batch; half of k swapped in each module.
+    assert [step for step, _ in trainer.reselected] == [2]
+    schedule = ReselectSchedule(every=2, fraction=0.5, total_steps=4)
+    assert trainer.reselected[0][1] == sum(schedule.count(layer.k, layer.weight.numel(), 2) for layer in layers.values())
+    for name, layer in layers.items():
+        assert layer.indices.numel() == before[name].numel() == layer.values.numel()  # k fixed
+        assert bool((layer.indices[1:] > layer.indices[:-1]).all())  # still sorted and unique
+        assert not torch.equal(layer.indices, before[name]), name
+        state = trainer.optimizer.state[layer.values]
+        assert state["exp_avg"].shape == layer.values.shape  # moments moved with the entries, same tensors
+
+    ids = collate(examples[:2], tiny_tokenizer.pad_token_id)["input_ids"]
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    reloaded = SparseModel.from_pretrained(make_tiny_llama(), model.save_pretrained(tmp_path / "diff"))
+    assert all(torch.equal(reloaded.sparse_layers()[n].indices, layers[n].indices) for n in layers)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, expected)
+
+
+def test_sparse_trainer_resumes_from_its_checkpoint_with_the_moved_masks(tiny_tokenizer, tmp_path):
+    from sparseft.training.hf import MASKS_FILE, SparseTrainer
+
+    examples = encode_rows([{"prompt": f"q{i}", "completion": f" a{i % 3}"} for i in range(16)], tiny_tokenizer)
+
+    def run(resume=None):
+        torch.manual_seed(0)
+        model = get_sparse_model(make_tiny_llama(), SparseConfig(density=0.05, value_dtype="float32"))
+        args = TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=4, per_device_train_batch_size=4,
+                                 learning_rate=1e-2, report_to=[], save_strategy="steps", save_steps=2, use_cpu=True,
+                                 seed=0, remove_unused_columns=False, disable_tqdm=True)
+        trainer = SparseTrainer(model=model, args=args, train_dataset=ExampleDataset(examples),
+                                data_collator=lambda rows: collate(rows, tiny_tokenizer.pad_token_id),
+                                reselect_every=1, reselect_fraction=0.5)
+        trainer.train(resume_from_checkpoint=resume)
+        return {n: (layer.indices.clone(), layer.values.detach().clone()) for n, layer in model.sparse_layers().items()}
+
+    uninterrupted = run()
+    checkpoint = tmp_path / "hf" / "checkpoint-2"  # after the re-selection before step 1: its masks had moved
+    assert (checkpoint / MASKS_FILE).is_file()
+    resumed = run(resume=str(checkpoint))
+    for name, (indices, values) in uninterrupted.items():
+        assert torch.equal(resumed[name][0], indices) and torch.equal(resumed[name][1], values), name
+
+    (checkpoint / MASKS_FILE).unlink()
+    with pytest.raises(ConfigError, match="resumes only from checkpoints it wrote itself"):
+        run(resume=str(checkpoint))
+
+
+def test_sparse_trainer_refuses_bad_reselection_options(tiny_tokenizer, tmp_path):
+    from sparseft.training.hf import SparseTrainer
+
+    args = TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=1, report_to=[], use_cpu=True)
+    sparse = get_sparse_model(make_tiny_llama(), SparseConfig(density=0.05))
+    with pytest.raises(ConfigError, match="reselect_fraction must be in"):
+        SparseTrainer(model=sparse, args=args, reselect_every=2, reselect_fraction=1.5)
+    with pytest.raises(ConfigError, match="needs a SparseModel"):
+        SparseTrainer(model=make_tiny_llama(), args=args, reselect_every=2)

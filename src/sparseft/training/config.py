@@ -127,12 +127,8 @@ class TrainConfig:
 
     def check_reselection(self) -> None:
         # Types are settled by convert_fields (an int or None, a float); only the ranges are checked here.
-        every, fraction = self.reselect_every, self.reselect_fraction
-        if every is not None and every < 0:
-            raise ConfigError(f"reselect_every must be a whole number of steps >= 0 (0 or null: off), got {every!r}")
-        if not 0.0 < fraction <= 1.0:
-            raise ConfigError(f"reselect_fraction must be in (0, 1] (share of each module's k swapped at the first "
-                              f"re-selection), got {fraction!r}")
+        every = self.reselect_every
+        check_reselect_ranges(every, self.reselect_fraction)
         if every and self.method != "sparse":
             raise ConfigError(f"reselect_every applies to sparse runs only (it moves a sparse mask), not method={self.method!r}")
 
@@ -210,3 +206,12 @@ def key_lines(text: str) -> dict[str, int]:
     if not isinstance(node, yaml.MappingNode):
         return {}
     return {str(key.value).replace("-", "_"): key.start_mark.line + 1 for key, _ in node.value}
+
+
+def check_reselect_ranges(every: int | None, fraction: float) -> None:
+    """The ranges of the re-selection options (for TrainConfig and the Hugging Face SparseTrainer)."""
+    if every is not None and every < 0:
+        raise ConfigError(f"reselect_every must be a whole number of steps >= 0 (0 or null: off), got {every!r}")
+    if not 0.0 < fraction <= 1.0:
+        raise ConfigError(f"reselect_fraction must be in (0, 1] (share of each module's k swapped at the first "
+                          f"re-selection), got {fraction!r}")

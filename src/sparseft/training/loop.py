@@ -22,6 +22,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as torch_dist
@@ -219,30 +220,31 @@ def growth_loss(model: nn.Module, batch: dict[str, torch.Tensor], dist: Distribu
     return completion_loss_sum(logits, batch["labels"])
 
 
-def process_ops(dist: Distributed):
+def process_ops(distributed: bool):
     """In-place sum / max / min over processes (None for one process)."""
-    if not dist.enabled:
+    if not distributed:
         return None, None, None
     op = torch_dist.ReduceOp
     return tuple((lambda t, o=o: torch_dist.all_reduce(t, op=o)) for o in (op.SUM, op.MAX, op.MIN))
 
 
-def reselect_step(model: nn.Module, optimizer, schedule: ReselectSchedule, step: int, batch, dist: Distributed,
-                  precision: str) -> int:
-    """Re-select on the step's first micro-batch (eval mode: no dropout); returns entries swapped.
+def reselect_step(model: nn.Module, optimizer, schedule: ReselectSchedule, step: int,
+                  loss_of: Callable[[nn.Module], torch.Tensor], distributed: bool) -> int:
+    """Re-select with the gradient of ``loss_of(unwrapped model)``, the step's first micro-batch (eval
+    mode: no dropout); returns entries swapped.
 
     The unwrapped model runs the extra pass, so DDP's gradient sync is not involved; the dense
     gradients are summed over processes instead, and the resulting masks checked to agree.
     """
     inner, layers = unwrap(model), sparse_layers_of(model)
-    total, high, low = process_ops(dist)
+    total, high, low = process_ops(distributed)
     was_training = inner.training
     inner.eval()
     try:
-        swapped = reselect(layers, optimizer, schedule, step, lambda: growth_loss(inner, batch, dist, precision), total)
+        swapped = reselect(layers, optimizer, schedule, step, lambda: loss_of(inner), total)
     finally:
         inner.train(was_training)
-    if dist.enabled:
+    if distributed:
         check_same_everywhere(layers, high, low)
     return sum(swapped.values())
 
@@ -347,7 +349,9 @@ def train_loop(
         reselected = {}
         if schedule is not None and schedule.due(step):
             t0 = time.perf_counter()
-            swapped = reselect_step(model, optimizer, schedule, step, batches[0], dist, cfg.precision)
+            first = batches[0]
+            swapped = reselect_step(model, optimizer, schedule, step,
+                                    lambda m: growth_loss(m, first, dist, cfg.precision), dist.enabled)
             reselected = {"reselected": swapped, "reselect_time_s": time.perf_counter() - t0}
         t0 = time.perf_counter()
         result = train_step(model, batches, optimizer, params, cfg.max_grad_norm, dist, cfg.precision)
