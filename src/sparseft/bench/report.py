@@ -115,6 +115,7 @@ def gain_kept(p: Picked, row: dict[str, Any]) -> str:
 
 def header_blocks(results: dict[str, Any], results_path: Path) -> list[Block]:
     cfg, machine, model = results.get("config", {}), results.get("machine", {}), results.get("model", {})
+    read_as = f" (as task `{cfg['eval_task']}`)" if cfg.get("eval_task") else ""
     return [
         Block("h1", f"Cost report: sparse fine-tuning vs full fine-tuning vs LoRA ({results.get('name')})"),
         Block("p", (
@@ -122,7 +123,7 @@ def header_blocks(results: dict[str, Any], results_path: Path) -> list[Block]:
             f"`{results.get('task', {}).get('name')}`, {cfg.get('train_rows_used', cfg.get('train_limit'))} training rows, "
             f"{cfg.get('steps')} steps of batch {cfg.get('batch_size')}×{cfg.get('grad_accum')} at max length "
             f"{cfg.get('max_length')}, seed {cfg.get('seed')} — the same for every row. Evaluated on "
-            f"{cfg.get('eval_limit') or 'all'} examples of `{Path(str(cfg.get('eval_data'))).name}`. "
+            f"{cfg.get('eval_limit') or 'all'} examples of `{Path(str(cfg.get('eval_data'))).name}`{read_as}. "
             f"Device: {machine.get('device')} ({machine.get('device_name')}, {machine.get('cpu_count')} cores). "
             f"Source: `{results_path.name}` (every figure below cites its row id there)."
         )),
