@@ -52,8 +52,9 @@ class SparseTrainer(Trainer):
         if resume_from_checkpoint and self.reselect_every:
             checkpoint = resume_from_checkpoint
             if checkpoint is True:
-                checkpoint = get_last_checkpoint(self.args.output_dir)
-            restore_masks(self.model, Path(checkpoint) / MASKS_FILE)
+                checkpoint = get_last_checkpoint(self.args.output_dir)  # None: Trainer.train says none was found
+            if checkpoint is not None:
+                restore_masks(self.model, Path(checkpoint) / MASKS_FILE)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def training_step(self, model, inputs, *args, **kwargs):
@@ -66,7 +67,6 @@ class SparseTrainer(Trainer):
             swapped = reselect_step(model, self.optimizer, schedule, step, lambda m: m(**batch).loss, distributed)
             self.reselected.append((step, swapped))
         return super().training_step(model, inputs, *args, **kwargs)
-
 
 
 class SaveMasksWithCheckpoints(TrainerCallback):
