@@ -151,6 +151,17 @@ def test_bad_config_is_named(changes, message):
     assert message in str(err.value) and "grid.yaml" in str(err.value)
 
 
+def test_only_keeps_the_named_rows_in_config_order():
+    from sparseft.bench.config import only_rows
+
+    cfg = load_bench_config(TINY)
+    last, first = cfg.runs[-1].id, cfg.runs[0].id
+    assert only_rows(cfg, [last, first]).row_ids() == [first, last]
+    assert only_rows(cfg, ["base"]).row_ids() == ["base"]
+    with pytest.raises(ConfigError, match="no row 'nope'"):
+        only_rows(cfg, ["nope"])
+
+
 def test_config_paths_resolve_against_the_file_and_data_root(tmp_path, monkeypatch):
     cfg = load_bench_config(TINY)
     assert Path(cfg.train_data) == TINY.parent / "data" / "train.tsv"

@@ -93,6 +93,14 @@ class BenchConfig:
         return ([BASE_ROW_ID] if self.eval_base else []) + [r.id for r in self.runs]
 
 
+def only_rows(cfg: BenchConfig, row_ids: list[str]) -> BenchConfig:
+    """``cfg`` with just the rows named (``base`` for the base model's evaluation), in the config's order."""
+    unknown = sorted(set(row_ids) - set(cfg.row_ids()) - {BASE_ROW_ID})
+    if unknown:
+        raise ConfigError(f"{cfg.source}: no row {', '.join(map(repr, unknown))}; rows: {', '.join(cfg.row_ids())}")
+    return dataclasses.replace(cfg, runs=[r for r in cfg.runs if r.id in row_ids], eval_base=BASE_ROW_ID in row_ids)
+
+
 def load_bench_config(path: str | os.PathLike, data_root: str | None = None) -> BenchConfig:
     """Read and validate a bench YAML file.
 

@@ -19,6 +19,9 @@ def add_parser(sub):
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: runs/bench-<name>)")
     p.add_argument("--data-root", default=None, metavar="DIR",
                    help="what ${SPARSEFT_DATA} in the config means (default: $SPARSEFT_DATA or ../shared/data)")
+    p.add_argument("--only", action="append", default=None, metavar="ROW_ID",
+                   help="run only this row (repeat for several; 'base' is the base model's evaluation), e.g. to "
+                   "time one row again on a quiet machine")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
                        help="continue a grid cut short in --out: rows that finished ok with the same spec, training "
@@ -30,8 +33,11 @@ def add_parser(sub):
 
 def run(args) -> int:
     from ..bench import load_bench_config, run_grid, write_report
+    from ..bench.config import only_rows
 
     cfg = load_bench_config(args.config, data_root=args.data_root)
+    if args.only:
+        cfg = only_rows(cfg, args.only)
     out = args.out or f"runs/bench-{cfg.name}"
     command = "sparseft " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["bench"] else ""
     results = run_grid(cfg, out, command=command or f"sparseft bench {args.config} --out {out}",
