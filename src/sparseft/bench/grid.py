@@ -57,10 +57,9 @@ def run_grid(
         results["resumed_at"] = earlier.get("resumed_at", []) + [now()]
     save(results, out)
     for spec in row_specs(cfg):
-        row_id = spec.id if spec else BASE_ROW_ID
-        if row_id in kept:
-            print(f"[bench] row {row_id}: kept from the earlier run (ok)", flush=True)
-        row = kept.get(row_id) or run_row(cfg, spec, model, train_file, out)
+        if row_id_of(spec) in kept:
+            print(f"[bench] row {row_id_of(spec)}: kept from the earlier run (ok)", flush=True)
+        row = kept.get(row_id_of(spec)) or run_row(cfg, spec, model, train_file, out)
         results["rows"].append(row)
         fill_model_size(results, row)
         save(results, out)
@@ -93,14 +92,13 @@ def read_earlier_run(cfg: BenchConfig, out: Path) -> dict[str, Any]:
 
 def reusable_rows(cfg: BenchConfig, earlier: dict[str, Any], model: str, train_file: Path, out: Path) -> dict[str, Any]:
     """Earlier ``ok`` rows whose worker spec equals what this config would run now, by row id."""
+    specs = {row_id_of(spec): spec for spec in row_specs(cfg)}
     kept = {}
     for row in earlier.get("rows", []):
         spec_path = out / "runs" / row["id"] / "spec.json"
-        if row.get("status") != "ok" or not spec_path.is_file():
+        if row.get("status") != "ok" or row["id"] not in specs or not spec_path.is_file():
             continue
-        spec = next((s for s in row_specs(cfg) if (s.id if s else BASE_ROW_ID) == row["id"]), False)
-        if spec is not False and same_job(json.loads(spec_path.read_text()),
-                                          worker_spec(cfg, spec, model, train_file, spec_path.parent)):
+        if same_job(json.loads(spec_path.read_text()), worker_spec(cfg, specs[row["id"]], model, train_file, spec_path.parent)):
             kept[row["id"]] = row
     return kept
 
@@ -234,6 +232,10 @@ def row_specs(cfg: BenchConfig) -> list[RunSpec | None]:
     return ([None] if cfg.eval_base else []) + list(cfg.runs)
 
 
+def row_id_of(spec: RunSpec | None) -> str:
+    return spec.id if spec else BASE_ROW_ID
+
+
 def worker_spec(cfg: BenchConfig, spec: RunSpec | None, model: str, train_file: Path, row_dir: Path) -> dict[str, Any]:
     """Everything one worker process needs, as plain JSON."""
     run = spec.to_dict() if spec else {"id": BASE_ROW_ID, "method": "base"}
@@ -262,7 +264,7 @@ def worker_spec(cfg: BenchConfig, spec: RunSpec | None, model: str, train_file: 
 
 def run_row(cfg: BenchConfig, spec: RunSpec | None, model: str, train_file: Path, out: Path) -> dict[str, Any]:
     """One row in a fresh process; a crash, timeout or error becomes a ``failed`` row."""
-    row_id = spec.id if spec else BASE_ROW_ID
+    row_id = row_id_of(spec)
     row_dir = out / "runs" / row_id
     row_dir.mkdir(parents=True, exist_ok=True)
     job = worker_spec(cfg, spec, model, train_file, row_dir)

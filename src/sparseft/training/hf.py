@@ -24,7 +24,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from ..errors import ConfigError
 from ..selection.maskio import load_masks, save_masks
 from .config import check_reselect_ranges
-from .loop import reselect_step, sparse_layers_of
+from .loop import live_masks, reselect_step, sparse_layers_of
 from .reselect import ReselectSchedule
 
 MASKS_FILE = "sparse_masks.safetensors"  # beside each Trainer checkpoint: the masks as they had moved
@@ -80,7 +80,7 @@ class SaveMasksWithCheckpoints(TrainerCallback):
             model = self.trainer.model
             layers = sparse_layers_of(model)
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            save_masks(folder / MASKS_FILE, {n: layer.indices for n, layer in layers.items()},
+            save_masks(folder / MASKS_FILE, live_masks(model, None),
                        {n: tuple(layer.weight.shape) for n, layer in layers.items()}, model.sparse_config)
 
 
