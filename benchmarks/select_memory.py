@@ -36,7 +36,7 @@ def measure(mode: str, args) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from sparseft import SparseConfig, select
-    from sparseft.selection.select import model_bytes
+    from sparseft.selection.selector import model_bytes
     from sparseft.targets import find_targets
 
     torch.set_num_threads(args.threads)

@@ -9,7 +9,7 @@ from conftest import make_tiny_llama
 from sparseft import SparseConfig, get_sparse_model
 from sparseft.audit import inspect_diff
 from sparseft.audit.heatmap import heat_grid
-from sparseft.audit.inspect import layer_index, module_family, outlier_threshold
+from sparseft.audit.inspection import layer_index, module_family, outlier_threshold
 from sparseft.cli import main
 
 PLANTED = "model.layers.1.mlp.down_proj"

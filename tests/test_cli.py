@@ -11,7 +11,7 @@ from sparseft import SparseConfig, get_sparse_model
 from sparseft.cli import VERBS, build_parser, main
 from sparseft.config import DTYPES
 from sparseft.errors import ConfigError
-from sparseft.models import resolve_dtype
+from sparseft.loading import resolve_dtype
 
 
 def test_help_for_every_verb(capsys):

@@ -23,7 +23,7 @@ from sparseft.errors import ConfigError, DataFormatError, InvalidIndicesError, M
 from sparseft.selection import allocate, budget_report, get_scorer, load_masks, module_budgets, read_mask_file, save_masks
 from sparseft.selection.budget import top_k_indices
 from sparseft.selection.scorers import quantile_normalise
-from sparseft.selection.select import model_bytes, plan_passes
+from sparseft.selection.selector import model_bytes, plan_passes
 from sparseft.targets import find_targets
 
 DATA_SCORERS = ["gradient", "fisher", "taylor", "combined"]
@@ -171,7 +171,7 @@ def test_selection_leaves_model_as_it_was():
 
 
 def test_more_passes_under_a_small_memory_cap_give_the_same_masks(monkeypatch):
-    select_module = importlib.import_module("sparseft.selection.select")  # the package exports the function
+    select_module = importlib.import_module("sparseft.selection.selector")  # the package exports the function
 
     model, batches = make_tiny_llama(), llama_batches()
     cfg = SparseConfig(density=0.03, scorer="combined", allocation="global", calibration_batches=3)

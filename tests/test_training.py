@@ -393,7 +393,7 @@ def test_every_train_command_in_docs_training_md_parses():
 
     from sparseft.cli import build_parser
     from sparseft.cli.train import config_from_args
-    from sparseft.models import ALIASES
+    from sparseft.loading import ALIASES
 
     text = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text()
     commands = documented_train_commands(text)

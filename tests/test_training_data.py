@@ -221,7 +221,7 @@ def test_one_file_hash_for_diffs_and_data(tmp_path):
 
 
 def test_training_and_task_files_share_one_jsonl_reader(tmp_path):
-    from sparseft.tasks import files
+    from sparseft import files
     from sparseft.training import data
 
     assert data.read_jsonl is files.read_jsonl
@@ -235,7 +235,7 @@ def test_training_and_task_files_share_one_jsonl_reader(tmp_path):
 
 
 def test_one_pad_id_rule_for_training_and_evaluation(tiny_tokenizer):
-    from sparseft.tasks.inference import pad_token_id
+    from sparseft.loading import pad_token_id
     from sparseft.training import data, job
 
     assert not hasattr(data, "pad_id_of") and job.pad_token_id is pad_token_id

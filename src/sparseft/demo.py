@@ -18,7 +18,7 @@ import torch
 from .audit import inspect_diff
 from .evaluate import evaluate_records
 from .model import SparseModel
-from .models import load_model, load_tokenizer, resolve_model_path
+from .loading import load_model, load_tokenizer, resolve_model_path
 from .tasks import ROUTING_DATA, get_task
 from .training import TrainConfig, run_training
 

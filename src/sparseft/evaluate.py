@@ -12,7 +12,7 @@ import torch
 
 from .diffio import CONFIG_NAME
 from .errors import DiffNotFoundError
-from .models import load_model, load_tokenizer
+from .loading import load_model, load_tokenizer
 from .tasks import Task, get_task
 
 LORA_CONFIG_NAME = "adapter_config.json"

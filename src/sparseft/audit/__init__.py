@@ -6,7 +6,7 @@
 """
 
 from .heatmap import plot_heatmap
-from .inspect import format_inspection, inspect_diff
+from .inspection import format_inspection, inspect_diff
 from .verify import CheckResult, format_verification, verify_diff
 
 __all__ = ["CheckResult", "format_inspection", "format_verification", "inspect_diff", "plot_heatmap", "verify_diff"]

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .inspect import sort_key
+from .inspection import sort_key
 
 PANELS = (("density", "density (entries trained / entries)"), ("mean_abs", "mean |Δ| of trained entries"))
 

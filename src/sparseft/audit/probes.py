@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataFormatError
-from ..tasks.files import read_jsonl
+from ..files import read_jsonl
 
 TEXT_FIELDS = ("prompt", "pair", "target")
 KNOWN_FIELDS = {"id", "category", "note", *TEXT_FIELDS, *(f"{f}_ids" for f in TEXT_FIELDS)}

@@ -131,7 +131,7 @@ def prepare_train_file(
     next rows of the file instead until ``train_limit`` rows are kept; the count skipped is returned.
     With ``keep_same`` (a resumed grid) an existing file must come out byte for byte the same.
     """
-    from ..models import load_tokenizer
+    from ..loading import load_tokenizer
     from ..tasks import get_task
     from ..training.data import Row, encode_row
 

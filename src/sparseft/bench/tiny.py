@@ -67,7 +67,7 @@ def build_tiny_model_dir(out: str | Path, texts: Iterable[str], shape: dict[str,
     """Write a tiny random Llama + tokenizer covering ``texts`` to ``out``; returns the folder."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from ..models import save_model_dir
+    from ..loading import save_model_dir
 
     tokenizer = build_tokenizer(texts)
     cfg = LlamaConfig(

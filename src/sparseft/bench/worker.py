@@ -147,7 +147,7 @@ def count_lines(path: str) -> int:
 def evaluate_row(job: dict[str, Any], row: dict[str, Any], device: str) -> None:
     """Task metrics on the eval split for the base, or the base with this row's artifact applied."""
     from ..evaluate import evaluate_records
-    from ..models import load_tokenizer
+    from ..loading import load_tokenizer
     from ..tasks import get_task
 
     task = get_task(job["eval_task"])
@@ -166,7 +166,7 @@ def evaluate_row(job: dict[str, Any], row: dict[str, Any], device: str) -> None:
 def load_for_eval(job: dict[str, Any], row: dict[str, Any]):
     """The model to evaluate; a diff or adapter is merged in, so every row evaluates at the base's speed."""
     from ..evaluate import attach_diff
-    from ..models import load_model
+    from ..loading import load_model
 
     method = job["run"]["method"]
     if method == "full":

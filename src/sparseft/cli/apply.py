@@ -21,7 +21,7 @@ def add_parser(sub):
 
 def run(args) -> int:
     from ..model import SparseModel
-    from ..models import load_model, load_tokenizer, save_model_dir
+    from ..loading import load_model, load_tokenizer, save_model_dir
 
     base = load_model(args.model, dtype=args.dtype)
     merged = SparseModel.from_pretrained(base, args.diff).merge_and_unload()

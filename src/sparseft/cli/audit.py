@@ -40,7 +40,7 @@ def run(args) -> int:
 
     from ..audit.behaviour import audit_diff
     from ..audit.report import Thresholds, write_report
-    from ..models import load_model, load_tokenizer
+    from ..loading import load_model, load_tokenizer
 
     model = load_model(args.model, dtype=args.dtype)
     limits = Thresholds(args.max_kl, args.min_agreement, args.max_pair_drift)

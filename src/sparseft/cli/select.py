@@ -51,10 +51,10 @@ def make_config(args):
 
 def run(args) -> int:
     from ..errors import ConfigError
-    from ..models import load_model, load_tokenizer
+    from ..loading import load_model, load_tokenizer
     from ..selection import budget_report, format_budget_report, get_scorer, save_masks, select
     from ..targets import find_targets
-    from ..tasks.inference import pad_token_id
+    from ..loading import pad_token_id
     from ..training.data import calibration_batches, load_examples
 
     cfg = make_config(args)

@@ -24,7 +24,7 @@ def add_parser(sub):
 
 def run(args) -> int:
     from ..audit.verify import failed, format_verification, results_json, verify_diff
-    from ..models import load_model
+    from ..loading import load_model
 
     model = load_model(args.model, dtype=args.dtype) if args.model else None
     results = verify_diff(args.diff, model)

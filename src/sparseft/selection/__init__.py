@@ -3,7 +3,7 @@
 from .budget import allocate, budget_report, format_budget_report, module_budgets, top_k_indices
 from .maskio import MaskFile, load_masks, read_mask_file, save_masks
 from .scorers import SCORERS, get_scorer, register_scorer
-from .select import select
+from .selector import select
 
 __all__ = [
     "SCORERS",

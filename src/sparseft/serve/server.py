@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from ..errors import ModelNotFoundError
-from ..models import load_model, load_tokenizer
+from ..loading import load_model, load_tokenizer
 from .app import ServeLimits, create_app
 from .engine import Engine
 from .metrics import ServeMetrics

@@ -11,6 +11,8 @@ import os
 from abc import ABC, abstractmethod
 from typing import Any
 
+from ..loading import prompt_prefix
+
 Record = dict[str, Any]
 
 
@@ -35,30 +37,12 @@ def completion_text(tokenizer, target: str) -> str:
     return f" {target}{eos}"
 
 
-def special_prefix(tokenizer) -> list[int]:
-    """The ids the tokenizer itself puts before a text (BOS for Llama-style tokenizers, nothing for
-    SmolLM2's), so fine-tuning and evaluation see sequences shaped like the ones the model was trained on."""
-    ids = list(tokenizer("", add_special_tokens=True)["input_ids"])
-    if ids and ids[-1] == tokenizer.eos_token_id:
-        ids = ids[:-1]
-    return ids
 
 
-def prompt_prefix(tokenizer, text: str) -> list[int]:
-    """The special ids that go before ``text`` at the start of a sequence: the tokenizer's own prefix,
-    unless the text already begins with it (a chat template that writes ``{{ bos_token }}``).
-
-    Training (``sparseft.training.data.encode_row``) and evaluation (:func:`encode_prompt`) both use
-    this one rule, so a prompt gets exactly one BOS in both.
-    """
-    prefix = special_prefix(tokenizer)
-    if prefix and text.startswith(tokenizer.decode(prefix)):
-        return []
-    return prefix
 
 
 def encode_prompt(tokenizer, text: str) -> list[int]:
-    """Token ids of a rendered prompt: its text after :func:`prompt_prefix`."""
+    """Token ids of a rendered prompt: its text after ``loading.prompt_prefix``."""
     return prompt_prefix(tokenizer, text) + tokenizer(text, add_special_tokens=False)["input_ids"]
 
 

@@ -15,8 +15,9 @@ from typing import Callable
 
 from ..errors import DataFormatError
 from .base import Record, Task, completion_text, encode_completion, encode_prompt
-from .files import existing_file, read_jsonl, take, text_field
-from .inference import pad_token_id, score_completions
+from ..files import existing_file, read_jsonl, take, text_field
+from ..loading import pad_token_id
+from .inference import score_completions
 
 Reader = Callable[[str | os.PathLike, list[str]], list[Record]]
 

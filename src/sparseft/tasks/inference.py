@@ -12,6 +12,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from ..loading import pad_token_id
+
 # transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns); support both.
 CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
@@ -139,11 +141,3 @@ def generate_texts(
         new_tokens = out[:, ids.shape[1] :]
         texts += [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
     return texts
-
-
-def pad_token_id(tokenizer) -> int:
-    """The id to pad with: the tokenizer's pad token, else its EOS, else 0 (training and evaluation alike)."""
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if candidate is not None:
-            return int(candidate)
-    return 0

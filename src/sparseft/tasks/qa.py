@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from ..errors import DataFormatError
 from .base import Record, Task, encode_prompt
-from .files import existing_file, take, text_field
+from ..files import existing_file, take, text_field
 from .inference import generate_texts
 
 ARTICLES = re.compile(r"\b(a|an|the)\b")

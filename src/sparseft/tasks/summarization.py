@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ..errors import DataFormatError
 from .base import Task, encode_prompt
-from .files import read_jsonl, take, text_field
+from ..files import read_jsonl, take, text_field
 from .inference import generate_texts
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..atomic import atomic_dir
 from ..config import SparseConfig
-from ..models import save_model_dir
+from ..loading import save_model_dir
 from ..selection.budget import module_budgets, total_budget
 from ..targets import find_targets
 

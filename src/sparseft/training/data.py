@@ -30,8 +30,8 @@ import torch
 
 from ..diffio import file_sha256
 from ..errors import DataFormatError
-from ..tasks.base import prompt_prefix
-from ..tasks.files import read_jsonl
+from ..loading import prompt_prefix
+from ..files import read_jsonl
 
 IGNORE_INDEX = -100
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -233,7 +233,7 @@ def encode_row(row: Row, tokenizer, max_length: int | None, truncation: bool) ->
     """Tokenise each piece on its own (so the completion boundary is exact) and concatenate.
 
     prompt/completion rows start with the tokenizer's own special prefix (e.g. BOS) unless the prompt
-    text already carries it (the rule evaluation uses: ``tasks.base.prompt_prefix``) and end with EOS,
+    text already carries it (the rule evaluation uses: ``loading.prompt_prefix``) and end with EOS,
     which is a completion token so the model learns to stop; chat rows rely on the template's markers.
     """
     is_chat = "messages" in row.data

@@ -24,10 +24,10 @@ from ..config import SparseConfig
 from ..diffio import CONFIG_NAME, read_diff
 from ..errors import ConfigError
 from ..model import SparseModel, get_sparse_model
-from ..models import load_model, load_tokenizer
+from ..loading import load_model, load_tokenizer
 from ..selection import read_mask_file, select
 from ..selection.scorers import get_scorer
-from ..tasks.inference import pad_token_id
+from ..loading import pad_token_id
 from .baselines import lora_rank_matching, prepare_full, prepare_lora, save_full, save_lora, sparse_budget
 from .checkpoint import (
     CHECKPOINTS_DIR,

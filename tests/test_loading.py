@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from sparseft import models
+from sparseft import loading as models
 from sparseft.errors import ModelNotFoundError
 
 

@@ -181,6 +181,39 @@ def load_tokenizer(name_or_path: str | os.PathLike, required: bool = True):
         return None
 
 
+# ---------------------------------------------------------------- tokenizer rules shared by training and evaluation
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id to pad with: the tokenizer's pad token, else its EOS, else 0 (training and evaluation alike)."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def special_prefix(tokenizer) -> list[int]:
+    """The ids the tokenizer itself puts before a text (BOS for Llama-style tokenizers, nothing for
+    SmolLM2's), so fine-tuning and evaluation see sequences shaped like the ones the model was trained on."""
+    ids = list(tokenizer("", add_special_tokens=True)["input_ids"])
+    if ids and ids[-1] == tokenizer.eos_token_id:
+        ids = ids[:-1]
+    return ids
+
+
+def prompt_prefix(tokenizer, text: str) -> list[int]:
+    """The special ids that go before ``text`` at the start of a sequence: the tokenizer's own prefix,
+    unless the text already begins with it (a chat template that writes ``{{ bos_token }}``).
+
+    Training (``sparseft.training.data.encode_row``) and evaluation (``tasks.base.encode_prompt``) both use
+    this one rule, so a prompt gets exactly one BOS in both.
+    """
+    prefix = special_prefix(tokenizer)
+    if prefix and text.startswith(tokenizer.decode(prefix)):
+        return []
+    return prefix
+
+
 def save_model_dir(model, tokenizer, out: str | os.PathLike) -> Path:
     """``save_pretrained`` into a temporary sibling renamed into place, so a crash leaves no half model."""
     out = Path(out)

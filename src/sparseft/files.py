@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..errors import ConfigError, DataFormatError
+from .errors import ConfigError, DataFormatError
 
 
 def existing_file(path: str | os.PathLike) -> Path:
