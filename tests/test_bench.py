@@ -15,7 +15,7 @@ from sparseft.bench import load_bench_config, read_results, schema_problems
 from sparseft.bench.config import parse_bench_config
 from sparseft.bench.report import build_report, pick_rows, render_html, render_markdown
 from sparseft.bench.results import write_results
-from sparseft.bench.tiny import build_tokenizer
+from sparseft.bench.shapes import text_tokenizer
 from sparseft.cli import main
 from sparseft.errors import ConfigError, ResultsFormatError
 
@@ -231,7 +231,7 @@ def test_shipped_real_config_parses(tmp_path):
 
 
 def test_tiny_tokenizer_keeps_task_words_distinct():
-    tok = build_tokenizer(["Review: a good film .", "positive", "negative"])
+    tok = text_tokenizer(["Review: a good film .", "positive", "negative"])
     ids = tok("positive negative good", add_special_tokens=False)["input_ids"]
     assert len(set(ids)) == 3 and tok.unk_token_id not in ids
     assert "<|im_start|>" in tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)

@@ -5,7 +5,6 @@
 - ``decoding.py``: prompt encoding, ``generate`` with streaming and stop strings.
 - ``app.py`` / ``protocol.py``: the FastAPI routes and the OpenAI wire format.
 - ``server.py``: assembling all of it from a model name and diff directories (``sparseft serve``).
-- ``loadtest.py``: the bounded loopback load test behind docs/benchmarks/serving.md.
 """
 
 from .app import ServeLimits, create_app
