@@ -25,7 +25,8 @@ CHAT_TEMPLATE = (
 def make_tokenizer(vocab_size: int = 128) -> PreTrainedTokenizerFast:
     """A word-level tokenizer over the tiny model's 128 ids: <unk>, <s>, </s>, chat words, then w7..w127."""
     vocab = numbered_vocab(["<unk>", "<s>", "</s>", "user", "assistant", "system", ":"], vocab_size)
-    return word_level_tokenizer(vocab, chat_template=CHAT_TEMPLATE, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    return word_level_tokenizer(vocab, chat_template=CHAT_TEMPLATE,
+                                unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
 def save_base(path: Path, seed: int = 0) -> Path:

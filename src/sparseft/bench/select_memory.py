@@ -88,7 +88,8 @@ def main() -> None:
         return
     rest = [a for a in sys.argv[1:] if not a.startswith("--mode")]
     for mode in ("activations", "select", "naive"):
-        out = subprocess.run([sys.executable, "-m", "sparseft.bench.select_memory", "--mode", mode, *rest], capture_output=True, text=True, check=True)
+        cmd = [sys.executable, "-m", "sparseft.bench.select_memory", "--mode", mode, *rest]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         print(out.stdout.strip().splitlines()[-1], flush=True)
 
 

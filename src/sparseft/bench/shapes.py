@@ -84,7 +84,8 @@ def word_level_tokenizer(vocab: Sequence[str], *, pre_tokenizer=None, decoder=No
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(vocab)}, unk_token=special_tokens.get("unk_token")))
+    ids = {word: i for i, word in enumerate(vocab)}
+    backend = Tokenizer(models.WordLevel(ids, unk_token=special_tokens.get("unk_token")))
     backend.pre_tokenizer = pre_tokenizer or pre_tokenizers.WhitespaceSplit()
     if decoder is not None:
         backend.decoder = decoder
@@ -130,14 +131,16 @@ def text_tokenizer(texts: Iterable[str]):
 
     vocab = list(dict.fromkeys([*TEXT_SPECIAL_TOKENS, *words_of(texts)]))
     return word_level_tokenizer(
-        vocab, pre_tokenizer=pre_tokenizers.Whitespace(), decoder=decoders.WordPiece(prefix="##"),  # joins words with spaces
+        vocab, pre_tokenizer=pre_tokenizers.Whitespace(),
+        decoder=decoders.WordPiece(prefix="##"),  # joins words with spaces
         chat_template=CHATML_TEMPLATE, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>",
         additional_special_tokens=TEXT_SPECIAL_TOKENS[4:],
     )
 
 
-def build_tiny_model_dir(out: str | Path, texts: Iterable[str], shape: dict[str, Any] | None = None, seed: int = 0) -> Path:
-    """Write a ``tiny`` random Llama (``shape`` on top) + a tokenizer covering ``texts`` to ``out``; returns the folder."""
+def build_tiny_model_dir(out: str | Path, texts: Iterable[str], shape: dict[str, Any] | None = None,
+                         seed: int = 0) -> Path:
+    """Write a ``tiny`` random Llama (``shape`` on top) and a tokenizer covering ``texts`` to ``out``; returns it."""
     from ..loading import save_model_dir
 
     tokenizer = text_tokenizer(texts)
