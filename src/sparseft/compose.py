@@ -17,18 +17,33 @@ from typing import Any, Sequence
 import torch
 
 from .config import DTYPES, SparseConfig
-from .diffio import SparseDiff
+from .diffio import SparseDiff, check_against_model, fingerprints
 from .errors import ConfigError, FingerprintMismatchError, ShapeMismatchError
 
 
 # ---------------------------------------------------------------- checks
 
 
-def check_same_base(diffs: Sequence[SparseDiff], names: Sequence[str]) -> None:
-    """Every diff was made for the first one's base: equal fingerprints on every dtype both record,
-    at least one dtype in common (or none recorded by any), and equal shapes for modules they share."""
+def check_same_base(
+    diffs: Sequence[SparseDiff], names: Sequence[str], base_weights: dict[str, torch.Tensor] | None = None
+) -> None:
+    """Every diff was made for the same base.
+
+    A diff's fingerprint covers the weights of its own modules only. With ``base_weights`` (the base's
+    linear weights by module name) each diff is checked against the base itself. Without, the diffs must
+    change the same modules, so their fingerprints cover the same weights and can be compared directly.
+    """
+    if base_weights is not None:
+        for diff, name in zip(diffs, names):
+            check_against_model(diff, base_weights, where=name)
+        return
     first, first_name = diffs[0], names[0]
     for diff, name in zip(diffs[1:], names[1:]):
+        if set(diff.shapes) != set(first.shapes):
+            raise ConfigError(
+                f"{first_name} and {name} change different modules, so their base fingerprints cover different "
+                "weights and cannot be compared; pass the base model (--model BASE) to check both against it"
+            )
         a, b = first.base_fingerprint, diff.base_fingerprint
         common = set(a) & set(b)
         differing = sorted(d for d in common if a[d] != b[d])
@@ -39,12 +54,25 @@ def check_same_base(diffs: Sequence[SparseDiff], names: Sequence[str]) -> None:
                 f"bases: {first.base_model or 'unnamed'} vs {diff.base_model or 'unnamed'}); "
                 "only diffs of the same base can be composed or compared"
             )
-        for module in set(first.shapes) & set(diff.shapes):
-            if tuple(first.shapes[module]) != tuple(diff.shapes[module]):
+        for module, shape in diff.shapes.items():
+            if tuple(shape) != tuple(first.shapes[module]):
                 raise ShapeMismatchError(
-                    f"{module} has shape {tuple(first.shapes[module])} in {first_name} "
-                    f"but {tuple(diff.shapes[module])} in {name}"
+                    f"{module} has shape {tuple(first.shapes[module])} in {first_name} but {tuple(shape)} in {name}"
                 )
+
+
+def linear_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``{module name: weight}`` of every linear layer: what ``base_weights`` takes."""
+    return {name: m.weight for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def base_weights_of(model_name: str | None, dtype: str = "float32") -> dict[str, torch.Tensor] | None:
+    """``linear_weights`` of the named base model (loaded once), or None without a name."""
+    if model_name is None:
+        return None
+    from .loading import load_model
+
+    return linear_weights(load_model(model_name, dtype=dtype))
 
 
 def _short(prints: dict[str, str]) -> str:
@@ -91,12 +119,15 @@ def compose(
     weights: Sequence[float] | None = None,
     names: Sequence[str] | None = None,
     value_dtype: str | None = None,
+    base_weights: dict[str, torch.Tensor] | None = None,
 ) -> tuple[SparseDiff, ComposeReport]:
     """One diff whose entries are the union of ``diffs``' and whose values are ``sum_i weights[i] * values_i``.
 
     Sums are taken in float64 and stored in ``value_dtype`` (default: the inputs' dtype when they agree,
     else float32). Entries that sum to exactly 0 are dropped. Raises ``FingerprintMismatchError`` /
-    ``ShapeMismatchError`` before computing anything when the diffs do not share a base.
+    ``ShapeMismatchError`` before computing anything when the diffs do not share a base. Diffs that change
+    different modules need ``base_weights`` (``linear_weights(base)``): each is checked against the base,
+    and the output's fingerprint is taken over the union of their modules.
 
     Example:
         >>> merged, report = compose([read_diff("a"), read_diff("b")], weights=[1.0, 0.5])  # doctest: +SKIP
@@ -108,7 +139,7 @@ def compose(
     weights = [1.0] * len(diffs) if weights is None else [float(w) for w in weights]
     if len(weights) != len(diffs):
         raise ConfigError(f"{len(weights)} weight(s) for {len(diffs)} diff(s); give one per diff")
-    check_same_base(diffs, names)
+    check_same_base(diffs, names, base_weights)
     value_dtype = value_dtype or common_value_dtype(diffs)
     if value_dtype not in DTYPES:
         raise ConfigError(f"value_dtype must be one of {sorted(DTYPES)}, got {value_dtype!r}")
@@ -129,7 +160,9 @@ def compose(
         values=values,
         shapes=shapes,
         base_model=first.base_model,
-        base_fingerprint=dict(first.base_fingerprint),
+        base_fingerprint=(
+            fingerprints({n: base_weights[n] for n in modules}) if base_weights is not None else dict(first.base_fingerprint)
+        ),
         provenance={"composed_from": [{"diff": n, "weight": w} for n, w in zip(names, weights)]},
     )
     totals = {key: sum(s[key] for s in per_module.values()) for key in ("union", "shared", "sign_conflicts", "cancelled")}
@@ -197,10 +230,13 @@ class OverlapStats:
         return asdict(self)
 
 
-def overlap_stats(a: SparseDiff, b: SparseDiff, names: Sequence[str] = ("A", "B")) -> OverlapStats:
+def overlap_stats(
+    a: SparseDiff, b: SparseDiff, names: Sequence[str] = ("A", "B"), base_weights: dict[str, torch.Tensor] | None = None
+) -> OverlapStats:
     """Entries shared by ``a`` and ``b``, their Jaccard index, per-module overlap and the cosine of the values
-    on shared entries (how alike the two updates are where they touch the same weights)."""
-    check_same_base([a, b], names)
+    on shared entries (how alike the two updates are where they touch the same weights). ``base_weights`` as
+    for ``compose``: needed when the two change different modules."""
+    check_same_base([a, b], names, base_weights)
     shared_a, shared_b, per_module = [], [], {}
     for module in sorted(set(a.masks) | set(b.masks)):
         va, vb = shared_values(a, b, module)
