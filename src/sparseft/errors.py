@@ -98,5 +98,6 @@ class AdapterFormatError(SparseFTError, ValueError):
     shapes that do not fit), or a diff cannot be written as one (a layer too dense for SHiRA's ``r``)."""
 
 
-class TaskFileError(SparseFTError, ValueError):
-    """A task file (``--task path/to/task.yaml``) is unreadable or a key has a missing or invalid value."""
+class TaskFileError(ConfigError):
+    """A task file (``--task path/to/task.yaml``) is unreadable or a key has a missing or invalid value
+    (a ``ConfigError``, so code that checks task names catches it too)."""
