@@ -93,7 +93,7 @@ def evaluate_records(
 
 def run_eval(
     model_name: str,
-    task_name: str,
+    task_name: str | Task,
     data: str | os.PathLike,
     diff: str | os.PathLike | None = None,
     limit: int | None = None,
@@ -101,8 +101,9 @@ def run_eval(
     dtype: str = "float32",
     progress: bool = True,
 ) -> EvalResult:
-    """Load ``model_name`` (+ ``diff``), evaluate it on ``task_name`` and time it (load time apart)."""
-    task = get_task(task_name)
+    """Load ``model_name`` (+ ``diff``), evaluate it on ``task_name`` and time it (load time apart).
+    ``task_name`` is a registered name, a task file path (``get_task``) or a ``Task``."""
+    task = get_task(task_name) if isinstance(task_name, str) else task_name
     records = task.load(data, limit)  # bad data fails here, before time goes into loading the model
     start = time.perf_counter()
     model, kind = attach_diff(load_model(model_name, dtype=dtype), diff)

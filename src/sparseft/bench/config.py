@@ -135,6 +135,11 @@ def parse_bench_config(
     root = str(Path(data_root or os.environ.get("SPARSEFT_DATA") or "../shared/data").expanduser().absolute())
     for key in ("train_data", "eval_data"):
         fields[key] = resolve_path(str(fields[key]), base_dir, root)
+    from ..tasks.taskfile import looks_like_task_file
+
+    for key in ("task", "eval_task"):  # a task file, like the data, is found next to the config
+        if isinstance(fields.get(key), str) and looks_like_task_file(fields[key]):
+            fields[key] = resolve_path(fields[key], base_dir, root)
     if isinstance(fields["model"], str) and fields["model"].startswith((".", "$")):
         fields["model"] = resolve_path(fields["model"], base_dir, root)
     fields["runs"] = parse_runs(fields["runs"], where)
