@@ -41,6 +41,14 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, Any]]]:
             yield where, obj
 
 
+def read_objects(source: str | os.PathLike) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(where, object)`` for each row of a JSON Lines file or of a Hugging Face dataset split
+    (``hf:NAME[:CONFIG]:SPLIT``, see ``sparseft.hfdata``): the task loaders read either the same way."""
+    from .hfdata import dataset_rows, is_dataset_spec
+
+    return dataset_rows(source) if is_dataset_spec(source) else read_jsonl(source)
+
+
 def text_field(obj: dict[str, Any], field: str, where: str) -> str:
     """A required, non-empty string field."""
     if field not in obj:

@@ -31,7 +31,7 @@ def add_parser(sub):
     inline.add_argument("--labels", metavar="A,B,C", help="label words, comma-separated (default: the distinct labels of the data, sorted)")
     inline.add_argument("--text-field", metavar="NAME", default="text", help="field of each row holding the text (default: text)")
     inline.add_argument("--label-field", metavar="NAME", default="label", help="field of each row holding the label word (default: label)")
-    p.add_argument("--data", required=True, metavar="PATH", help="data file in the task's format")
+    p.add_argument("--data", required=True, metavar="PATH", help="data file in the task's format, or a Hugging Face dataset hf:NAME[:CONFIG]:SPLIT")
     p.add_argument("--limit", type=int, metavar="N", help="only the first N examples")
     p.add_argument("--batch-size", type=int, default=8, help="examples per forward pass (default: 8)")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype to load the model in (default: float32)")

@@ -51,7 +51,7 @@ def add_parser(sub):
     )
     p.add_argument("--config", metavar="YAML", help="TrainConfig fields as YAML (flags override them)")
     p.add_argument("--model", help="base model: alias (e.g. smollm2-135m), local directory or HF id")
-    p.add_argument("--data", metavar="FILE", help="rows {prompt, completion} or {messages}: .jsonl, .csv, .parquet, .arrow or a datasets dir")
+    p.add_argument("--data", metavar="FILE", help="rows {prompt, completion} or {messages}: .jsonl, .csv, .parquet, .arrow, a datasets dir or hf:NAME[:CONFIG]:SPLIT")
     p.add_argument("--out", metavar="DIR", help="output directory")
     p.add_argument("--method", choices=["sparse", "full", "lora"], help="what to train")
     sel = p.add_argument_group("selection (sparse)")

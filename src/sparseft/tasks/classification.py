@@ -15,7 +15,8 @@ from typing import Callable
 
 from ..errors import DataFormatError
 from .base import Record, Task, completion_text, encode_completion, encode_prompt
-from ..files import existing_file, read_jsonl, take, text_field
+from ..files import existing_file, read_objects, take, text_field
+from ..hfdata import dataset_rows, is_dataset_spec
 from ..loading import pad_token_id
 from .inference import score_completions
 
@@ -25,8 +26,11 @@ Reader = Callable[[str | os.PathLike, list[str]], list[Record]]
 def read_sst2_tsv(path: str | os.PathLike, labels: list[str]) -> list[Record]:
     """GLUE SST-2 ``sentence<TAB>label`` with a header; label 0/1 indexes ``labels``.
 
-    GLUE keeps a trailing space before the tab and raw ``"`` characters, so quoting is off.
+    GLUE keeps a trailing space before the tab and raw ``"`` characters, so quoting is off. A Hugging
+    Face dataset spec (``hf:glue/sst2:validation``) is read as rows with the same two fields.
     """
+    if is_dataset_spec(path):
+        return read_sst2_rows(path, labels)
     path = existing_file(path)
     raw = path.read_bytes()
     try:
@@ -55,10 +59,21 @@ def read_sst2_tsv(path: str | os.PathLike, labels: list[str]) -> list[Record]:
     return records
 
 
-def read_labelled_jsonl(path: str | os.PathLike, labels: list[str]) -> list[Record]:
-    """JSON Lines ``{"text": ..., "label": <one of labels>}``."""
+def read_sst2_rows(source: str | os.PathLike, labels: list[str]) -> list[Record]:
+    """GLUE SST-2 rows of a Hugging Face dataset: ``sentence`` and an integer ``label`` indexing ``labels``."""
     records = []
-    for where, obj in read_jsonl(path):
+    for where, row in dataset_rows(source):
+        sentence, label = text_field(row, "sentence", where).strip(), row.get("label")
+        if not isinstance(label, int) or not 0 <= label < len(labels):
+            raise DataFormatError(f"{where}: field 'label' must be an integer 0..{len(labels) - 1}, got {label!r}")
+        records.append({"text": sentence, "label": label})
+    return records
+
+
+def read_labelled_jsonl(path: str | os.PathLike, labels: list[str]) -> list[Record]:
+    """JSON Lines ``{"text": ..., "label": <one of labels>}`` (or the same rows of a Hugging Face dataset)."""
+    records = []
+    for where, obj in read_objects(path):
         text, label = text_field(obj, "text", where), text_field(obj, "label", where)
         if label not in labels:
             raise DataFormatError(f"{where}: field 'label' is {label!r}; expected one of {labels}")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from ..errors import DataFormatError
 from .base import Record, Task, encode_prompt
 from ..files import existing_file, take, text_field
+from ..hfdata import dataset_rows, is_dataset_spec
 from .inference import generate_texts
 
 ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -52,8 +53,11 @@ def read_squad_json(path, articles: slice | None = None) -> list[Record]:
     Every level is checked before it is used, so a malformed file fails with a
     :class:`DataFormatError` naming the file and the item (``data[3].paragraphs[0].qas[2].answers[0].text``)
     instead of a ``KeyError`` deep inside. Answers whose text is blank are skipped; a question needs at
-    least one that is not.
+    least one that is not. A Hugging Face dataset spec (``hf:rajpurkar/squad:validation``) is read by
+    ``read_squad_rows``.
     """
+    if is_dataset_spec(path):
+        return read_squad_rows(path, articles)
     path = existing_file(path)
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
@@ -87,6 +91,30 @@ def read_squad_json(path, articles: slice | None = None) -> list[Record]:
                 if not answers:
                     raise DataFormatError(f"{at_question}.answers: needs at least one answer with a non-empty 'text'")
                 records.append({"id": qid, "context": context, "question": question, "answers": answers})
+    return records
+
+
+def read_squad_rows(source, articles: slice | None = None) -> list[Record]:
+    """Questions of a SQuAD split on the Hugging Face Hub: flat rows ``{id, title, context, question,
+    answers: {text: [...], answer_start: [...]}}``. An article is a ``title``, numbered in order of first
+    appearance (the order of the official file), so ``articles`` splits the same way as for the JSON file."""
+    rows = list(dataset_rows(source))
+    titles = list(dict.fromkeys(text_field(row, "title", where) for where, row in rows))
+    kept = set(titles[articles or slice(None)])
+    records = []
+    for where, row in rows:
+        if row["title"] not in kept:
+            continue
+        answers = row.get("answers")
+        texts = answers.get("text") if isinstance(answers, dict) else None
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts) or not any(t.strip() for t in texts):
+            raise DataFormatError(f"{where}: field 'answers' must be {{'text': [non-empty strings], ...}}, got {answers!r:.80}")
+        records.append({
+            "id": str(row.get("id", "")),
+            "context": text_field(row, "context", where),
+            "question": text_field(row, "question", where),
+            "answers": [t for t in texts if t.strip()],
+        })
     return records
 
 

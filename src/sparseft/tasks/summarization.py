@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ..errors import DataFormatError
 from .base import Task, encode_prompt
-from ..files import read_jsonl, take, text_field
+from ..files import read_objects, take, text_field
 from .inference import generate_texts
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
@@ -15,7 +15,7 @@ ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 def read_dialogue_jsonl(path) -> list[dict]:
     """``{"dialogue", "summary"}`` lines. SAMSum mixes ``\\r\\n`` and ``\\n`` between turns: both become ``\\n``."""
     records = []
-    for where, obj in read_jsonl(path):
+    for where, obj in read_objects(path):
         dialogue = text_field(obj, "dialogue", where)
         turns = [t.strip() for t in dialogue.replace("\r\n", "\n").replace("\r", "\n").split("\n")]
         records.append({"dialogue": "\n".join(t for t in turns if t), "summary": text_field(obj, "summary", where).strip()})

@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from ..errors import DataFormatError, TaskFileError
-from ..files import read_jsonl, take, text_field
+from ..files import read_objects, take, text_field
 from .base import Record
 from .classification import ClassificationTask
 from .qa import QATask
@@ -82,7 +82,7 @@ class FileClassificationTask(ClassificationTask):
     primary_metric: str | None = "accuracy"
 
     def load(self, path, limit=None):
-        rows = list(read_jsonl(path))
+        rows = list(read_objects(path))
         if self.labels_from_data and not self.labels:
             # Sorted, so a train and an eval file with the same label set give the same order.
             self.labels = sorted({text_field(obj, self.label_field, where) for where, obj in rows})
@@ -107,7 +107,7 @@ class FileQATask(QATask):
 
     def load(self, path, limit=None):
         records = []
-        for where, obj in read_jsonl(path):
+        for where, obj in read_objects(path):
             answers = obj.get(self.answer_field)
             answers = [answers] if isinstance(answers, str) else answers
             if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers) or not any(a.strip() for a in answers):
@@ -132,7 +132,7 @@ class FileSummarizationTask(SummarizationTask):
     def load(self, path, limit=None):
         records = [
             {**read_fields(obj, self.text_fields, where), "summary": text_field(obj, self.summary_field, where).strip()}
-            for where, obj in read_jsonl(path)
+            for where, obj in read_objects(path)
         ]
         if not records:
             raise DataFormatError(f"{path}: no examples")

@@ -6,7 +6,8 @@ assistant turns for ``messages``); every other label is -100.
 
 Files: JSON Lines (``.jsonl``, ``.json`` with one object per line), CSV (``.csv``; a ``messages``
 column holds a JSON list), and local ``datasets`` files (``.parquet``, ``.arrow``, or a directory
-written by ``Dataset.save_to_disk``). Every problem is reported as a :class:`DataFormatError` naming
+written by ``Dataset.save_to_disk``), or a Hugging Face dataset split named ``hf:NAME[:CONFIG]:SPLIT``
+(``sparseft.hfdata``; offline from the local datasets cache). Every problem is reported as a :class:`DataFormatError` naming
 the file, the line (row) and the field, before any training starts.
 
 Example:
@@ -32,6 +33,7 @@ from ..diffio import file_sha256
 from ..errors import DataFormatError
 from ..loading import prompt_prefix
 from ..files import read_jsonl
+from ..hfdata import dataset_rows, dataset_sha256, is_dataset_spec
 
 IGNORE_INDEX = -100
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -64,7 +66,10 @@ class Example:
 
 
 def data_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a data file; for a dataset directory, of each file's relative name and sha256."""
+    """sha256 of a data file; for a dataset directory, of each file's relative name and sha256; for a
+    Hugging Face dataset spec, of its rows."""
+    if is_dataset_spec(path):
+        return dataset_sha256(path)
     path = Path(path)
     if not path.is_dir():
         return file_sha256(path)
@@ -106,7 +111,9 @@ def read_datasets_file(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def read_records(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
-    """``(where, raw_row)`` for every row of a data file, in file order."""
+    """``(where, raw_row)`` for every row of a data file (or Hugging Face dataset split), in order."""
+    if is_dataset_spec(path):
+        return dataset_rows(path)
     path = Path(path)
     if not path.exists():
         raise DataFormatError(f"{path}: no such data file")
