@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import os
 
-import torch
+# Tests never reach the network: Hub models, diffs and datasets come from caches the tests build.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import torch  # noqa: E402
 
 # Triton fixes interpreter mode when first imported (transformers imports it below); without CUDA its
 # kernels can only run interpreted, which is how tests/test_kernels.py checks the GPU kernel on CPU.

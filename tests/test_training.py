@@ -94,6 +94,7 @@ def test_same_seed_gives_the_same_diff_bytes(train_file, tmp_path):
     delta = "sparse_delta.safetensors"
     assert sha256(a.out / delta) == sha256(b.out / delta)
     assert sha256(a.out / "sparse_config.json") == sha256(b.out / "sparse_config.json")
+    assert sha256(a.out / "README.md") == sha256(b.out / "README.md")  # the model card too
     assert sha256(a.out / delta) != sha256(c.out / delta)
     assert a.losses == b.losses
 

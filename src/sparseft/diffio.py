@@ -41,6 +41,7 @@ from .errors import (
     ShapeMismatchError,
     UnsupportedFormatError,
 )
+from .hub import CARD_NAME, model_card
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "sparse_config.json"
@@ -261,6 +262,7 @@ def write_diff(diff: SparseDiff, path: str | os.PathLike, validate: bool = True)
         save_file(delta_tensors(diff), str(tmp / DELTA_NAME), metadata={"format": "sparseft-diff"})
         meta = config_json(diff, file_sha256(tmp / DELTA_NAME))
         (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        (tmp / CARD_NAME).write_text(model_card(diff))  # not in file_hashes: a card may be edited
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())

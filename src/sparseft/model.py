@@ -17,6 +17,7 @@ from .config import SparseConfig
 from .delta import SparseLinear
 from .diffio import SparseDiff, check_against_model, check_diff, fingerprints, read_diff, write_diff
 from .errors import ConfigError, MergeStateError
+from .hub import resolve_diff
 from .selection import select
 from .targets import find_targets
 
@@ -187,6 +188,7 @@ class SparseModel(nn.Module):
     ) -> "SparseModel":
         """Load a diff onto ``model``. Everything is validated and every value tensor prepared before the
         model is touched, and a failure while wrapping undoes it: on any error ``model`` is unchanged."""
+        diff_directory = resolve_diff(diff_directory)  # a local directory, or a Hub id org/name[@rev]
         diff = read_diff(diff_directory)
         targets = find_targets(model, diff.config.target_modules)
         check_against_model(diff, {n: t.weight for n, t in targets.items()}, where=str(diff_directory))

@@ -35,7 +35,7 @@ from torch import nn
 
 from .atomic import atomic_dir
 from .config import DTYPES, SparseConfig
-from .diffio import SparseDiff, check_diff, fingerprints
+from .diffio import CONFIG_NAME, DELTA_NAME, SparseDiff, check_diff, fingerprints
 from .errors import AdapterFormatError, ShapeMismatchError
 from .targets import find_targets
 
@@ -134,7 +134,8 @@ def export_shira(
     with atomic_dir(out) as tmp:
         config.save_pretrained(str(tmp))
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt", VALUE_DTYPE_KEY: diff.config.value_dtype})
-    diff_bytes = sum(f.stat().st_size for f in Path(diff_dir).iterdir() if f.is_file()) if diff_dir else None
+    # The diff's data files only: its README.md model card is documentation, not the diff.
+    diff_bytes = sum((Path(diff_dir) / name).stat().st_size for name in (CONFIG_NAME, DELTA_NAME)) if diff_dir else None
     return ExportReport(
         r=r,
         diff_entries=diff.num_entries,

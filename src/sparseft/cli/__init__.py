@@ -13,6 +13,7 @@ import keyword
 import sys
 
 from ..errors import SparseFTError
+from ..hub import resolve_diff
 
 VERBS = [
     "demo", "select", "train", "eval", "apply", "compose", "diff-stats", "export", "import",
@@ -43,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if isinstance(getattr(args, "diff", None), str):  # --diff / DIFF: a directory or a Hub id org/name[@rev]
+            args.diff = str(resolve_diff(args.diff))
         return int(args.handler(args) or 0)
     except SparseFTError as e:
         print(f"sparseft {args.verb}: error: {e}", file=sys.stderr)

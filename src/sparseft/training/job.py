@@ -23,6 +23,7 @@ from ..atomic import atomic_dir, atomic_file
 from ..config import SparseConfig
 from ..diffio import CONFIG_NAME, read_diff
 from ..errors import ConfigError
+from ..hub import CARD_NAME
 from ..model import SparseModel, get_sparse_model
 from ..loading import load_model, load_tokenizer
 from ..selection import read_mask_file, select
@@ -266,7 +267,8 @@ def save_artifact(cfg: TrainConfig, model: nn.Module, tokenizer, path: Path, tot
 # The run's logs and checkpoints, carried over into the published directory.
 KEEP_ON_PUBLISH = (METRICS_NAME, CHECKPOINTS_DIR)
 # Files of ``out`` that are not the artifact itself.
-NOT_ARTIFACT = (*KEEP_ON_PUBLISH, TRAIN_CONFIG_NAME)
+# The model card (a sparse diff's, PEFT's for LoRA) documents the artifact; it is not counted in its bytes.
+NOT_ARTIFACT = (*KEEP_ON_PUBLISH, TRAIN_CONFIG_NAME, CARD_NAME)
 
 
 def publish(out: Path, write_artifact, cfg: TrainConfig) -> None:
