@@ -90,3 +90,16 @@ def test_a_dataset_missing_from_the_offline_cache_is_a_clear_error(hf_cache):
     hf_cache("glue", "sst2", "validation", {"sentence": ["ok"], "label": [7]})
     with pytest.raises(DataFormatError, match=r"row 0: field 'label' must be an integer 0\.\.1, got 7"):
         get_task("sst2").load("glue/sst2:validation")
+
+
+def test_a_bench_config_takes_hub_names_as_they_are():
+    from pathlib import Path
+
+    import yaml
+
+    from sparseft.bench.config import parse_bench_config
+
+    tiny = Path(__file__).resolve().parents[1] / "examples" / "bench" / "tiny.yaml"
+    raw = {**yaml.safe_load(tiny.read_text()), "train_data": "hf:glue/sst2:train", "eval_data": "hf:glue/sst2:validation"}
+    cfg = parse_bench_config(raw, base_dir=tiny.parent)
+    assert (cfg.train_data, cfg.eval_data) == ("hf:glue/sst2:train", "hf:glue/sst2:validation")

@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
+from ..hfdata import PREFIX as HF_PREFIX
 from ..selection import SCORERS
 
 METHODS = ("full", "lora", "sparse")
@@ -133,8 +134,9 @@ def parse_bench_config(
     fields = dict(raw)
     # A data root is the user's, given from where they stand: relative to the working directory, not the file.
     root = str(Path(data_root or os.environ.get("SPARSEFT_DATA") or "../shared/data").expanduser().absolute())
-    for key in ("train_data", "eval_data"):
-        fields[key] = resolve_path(str(fields[key]), base_dir, root)
+    for key in ("train_data", "eval_data"):  # hf:NAME[:CONFIG]:SPLIT names a Hugging Face dataset, not a path
+        value = str(fields[key])
+        fields[key] = value if value.startswith(HF_PREFIX) else resolve_path(value, base_dir, root)
     from ..tasks.taskfile import looks_like_task_file
 
     for key in ("task", "eval_task"):  # a task file, like the data, is found next to the config
@@ -227,7 +229,7 @@ def check_grid_values(cfg: BenchConfig, where: str) -> None:
     if isinstance(cfg.model, dict) and set(cfg.model) != {"tiny"}:
         raise ConfigError(f"{where}: a model mapping must have the single key 'tiny' (a tiny random model)")
     for key in ("train_data", "eval_data"):
-        if not Path(getattr(cfg, key)).exists():
+        if not getattr(cfg, key).startswith(HF_PREFIX) and not Path(getattr(cfg, key)).exists():
             raise ConfigError(f"{where}: {key} {getattr(cfg, key)} does not exist (set SPARSEFT_DATA or --data-root?)")
 
 
