@@ -66,6 +66,13 @@ def test_from_pretrained_and_cli_take_a_hub_id_offline(hub_cache, tmp_path, tiny
     assert main(["apply", "--model", str(tiny_model_dir), "--diff", "my-org/tiny-diff", "--out", str(tmp_path / "m")]) == 0
 
 
+def test_audit_of_a_hub_id_reports_into_the_working_directory(hub_cache, tmp_path, tiny_model_with_tokenizer_dir):
+    hub_cache("my-org/tiny-diff", save_diff(tmp_path / "local-diff"))
+    code = main(["audit", "--model", str(tiny_model_with_tokenizer_dir), "--diff", "my-org/tiny-diff"])
+    assert code in (0, 1)  # pass or a crossed drift limit; either way a report, not the HF cache, is written
+    assert (tmp_path / "tiny-diff-audit" / "audit.json").is_file()
+
+
 def test_a_repo_missing_from_the_offline_cache_is_a_clear_error(hub_cache, capsys):
     with pytest.raises(DiffNotFoundError, match=r"my-org/absent.*no snapshot of repository 'my-org/absent'.*offline"):
         SparseModel.from_pretrained(make_tiny_llama(), "my-org/absent")

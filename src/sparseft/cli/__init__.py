@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if isinstance(getattr(args, "diff", None), str):  # --diff / DIFF: a directory or a Hub id org/name[@rev]
-            args.diff = str(resolve_diff(args.diff))
+            args.diff_given, args.diff = args.diff, str(resolve_diff(args.diff))
         return int(args.handler(args) or 0)
     except SparseFTError as e:
         print(f"sparseft {args.verb}: error: {e}", file=sys.stderr)

@@ -46,7 +46,10 @@ def run(args) -> int:
     limits = Thresholds(args.max_kl, args.min_agreement, args.max_pair_drift)
     report = audit_diff(model, args.diff, args.probe, load_tokenizer(args.model, required=False), limits,
                         args.batch_size, model_name=str(args.model))
-    out = Path(args.out) if args.out else Path(str(Path(args.diff).resolve()) + "-audit")
+    # Beside the diff; for a Hub id (resolved into the HF cache) in the working directory instead.
+    given = getattr(args, "diff_given", args.diff)
+    beside = Path(args.diff).resolve() if Path(given).exists() else Path(Path(given).name).absolute()
+    out = Path(args.out) if args.out else Path(str(beside) + "-audit")
     if args.repro:
         from ..audit.repro import reproduce
         from ..audit.report import add_reproducibility
