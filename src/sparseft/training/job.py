@@ -267,8 +267,7 @@ def save_artifact(cfg: TrainConfig, model: nn.Module, tokenizer, path: Path, tot
 # The run's logs and checkpoints, carried over into the published directory.
 KEEP_ON_PUBLISH = (METRICS_NAME, CHECKPOINTS_DIR)
 # Files of ``out`` that are not the artifact itself.
-# The model card (a sparse diff's, PEFT's for LoRA) documents the artifact; it is not counted in its bytes.
-NOT_ARTIFACT = (*KEEP_ON_PUBLISH, TRAIN_CONFIG_NAME, CARD_NAME)
+NOT_ARTIFACT = (*KEEP_ON_PUBLISH, TRAIN_CONFIG_NAME)
 
 
 def publish(out: Path, write_artifact, cfg: TrainConfig) -> None:
@@ -288,6 +287,14 @@ def directory_bytes(path: Path, skip: tuple[str, ...] = NOT_ARTIFACT) -> int:
     return sum(f.stat().st_size for f in path.iterdir() if f.is_file() and f.name not in skip)
 
 
+def artifact_bytes(cfg: TrainConfig, out: Path) -> int:
+    """``directory_bytes`` of the artifact; a sparse diff's model card (README.md, newer than these
+    figures) is left out so diff sizes stay comparable with earlier runs. PEFT's card stays counted, as before."""
+    if not out.is_dir():
+        return 0
+    return directory_bytes(out, NOT_ARTIFACT + ((CARD_NAME,) if cfg.method == "sparse" else ()))
+
+
 def make_result(cfg: TrainConfig, out: Path, model: nn.Module, stats: LoopStats, total_steps: int, extra: dict) -> TrainResult:
     if isinstance(model, SparseModel):
         total = model.num_base_parameters()
@@ -305,6 +312,6 @@ def make_result(cfg: TrainConfig, out: Path, model: nn.Module, stats: LoopStats,
         tokens_per_s=stats.tokens_per_s,
         peak_memory_bytes=stats.peak_memory_bytes,
         optimizer_state_bytes=stats.optimizer_state_bytes,
-        artifact_bytes=directory_bytes(out) if out.is_dir() else 0,
+        artifact_bytes=artifact_bytes(cfg, out),
         extra=extra,
     )
