@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -217,3 +218,88 @@ def set_kernels(model: nn.Module, backend: str = "auto", forward_mode: str = "in
     for layer in layers:
         layer.set_kernels(backend, forward_mode)
     return len(layers)
+
+
+# ---------------------------------------------------------------- unmerged: many diffs in one batch
+
+
+def gather_scale_scatter(
+    columns: torch.Tensor, src: torch.Tensor, values: torch.Tensor, dst: torch.Tensor, size: int
+) -> torch.Tensor:
+    """``out[dst[e]] += columns[src[e]] * values[e]`` for every entry e, in fp32; ``out`` has ``size`` rows.
+
+    The one kernel of the unmerged delta: ``columns`` holds an input feature per row (any trailing
+    shape, e.g. tokens), each sparse entry reads one row, scales it and adds it into one output row.
+    """
+    gathered = columns.index_select(0, src).to(torch.float32)
+    gathered.mul_(values.to(torch.float32).view(-1, *([1] * (columns.dim() - 1))))
+    out = torch.zeros((size, *columns.shape[1:]), dtype=torch.float32, device=columns.device)
+    return out.index_add_(0, dst, gathered)
+
+
+@dataclass
+class MixedEntries:
+    """The entries of several diffs on one ``out_features x in_features`` weight, stored compactly.
+
+    Entries are sorted by diff slot: slot ``s`` owns ``flat[offsets[s]:offsets[s + 1]]`` (flat
+    positions ``row * in_features + col``, int32) and the same range of ``values``. Per entry that is
+    4 B of index + 2 B (bf16) or 4 B (fp32) of value; the slot costs nothing per entry (``offsets``
+    is one int64 per diff).
+    """
+
+    flat: torch.Tensor  # (E,) int32
+    values: torch.Tensor  # (E,)
+    offsets: torch.Tensor  # (slots + 1,) int64
+    out_features: int
+    in_features: int
+
+    @property
+    def bytes_per_entry(self) -> int:
+        return self.flat.element_size() + self.values.element_size()
+
+
+def mixed_pairs(row_diff: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each batch row, the entry range of its diff: (row of each pair, entry of each pair).
+
+    ``row_diff[b]`` is the slot of row b's diff, -1 for none. Rows of the same diff each get all of
+    its entries; a batch with rows b1, b2 of diff 3 and b3 of none yields pairs (b1, e), (b2, e) for
+    every entry e of slot 3. No Python loop over diffs: counts, repeat_interleave and an arange.
+    """
+    has_diff = row_diff >= 0
+    slot = row_diff.clamp(min=0)
+    starts = offsets[slot]
+    counts = torch.where(has_diff, offsets[slot + 1] - starts, torch.zeros_like(starts))
+    rows = torch.repeat_interleave(torch.arange(row_diff.numel(), device=row_diff.device), counts)
+    first_pair = torch.cumsum(counts, 0) - counts  # where each row's pairs begin
+    entry = torch.arange(rows.numel(), device=row_diff.device) - (first_pair - starts).repeat_interleave(counts)
+    return rows, entry
+
+
+def mixed_delta(
+    x: torch.Tensor, row_diff: torch.Tensor, entries: MixedEntries, pairs: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """Δ(x) for a batch whose rows use different diffs: row b gets ``x[b] S_{row_diff[b]}ᵀ`` (fp32).
+
+    ``x`` is (B, ..., in_features), ``row_diff`` (B,) diff slots (-1: none, Δ = 0). One gather,
+    multiply and ``index_add_`` over the entries of all diffs present, whatever their number.
+    ``pairs`` is ``mixed_pairs(row_diff, entries.offsets)`` when the caller reuses it across steps.
+
+    Example:
+        >>> w = MixedEntries(torch.tensor([1, 2], dtype=torch.int32), torch.tensor([1.0, 2.0]),
+        ...                  torch.tensor([0, 1, 2]), out_features=2, in_features=2)
+        >>> mixed_delta(torch.ones(3, 2), torch.tensor([0, 1, -1]), w)  # slot 0 adds W[0,1]=1, slot 1 W[1,0]=2
+        tensor([[1., 0.],
+                [0., 2.],
+                [0., 0.]])
+    """
+    batch, inner = x.shape[0], x.shape[1:-1]
+    rows, entry = pairs if pairs is not None else mixed_pairs(row_diff, entries.offsets)
+    flat = entries.flat.index_select(0, entry).long()
+    out_row, in_col = flat // entries.in_features, flat % entries.in_features
+    # Features first, so each entry reads and writes one contiguous (tokens,) slice.
+    columns = x.reshape(batch, -1, entries.in_features).transpose(1, 2).reshape(batch * entries.in_features, -1)
+    delta = gather_scale_scatter(
+        columns, rows * entries.in_features + in_col, entries.values.index_select(0, entry),
+        rows * entries.out_features + out_row, batch * entries.out_features,
+    )
+    return delta.view(batch, entries.out_features, -1).transpose(1, 2).reshape(batch, *inner, entries.out_features)

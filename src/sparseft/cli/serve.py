@@ -14,6 +14,12 @@ def diff_spec(text: str) -> tuple[str, str]:
     return name, path
 
 
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
+
+
 def add_parser(sub):
     p = sub.add_parser(
         "serve",
@@ -36,6 +42,15 @@ def add_parser(sub):
     p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for (default: 512)")
     p.add_argument("--max-prompt-tokens", type=int, help="longest prompt accepted (default: the model's context)")
     p.add_argument("--max-queue", type=int, default=256, help="queued requests beyond this get 503 (default: 256)")
+    p.add_argument("--strategy", choices=["auto", "merged", "mixed"], default="auto",
+                   help="merged: one request at a time, the diff merged on switch; mixed: continuous batching, each "
+                   "row adds its own diff unmerged; auto (default): continuous batching that merges the diff while "
+                   "every running request uses the same one, unmerged otherwise")
+    p.add_argument("--max-batch-size", type=positive_int, default=16,
+                   help="most requests decoded together by mixed/auto (default: 16)")
+    p.add_argument("--max-batch-tokens", type=positive_int,
+                   help="mixed/auto admit a request only while the running ones' prompt + max_tokens sum stays "
+                   "within this (default: no limit)")
     p.add_argument("--admin-token", help="require 'Authorization: Bearer TOKEN' on /admin routes")
     return p
 
@@ -52,6 +67,7 @@ def run(args) -> int:
     limits = ServeLimits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens,
                          max_prompt_tokens=args.max_prompt_tokens, max_queue=args.max_queue)
     app = build_app(args.model, args.diff, registry_dir=args.registry, served_name=args.served_name,
-                    dtype=args.dtype, device=args.device, limits=limits, admin_token=args.admin_token)
+                    dtype=args.dtype, device=args.device, limits=limits, admin_token=args.admin_token,
+                    strategy=args.strategy, max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
