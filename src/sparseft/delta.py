@@ -275,14 +275,28 @@ def mixed_pairs(row_diff: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Te
     return rows, entry
 
 
+def mixed_plan(row_diff: torch.Tensor, entries: MixedEntries) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What ``mixed_delta`` gathers, scales and scatters for these rows: (src, values, dst) per pair.
+
+    Depends only on which diff each row uses, so a caller decoding step after step with the same
+    rows computes it once (``MixedDeltaHook`` does).
+    """
+    rows, entry = mixed_pairs(row_diff, entries.offsets)
+    flat = entries.flat.index_select(0, entry).long()
+    src = rows * entries.in_features + flat % entries.in_features
+    dst = rows * entries.out_features + flat // entries.in_features
+    return src, entries.values.index_select(0, entry), dst
+
+
 def mixed_delta(
-    x: torch.Tensor, row_diff: torch.Tensor, entries: MixedEntries, pairs: tuple[torch.Tensor, torch.Tensor] | None = None
+    x: torch.Tensor, row_diff: torch.Tensor, entries: MixedEntries,
+    plan: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Δ(x) for a batch whose rows use different diffs: row b gets ``x[b] S_{row_diff[b]}ᵀ`` (fp32).
 
     ``x`` is (B, ..., in_features), ``row_diff`` (B,) diff slots (-1: none, Δ = 0). One gather,
     multiply and ``index_add_`` over the entries of all diffs present, whatever their number.
-    ``pairs`` is ``mixed_pairs(row_diff, entries.offsets)`` when the caller reuses it across steps.
+    ``plan`` is ``mixed_plan(row_diff, entries)`` when the caller reuses it across steps.
 
     Example:
         >>> w = MixedEntries(torch.tensor([1, 2], dtype=torch.int32), torch.tensor([1.0, 2.0]),
@@ -293,13 +307,8 @@ def mixed_delta(
                 [0., 0.]])
     """
     batch, inner = x.shape[0], x.shape[1:-1]
-    rows, entry = pairs if pairs is not None else mixed_pairs(row_diff, entries.offsets)
-    flat = entries.flat.index_select(0, entry).long()
-    out_row, in_col = flat // entries.in_features, flat % entries.in_features
+    src, values, dst = plan if plan is not None else mixed_plan(row_diff, entries)
     # Features first, so each entry reads and writes one contiguous (tokens,) slice.
     columns = x.reshape(batch, -1, entries.in_features).transpose(1, 2).reshape(batch * entries.in_features, -1)
-    delta = gather_scale_scatter(
-        columns, rows * entries.in_features + in_col, entries.values.index_select(0, entry),
-        rows * entries.out_features + out_row, batch * entries.out_features,
-    )
+    delta = gather_scale_scatter(columns, src, values, dst, batch * entries.out_features)
     return delta.view(batch, entries.out_features, -1).transpose(1, 2).reshape(batch, *inner, entries.out_features)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..delta import MixedEntries, mixed_delta, mixed_pairs
+from ..delta import MixedEntries, mixed_delta, mixed_plan
 from .registry import DiffVersion
 
 
@@ -27,7 +27,7 @@ class RowDiffs:
 
     def __init__(self) -> None:
         self.slots: torch.Tensor | None = None  # None: no row has a diff, the hooks do nothing
-        self.version = 0  # bumped on every change so hooks know their cached pairs are stale
+        self.version = 0  # bumped on every change so hooks know their cached plans are stale
 
     def set(self, slots: torch.Tensor | None) -> None:
         self.slots = slots if slots is not None and bool((slots >= 0).any()) else None
@@ -40,21 +40,21 @@ class MixedDeltaHook:
     def __init__(self, layer: nn.Linear, rows: RowDiffs):
         self.layer, self.rows = layer, rows
         self.entries = empty_entries(layer)
-        self._pairs_key: tuple | None = None
-        self._pairs: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._plan_key: tuple | None = None
+        self._plan: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.handle = layer.register_forward_hook(self)
 
     def set_entries(self, entries: MixedEntries) -> None:
-        self.entries, self._pairs_key = entries, None
+        self.entries, self._plan_key = entries, None
 
     def __call__(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         slots = self.rows.slots
         if slots is None or self.entries.flat.numel() == 0:
             return output
         key = (self.rows.version, id(self.entries))
-        if key != self._pairs_key:  # the batch's rows are the same for every step until one joins or leaves
-            self._pairs, self._pairs_key = mixed_pairs(slots, self.entries.offsets), key
-        delta = mixed_delta(inputs[0], slots, self.entries, self._pairs)
+        if key != self._plan_key:  # the batch's rows are the same for every step until one joins or leaves
+            self._plan, self._plan_key = mixed_plan(slots, self.entries), key
+        delta = mixed_delta(inputs[0], slots, self.entries, self._plan)
         return output + delta if output.dtype == torch.float32 else (output.float() + delta).to(output.dtype)
 
     def remove(self) -> None:
