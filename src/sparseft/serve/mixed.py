@@ -22,16 +22,21 @@ from ..delta import MixedEntries, mixed_delta, mixed_plan
 from .registry import DiffVersion
 
 
+# Plans kept per layer (the batch's and recent one-row prefills'): a plan holds one position pair and one
+# value per (row, entry of its diff), so the batch's plan costs ~10-12 B x rows x k.
+PLANS_KEPT = 4
+
+
 class RowDiffs:
     """Which diff slot each row of the current batch uses (-1: the base); set by the engine per forward."""
 
     def __init__(self) -> None:
         self.slots: torch.Tensor | None = None  # None: no row has a diff, the hooks do nothing
-        self.version = 0  # bumped on every change so hooks know their cached plans are stale
+        self.key: tuple[int, ...] = ()  # the slots as a tuple: what the hooks' cached plans are keyed by
 
     def set(self, slots: torch.Tensor | None) -> None:
         self.slots = slots if slots is not None and bool((slots >= 0).any()) else None
-        self.version += 1
+        self.key = () if self.slots is None else tuple(self.slots.tolist())
 
 
 class MixedDeltaHook:
@@ -40,21 +45,23 @@ class MixedDeltaHook:
     def __init__(self, layer: nn.Linear, rows: RowDiffs):
         self.layer, self.rows = layer, rows
         self.entries = empty_entries(layer)
-        self._plan_key: tuple | None = None
-        self._plan: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        # Plans by row slots: the batch's, and the one-row prefills', reused until rows or entries change.
+        self._plans: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.handle = layer.register_forward_hook(self)
 
     def set_entries(self, entries: MixedEntries) -> None:
-        self.entries, self._plan_key = entries, None
+        self.entries, self._plans = entries, {}
 
     def __call__(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         slots = self.rows.slots
         if slots is None or self.entries.flat.numel() == 0:
             return output
-        key = (self.rows.version, id(self.entries))
-        if key != self._plan_key:  # the batch's rows are the same for every step until one joins or leaves
-            self._plan, self._plan_key = mixed_plan(slots, self.entries), key
-        delta = mixed_delta(inputs[0], slots, self.entries, self._plan)
+        plan = self._plans.get(self.rows.key)
+        if plan is None:
+            if len(self._plans) >= PLANS_KEPT:
+                self._plans.clear()
+            plan = self._plans[self.rows.key] = mixed_plan(slots, self.entries)
+        delta = mixed_delta(inputs[0], slots, self.entries, plan)
         return output + delta if output.dtype == torch.float32 else (output.float() + delta).to(output.dtype)
 
     def remove(self) -> None:
