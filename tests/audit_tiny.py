@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from sparseft import SparseConfig, get_sparse_model
+from sparseft.bench.shapes import word_level_tokenizer
 
 WORDS = (
     "[PAD] [UNK] review the movie was great awful boring lovely sentiment positive negative "
@@ -17,12 +18,9 @@ WORDS = (
 
 def make_tokenizer():
     """A whitespace word-level tokenizer over ``WORDS`` (ids < the tiny model's 128-token vocabulary)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import pre_tokenizers
 
-    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="[UNK]"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]")
+    return word_level_tokenizer(WORDS, pre_tokenizer=pre_tokenizers.Whitespace(), unk_token="[UNK]", pad_token="[PAD]")
 
 
 def ids(tokenizer, text: str) -> list[int]:

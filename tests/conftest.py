@@ -12,35 +12,20 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from tokenizers import Regex, decoders, pre_tokenizers  # noqa: E402
+
+from sparseft.bench.shapes import build_llama, word_level_tokenizer  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
-def tiny_llama_config(**overrides) -> LlamaConfig:
-    cfg = dict(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-    )
-    cfg.update(overrides)
-    return LlamaConfig(**cfg)
-
-
-def make_tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(tiny_llama_config(**overrides))
-    model.eval()
-    return model
+def make_tiny_llama(seed: int = 0, **overrides):
+    """The ``tiny`` shape (vocab 128, hidden 32, 2 layers), random init from ``seed``, in eval mode."""
+    return build_llama("tiny", seed, **overrides)
 
 
 @pytest.fixture
-def tiny_model() -> LlamaForCausalLM:
+def tiny_model():
     return make_tiny_llama()
 
 
@@ -72,19 +57,12 @@ def make_tiny_tokenizer():
     with <pad>/<s>/</s>/<unk> and a simple chat template. Built in memory: no download."""
     import string
 
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     specials = ["<pad>", "<s>", "</s>", "<unk>"]
     chars = [c for c in string.printable if c not in "\x0b\x0c\r"]
-    backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + chars)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    return word_level_tokenizer(
+        specials + chars, pre_tokenizer=pre_tokenizers.Split(Regex("."), behavior="isolated"), decoder=decoders.Fuse(),
+        chat_template=TINY_CHAT_TEMPLATE, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
     )
-    tokenizer.chat_template = TINY_CHAT_TEMPLATE
-    return tokenizer
 
 
 @pytest.fixture

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 import uvicorn
-from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from conftest import make_tiny_llama
 from sparseft import SparseConfig, SparseModel, get_sparse_model
+from sparseft.bench.shapes import numbered_vocab, word_level_tokenizer
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
@@ -24,16 +24,9 @@ CHAT_TEMPLATE = (
 
 def make_tokenizer(vocab_size: int = 128) -> PreTrainedTokenizerFast:
     """A word-level tokenizer over the tiny model's 128 ids: <unk>, <s>, </s>, chat words, then w7..w127."""
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    for word in ("user", "assistant", "system", ":"):
-        vocab[word] = len(vocab)
-    while len(vocab) < vocab_size:
-        vocab[f"w{len(vocab)}"] = len(vocab)
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>", chat_template=CHAT_TEMPLATE
-    )
+    vocab = numbered_vocab(["<unk>", "<s>", "</s>", "user", "assistant", "system", ":"], vocab_size)
+    return word_level_tokenizer(vocab, chat_template=CHAT_TEMPLATE,
+                                unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
 def save_base(path: Path, seed: int = 0) -> Path:

@@ -9,13 +9,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from sparseft.bench import load_bench_config, read_results, schema_problems
 from sparseft.bench.config import parse_bench_config
 from sparseft.bench.report import build_report, pick_rows, render_html, render_markdown
 from sparseft.bench.results import write_results
-from sparseft.bench.tiny import build_tokenizer
+from sparseft.bench.shapes import text_tokenizer
 from sparseft.cli import main
 from sparseft.errors import ConfigError, ResultsFormatError
 
@@ -231,7 +232,7 @@ def test_shipped_real_config_parses(tmp_path):
 
 
 def test_tiny_tokenizer_keeps_task_words_distinct():
-    tok = build_tokenizer(["Review: a good film .", "positive", "negative"])
+    tok = text_tokenizer(["Review: a good film .", "positive", "negative"])
     ids = tok("positive negative good", add_special_tokens=False)["input_ids"]
     assert len(set(ids)) == 3 and tok.unk_token_id not in ids
     assert "<|im_start|>" in tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
@@ -361,3 +362,15 @@ def test_schema_check_finds_a_null_field():
     results = synthetic_results()
     results["rows"][2]["median_step_s"] = None
     assert schema_problems(results) == ["rows[2] (lora): field 'median_step_s' is null"]
+
+
+def test_build_llama_is_seeded_and_refuses_an_unknown_shape():
+    from sparseft.bench.shapes import build_llama
+
+    a, b, c = build_llama("tiny", seed=0), build_llama("tiny", seed=0), build_llama("tiny", seed=1)
+    assert a.config.hidden_size == 32 and a.config.vocab_size == 128 and not a.training
+    weight = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(a.state_dict()[weight], b.state_dict()[weight])
+    assert not torch.equal(a.state_dict()[weight], c.state_dict()[weight])
+    with pytest.raises(ConfigError, match="'huge'.*tiny"):
+        build_llama("huge")

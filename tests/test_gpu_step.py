@@ -2,7 +2,8 @@
 
 import json
 
-from sparseft.bench.gpu_step import SIZES, main, parse_args, plan
+from sparseft.bench.gpu_step import main, parse_args, plan
+from sparseft.bench.shapes import SHAPES
 
 
 def test_tiny_cpu_mode_writes_one_row_per_variant(tmp_path):
@@ -14,7 +15,7 @@ def test_tiny_cpu_mode_writes_one_row_per_variant(tmp_path):
     ]
     assert all(r["step_ms"] > 0 and r["peak_gib"] > 0 and r["cpu_ms"] > 0 for r in rows)
     by_variant = {r["variant"]: r for r in rows}
-    cfg = SIZES["tiny"]
+    cfg = SHAPES["tiny"]
     h, i, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
     kv = h // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
     shapes = [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)]  # q k v o gate up down

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models
+from tokenizers import Regex, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 import sparseft
 from conftest import make_tiny_llama
+from sparseft.bench.shapes import word_level_tokenizer
 from sparseft.errors import ConfigError, DataFormatError
 from sparseft.tasks import ROUTING_DATA, ROUTING_DEPARTMENTS, get_task
 from sparseft.tasks.base import completion_text, encode_completion, encode_prompt
@@ -36,18 +37,12 @@ CHAT_TEMPLATE = (
 
 def char_tokenizer(chat: bool = False) -> PreTrainedTokenizerFast:
     """One token per printable ASCII character (ids 4..99): fits the tiny Llama's 128-entry vocabulary."""
-    specials = ["<unk>", "<s>", "</s>", "<pad>"]
-    vocab = {t: i for i, t in enumerate(specials + [chr(c) for c in range(32, 127)] + ["\n"])}
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>")),
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
+    vocab = ["<unk>", "<s>", "</s>", "<pad>", *(chr(c) for c in range(32, 127)), "\n"]
+    return word_level_tokenizer(
+        vocab, pre_tokenizer=pre_tokenizers.Split(Regex("."), behavior="isolated"),
+        chat_template=CHAT_TEMPLATE if chat else None,
+        unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
     )
-    if chat:
-        tok.chat_template = CHAT_TEMPLATE
-    return tok
 
 
 # ---------------------------------------------------------------- QA metrics (official SQuAD v1.1 rules)

@@ -1,5 +1,7 @@
 """Benchmarks: full fine-tuning vs LoRA vs sparse side by side (grid), their plots and the cost report;
-``gpu_step`` and ``backward_cpu`` time one training step of each method.
+``gpu_step`` and ``backward_cpu`` time one training step of each method, ``reselect_step`` one
+re-selection, ``select_memory`` what selection costs in time and memory, ``serve_load`` the server
+under load. ``shapes`` holds the random-init model shapes (and tiny tokenizers) they and the tests build.
 
 Example:
     >>> from sparseft.bench import load_bench_config, run_grid, write_report

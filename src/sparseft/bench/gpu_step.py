@@ -1,9 +1,10 @@
 """Cost of one fine-tuning step: full FT vs PEFT LoRA vs sparseft (old path and new path), one run.
 
-On CUDA it builds random-init Llama models of real sizes (1B, 3B; bf16 weights, SDPA attention),
-and for each variant times AdamW steps on a batch of random tokens (default 8 × 512): the median
-step over ``--steps`` after ``--warmup``, the peak memory, and the share of the ~4·N·T FLOP floor
-(forward + input gradients, no weight-gradient product) at the matmul rate measured on the card.
+On CUDA it builds random-init Llama models of real sizes (the 1B and 3B of ``sparseft.bench.shapes``;
+bf16 weights, SDPA attention), and for each variant times AdamW steps on a batch of random tokens
+(default 8 × 512): the median step over ``--steps`` after ``--warmup``, the peak memory, and the share
+of the ~4·N·T FLOP floor (forward + input gradients, no weight-gradient product) at the matmul rate
+measured on the card.
 It prints one Markdown table and writes it (plus JSON rows) next to ``--out``.
 
 Variants:
@@ -40,18 +41,8 @@ import torch
 from ..config import DTYPES, LLAMA_PROJECTIONS, SparseConfig
 from ..delta import set_kernels
 from ..targets import find_targets
+from .shapes import SHAPES, build_llama
 
-# Llama-architecture shapes (random init): Llama-3.2-1B/3B and SmolLM2-135M, plus a tiny smoke size.
-SIZES: dict[str, dict] = {
-    "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-               intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True),
-    "3b": dict(hidden_size=3072, num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8,
-               intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True),
-    "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                         intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True),
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=96, vocab_size=256, tie_word_embeddings=True),
-}
 VARIANTS = ("full", "lora", "sparse_old", "sparse_new")
 
 
@@ -71,18 +62,8 @@ class StepResult:
 
 
 def build_model(size: str, device: torch.device, dtype: torch.dtype, seq_len: int):
-    """A random-init LlamaForCausalLM of ``size``, created directly on ``device`` in ``dtype``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(**SIZES[size], max_position_embeddings=max(seq_len, 128), attn_implementation="sdpa")
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with device:
-            torch.manual_seed(0)
-            model = LlamaForCausalLM(config)
-    finally:
-        torch.set_default_dtype(previous)
+    """A random-init LlamaForCausalLM of shape ``size``, created directly on ``device`` in ``dtype``."""
+    model = build_llama(size, seed=0, dtype=dtype, device=device, min_positions=seq_len, attn_implementation="sdpa")
     model.config.use_cache = False
     return model.train()
 
@@ -180,10 +161,10 @@ def run_variant(args, size: str, variant: str, density: float | None, rate: floa
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     model = build_model(size, device, dtype, args.seq)
-    n_matmul = matmul_params(model)
+    n_matmul, vocab_size = matmul_params(model), model.config.vocab_size
     model, params = prepare(model, variant, density, args.lora_rank)
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, SIZES[size]["vocab_size"], (args.batch, args.seq), generator=gen).to(device)
+    ids = torch.randint(0, vocab_size, (args.batch, args.seq), generator=gen).to(device)
     wall, cpu = time_steps(model, params, {"input_ids": ids, "labels": ids}, device, args.steps, args.warmup)
     step_s = statistics.median(wall)
     floor_share = 4 * n_matmul * args.batch * args.seq / rate / step_s if rate else None
@@ -251,7 +232,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m sparseft.bench.gpu_step", description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="tiny model, 2 × 16 tokens, 2 steps: a smoke test")
-    parser.add_argument("--sizes", nargs="+", default=["1b", "3b"], choices=sorted(SIZES))
+    parser.add_argument("--sizes", nargs="+", default=["1b", "3b"], choices=sorted(SHAPES))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--densities", nargs="+", type=float, default=[0.01, 0.001])
     parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")

@@ -164,7 +164,7 @@ def prepare_model(cfg: BenchConfig, out: Path) -> str:
     if isinstance(cfg.model, str):
         return cfg.model
     from ..tasks import get_task
-    from .tiny import build_tiny_model_dir
+    from .shapes import build_tiny_model_dir
 
     task, eval_task = get_task(cfg.task), get_task(cfg.evaluated_task)
     texts = [v for row in task.training_rows(cfg.train_data, cfg.train_limit) for v in row.values()]

@@ -19,7 +19,7 @@ Measured on the 2-core CPU dev machine (peak RSS growth, Linux VmHWM):
   glibc's malloc thresholds fixed so that RSS follows live bytes, against ≈ 3.2 B (58 MiB) for the
   naive way (every ``.grad`` kept, plus Σg and Σg² copies). With the default dynamic thresholds the
   heap adds 0-3 MiB of freed-but-resident slack (0.96-1.11 B seen across runs).
-- benchmarks/select_memory.py, SmolLM2-135M shape (B = 513 MiB), ``combined``, 2 passes: 1007 MiB,
+- sparseft.bench.select_memory, SmolLM2-135M shape (B = 513 MiB), ``combined``, 2 passes: 1007 MiB,
   of which 486 MiB are one calibration batch's activations (2 × 128 tokens) and ≈ 1.02 B the rest.
 """
 

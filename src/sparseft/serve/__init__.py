@@ -7,12 +7,11 @@
 - ``decoding.py``: prompt encoding, ``generate`` with streaming and stop strings.
 - ``app.py`` / ``protocol.py``: the FastAPI routes and the OpenAI wire format.
 - ``server.py``: assembling all of it from a model name and diff directories (``sparseft serve``).
-- ``loadtest.py``: the bounded loopback load test behind docs/benchmarks/serving.md.
 """
 
 from .app import ServeLimits, create_app
-from .decoding import Completion, SamplingParams
 from .batching import BatchingEngine
+from .decoding import Completion, SamplingParams
 from .engine import Engine
 from .registry import DiffRegistry, DiffVersion
 from .server import build_app

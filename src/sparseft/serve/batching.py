@@ -25,7 +25,6 @@ practice; the two computations round differently (see docs/serving.md for the me
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from dataclasses import dataclass
 from typing import Callable

@@ -1,6 +1,6 @@
 """In-process throughput of the serving strategies on one offline burst (the table in docs/benchmarks/serving.md).
 
-The load test (``loadtest.py``) measures the server over HTTP; this benchmark mode isolates the
+The load test (``serve_load.py``) measures the server over HTTP; this benchmark mode isolates the
 engines: R greedy requests, spread round-robin over D diffs, are all queued at once and the wall
 time until the last one finishes is measured, for
 
@@ -10,9 +10,9 @@ time until the last one finishes is measured, for
 - ``peft multi-lora``: D LoRA adapters in one PEFT model, static batches of the same size, each row
   naming its adapter (``generate(..., adapter_names=[...])``).
 
-Bounded: random-init Llama shapes from ``loadtest.SIZES`` only, at most 256 requests and 64 diffs.
+Bounded: the ``tiny`` and ``small`` shapes of ``bench.shapes`` only, at most 256 requests and 64 diffs.
 
-    python -m sparseft.serve.strategybench --size small --diffs 1 8 64 --requests 64 --max-tokens 16
+    python -m sparseft.bench.serve_strategies --size small --diffs 1 8 64 --requests 64 --max-tokens 16
 """
 
 from __future__ import annotations
@@ -28,35 +28,24 @@ from pathlib import Path
 
 import torch
 
-from .loadtest import SIZES, random_llama, word_tokenizer
+from .serve_load import build_fixture, random_llama
+from .shapes import SHAPES, numbered_vocab, word_level_tokenizer
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def sparse_diffs(size: str, count: int, density: float, root: Path) -> list[Path]:
-    from .. import SparseConfig, get_sparse_model
-
-    paths = []
-    for i in range(count):
-        sparse = get_sparse_model(random_llama(size), SparseConfig(density=density, scorer="random", seed=i))
-        gen = torch.Generator().manual_seed(i)
-        with torch.no_grad():
-            for values in sparse.sparse_parameters():
-                values.copy_(torch.randn(values.shape, generator=gen) * 0.02)
-        paths.append(sparse.save_pretrained(root / f"d{i}"))
-    return paths
+def numbered_tokenizer(vocab_size: int):
+    vocab = numbered_vocab(["<unk>", "<s>", "</s>"], vocab_size)
+    return word_level_tokenizer(vocab, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
 def burst(size: str, strategy: str, diff_paths: list[Path], prompts: list[list[int]], max_tokens: int,
           batch: int) -> tuple[float, int]:
     """Seconds until all requests finished and tokens generated, for one engine strategy."""
-    from .batching import BatchingEngine
-    from .decoding import SamplingParams
-    from .engine import Engine
-    from .registry import DiffRegistry
+    from ..serve import BatchingEngine, DiffRegistry, Engine, SamplingParams
 
     model = random_llama(size)
-    tokenizer = word_tokenizer(model.config.vocab_size)
+    tokenizer = numbered_tokenizer(model.config.vocab_size)
     if strategy == "merged":
         engine = Engine(model, tokenizer)
     else:
@@ -127,14 +116,14 @@ def main(argv: list[str] | None = None) -> int:
     if not (1 <= args.requests <= 256 and max(args.diffs) <= 64 and args.max_tokens <= 64):
         p.error("bounds: requests <= 256, diffs <= 64, max_tokens <= 64")
     torch.set_num_threads(args.threads)
-    vocab = SIZES[args.size]["vocab_size"]
+    vocab = SHAPES[args.size]["vocab_size"]
     gen = torch.Generator().manual_seed(0)
     prompts = [[1, *torch.randint(3, vocab, (15,), generator=gen).tolist()] for _ in range(args.requests)]
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"load average {os.getloadavg()[0]:.1f}", flush=True)
     print("| diffs | strategy | seconds | gen tok/s |\n|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
-        paths = sparse_diffs(args.size, max(args.diffs), args.density, Path(tmp))
+        _, paths = build_fixture(Path(tmp), args.size, max(args.diffs), args.density)
         seconds, tokens = burst(args.size, "base", paths[:1], prompts, args.max_tokens, args.batch)
         print(f"| 0 | base batched | {seconds:.2f} | {tokens / seconds:.0f} |", flush=True)
         for n in args.diffs:

@@ -4,8 +4,8 @@ Both on the same micro-batch: a training step is forward + backward (sparse grad
 re-selection is one extra forward + backward that forms each layer's dense weight gradient in turn,
 ranks it and swaps entries (``sparseft.training.loop.reselect_step``). Medians of ``--repeats`` runs.
 
-    PYTHONPATH=src python benchmarks/reselect_step.py                 # small: 4 layers, hidden 256
-    PYTHONPATH=src python benchmarks/reselect_step.py --shape tiny    # the tests' 2-layer, hidden-32 model
+    python -m sparseft.bench.reselect_step                 # small: 4 layers, hidden 256
+    python -m sparseft.bench.reselect_step --shape tiny    # the tests' 2-layer, hidden-32 model
 """
 
 from __future__ import annotations
@@ -16,12 +16,7 @@ import os
 import statistics
 import time
 
-SHAPES = {
-    "tiny": dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2),
-    "small": dict(vocab_size=2048, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
-                  num_key_value_heads=4),
-}
+from .shapes import SHAPES, build_llama
 
 
 def median_time(fn, repeats: int) -> float:
@@ -34,7 +29,8 @@ def median_time(fn, repeats: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m sparseft.bench.reselect_step", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="small")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
@@ -45,16 +41,14 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from sparseft import SparseConfig, get_sparse_model
-    from sparseft.training.loop import Distributed, reselect_step, train_step
-    from sparseft.training.reselect import ReselectSchedule
+    from ..config import SparseConfig
+    from ..model import get_sparse_model
+    from ..training.loop import Distributed, growth_loss, reselect_step, train_step
+    from ..training.reselect import ReselectSchedule
 
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(**SHAPES[args.shape], max_position_embeddings=max(128, args.seq),
-                                        tie_word_embeddings=False))
+    base = build_llama(args.shape, seed=0, min_positions=args.seq)
     model = get_sparse_model(base, SparseConfig(density=args.density, scorer="random"))
     model.train()
     params = model.sparse_parameters()
@@ -68,7 +62,7 @@ def main() -> None:
         train_step(model, [batch], optimizer, params, 1.0, dist, "fp32")
 
     def reselect():
-        reselect_step(model, optimizer, schedule, 1, batch, dist, "fp32")
+        reselect_step(model, optimizer, schedule, 1, lambda m: growth_loss(m, batch, dist, "fp32"), dist.enabled)
 
     step(), reselect()  # warm-up (allocator, kernel choice)
     step_s, reselect_s = median_time(step, args.repeats), median_time(reselect, args.repeats)

@@ -7,7 +7,7 @@ Each measurement runs in a fresh process so none inherits another's freed heap:
 Peak = growth of the peak resident set (Linux VmHWM, reset via /proc/self/clear_refs) over the RSS
 after the model and batches exist.
 
-    PYTHONPATH=src python benchmarks/select_memory.py --scorer combined --batches 8 --batch-size 4 --seq 256
+    python -m sparseft.bench.select_memory --scorer combined --batches 8 --batch-size 4 --seq 256
 """
 
 from __future__ import annotations
@@ -21,10 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-SMOLLM2_135M = dict(
-    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-    num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True,
-)
+from .shapes import build_llama
+
+SHAPE = "smollm2-135m"
 
 
 def rss(field: str) -> int:
@@ -33,19 +32,17 @@ def rss(field: str) -> int:
 
 def measure(mode: str, args) -> dict:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from sparseft import SparseConfig, select
-    from sparseft.selection.selector import model_bytes
-    from sparseft.targets import find_targets
+    from ..config import SparseConfig
+    from ..selection.selector import model_bytes, select
+    from ..targets import find_targets
 
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).eval()
+    model = build_llama(SHAPE, seed=0)
     gen = torch.Generator().manual_seed(1)
     batches = []
     for _ in range(args.batches):
-        ids = torch.randint(0, SMOLLM2_135M["vocab_size"], (args.batch_size, args.seq), generator=gen)
+        ids = torch.randint(0, model.config.vocab_size, (args.batch_size, args.seq), generator=gen)
         batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
     cfg = SparseConfig(density=args.density, scorer=args.scorer, allocation=args.allocation, calibration_batches=args.batches)
     ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -75,7 +72,8 @@ def measure(mode: str, args) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
+    p = argparse.ArgumentParser(prog="python -m sparseft.bench.select_memory",
+                                description=__doc__.split("\n\n")[0])
     p.add_argument("--mode", choices=["activations", "select", "naive", "all"], default="all")
     p.add_argument("--scorer", default="combined")
     p.add_argument("--allocation", default="proportional")
@@ -90,7 +88,8 @@ def main() -> None:
         return
     rest = [a for a in sys.argv[1:] if not a.startswith("--mode")]
     for mode in ("activations", "select", "naive"):
-        out = subprocess.run([sys.executable, __file__, "--mode", mode, *rest], capture_output=True, text=True, check=True)
+        cmd = [sys.executable, "-m", "sparseft.bench.select_memory", "--mode", mode, *rest]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         print(out.stdout.strip().splitlines()[-1], flush=True)
 
 

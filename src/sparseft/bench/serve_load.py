@@ -8,7 +8,7 @@ server made; separately it times one swap (restore one diff, merge another) in-p
 
 Everything is bounded: at most 2000 requests and 600 s per scenario, 64 clients, 128 tokens each.
 
-    python -m sparseft.serve.loadtest --size small --diffs 0 1 8 64 --requests 200 --concurrency 8
+    python -m sparseft.bench.serve_load --size small --diffs 0 1 8 64 --requests 200 --concurrency 8
 """
 
 from __future__ import annotations
@@ -30,45 +30,27 @@ from pathlib import Path
 
 import torch
 
+from .shapes import SHAPES, build_llama, numbered_vocab, word_level_tokenizer
+
 MAX_REQUESTS, MAX_SECONDS, MAX_CONCURRENCY, MAX_TOKENS = 2000, 600, 64, 128
 
-SIZES = {
-    "tiny": dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2),
-    "small": dict(vocab_size=2048, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=2),
-    # The shape of SmolLM2-135M (random weights): for swap timings at a real model's size.
-    "smollm2-135m-shape": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                               num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True),
-}
 
-
-def random_llama(size: str, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(**{"max_position_embeddings": 1024, "tie_word_embeddings": False, **SIZES[size]})
-    return LlamaForCausalLM(config).eval()
-
-
-def word_tokenizer(vocab_size: int):
-    """A word-level tokenizer whose words are ``t<id>``: any id sequence decodes, nothing is downloaded."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, vocab_size)}}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+def random_llama(size: str):
+    """The served base (seed 0), with room for any prompt plus ``MAX_TOKENS`` generated tokens."""
+    return build_llama(size, seed=0, min_positions=1024)
 
 
 def build_fixture(root: Path, size: str, num_diffs: int, density: float) -> tuple[Path, list[Path]]:
-    """A model directory and ``num_diffs`` random diffs over it (all projections, ``density`` each)."""
+    """A model directory and ``num_diffs`` random diffs over it (all projections, ``density`` each).
+
+    Its tokenizer names every id (``w<id>``): any sequence the model generates decodes, nothing is downloaded.
+    """
     from .. import SparseConfig, get_sparse_model
 
     model = random_llama(size)
     model.save_pretrained(root / "base")
-    word_tokenizer(model.config.vocab_size).save_pretrained(root / "base")
+    vocab = numbered_vocab(["<unk>", "<s>", "</s>"], model.config.vocab_size)
+    word_level_tokenizer(vocab, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(root / "base")
     diffs = []
     for i in range(num_diffs):
         sparse = get_sparse_model(random_llama(size), SparseConfig(density=density, scorer="random", seed=i))
@@ -86,8 +68,8 @@ def build_fixture(root: Path, size: str, num_diffs: int, density: float) -> tupl
 def time_swaps(size: str, density: float, repeats: int) -> dict[str, float]:
     """Median/p99 ms of switching between two diffs (restore + merge) and of merging onto the base."""
     from .. import SparseConfig, get_sparse_model
-    from .engine import Engine
-    from .registry import DiffRegistry
+    from ..serve.engine import Engine
+    from ..serve.registry import DiffRegistry
 
     engine = Engine(random_llama(size), tokenizer=None)
     registry = DiffRegistry(engine.validated_entries)
@@ -223,7 +205,7 @@ async def run_scenario(model_dir: Path, diffs: list[Path], vocab: int, args) -> 
 
 def markdown(args, swap: dict, rows: list[tuple[int, dict]]) -> str:
     lines = [
-        f"Model: random-init Llama `{args.size}` ({', '.join(f'{k}={v}' for k, v in SIZES[args.size].items())}); "
+        f"Model: random-init Llama `{args.size}` ({', '.join(f'{k}={v}' for k, v in SHAPES[args.size].items())}); "
         f"diffs at density {args.density} on all q/k/v/o/gate/up/down projections; "
         f"{args.concurrency} concurrent clients, greedy, 16-token prompts, max_tokens={args.max_tokens}, "
         f"each request for a diff drawn uniformly at random; server with {args.threads} torch thread(s).",
@@ -249,9 +231,9 @@ def markdown(args, swap: dict, rows: list[tuple[int, dict]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--size", choices=sorted(SIZES), default="small")
-    p.add_argument("--swap-size", choices=sorted(SIZES), default=None, help="model shape for the swap timing")
+    p = argparse.ArgumentParser(prog="python -m sparseft.bench.serve_load", description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", choices=sorted(SHAPES), default="small")
+    p.add_argument("--swap-size", choices=sorted(SHAPES), default=None, help="model shape for the swap timing")
     p.add_argument("--density", type=float, default=0.01)
     p.add_argument("--diffs", type=int, nargs="+", default=[0, 1, 8, 64], help="scenarios: diffs loaded (0: base only)")
     p.add_argument("--requests", type=int, default=200)
@@ -274,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, diffs = build_fixture(Path(tmp), args.size, max(args.diffs), args.density)
-        vocab = SIZES[args.size]["vocab_size"]
+        vocab = SHAPES[args.size]["vocab_size"]
         for n in args.diffs:
             result = asyncio.run(run_scenario(model_dir, diffs[:n], vocab, args))
             print(f"{n} diffs: {result}", flush=True)
