@@ -231,6 +231,10 @@ def gather_scale_scatter(
     The one kernel of the unmerged delta: ``columns`` holds an input feature per row (any trailing
     shape, e.g. tokens), each sparse entry reads one row, scales it and adds it into one output row.
     """
+    if columns.dim() > 1 and columns[0].numel() == 1:  # one token (decoding): 1-D ops, much faster on CPU
+        return gather_scale_scatter(columns.reshape(-1), src, values, dst, size).view(size, *columns.shape[1:])
+    if columns.dim() > 1:  # CPU's index_add_ over rows is slow with int32 positions
+        src, dst = src.long(), dst.long()
     gathered = columns.index_select(0, src).to(torch.float32)
     gathered.mul_(values.to(torch.float32).view(-1, *([1] * (columns.dim() - 1))))
     out = torch.zeros((size, *columns.shape[1:]), dtype=torch.float32, device=columns.device)
