@@ -16,4 +16,7 @@ from .engine import Engine
 from .registry import DiffRegistry, DiffVersion
 from .server import build_app
 
-__all__ = ["BatchingEngine", "Completion", "DiffRegistry", "DiffVersion", "Engine", "SamplingParams", "ServeLimits", "build_app", "create_app"]
+__all__ = [
+    "BatchingEngine", "Completion", "DiffRegistry", "DiffVersion", "Engine", "SamplingParams", "ServeLimits",
+    "build_app", "create_app",
+]
