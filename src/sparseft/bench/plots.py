@@ -19,8 +19,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .results import ok_rows, row_label  # noqa: E402
+from .results import ok_rows, row_label, row_trains  # noqa: E402
 
+# The comparison's usual methods; another registered method gets matplotlib's next colour.
 METHOD_STYLE = {
     "full": dict(color="#444444", marker="s"),
     "lora": dict(color="#1f77b4", marker="^"),
@@ -30,7 +31,7 @@ TENANTS = [1, 10, 100, 1000, 10000]
 
 
 def training_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
-    return [r for r in ok_rows(results) if r["method"] in METHOD_STYLE]
+    return [r for r in ok_rows(results) if row_trains(r)]
 
 
 def primary_metric(results: dict[str, Any]) -> str:
@@ -40,12 +41,13 @@ def primary_metric(results: dict[str, Any]) -> str:
 def plot_metric_vs_params(results: dict[str, Any], path: Path) -> Path:
     metric = primary_metric(results)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method, style in METHOD_STYLE.items():
-        rows = [r for r in training_rows(results) if r["method"] == method]
-        if rows:
-            ax.scatter([r["trainable_params"] for r in rows], [r["metrics"][metric] for r in rows], s=60,
-                       label=method, **style)
-    base = next((r for r in ok_rows(results) if r["method"] == "base"), None)
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for r in training_rows(results):
+        by_method.setdefault(r["method"], []).append(r)
+    for method, rows in by_method.items():
+        ax.scatter([r["trainable_params"] for r in rows], [r["metrics"][metric] for r in rows], s=60,
+                   label=method, **METHOD_STYLE.get(method, {}))
+    base = next((r for r in ok_rows(results) if not row_trains(r)), None)
     if base:
         ax.axhline(base["metrics"][metric], color="gray", linestyle="--", linewidth=1, label=f"base ({base['id']})")
     ax.set_xscale("log")
