@@ -75,7 +75,7 @@ def pick_rows(results: dict[str, Any]) -> Picked:
     score = lambda r: float(r["metrics"][metric])  # noqa: E731
     return Picked(
         metric=metric,
-        base=next(iter(by_method("base")), None),
+        base=next((r for r in rows if not row_trains(r)), None),
         # With several full FT rows (a learning-rate sweep) the sparse rows are held to the best of them.
         full=max(by_method("full"), key=score, default=None),
         lora=by_method("lora"),
