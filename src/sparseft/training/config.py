@@ -129,7 +129,7 @@ class TrainConfig:
         check_reselect_ranges(every, self.reselect_fraction)
         if every and not get_method(self.method).reselects:
             movers = [name for name in training_methods() if get_method(name).reselects]
-            raise ConfigError(f"reselect_every applies to methods that move a sparse mask ({', '.join(movers)}), "
+            raise ConfigError(f"reselect_every applies to {'/'.join(movers)} runs only (it moves a sparse mask), "
                               f"not method={self.method!r}")
 
     @property
