@@ -91,3 +91,13 @@ class DiffRegistryError(SparseFTError, ValueError):
 
 class ServerBusyError(SparseFTError, RuntimeError):
     """The server's request queue is full; the client should retry later."""
+
+
+class AdapterFormatError(SparseFTError, ValueError):
+    """A PEFT adapter cannot be read as a sparse diff (missing files, an unsupported ``peft_type``, keys or
+    shapes that do not fit), or a diff cannot be written as one (a layer too dense for SHiRA's ``r``)."""
+
+
+class TaskFileError(ConfigError):
+    """A task file (``--task path/to/task.yaml``) is unreadable or a key has a missing or invalid value
+    (a ``ConfigError``, so code that checks task names catches it too)."""

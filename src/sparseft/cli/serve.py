@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import DTYPES
+from .options import add_model_options
 
 
 def diff_spec(text: str) -> tuple[str, str]:
@@ -28,14 +28,13 @@ def add_parser(sub):
         "name), a diff (NAME: its current version) or NAME@VERSION. Diffs can be loaded, unloaded and rolled back "
         "at run time under /admin/diffs; with --registry that state survives restarts. See docs/serving.md.",
     )
-    p.add_argument("--model", required=True, help="base model: alias (e.g. smollm2-135m), local directory or HF id")
+    add_model_options(p)
     p.add_argument("--diff", action="append", default=[], type=diff_spec, metavar="NAME=DIR",
                    help="load the diff in DIR under NAME at start-up (repeatable)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--registry", metavar="DIR", help="keep loaded diffs and versions in DIR across restarts")
     p.add_argument("--served-name", help="the base's name in requests (default: the --model argument)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype to load the base in (default: float32)")
     p.add_argument("--device", default="cpu", help="torch device for the model (default: cpu)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice; 1 helps on busy CPUs)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413 (default: 1 MiB)")
