@@ -19,6 +19,7 @@ from serve_fixtures import LiveServer, make_diff, make_tokenizer, save_base
 from sparseft import SparseModel
 from sparseft.serve import DiffRegistry, SamplingParams, ServeLimits, build_app
 from sparseft.serve.batching import BatchingEngine
+from sparseft.serve.registry import DiffVersion
 
 NUM_DIFFS = 8
 MAX_TOKENS = 10
@@ -137,6 +138,25 @@ def test_stop_strings_max_tokens_and_cancellation(files, offline):
     assert cancelled.finish_reason == "cancelled" and cancelled.token_ids == offline["d2", 1][:len(cancelled.token_ids)]
     assert len(cancelled.token_ids) < MAX_TOKENS
     assert "cancelled before it started" in str(results.outcome["never started"])
+
+
+@pytest.mark.parametrize("strategy", ["mixed", "auto"])
+def test_a_diff_that_fails_fails_its_request_and_the_engine_keeps_serving(files, offline, strategy):
+    engine, diffs = engine_with_diffs(files, strategy=strategy)
+    good = diffs["d0"]
+    entries = {name: (indices + 10**9, values) for name, (indices, values) in good.entries.items()}
+    broken = DiffVersion("broken", 1, "memory", "", good.num_entries, 0.0, entries)  # out-of-range positions
+    results = Results()
+    engine.submit(broken, PROMPTS[0], SamplingParams(MAX_TOKENS), results.sink("broken"))
+    engine.start()
+    results.wait(1)
+    assert isinstance(results.outcome["broken"], Exception)
+    engine.submit(good, PROMPTS[0], SamplingParams(MAX_TOKENS), results.sink("good"))
+    results.wait(1)
+    engine.stop()
+    assert results.outcome["good"].token_ids == offline["d0", 0]
+    base = make_tiny_llama().state_dict()
+    assert all(torch.equal(t, base[n]) for n, t in engine.model.state_dict().items())
 
 
 def test_max_batch_tokens_bounds_the_batch(files):

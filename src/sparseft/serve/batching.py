@@ -171,6 +171,8 @@ class BatchingEngine(Engine):
                 except Exception as e:  # a failed forward fails the rows in it; the worker keeps serving
                     log.exception("a decoding step failed")
                     self._fail_all(e)
+                    for job in admitted:  # admitted but not prefilled yet (e.g. merging their diff failed)
+                        job.on_event("error", e)
         with self.weights_lock:
             self._fail_all(ServerBusyError("the server is shutting down"))
 
@@ -195,10 +197,10 @@ class BatchingEngine(Engine):
     @torch.inference_mode()
     def _step(self, admitted: list[Job]) -> None:
         self._drop(lambda row: row.job.cancelled.is_set())
-        admitted = [job for job in admitted if self._started(job)]
+        admitted[:] = [job for job in admitted if self._started(job)]  # in place: the caller fails what is left
         self._choose_weights([row.diff for row in self._rows] + [job.diff for job in admitted])
-        for job in admitted:
-            self._prefill(job)
+        while admitted:
+            self._prefill(admitted.pop(0))
         if self._rows:
             self._choose_weights([row.diff for row in self._rows])  # again: a failed prefill restores the base
             self._decode()
