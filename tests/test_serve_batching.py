@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import httpx
 import pytest
@@ -237,6 +238,10 @@ def test_mixed_concurrent_load_matches_offline_merged_outputs(files, offline, st
         texts = asyncio.run(drive(live.url))
         engine = app.state.engine
         assert engine.largest_batch > 1 and engine.alive
+        deadline = time.monotonic() + 10  # the worker sets the gauge just after the last answer went out
+        while "sparseft_batch_rows 0.0" not in httpx.get(f"{live.url}/metrics").text:
+            assert time.monotonic() < deadline, "the batch never emptied"
+            time.sleep(0.05)
     for (model, prompt, mode), text in zip(requests, texts):
         if mode != "cancel":
             expected = offline[None if model == "base" else model, prompt]

@@ -205,6 +205,7 @@ class BatchingEngine(Engine):
             self._choose_weights([row.diff for row in self._rows])  # again: a failed prefill restores the base
             self._decode()
         self._drop(Row.finished)
+        self.metrics.batch_rows.set(len(self._rows))
         self._evict_forgotten()
         self.steps += 1
 
@@ -263,6 +264,7 @@ class BatchingEngine(Engine):
         """One forward over every row's pending token; each row gets its next token."""
         rows, batch = self._rows, self._batch
         self.largest_batch = max(self.largest_batch, len(rows))
+        self.metrics.batch_rows.set(len(rows))
         self._tell_hooks([row.diff for row in rows])
         batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(rows), 1)], dim=1)
         out = self.model(
