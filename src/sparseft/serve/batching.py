@@ -136,7 +136,8 @@ class BatchCache:
 class BatchingEngine(Engine):
     """Continuous batching over one base model: rows of different diffs decode together.
 
-    Same interface as ``Engine`` (``submit``, ``complete``, ``start``, ``stop``, ``forget``, ...).
+    Same interface as ``Engine`` (``submit``, ``complete``, ``start``, ``stop``, ``forget``, ...);
+    ``stop`` ends the running requests with a "shutting down" error instead of finishing them.
 
     Example:
         >>> engine = BatchingEngine(model, tokenizer, strategy="mixed", max_batch_size=32)  # doctest: +SKIP
