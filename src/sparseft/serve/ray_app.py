@@ -137,8 +137,6 @@ class DiffReplica:
 
     def __init__(self, model: str, source: DiffSource, served_name: str | None, dtype: str, device: str,
                  limits: ServeLimits, admin_token: str | None, threads: int | None):
-        from ray import serve
-
         if threads:
             import torch
 
@@ -148,14 +146,20 @@ class DiffReplica:
         self.ctx: ServeContext = self.app.state.serve
         self.ctx.engine.start()  # the app's lifespan does not run in-process
         self.source = source
-        self.replica_id = serve.get_replica_context().replica_id.unique_id
         self._changes = asyncio.Lock()  # loads and unloads of diffs, one at a time
         self._in_flight: Counter[str] = Counter()
         self._evicted: set[str] = set()  # evicted by the LRU, still in use
         self._pending: set[asyncio.Task] = set()
 
     def __del__(self) -> None:
-        self.ctx.engine.stop()
+        if hasattr(self, "ctx"):  # __init__ got as far as the engine
+            self.ctx.engine.stop()
+
+    @functools.cached_property
+    def replica_id(self) -> str:
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.unique_id
 
     async def load_diff(self, name: str) -> HeldDiff:
         """Make NAME loaded in this replica's registry (Ray's multiplexed loader)."""
@@ -192,7 +196,11 @@ class DiffReplica:
         """Answer one forwarded request: yields the response start ({status, headers}), then body chunks."""
         from ray import serve
 
-        name = serve.get_multiplexed_model_id()
+        async for part in self.answer(serve.get_multiplexed_model_id(), request):
+            yield part
+
+    async def answer(self, name: str, request: ForwardedRequest) -> AsyncIterator[dict | bytes]:
+        """``forward`` for the diff NAME ("" for no diff): load it if needed, hold it while the app answers."""
         if name:
             try:
                 await self.load_diff(name)
