@@ -10,6 +10,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from serve_fixtures import make_diff, reference, save_base
+from sparseft.cli import build_parser, main
 from sparseft.errors import ConfigError, DiffRegistryError, UnknownDiffError
 from sparseft.serve import DiffRegistry, ServeLimits
 from sparseft.serve.ray_app import (
@@ -173,3 +174,22 @@ def test_evicting_an_idle_diff_unloads_it_at_once(replica, files):
 
     asyncio.run(scenario())
     assert replica.ctx.registry.names() == ["alpha"]
+
+
+def test_diff_source_rejects_a_missing_directory(tmp_path):
+    with pytest.raises(ConfigError, match="--diff-dir .*not a directory"):
+        DiffSource(root=str(tmp_path / "nowhere"))
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def test_ray_flags_parse():
+    args = build_parser().parse_args(["serve", "--model", "m", "--ray", "--replicas", "3", "--diff-dir", "d",
+                                      "--max-diffs-per-replica", "2"])
+    assert args.ray and args.replicas == 3 and args.diff_dir == "d" and args.max_diffs_per_replica == 2
+
+
+def test_ray_only_flags_without_ray_are_an_error(capsys):
+    assert main(["serve", "--model", "m", "--replicas", "2", "--diff-dir", "d"]) != 0
+    assert "--diff-dir, --replicas only apply with --ray" in capsys.readouterr().err

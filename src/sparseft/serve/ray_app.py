@@ -20,6 +20,7 @@ import functools
 import json
 import logging
 import os
+import signal
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,13 @@ class DiffSource:
     named: dict[str, str] = field(default_factory=dict)
     root: str | None = None
     registry_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        places = [(f"--diff {n}={d}", d) for n, d in self.named.items()]
+        places += [(f"--diff-dir {self.root}", self.root), (f"--registry {self.registry_dir}", self.registry_dir)]
+        for flag, directory in places:
+            if directory is not None and not Path(directory).is_dir():
+                raise ConfigError(f"{flag}: not a directory")
 
     def path(self, name: str) -> Path:
         """The directory holding NAME's diff; UnknownDiffError when no source has it."""
@@ -375,12 +383,18 @@ def app_builder(args: dict[str, Any]):
                          dtype=args.get("dtype", "float32"), device=args.get("device", "cpu"), options=options)
 
 
+def interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def run_ray(app, host: str, port: int) -> None:
-    """Start (or join, with RAY_ADDRESS) a Ray cluster, serve ``app`` on host:port until Ctrl-C, then shut down."""
+    """Start (or join, with RAY_ADDRESS) a Ray cluster, serve ``app`` on host:port until Ctrl-C or SIGTERM,
+    then shut Serve and Ray down (a plain SIGTERM would leave Ray's agent processes behind)."""
     import ray
     from ray import serve
 
     ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+    signal.signal(signal.SIGTERM, interrupt)  # after ray.init, which installs a SIGTERM handler of its own
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(app, name="sparseft", route_prefix="/", blocking=True)
