@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import logging
 import os
 import signal
 from collections import Counter
@@ -35,8 +34,6 @@ from .app import ServeContext, ServeLimits, as_api_error
 from .protocol import error_body
 from .registry import NAME_PATTERN, REGISTRY_FILE, parse_model_id, read_registry_file
 from .server import build_app
-
-log = logging.getLogger(__name__)
 
 REPLICA_HEADER = "x-sparseft-replica"  # which replica answered
 HELD_HEADER = "x-sparseft-replica-diffs"  # the diffs that replica holds after answering, comma-separated
