@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..errors import ConfigError
 from .options import add_model_options
 
 
@@ -51,7 +52,21 @@ def add_parser(sub):
                    help="mixed/auto admit a request only while the running ones' prompt + max_tokens sum stays "
                    "within this (default: no limit)")
     p.add_argument("--admin-token", help="require 'Authorization: Bearer TOKEN' on /admin routes")
+    ray = p.add_argument_group("scale-out on Ray Serve (pip install 'sparseft[ray]'; see docs/serving.md)")
+    ray.add_argument("--ray", action="store_true",
+                     help="serve with Ray Serve: --replicas copies of the base, each loading diffs on demand from "
+                     "--diff-dir, --registry (read only) or --diff; joins the cluster at RAY_ADDRESS if set")
+    # These default to None so that giving one without --ray is an error; RayOptions holds the real defaults.
+    ray.add_argument("--replicas", type=int, help="replicas, each holding the base (default: 2)")
+    ray.add_argument("--max-diffs-per-replica", type=int,
+                     help="diffs one replica keeps loaded; the least recently used is unloaded beyond it (default: 4)")
+    ray.add_argument("--diff-dir", metavar="DIR", help="a directory of diffs: a request for NAME loads DIR/NAME")
+    ray.add_argument("--replica-cpus", type=float, help="CPUs Ray reserves per replica (default: 1)")
     return p
+
+
+RAY_ONLY = {"diff_dir": "--diff-dir", "replicas": "--replicas", "max_diffs_per_replica": "--max-diffs-per-replica",
+            "replica_cpus": "--replica-cpus"}
 
 
 def run(args) -> int:
@@ -59,14 +74,40 @@ def run(args) -> int:
 
     from ..serve import ServeLimits, build_app
 
+    limits = ServeLimits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens,
+                         max_prompt_tokens=args.max_prompt_tokens, max_queue=args.max_queue)
+    if args.ray:
+        return run_on_ray(args, limits)
+    check_no_ray_flags(args)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    limits = ServeLimits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens,
-                         max_prompt_tokens=args.max_prompt_tokens, max_queue=args.max_queue)
     app = build_app(args.model, args.diff, registry_dir=args.registry, served_name=args.served_name,
                     dtype=args.dtype, device=args.device, limits=limits, admin_token=args.admin_token,
                     strategy=args.strategy, max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def check_no_ray_flags(args) -> None:
+    given = [flag for dest, flag in RAY_ONLY.items() if getattr(args, dest) is not None]
+    if given:
+        raise ConfigError(f"{', '.join(given)} only apply with --ray")
+
+
+def run_on_ray(args, limits) -> int:
+    """``sparseft serve --ray``: the same app on Ray Serve, until Ctrl-C."""
+    try:
+        from ..serve.ray_app import DiffSource, RayOptions, build_ray_app, run_ray
+
+        import ray.serve  # noqa: F401  (only to fail early, with the fix, when the extra is missing)
+    except ImportError as e:
+        raise ConfigError(f"--ray needs Ray Serve: pip install 'sparseft[ray]' ({e})") from e
+    given = {dest: getattr(args, dest) for dest in RAY_ONLY if dest != "diff_dir" and getattr(args, dest) is not None}
+    options = RayOptions(**given, threads=args.threads)
+    source = DiffSource(named=dict(args.diff), root=args.diff_dir, registry_dir=args.registry)
+    app = build_ray_app(args.model, source, served_name=args.served_name, dtype=args.dtype, device=args.device,
+                        limits=limits, admin_token=args.admin_token, options=options)
+    run_ray(app, args.host, args.port)
     return 0

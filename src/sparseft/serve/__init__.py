@@ -7,6 +7,7 @@
 - ``decoding.py``: prompt encoding, ``generate`` with streaming and stop strings.
 - ``app.py`` / ``protocol.py``: the FastAPI routes and the OpenAI wire format.
 - ``server.py``: assembling all of it from a model name and diff directories (``sparseft serve``).
+- ``ray_app.py``: the same app as replicas on Ray Serve (``sparseft serve --ray``; needs the ``ray`` extra).
 """
 
 from .app import ServeLimits, create_app
