@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -241,7 +240,6 @@ def gather_scale_scatter(
     return out.index_add_(0, dst, gathered)
 
 
-@dataclass
 class MixedEntries:
     """The entries of several diffs on one ``out_features x in_features`` weight, stored compactly.
 
@@ -251,11 +249,12 @@ class MixedEntries:
     is one int64 per diff).
     """
 
-    flat: torch.Tensor  # (E,) int32
-    values: torch.Tensor  # (E,)
-    offsets: torch.Tensor  # (slots + 1,) int64
-    out_features: int
-    in_features: int
+    def __init__(self, flat: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, out_features: int,
+                 in_features: int) -> None:
+        self.flat = flat  # (E,) int32 (int64 for weights of 2**31 entries or more)
+        self.values = values  # (E,)
+        self.offsets = offsets  # (slots + 1,) int64
+        self.out_features, self.in_features = out_features, in_features
 
     @property
     def bytes_per_entry(self) -> int:
