@@ -223,21 +223,21 @@ def set_kernels(model: nn.Module, backend: str = "auto", forward_mode: str = "in
 
 
 def gather_scale_scatter(
-    columns: torch.Tensor, src: torch.Tensor, values: torch.Tensor, dst: torch.Tensor, size: int
+    x2d: torch.Tensor, src: torch.Tensor, values: torch.Tensor, dst: torch.Tensor, size: int
 ) -> torch.Tensor:
-    """``out[dst[e]] += columns[src[e]] * values[e]`` for every entry e, in fp32; ``out`` has ``size`` rows.
+    """``out[t, dst[e]] += x2d[t, src[e]] * values[e]`` for every token t and entry e, in fp32; out is (tokens, size).
 
-    The one kernel of the unmerged delta: ``columns`` holds an input feature per row (any trailing
-    shape, e.g. tokens), each sparse entry reads one row, scales it and adds it into one output row.
+    The one kernel of the unmerged delta: each sparse entry reads one input feature, scales it and
+    adds it into one output feature, for all tokens at once.
     """
-    if columns.dim() > 1 and columns[0].numel() == 1:  # one token (decoding): 1-D ops, much faster on CPU
-        return gather_scale_scatter(columns.reshape(-1), src, values, dst, size).view(size, *columns.shape[1:])
-    if columns.dim() > 1:  # CPU's index_add_ over rows is slow with int32 positions
-        src, dst = src.long(), dst.long()
-    gathered = columns.index_select(0, src).to(torch.float32)
-    gathered.mul_(values.to(torch.float32).view(-1, *([1] * (columns.dim() - 1))))
-    out = torch.zeros((size, *columns.shape[1:]), dtype=torch.float32, device=columns.device)
-    return out.index_add_(0, dst, gathered)
+    values = values.to(torch.float32)
+    if x2d.shape[0] == 1:  # one token (decoding): 1-D ops with int32 positions are the fastest on CPU
+        gathered = x2d[0].index_select(0, src).to(torch.float32) * values
+        return gathered.new_zeros(size).index_add_(0, dst, gathered).unsqueeze(0)
+    # Several tokens: index along dim 1 with int64 positions (CPU's multi-dim index_add_ is ~10x slower with int32).
+    src, dst = src.long(), dst.long()
+    gathered = x2d.index_select(1, src).to(torch.float32) * values
+    return gathered.new_zeros(x2d.shape[0], size).index_add_(1, dst, gathered)
 
 
 class MixedEntries:
@@ -314,7 +314,7 @@ def mixed_delta(
     """
     batch, inner = x.shape[0], x.shape[1:-1]
     src, values, dst = plan if plan is not None else mixed_plan(row_diff, entries)
-    # Features first, so each entry reads and writes one contiguous (tokens,) slice.
-    columns = x.reshape(batch, -1, entries.in_features).transpose(1, 2).reshape(batch * entries.in_features, -1)
-    delta = gather_scale_scatter(columns, src, values, dst, batch * entries.out_features)
-    return delta.view(batch, entries.out_features, -1).transpose(1, 2).reshape(batch, *inner, entries.out_features)
+    # Token positions first, rows' features side by side: row b's feature j is column b * in_features + j.
+    x2d = x.reshape(batch, -1, entries.in_features).transpose(0, 1).reshape(-1, batch * entries.in_features)
+    delta = gather_scale_scatter(x2d, src, values, dst, batch * entries.out_features)
+    return delta.view(-1, batch, entries.out_features).transpose(0, 1).reshape(batch, *inner, entries.out_features)
