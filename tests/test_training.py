@@ -41,7 +41,7 @@ def quick_config(train_file, out, **overrides):
     values = dict(model="tiny", data=str(train_file), out=str(out), density=0.1, steps=4, lr=1e-2, batch_size=4,
                   max_length=64, seed=0, progress=False, value_dtype="float32")
     values.update(overrides)
-    return TrainConfig(**values)
+    return TrainConfig.from_dict(values)
 
 
 def train_in_process(cfg):
@@ -79,7 +79,7 @@ def test_cli_train_writes_a_loadable_diff_and_the_loss_falls(tiny_model_with_tok
     assert {"loss", "lr", "tokens_per_s", "peak_memory_bytes", "grad_norm"} <= set(metrics[0])
     assert metrics[0]["lr"] > metrics[-1]["lr"]  # cosine decay
     saved = TrainConfig.from_yaml(out / "train_config.yaml")
-    assert saved.steps == 12 and saved.density == 0.1 and saved.model == str(tiny_model_with_tokenizer_dir)
+    assert saved.steps == 12 and saved.selection.density == 0.1 and saved.model == str(tiny_model_with_tokenizer_dir)
 
     provenance = json.loads((out / "sparse_config.json").read_text())["provenance"]
     assert provenance["data_sha256"] == sha256(train_file)
@@ -234,8 +234,8 @@ def test_yaml_numbers_in_exponent_form_are_numbers(train_file, tmp_path):
     config.write_text(f"data: {train_file}\nout: {tmp_path / 'out'}\nlr: 1e-2\ndensity: 1e-1\nbatch_size: 4.0\n"
                       "steps: 2\nwarmup_ratio: 5e-1\nmax_grad_norm: '1'\nvalue_dtype: float32\nprogress: false\n")
     cfg = TrainConfig.from_yaml(config)
-    assert (cfg.lr, cfg.density, cfg.batch_size, cfg.warmup_ratio, cfg.max_grad_norm) == (0.01, 0.1, 4, 0.5, 1.0)
-    assert type(cfg.lr) is float and type(cfg.density) is float and type(cfg.batch_size) is int
+    assert (cfg.lr, cfg.selection.density, cfg.batch_size, cfg.warmup_ratio, cfg.max_grad_norm) == (0.01, 0.1, 4, 0.5, 1.0)
+    assert type(cfg.lr) is float and type(cfg.selection.density) is float and type(cfg.batch_size) is int
     assert type(cfg.sparse_config().density) is float
     result = train_in_process(cfg)
     assert len(result.losses) == 2
@@ -258,7 +258,7 @@ def test_bad_yaml_values_name_file_line_and_field(tmp_path, line, message):
     # A flag given on the command line wins over the file, so the file's bad value no longer matters.
     field = line.split(":")[0]
     good = {"lr": 1e-3, "batch_size": 8, "steps": 3, "density": 0.5, "truncation": True}[field]
-    assert getattr(TrainConfig.from_yaml(config, **{field: good}), field) == good
+    assert TrainConfig.from_yaml(config, **{field: good}).to_dict()[field] == good
 
 
 def test_sparse_config_yaml_converts_numbers(tmp_path):

@@ -217,3 +217,104 @@ def set_kernels(model: nn.Module, backend: str = "auto", forward_mode: str = "in
     for layer in layers:
         layer.set_kernels(backend, forward_mode)
     return len(layers)
+
+
+# ---------------------------------------------------------------- unmerged: many diffs in one batch
+
+
+def gather_scale_scatter(
+    x2d: torch.Tensor, src: torch.Tensor, values: torch.Tensor, dst: torch.Tensor, size: int
+) -> torch.Tensor:
+    """``out[t, dst[e]] += x2d[t, src[e]] * values[e]`` for every token t and entry e, in fp32; out is (tokens, size).
+
+    The one kernel of the unmerged delta: each sparse entry reads one input feature, scales it and
+    adds it into one output feature, for all tokens at once.
+    """
+    values = values.to(torch.float32)
+    if x2d.shape[0] == 1:  # one token (decoding): 1-D ops with int32 positions are the fastest on CPU
+        gathered = x2d[0].index_select(0, src).to(torch.float32) * values
+        return gathered.new_zeros(size).index_add_(0, dst, gathered).unsqueeze(0)
+    # Several tokens: index along dim 1 with int64 positions (CPU's multi-dim index_add_ is ~10x slower with int32).
+    src, dst = src.long(), dst.long()
+    gathered = x2d.index_select(1, src).to(torch.float32) * values
+    return gathered.new_zeros(x2d.shape[0], size).index_add_(1, dst, gathered)
+
+
+class MixedEntries:
+    """The entries of several diffs on one ``out_features x in_features`` weight, stored compactly.
+
+    Entries are sorted by diff slot: slot ``s`` owns ``flat[offsets[s]:offsets[s + 1]]`` (flat
+    positions ``row * in_features + col``, int32) and the same range of ``values``. Per entry that is
+    4 B of index + 2 B (bf16) or 4 B (fp32) of value; the slot costs nothing per entry (``offsets``
+    is one int64 per diff).
+    """
+
+    def __init__(self, flat: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, out_features: int,
+                 in_features: int) -> None:
+        self.flat = flat  # (E,) int32 (int64 for weights of 2**31 entries or more)
+        self.values = values  # (E,)
+        self.offsets = offsets  # (slots + 1,) int64
+        self.out_features, self.in_features = out_features, in_features
+
+    @property
+    def bytes_per_entry(self) -> int:
+        return self.flat.element_size() + self.values.element_size()
+
+
+def mixed_pairs(row_diff: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each batch row, the entry range of its diff: (row of each pair, entry of each pair).
+
+    ``row_diff[b]`` is the slot of row b's diff, -1 for none. Rows of the same diff each get all of
+    its entries; a batch with rows b1, b2 of diff 3 and b3 of none yields pairs (b1, e), (b2, e) for
+    every entry e of slot 3. No Python loop over diffs: counts, repeat_interleave and an arange.
+    """
+    has_diff = row_diff >= 0
+    slot = row_diff.clamp(min=0)
+    starts = offsets[slot]
+    counts = torch.where(has_diff, offsets[slot + 1] - starts, torch.zeros_like(starts))
+    rows = torch.repeat_interleave(torch.arange(row_diff.numel(), device=row_diff.device), counts)
+    first_pair = torch.cumsum(counts, 0) - counts  # where each row's pairs begin
+    entry = torch.arange(rows.numel(), device=row_diff.device) - (first_pair - starts).repeat_interleave(counts)
+    return rows, entry
+
+
+def mixed_plan(row_diff: torch.Tensor, entries: MixedEntries) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What ``mixed_delta`` gathers, scales and scatters for these rows: (src, values, dst) per pair.
+
+    Depends only on which diff each row uses, so a caller decoding step after step with the same
+    rows computes it once (``MixedDeltaHook`` does).
+    """
+    rows, entry = mixed_pairs(row_diff, entries.offsets)
+    flat = entries.flat.index_select(0, entry).long()
+    src = rows * entries.in_features + flat % entries.in_features
+    dst = rows * entries.out_features + flat // entries.in_features
+    # int32 positions when they fit: a kept plan costs 8 B + one value per pair instead of 16 B + one value.
+    fits = row_diff.numel() * max(entries.in_features, entries.out_features) < 2**31
+    index_dtype = torch.int32 if fits else torch.long
+    return src.to(index_dtype), entries.values.index_select(0, entry), dst.to(index_dtype)
+
+
+def mixed_delta(
+    x: torch.Tensor, row_diff: torch.Tensor, entries: MixedEntries,
+    plan: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Δ(x) for a batch whose rows use different diffs: row b gets ``x[b] S_{row_diff[b]}ᵀ`` (fp32).
+
+    ``x`` is (B, ..., in_features), ``row_diff`` (B,) diff slots (-1: none, Δ = 0). One gather,
+    multiply and ``index_add_`` over the entries of all diffs present, whatever their number.
+    ``plan`` is ``mixed_plan(row_diff, entries)`` when the caller reuses it across steps.
+
+    Example:
+        >>> w = MixedEntries(torch.tensor([1, 2], dtype=torch.int32), torch.tensor([1.0, 2.0]),
+        ...                  torch.tensor([0, 1, 2]), out_features=2, in_features=2)
+        >>> mixed_delta(torch.ones(3, 2), torch.tensor([0, 1, -1]), w)  # slot 0 adds W[0,1]=1, slot 1 W[1,0]=2
+        tensor([[1., 0.],
+                [0., 2.],
+                [0., 0.]])
+    """
+    batch, inner = x.shape[0], x.shape[1:-1]
+    src, values, dst = plan if plan is not None else mixed_plan(row_diff, entries)
+    # Token positions first, rows' features side by side: row b's feature j is column b * in_features + j.
+    x2d = x.reshape(batch, -1, entries.in_features).transpose(0, 1).reshape(-1, batch * entries.in_features)
+    delta = gather_scale_scatter(x2d, src, values, dst, batch * entries.out_features)
+    return delta.view(-1, batch, entries.out_features).transpose(0, 1).reshape(batch, *inner, entries.out_features)

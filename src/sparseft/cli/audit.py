@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..config import DTYPES
+from .options import add_model_options
 
 
 def add_parser(sub):
@@ -16,7 +16,7 @@ def add_parser(sub):
         "agreement and, for probes with a 'pair', how the gap between the pair's outputs changed (bias drift). "
         "Writes audit.json and audit.md. Exit 0 when every gate passes, 1 when one fails, 2 on bad input.",
     )
-    p.add_argument("--model", required=True, help="base model: alias, local directory or HF id")
+    add_model_options(p)
     p.add_argument("--diff", required=True, metavar="DIR", help="diff directory")
     p.add_argument("--probe", metavar="FILE.jsonl", help="probe set (default: the set shipped with sparseft)")
     p.add_argument("--max-kl", type=float, default=limits.max_kl,
@@ -26,7 +26,6 @@ def add_parser(sub):
     p.add_argument("--max-pair-drift", type=float, default=limits.max_pair_drift,
                    help=f"limit on the largest |change| of a pair's log-prob gap, nats (default {limits.max_pair_drift})")
     p.add_argument("--out", metavar="DIR", help="where to write audit.json and audit.md (default: DIFF_DIR-audit)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype to load the base in (default: float32)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default 8)")
     p.add_argument("--repro", action="store_true",
                    help="also re-run the diff's training from its recorded config and seed on CPU and check that "

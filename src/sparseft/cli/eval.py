@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from ..config import DTYPES
+from .options import add_model_options
 
 
 def add_parser(sub):
@@ -17,7 +17,7 @@ def add_parser(sub):
         "label likelihoods; QA: exact match and F1; summarization: ROUGE-1/2/L). Metrics are fractions in "
         "[0, 1] in --json output and percentages in the table.",
     )
-    p.add_argument("--model", required=True, help="base model: alias (e.g. smollm2-135m), local directory or HF id")
+    add_model_options(p)
     p.add_argument(
         "--diff", metavar="DIR",
         help="a sparse diff or a PEFT adapter directory (LoRA, SHiRA, ...; default: the base)",
@@ -34,7 +34,6 @@ def add_parser(sub):
     p.add_argument("--data", required=True, metavar="PATH", help="data file in the task's format, or a Hugging Face dataset hf:NAME[:CONFIG]:SPLIT")
     p.add_argument("--limit", type=int, metavar="N", help="only the first N examples")
     p.add_argument("--batch-size", type=int, default=8, help="examples per forward pass (default: 8)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype to load the model in (default: float32)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return p
 

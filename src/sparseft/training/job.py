@@ -1,7 +1,7 @@
 """``run_training``: the whole job, read top to bottom.
 
-load model + tokenizer → read and validate all data (nothing written yet) → choose the trainable
-parameters (sparse masks, all weights, or LoRA) → optimizer (+ checkpoint on resume) → train loop →
+load model + tokenizer → read and validate all data (nothing written yet) → the method prepares the
+trainable parameters (sparse masks, all weights, or LoRA; see ``sparseft.methods``) → optimizer (+ checkpoint on resume) → train loop →
 save the artifact and train_config.yaml (with metrics.jsonl and checkpoints) into ``out`` atomically.
 """
 
@@ -20,16 +20,11 @@ import torch.distributed as torch_dist
 from torch import nn
 
 from ..atomic import atomic_dir, atomic_file
-from ..config import SparseConfig
-from ..diffio import CONFIG_NAME, read_diff
 from ..errors import ConfigError
+from ..diffio import CONFIG_NAME as DIFF_CONFIG_NAME
 from ..hub import CARD_NAME
-from ..model import SparseModel, get_sparse_model
-from ..loading import load_model, load_tokenizer
-from ..selection import read_mask_file, select
-from ..selection.scorers import get_scorer
-from ..loading import pad_token_id
-from .baselines import lora_rank_matching, prepare_full, prepare_lora, save_full, save_lora, sparse_budget
+from ..loading import load_model, load_tokenizer, pad_token_id
+from ..methods import get_method
 from .checkpoint import (
     CHECKPOINTS_DIR,
     Checkpoint,
@@ -39,7 +34,7 @@ from .checkpoint import (
     restore_checkpoint,
 )
 from .config import TrainConfig
-from .data import Example, calibration_batches, data_sha256, load_examples
+from .data import data_sha256, load_examples
 from .loop import METRICS_NAME, Distributed, LoopStats, make_optimizer, setup_distributed, train_loop, trainable_parameters
 
 TRAIN_CONFIG_NAME = "train_config.yaml"
@@ -92,7 +87,7 @@ def run_training(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=Non
         ckpt = resume_checkpoint(cfg, out, info, total_steps)
         torch.manual_seed(cfg.seed)
         model.to(dist.device)  # before selection, so data scorers run on the accelerator
-        model, masks, extra = prepare_method(cfg, model, examples, pad_token_id(tokenizer), ckpt)
+        model, masks, extra = get_method(cfg.method).prepare(cfg, model, examples, pad_token_id(tokenizer), ckpt)
         model.to(dist.device)
         named_params = trainable_parameters(model)
         optimizer = make_optimizer(named_params, cfg)
@@ -166,52 +161,6 @@ def resume_checkpoint(cfg: TrainConfig, out: Path, info: dict[str, Any], total_s
     return ckpt
 
 
-def prepare_method(
-    cfg: TrainConfig, model: nn.Module, examples: list[Example], pad_id: int, ckpt: Checkpoint | None
-) -> tuple[nn.Module, dict[str, torch.Tensor] | None, dict[str, Any]]:
-    """The model to train, the sparse masks (sparse runs) and facts worth reporting."""
-    if cfg.method == "full":
-        return prepare_full(model), None, {}
-    if cfg.method == "lora":
-        rank = cfg.lora_rank
-        if cfg.lora_match_sparse:
-            rank = lora_rank_matching(model, cfg.target_modules, sparse_budget(model, cfg.sparse_config()))
-        return prepare_lora(model, cfg.target_modules, rank, cfg.lora_alpha, cfg.seed), None, {"lora_rank": rank}
-    sparse_cfg = cfg.sparse_config()
-    if cfg.masks:
-        given, chosen_with = load_mask_file(cfg.masks)
-        # The diff records how its entries were chosen (the mask file's scorer, allocation, seed, targets)
-        # and the budget actually trained, not this run's selection flags, which chose nothing.
-        sparse_cfg = dataclasses.replace(chosen_with, value_dtype=cfg.value_dtype,
-                                         num_params=sum(int(m.numel()) for m in given.values()))
-    if ckpt is not None and ckpt.masks:
-        masks = ckpt.masks  # the entries trained when it was written (re-selection may have moved them)
-    elif cfg.masks:
-        masks = given
-    else:
-        masks = select_masks(model, sparse_cfg, examples, pad_id, cfg)
-    return get_sparse_model(model, sparse_cfg, masks), masks, {}
-
-
-def select_masks(model: nn.Module, sparse_cfg, examples: list[Example], pad_id: int, cfg: TrainConfig) -> dict[str, torch.Tensor]:
-    """Masks from the configured scorer; data scorers see the first batches of the training stream
-    (the same on every process, so all ranks choose the same entries)."""
-    if not get_scorer(sparse_cfg.scorer).needs_data_for(sparse_cfg.scorer_weights):
-        return select(model, sparse_cfg)
-    batches = calibration_batches(examples, cfg.batch_size, pad_id, cfg.seed, sparse_cfg.calibration_batches)
-    return select(model, sparse_cfg, batches)
-
-
-def load_mask_file(path: str) -> tuple[dict[str, torch.Tensor], SparseConfig]:
-    """Masks and the selection config that chose them, from a diff directory (train the entries
-    another run chose) or a mask file written by ``sparseft select``."""
-    if (Path(path) / CONFIG_NAME).is_file():
-        diff = read_diff(path)
-        return diff.masks, diff.config
-    mask_file = read_mask_file(path)
-    return mask_file.masks, mask_file.config
-
-
 def wrap_ddp(model: nn.Module, dist: Distributed) -> nn.Module:
     """DDP over the model: it all-reduces only parameters that require grad (the k values of a sparse run)."""
     if not dist.enabled:
@@ -255,13 +204,7 @@ def provenance(cfg: TrainConfig, total_steps: int) -> dict[str, Any]:
 
 
 def save_artifact(cfg: TrainConfig, model: nn.Module, tokenizer, path: Path, total_steps: int) -> None:
-    if cfg.method == "sparse":
-        assert isinstance(model, SparseModel)
-        model.save_pretrained(path, provenance=provenance(cfg, total_steps))
-    elif cfg.method == "full":
-        save_full(model, tokenizer, path)
-    else:
-        save_lora(model, path)
+    get_method(cfg.method).save(model, tokenizer, path, provenance(cfg, total_steps))
 
 
 # The run's logs and checkpoints, carried over into the published directory.
@@ -287,19 +230,17 @@ def directory_bytes(path: Path, skip: tuple[str, ...] = NOT_ARTIFACT) -> int:
     return sum(f.stat().st_size for f in path.iterdir() if f.is_file() and f.name not in skip)
 
 
-def artifact_bytes(cfg: TrainConfig, out: Path) -> int:
+def artifact_bytes(out: Path) -> int:
     """``directory_bytes`` of the artifact; a sparse diff's model card (README.md, newer than these
     figures) is left out so diff sizes stay comparable with earlier runs. PEFT's card stays counted, as before."""
     if not out.is_dir():
         return 0
-    return directory_bytes(out, NOT_ARTIFACT + ((CARD_NAME,) if cfg.method == "sparse" else ()))
+    is_diff = (out / DIFF_CONFIG_NAME).is_file()
+    return directory_bytes(out, NOT_ARTIFACT + ((CARD_NAME,) if is_diff else ()))
 
 
 def make_result(cfg: TrainConfig, out: Path, model: nn.Module, stats: LoopStats, total_steps: int, extra: dict) -> TrainResult:
-    if isinstance(model, SparseModel):
-        total = model.num_base_parameters()
-    else:
-        total = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+    total = get_method(cfg.method).base_parameters(model)
     return TrainResult(
         out=out,
         method=cfg.method,
@@ -312,6 +253,6 @@ def make_result(cfg: TrainConfig, out: Path, model: nn.Module, stats: LoopStats,
         tokens_per_s=stats.tokens_per_s,
         peak_memory_bytes=stats.peak_memory_bytes,
         optimizer_state_bytes=stats.optimizer_state_bytes,
-        artifact_bytes=artifact_bytes(cfg, out),
+        artifact_bytes=artifact_bytes(out),
         extra=extra,
     )
