@@ -14,7 +14,7 @@ from sparseft.audit.verify import verify_diff
 from sparseft.cli import main
 from sparseft.diffio import CONFIG_NAME, DELTA_NAME, read_diff
 from sparseft.errors import DiffNotFoundError
-from sparseft.hub import CARD_NAME, parse_repo_id, resolve_diff
+from sparseft.hub import CARD_NAME, model_card, parse_repo_id, resolve_diff
 
 from conftest import make_tiny_llama
 
@@ -90,6 +90,9 @@ def test_model_card_is_written_deterministic_and_outside_the_hashes(tmp_path):
     card = (a / CARD_NAME).read_text()
     diff = read_diff(a)
     assert "library_name: sparseft" in card and f"sha256 `{'ab' * 32}`" in card
+    assert "base_model:" not in card  # the tiny base has no Hub id; the Hub would refuse a made-up one
+    diff.base_model = "my-org/base"
+    assert "base_model: my-org/base" in model_card(diff)
     assert all(digest in card for digest in diff.base_fingerprint.values())
     assert "scorer `random`, density 0.05" in card and "| metric: accuracy | 0.75 |" in card
     assert CARD_NAME not in json.loads((a / CONFIG_NAME).read_text())["file_hashes"]

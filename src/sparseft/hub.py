@@ -74,7 +74,9 @@ def model_card(diff: "SparseDiff") -> str:
     sel = diff.config
     prov = diff.provenance or {}
     base = diff.base_model or "unknown"
-    front = ["---", "library_name: sparseft", *([f"base_model: {base}"] if diff.base_model else []),
+    # The Hub checks base_model against its model ids: an alias (smollm2-135m) or a local path is left out.
+    hub_base = REPO_ID.match(diff.base_model or "") and not Path(diff.base_model).is_absolute()
+    front = ["---", "library_name: sparseft", *([f"base_model: {base}"] if hub_base else []),
              "tags:", "- sparseft", "- sparse-fine-tuning", "---", ""]
     rows = [
         _row("base model", f"`{base}`"),
@@ -96,9 +98,9 @@ def model_card(diff: "SparseDiff") -> str:
     load = [
         "```python",
         "from sparseft import SparseModel",
-        "from transformers import AutoModelForCausalLM",
+        "from sparseft.loading import load_model  # a Hub id, a local directory or a sparseft alias",
         "",
-        f"base = AutoModelForCausalLM.from_pretrained({json.dumps(base)})",
+        f"base = load_model({json.dumps(base)})",
         'model = SparseModel.from_pretrained(base, "ORG/NAME")  # or a local directory',
         "```",
         "",
