@@ -104,7 +104,9 @@ class MergedEntries:
         self.weights, self.indices, self.originals = weights, indices, originals
 
     @classmethod
-    def merge(cls, weights: dict[Hashable, torch.Tensor], entries: dict) -> "MergedEntries":
+    def merge(
+        cls, weights: dict[Hashable, torch.Tensor], entries: dict[Hashable, tuple[torch.Tensor, torch.Tensor]]
+    ) -> "MergedEntries":
         """Write each entry set of ``entries`` into ``weights[name]``: all of them, or (on any error,
         which is re-raised) none, the weights merged so far restored first."""
         merged = cls({}, {}, {})
@@ -341,8 +343,10 @@ def merge_layers(layers: dict[str, SparseLinear]) -> None:
     """Merge the values of every layer into its weight: all of them or, on error, none.
 
     Holds each layer's lock meanwhile, so a thread running an in-place forward never sees a
-    weight mid-merge. Callers check that no layer is merged yet.
+    weight mid-merge.
     """
+    if already := [name for name, layer in layers.items() if layer.merged]:
+        raise MergeStateError(f"already merged: {already}; call unmerge() first")
     with contextlib.ExitStack() as locks:
         for layer in layers.values():
             locks.enter_context(layer._weight_lock)
