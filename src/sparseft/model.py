@@ -226,7 +226,7 @@ class SparseModel(nn.Module):
                 attached.append(layer)
         except BaseException:
             for layer in attached:
-                layer.frozen_deltas.pop(name, None)
+                del layer.frozen_deltas[name]
             for parent, child, linear in reversed(wrapped):
                 setattr(parent, child, linear)
             raise
