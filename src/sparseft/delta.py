@@ -23,6 +23,11 @@ dense gradient of the frozen weight is stored. How its forward forms W + S (``fo
   layer, and the values' gradient comes from autograd through the index operations.
 In the first two modes the values' gradient goes through ``sparseft.kernels.sampled_weight_grad``
 with ``backend``.
+
+A layer can carry more than its trained diff: ``frozen_deltas`` holds other named diffs' entries on
+this weight (never trained), and ``active`` says which diffs apply and with what weight. The forward
+applies all active entry sets as one (concatenated; overlapping entries add up), ``merge`` writes them
+one diff after another, and the restore takes them out in reverse, so unmerge stays exact.
 """
 
 from __future__ import annotations
@@ -42,6 +47,9 @@ FORWARD_MODES = ("inplace", "copy", "unmerged")
 
 # weight name -> (flat indices, values): what MergedEntries writes (the serving registry holds these).
 Entries = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+# The name of a layer's own, trainable diff (PEFT's name for the first adapter).
+DEFAULT_DIFF = "default"
 
 
 # ------------------------------------------------------------------ merged: W + S written into the weight
@@ -127,9 +135,14 @@ class MergedEntries:
             restore_entries(self.weights[name], self.indices[name], self.originals[name])
         self.weights, self.indices, self.originals = {}, {}, {}
 
-    def only(self, name: Hashable) -> "MergedEntries":
-        """The part of this merge that concerns ``weights[name]`` (restoring it restores that weight only)."""
-        return MergedEntries({name: self.weights[name]}, {name: self.indices[name]}, {name: self.originals[name]})
+    def only(self, *names: Hashable) -> "MergedEntries":
+        """The part of this merge that concerns the entry sets ``names`` (restoring it restores those only,
+        in reverse merge order)."""
+        wanted = set(names)
+        kept = [name for name in self.originals if name in wanted]
+        return MergedEntries(
+            {n: self.weights[n] for n in kept}, {n: self.indices[n] for n in kept}, {n: self.originals[n] for n in kept}
+        )
 
     def base_weights(self, weights: dict[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         """``weights`` as they were before the merge: merged ones are replaced by restored copies;
@@ -271,6 +284,18 @@ class SparseDeltaFunction(torch.autograd.Function):
         return grad_x, None, grad_bias, None, grad_values, None, None, None
 
 
+class FrozenDelta(nn.Module):
+    """Another diff's entries on one layer, applied but never trained.
+
+    Non-persistent buffers: they follow ``.to()`` with the layer and stay out of ``state_dict``.
+    """
+
+    def __init__(self, indices: torch.Tensor, values: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("indices", indices.to(dtype=torch.long, copy=True), persistent=False)
+        self.register_buffer("values", values.detach().to(dtype=torch.float32, copy=True), persistent=False)
+
+
 class SparseLinear(nn.Module):
     """Wraps a frozen ``nn.Linear``; trains ``values`` at the flat positions ``indices`` of its weight.
 
@@ -293,6 +318,8 @@ class SparseLinear(nn.Module):
         # A copy too: training changes the values in place, which must not reach the caller's tensor.
         values = values.detach().to(device=device, dtype=torch.float32, copy=True)
         self.values = nn.Parameter(values, requires_grad=indices.numel() > 0)
+        self.frozen_deltas = nn.ModuleDict()  # diff name -> FrozenDelta; filled by SparseModel.load_diff
+        self.active: dict[str, float] = {DEFAULT_DIFF: 1.0}  # diff name -> weight, in merge order
         self._merged_entries: MergedEntries | None = None
         self.backend = "auto"
         self.forward_mode = "inplace"
@@ -310,15 +337,37 @@ class SparseLinear(nn.Module):
     def k(self) -> int:
         return self.indices.numel()
 
+    def active_entries(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{diff name: (indices, values × weight)}`` of every active diff with entries on this layer, in
+        ``active`` order. The trainable values come as they are at weight 1, so autograd reaches them."""
+        entries = {}
+        for name, weight in self.active.items():
+            if name == DEFAULT_DIFF:
+                indices, values = self.indices, self.values
+            elif name in self.frozen_deltas:
+                indices, values = self.frozen_deltas[name].indices, self.frozen_deltas[name].values
+            else:
+                continue
+            entries[name] = (indices, values if weight == 1.0 else values * weight)
+        return entries
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged or self.k == 0:
+        if self.merged:
+            return self.base_layer(x)
+        entries = self.active_entries()
+        if len(entries) == 1:  # the usual case: one diff, its tensors as they are
+            indices, values = next(iter(entries.values()))
+        else:  # one entry set for all active diffs: a single merge / gather per call, gradients split by cat
+            indices = torch.cat([i for i, _ in entries.values()]) if entries else self.indices[:0]
+            values = torch.cat([v for _, v in entries.values()]) if entries else self.values[:0]
+        if indices.numel() == 0:
             return self.base_layer(x)
         layer = self.base_layer
         if self.forward_mode == "unmerged":
             out = layer(x)
-            return out + delta_matmul(x, self.indices, self.values, layer.out_features, layer.in_features).to(out.dtype)
+            return out + delta_matmul(x, indices, values, layer.out_features, layer.in_features).to(out.dtype)
         return SparseDeltaFunction.apply(
-            x, layer.weight, layer.bias, self.indices, self.values, self.backend, self.forward_mode, self._weight_lock
+            x, layer.weight, layer.bias, indices, values, self.backend, self.forward_mode, self._weight_lock
         )
 
     def set_kernels(self, backend: str = "auto", forward_mode: str = "inplace") -> None:
@@ -347,22 +396,25 @@ class SparseLinear(nn.Module):
 
 
 def merge_layers(layers: dict[str, SparseLinear]) -> None:
-    """Merge the values of every layer into its weight: all of them or, on error, none.
+    """Merge every active diff of every layer into its weight, one diff after another (values × weight,
+    rounded by ``round_values``): all of them or, on error, none.
 
-    Holds each layer's lock meanwhile, so a thread running an in-place forward never sees a
-    weight mid-merge.
+    Each (layer, diff) is its own entry set, so two diffs on one entry add up in the weight's dtype
+    just as merging them one after the other would, and the reverse-order restore is exact. Holds
+    each layer's lock meanwhile, so a thread running an in-place forward never sees a weight mid-merge.
     """
     if already := [name for name, layer in layers.items() if layer.merged]:
         raise MergeStateError(f"already merged: {already}; call unmerge() first")
     with contextlib.ExitStack() as locks:
         for layer in layers.values():
             locks.enter_context(layer._weight_lock)
+        per_layer = {name: layer.active_entries() for name, layer in layers.items()}
         merged = MergedEntries.merge(
-            {name: layer.weight for name, layer in layers.items()},
-            {name: (layer.indices, layer.values) for name, layer in layers.items()},
+            {(name, diff): layers[name].weight for name, entries in per_layer.items() for diff in entries},
+            {(name, diff): pair for name, entries in per_layer.items() for diff, pair in entries.items()},
         )
         for name, layer in layers.items():
-            layer._merged_entries = merged.only(name)
+            layer._merged_entries = merged.only(*[(name, diff) for diff in per_layer[name]])
 
 
 def unmerge_layers(layers: dict[str, SparseLinear]) -> None:

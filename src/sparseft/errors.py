@@ -81,7 +81,8 @@ class NotReproducibleError(SparseFTError, ValueError):
 
 
 class UnknownDiffError(SparseFTError, LookupError):
-    """A request or admin call names a diff (or a version of one) that the server has not loaded."""
+    """A request or admin call names a diff (or a version of one) that the server has not loaded, or a
+    ``SparseModel`` call names a diff it has not loaded (``set_active``, ``save_pretrained(diff_name=...)``)."""
 
 
 class DiffRegistryError(SparseFTError, ValueError):
