@@ -37,6 +37,8 @@ def add_parser(sub):
     p.add_argument("--max-prompt-tokens", type=int, help="longest prompt accepted (default: the model's context)")
     p.add_argument("--max-queue", type=int, default=256, help="queued requests beyond this get 503 (default: 256)")
     p.add_argument("--admin-token", help="require 'Authorization: Bearer TOKEN' on /admin routes")
+    p.add_argument("--allow-unverified-base", action="store_true",
+                   help="also serve diffs that record no base fingerprint (logged as a warning; default: refuse them)")
     return p
 
 
@@ -52,6 +54,7 @@ def run(args) -> int:
     limits = ServeLimits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens,
                          max_prompt_tokens=args.max_prompt_tokens, max_queue=args.max_queue)
     app = build_app(args.model, args.diff, registry_dir=args.registry, served_name=args.served_name,
-                    dtype=args.dtype, device=args.device, limits=limits, admin_token=args.admin_token)
+                    dtype=args.dtype, device=args.device, limits=limits, admin_token=args.admin_token,
+                    allow_unverified_base=args.allow_unverified_base)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

@@ -21,6 +21,7 @@ def build_app(
     device: str = "cpu",
     limits: ServeLimits | None = None,
     admin_token: str | None = None,
+    allow_unverified_base: bool = False,
 ):
     """Load the base and its tokenizer, restore the registry, load ``diffs`` (NAME, DIR), return the app.
 
@@ -34,7 +35,7 @@ def build_app(
         tokenizer = load_tokenizer(model)
     except ModelNotFoundError as e:  # load_tokenizer already names the path and the cause
         raise ModelNotFoundError(f"{e}; serving needs one next to the model") from e
-    engine = Engine(base, tokenizer, ServeMetrics(), max_queue=limits.max_queue)
+    engine = Engine(base, tokenizer, ServeMetrics(), max_queue=limits.max_queue, allow_unverified_base=allow_unverified_base)
     base_name = served_name or str(model)
     registry = DiffRegistry(engine.validated_entries, reserved_names=(base_name,), directory=registry_dir)
     for name, path in diffs:
