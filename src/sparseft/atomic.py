@@ -91,3 +91,47 @@ def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def link_into(src: Path, dst: Path) -> None:
+    """Put ``src`` (a file or a directory tree) at ``dst`` as hard links, copies where the filesystem
+    has none: the original stays in place, so a crash before ``dst``'s directory is renamed in loses nothing."""
+
+    def link_or_copy(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    if Path(src).is_dir():
+        shutil.copytree(src, dst, copy_function=link_or_copy)
+    else:
+        link_or_copy(str(src), str(dst))
+
+
+def leftovers(target: str | os.PathLike) -> list[Path]:
+    """The staging (``.NAME.tmp-*``) and set-aside (``.NAME.old-*``) siblings that crashes left beside ``target``."""
+    target = Path(target)
+    return sorted(target.parent.glob(f".{target.name}.tmp-*")) + sorted(target.parent.glob(f".{target.name}.old-*"))
+
+
+def remove_leftovers(target: str | os.PathLike) -> None:
+    """Delete what ``leftovers`` finds; call it only when no other writer of ``target`` can be running."""
+    for path in leftovers(target):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def recover_dir(target: str | os.PathLike) -> bool:
+    """Put the old version of ``target`` back when a crash between ``replace_dir``'s two renames left the path
+    missing (the old version at ``.NAME.old-*/NAME``); True when it did. The newest set-aside version wins."""
+    target = Path(target)
+    if os.path.lexists(target):
+        return False
+    aside = [p / target.name for p in target.parent.glob(f".{target.name}.old-*") if (p / target.name).is_dir()]
+    if not aside:
+        return False
+    os.replace(max(aside, key=lambda p: p.stat().st_mtime), target)
+    return True
