@@ -22,6 +22,39 @@ from typing import Iterator
 from .errors import AtomicReplaceError
 
 
+def umask() -> int:
+    """The process umask. Linux shows it in /proc; elsewhere it is read by setting it and putting it back."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def with_umask_mode(path: Path, mode: int) -> Path:
+    """Give ``path`` the mode a plain ``mkdir`` / ``open`` would: ``mode`` less the umask. tempfile creates
+    owner-only (0700 / 0600) entries, which must not leak into what the user gets."""
+    os.chmod(path, mode & ~umask())
+    return path
+
+
+def follow_umask(root: Path) -> None:
+    """Give every entry under ``root`` the mode ``mkdir`` / ``open`` would: libraries that write through
+    temporary files (safetensors, tempfile) leave them owner-only."""
+    mask = umask()
+    for dirpath, _, filenames in os.walk(root):
+        os.chmod(dirpath, 0o777 & ~mask)
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                executable = os.stat(path).st_mode & 0o111
+                os.chmod(path, (0o777 if executable else 0o666) & ~mask)
+
+
 @contextmanager
 def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary directory beside ``target``; when the block ends without an error it
@@ -35,6 +68,7 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    follow_umask(tmp)
     replace_dir(tmp, target)
 
 
@@ -85,6 +119,7 @@ def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
     os.close(fd)
+    with_umask_mode(Path(tmp), 0o666)
     try:
         yield Path(tmp)
         os.replace(tmp, target)
