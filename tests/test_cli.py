@@ -122,3 +122,22 @@ def test_a_model_directory_without_tokenizer_exits_2_when_one_is_needed(tiny_mod
 
 def test_parser_builds():
     assert build_parser().prog == "sparseft"
+
+
+@pytest.mark.parametrize("verb", ["train", "audit"])
+def test_a_missing_data_file_is_reported_before_the_model_loads(verb, trained_diff, tmp_path, monkeypatch, capsys):
+    import sparseft.loading
+    import sparseft.training.job
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(sparseft.loading, "load_model", no_model)
+    monkeypatch.setattr(sparseft.training.job, "load_model", no_model)
+    missing = tmp_path / "nope.jsonl"
+    if verb == "train":
+        argv = ["train", "--model", "tiny", "--data", str(missing), "--out", str(tmp_path / "out")]
+    else:
+        argv = ["audit", "--model", "tiny", "--diff", str(trained_diff[1]), "--probe", str(missing)]
+    assert main(argv) == 2
+    assert f"{missing}: no such data file" in capsys.readouterr().err

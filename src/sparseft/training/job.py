@@ -22,6 +22,7 @@ from ..atomic import atomic_dir, atomic_file, link_into, recover_dir, remove_lef
 from ..config import SparseConfig
 from ..diffio import CONFIG_NAME, read_diff
 from ..errors import ConfigError
+from ..files import existing_data
 from ..model import SparseModel, get_sparse_model
 from ..loading import load_model, load_tokenizer
 from ..selection import read_mask_file, select
@@ -78,6 +79,7 @@ def run_training(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=Non
     if not cfg.out or not cfg.data:
         raise ConfigError("a training run needs data (--data FILE) and an output directory (--out DIR)")
     out = Path(cfg.out)
+    existing_data(cfg.data)  # before the model loads: a typo is reported at once
     dist = setup_distributed(cfg.device)
     try:
         if model is None:
