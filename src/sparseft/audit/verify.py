@@ -1,9 +1,10 @@
 """``verify``: run every integrity and compatibility check of a diff and report each one.
 
 Loading a diff (``diffio.read_diff``) stops at the first problem, which is right for loading; a
-reviewer gating a deployment wants the whole list. So the same diffio checks run here one by one,
-each as a named check that passes, fails with a one-line reason, or is skipped when an earlier
-check left nothing to look at (e.g. indices of an unreadable file).
+reviewer gating a deployment wants the whole list. So the same steps (``diffio.READ_STEPS``, then
+the checks of ``diffio.check_against_model``) run here one by one, each as a named check that passes,
+fails with a one-line reason, or is skipped when an earlier check left nothing to look at (e.g.
+indices of an unreadable file). One code path: verify passes exactly the diffs that load.
 """
 
 from __future__ import annotations
