@@ -221,15 +221,50 @@ def test_a_mutated_diff_loads_correctly_or_raises_a_sparseft_error(original, bas
 
 # ---------------------------------------------------------------- the request property
 
-FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n",
-          "stream", "stop", "seed", "logprobs", "user"]
-TEXTS = st.sampled_from(["w9 w10", "", "\ud800 hi", "a@\u00b2", "\x00", BASE, f"{BASE}@1", "nope", "x" * 300])
-REQUEST_VALUES = st.one_of(
-    TEXTS, NEAR_MISSES, JSON_VALUES,
-    st.sampled_from([1e-45, 2**70, -1, 3, 0, 1e-3, float("inf")]),
-    st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "bot", 3]), "content": TEXTS | JSON_VALUES}),
-             max_size=2),
+TEXTS = st.sampled_from(["w9 w10", "", "\ud800 hi", "a@\u00b2", "\x00", BASE, f"{BASE}@1", f"{BASE}@", "nope", "x" * 300])
+NUMBERS = st.sampled_from([1e-45, 5e-324, 1e-4, 1e-3, 0, 1, 3, -1, 2.0001, 2**31, 2**64, 2**70, -(2**63) - 1,
+                           float("inf"), -float("inf"), float("nan")])
+MESSAGES = st.lists(
+    st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "bot", 3]),
+                           "content": TEXTS | st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": TEXTS}),
+                                                       max_size=2) | JSON_VALUES}),
+    max_size=2,
 )
+# Each field is set to a value near what it takes (so the rest of the body stays valid), or to anything.
+FIELD_VALUES = {
+    "model": TEXTS,
+    "prompt": TEXTS | st.lists(st.integers(-5, 2**70), max_size=3),
+    "messages": MESSAGES,
+    "max_tokens": NUMBERS,
+    "max_completion_tokens": NUMBERS,
+    "temperature": NUMBERS | st.floats(0, 2),
+    "top_p": NUMBERS | st.floats(0, 1),
+    "n": NUMBERS,
+    "seed": NUMBERS | st.integers(),
+    "stream": st.booleans(),
+    "stop": TEXTS | st.lists(TEXTS, max_size=2),
+    "logprobs": VALUES,
+}
+
+
+def request_body(data, path: str) -> bytes:
+    kind = data.draw(st.sampled_from(["fields"] * 5 + ["bytes", "truncated", "not an object"]))
+    event(f"body: {kind}")
+    if kind == "bytes":
+        return data.draw(st.binary(max_size=64))
+    if kind == "not an object":
+        return json.dumps(data.draw(JSON_VALUES)).encode()
+    body = {"model": BASE, "max_tokens": 2, "temperature": 0}
+    body.update({"messages": [{"role": "user", "content": "w9"}]} if "chat" in path else {"prompt": "w9 w10"})
+    for _ in range(data.draw(st.integers(1, 2))):
+        field = data.draw(st.sampled_from(sorted(FIELD_VALUES)))
+        action = data.draw(st.sampled_from(["near", "near", "near", "anything", "remove"]))
+        if action == "remove":
+            body.pop(field, None)
+        else:
+            body[field] = data.draw(FIELD_VALUES[field] if action == "near" else VALUES)
+    raw = json.dumps(body).encode()  # a lone surrogate is written as the escape "\ud800", as clients send it
+    return raw[: data.draw(st.integers(0, len(raw) - 1))] if kind == "truncated" else raw
 
 
 @pytest.fixture(scope="module")
@@ -247,29 +282,12 @@ def error_count(client, endpoint: str, status: int) -> float:
     return float(match.group(1)) if match else 0.0
 
 
-def request_body(data) -> bytes:
-    kind = data.draw(st.sampled_from(["fields", "fields", "fields", "bytes", "truncated", "not an object"]))
-    body = {"model": BASE, "prompt": "w9 w10", "max_tokens": 2, "temperature": 0}
-    if kind == "bytes":
-        return data.draw(st.binary(max_size=64))
-    if kind == "not an object":
-        return json.dumps(data.draw(JSON_VALUES)).encode()
-    for _ in range(data.draw(st.integers(1, 3))):
-        field = data.draw(st.sampled_from(FIELDS) | st.text(max_size=6))
-        if data.draw(st.integers(0, 4)) == 0:
-            body.pop(field, None)
-        else:
-            body[field] = data.draw(REQUEST_VALUES)
-    raw = json.dumps(body).encode()  # a lone surrogate is written as the escape "\ud800", as clients send it
-    return raw[: data.draw(st.integers(0, len(raw) - 1))] if kind == "truncated" else raw
-
-
 @pytest.mark.timeout(300)
 @SERVE_FUZZ
 @given(data=st.data())
 def test_a_malformed_request_gets_a_counted_4xx_json_error(client, data):
     path = data.draw(st.sampled_from(["/v1/completions", "/v1/chat/completions"]))
-    body = request_body(data)
+    body = request_body(data, path)
     counts = {s: error_count(client, path, s) for s in (400, 404, 413, 422, 500)}
     r = client.post(path, content=body, headers={"content-type": "application/json"})
     event(f"status {r.status_code}")
