@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -16,6 +17,7 @@ USER_SPARSEFT_CACHE = os.environ.get("SPARSEFT_CACHE") or str(
     Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sparseft"
 )
 TEST_CACHE = Path(tempfile.mkdtemp(prefix="sparseft-test-cache-"))
+atexit.register(shutil.rmtree, TEST_CACHE, ignore_errors=True)  # also after --collect-only or a failed session
 for variable, folder in (("SPARSEFT_CACHE", "sparseft"), ("HF_HOME", "hf"), ("HF_DATASETS_CACHE", "datasets")):
     os.environ[variable] = str(TEST_CACHE / folder)
 
