@@ -141,3 +141,18 @@ def test_a_missing_data_file_is_reported_before_the_model_loads(verb, trained_di
         argv = ["audit", "--model", "tiny", "--diff", str(trained_diff[1]), "--probe", str(missing)]
     assert main(argv) == 2
     assert f"{missing}: no such data file" in capsys.readouterr().err
+
+
+def test_apply_refuses_a_diff_without_fingerprint_unless_told(trained_diff, tmp_path, capsys):
+    _, path = trained_diff
+    meta = json.loads((path / "sparse_config.json").read_text())
+    del meta["base_fingerprint"]
+    (path / "sparse_config.json").write_text(json.dumps(meta))
+    other = tmp_path / "other-base"  # nothing shows the diff was not made for it: that is the point
+    make_tiny_llama(seed=3).save_pretrained(other)
+    argv = ["apply", "--model", str(other), "--diff", str(path), "--out", str(tmp_path / "m")]
+    assert main(argv) == 2
+    assert "--allow-unverified-base" in capsys.readouterr().err and not (tmp_path / "m").exists()
+    assert main(argv + ["--allow-unverified-base"]) == 0
+    assert (tmp_path / "m" / "config.json").is_file()
+    assert main(["verify", "--model", str(other), "--diff", str(path)]) == 1  # verify has no opt-out
