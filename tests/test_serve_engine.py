@@ -166,8 +166,9 @@ def test_registry_versions_and_names(diffs):
     assert registry.resolve("a").version == 1
     with pytest.raises(UnknownDiffError):
         registry.resolve("a@3")
-    with pytest.raises(UnknownDiffError):
-        registry.resolve("a@x")
+    for malformed in ("a@x", "a@²", "a@"):  # a malformed version is the client's error, not an unknown model
+        with pytest.raises(DiffRegistryError, match="version number"):
+            registry.resolve(malformed)
     with pytest.raises(DiffRegistryError, match="base model's name"):
         registry.load("base", diffs["a"])
     with pytest.raises(DiffRegistryError, match="invalid"):

@@ -50,6 +50,11 @@ class FingerprintMismatchError(SparseFTError, ValueError):
     """The diff was made for a different base model than the one it is applied to."""
 
 
+class UnverifiedBaseError(FingerprintMismatchError):
+    """The diff records no base fingerprint, so nothing shows which base it was made for; loading it
+    needs an explicit opt-out (``allow_unverified_base=True`` / ``--allow-unverified-base``)."""
+
+
 class MergeStateError(SparseFTError, RuntimeError):
     """merge/unmerge called in the wrong state (e.g. unmerge without a prior merge)."""
 

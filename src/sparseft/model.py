@@ -23,7 +23,16 @@ from torch import nn
 
 from .config import SparseConfig
 from .delta import DEFAULT_DIFF, FrozenDelta, SparseLinear, merge_layers, unmerge_layers
-from .diffio import SparseDiff, check_against_model, check_diff, fingerprints, read_diff, write_diff
+from .diffio import (
+    SparseDiff,
+    check_against_model,
+    check_diff,
+    check_shapes,
+    fingerprints,
+    read_diff,
+    target_weights,
+    write_diff,
+)
 from .errors import ConfigError, MergeStateError, UnknownDiffError
 from .selection import select
 from .targets import find_targets
@@ -57,7 +66,7 @@ def get_sparse_model(
         values={n: torch.zeros(torch.as_tensor(m).numel()) for n, m in masks.items()},
         shapes={n: tuple(weights[n].shape) if n in weights else () for n in masks},
     )
-    check_against_model(probe, weights, where="masks")
+    check_shapes(probe.shapes, weights, where="masks")  # a fresh selection: no base to compare with
     check_diff(probe, where="masks")
     return SparseModel(model, config, probe.masks)
 
@@ -294,13 +303,20 @@ class SparseModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, model: nn.Module, diff_directory: str | os.PathLike, is_trainable: bool = False
+        cls,
+        model: nn.Module,
+        diff_directory: str | os.PathLike,
+        is_trainable: bool = False,
+        allow_unverified_base: bool = False,
     ) -> "SparseModel":
         """Load a diff onto ``model``. Everything is validated and every value tensor prepared before the
-        model is touched, and a failure while wrapping undoes it: on any error ``model`` is unchanged."""
+        model is touched, and a failure while wrapping undoes it: on any error ``model`` is unchanged.
+
+        A diff that records no base fingerprint is refused (``UnverifiedBaseError``) unless
+        ``allow_unverified_base=True``, which loads it with a logged warning."""
         diff = read_diff(diff_directory)
-        targets = find_targets(model, diff.config.target_modules)
-        check_against_model(diff, {n: t.weight for n, t in targets.items()}, where=str(diff_directory))
+        check_against_model(diff, target_weights(model, diff.config), where=str(diff_directory),
+                            allow_unverified_base=allow_unverified_base)
         values = {name: diff.values[name].to(torch.float32) for name in diff.masks}
         sparse = cls(model, diff.config, diff.masks, base_fingerprint=diff.base_fingerprint or None, values=values)
         for layer in sparse.sparse_layers().values():
