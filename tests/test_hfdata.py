@@ -6,6 +6,8 @@ The cache is written by a real ``datasets`` builder (parquet, as the Hub serves 
 
 from __future__ import annotations
 
+import json
+
 import datasets
 import pytest
 from datasets.packaged_modules.parquet.parquet import Parquet
@@ -103,3 +105,15 @@ def test_a_bench_config_takes_hub_names_as_they_are():
     raw = {**yaml.safe_load(tiny.read_text()), "train_data": "hf:glue/sst2:train", "eval_data": "hf:glue/sst2:validation"}
     cfg = parse_bench_config(raw, base_dir=tiny.parent)
     assert (cfg.train_data, cfg.eval_data) == ("hf:glue/sst2:train", "hf:glue/sst2:validation")
+
+
+def test_training_takes_a_hub_dataset_name(hf_cache, tiny_model_with_tokenizer_dir, tmp_path):
+    from sparseft.training import TrainConfig, run_training
+
+    rows = {"prompt": [f"Q: {i}+1?" for i in range(8)], "completion": [f" {i + 1}" for i in range(8)]}
+    hf_cache("sums", "default", "train", rows)
+    cfg = TrainConfig.from_dict(dict(model=str(tiny_model_with_tokenizer_dir), data="hf:sums:train",
+                                     out=str(tmp_path / "run"), steps=2, batch_size=4, density=0.05, scorer="random"))
+    result = run_training(cfg)
+    recorded = json.loads((result.out / "sparse_config.json").read_text())["provenance"]["data_sha256"]
+    assert recorded == dataset_sha256("sums:train")

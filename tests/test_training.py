@@ -1,5 +1,6 @@
 import hashlib
 import json
+import os
 import random
 import re
 
@@ -425,3 +426,41 @@ def test_train_help_shows_each_default_once_and_from_train_config(capsys):
     sections = re.split(r" (?=--[a-z])", text.split("options:", 1)[1])
     for section in sections:
         assert section.count("default") <= 1, section
+
+
+def test_a_crash_in_the_final_rename_leaves_checkpoints_where_resume_looks(train_file, tmp_path, monkeypatch):
+    import sparseft.atomic as atomic_module
+
+    out = tmp_path / "run"
+    settings = dict(steps=4, save_every=2)
+    train_until_crash(monkeypatch, quick_config(train_file, out, **settings), crash_at_call=4)  # step 3 lost
+    real_replace = atomic_module.replace_dir
+
+    def crash(new, target):
+        if target == out:  # publish's rename, not the diff's own one inside the staging directory
+            raise KeyboardInterrupt("simulated crash before the final rename")
+        real_replace(new, target)
+
+    monkeypatch.setattr(atomic_module, "replace_dir", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train_in_process(quick_config(train_file, out, resume="latest", **settings))
+    monkeypatch.setattr(atomic_module, "replace_dir", real_replace)
+    assert list(tmp_path.glob(".run.tmp-*"))  # the staged result of the crashed publish
+    assert (out / "checkpoints" / "step-000002" / "state.json").is_file()  # ... and the checkpoints still in out
+
+    # Both resume forms find them; the resumed run publishes and clears the crashed run's staging.
+    in_progress = TrainConfig.from_yaml(out / "checkpoints" / "train_config.yaml", resume="latest", steps=6)
+    train_in_process(in_progress)
+    assert (out / "sparse_delta.safetensors").is_file() and (out / "checkpoints" / "step-000004").is_dir()
+    assert not list(tmp_path.glob(".run.*"))
+
+
+def test_resume_puts_back_an_out_dir_set_aside_by_a_crash_between_the_renames(train_file, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train_until_crash(monkeypatch, quick_config(train_file, out, steps=4, save_every=2), crash_at_call=4)
+    aside = tmp_path / ".run.old-abcd1234"
+    aside.mkdir()
+    os.replace(out, aside / "run")  # where replace_dir's first rename puts it
+    train_in_process(quick_config(train_file, out, steps=4, save_every=2, resume="latest"))
+    assert (out / "sparse_delta.safetensors").is_file()
+    assert not list(tmp_path.glob(".run.*"))

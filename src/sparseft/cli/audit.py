@@ -34,6 +34,17 @@ def add_parser(sub):
     return p
 
 
+def check_inputs(args) -> None:
+    """The diff and the data files exist and the diff reads, before time goes into loading the model."""
+    from ..diffio import read_diff
+    from ..files import existing_data
+
+    read_diff(args.diff)
+    for path in (args.probe, args.repro_data):
+        if path:
+            existing_data(path)
+
+
 def run(args) -> int:
     from pathlib import Path
 
@@ -41,6 +52,7 @@ def run(args) -> int:
     from ..audit.report import Thresholds, write_report
     from ..loading import load_model, load_tokenizer
 
+    check_inputs(args)
     model = load_model(args.model, dtype=args.dtype)
     limits = Thresholds(args.max_kl, args.min_agreement, args.max_pair_drift)
     report = audit_diff(model, args.diff, args.probe, load_tokenizer(args.model, required=False), limits,

@@ -62,6 +62,8 @@ def add_parser(sub):
                      help="diffs one replica keeps loaded; the least recently used is unloaded beyond it (default: 4)")
     ray.add_argument("--diff-dir", metavar="DIR", help="a directory of diffs: a request for NAME loads DIR/NAME")
     ray.add_argument("--replica-cpus", type=float, help="CPUs Ray reserves per replica (default: 1)")
+    p.add_argument("--allow-unverified-base", action="store_true",
+                   help="also serve diffs that record no base fingerprint (logged as a warning; default: refuse them)")
     return p
 
 
@@ -85,7 +87,8 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     app = build_app(args.model, args.diff, registry_dir=args.registry, served_name=args.served_name,
                     dtype=args.dtype, device=args.device, limits=limits, admin_token=args.admin_token,
-                    strategy=args.strategy, max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens)
+                    strategy=args.strategy, max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
+                    allow_unverified_base=args.allow_unverified_base)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
 

@@ -146,12 +146,13 @@ class BatchingEngine(Engine):
     """
 
     def __init__(self, model: nn.Module, tokenizer, metrics: ServeMetrics | None = None, max_queue: int = 256,
-                 strategy: str = "mixed", max_batch_size: int = 16, max_batch_tokens: int | None = None):
+                 strategy: str = "mixed", max_batch_size: int = 16, max_batch_tokens: int | None = None,
+                 allow_unverified_base: bool = False):
         if strategy not in BATCHING_STRATEGIES:
             raise ValueError(f"strategy must be one of {BATCHING_STRATEGIES}, got {strategy!r}")
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
-        super().__init__(model, tokenizer, metrics, max_queue)
+        super().__init__(model, tokenizer, metrics, max_queue, allow_unverified_base)
         self.strategy, self.max_batch_size, self.max_batch_tokens = strategy, max_batch_size, max_batch_tokens
         self.mixed = MixedDiffs(model)
         self.device = next(model.parameters()).device

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +18,10 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
-from ..atomic import atomic_dir, atomic_file
+from ..atomic import atomic_dir, atomic_file, link_into, recover_dir, remove_leftovers
 from ..errors import ConfigError
 from ..diffio import CONFIG_NAME as DIFF_CONFIG_NAME
+from ..files import existing_data
 from ..hub import CARD_NAME
 from ..loading import load_model, load_tokenizer, pad_token_id
 from ..methods import get_method
@@ -75,6 +75,7 @@ def run_training(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=Non
     if not cfg.out or not cfg.data:
         raise ConfigError("a training run needs data (--data FILE) and an output directory (--out DIR)")
     out = Path(cfg.out)
+    existing_data(cfg.data)  # before the model loads: a typo is reported at once
     dist = setup_distributed(cfg.device)
     try:
         if model is None:
@@ -100,6 +101,8 @@ def run_training(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=Non
                            start_step=ckpt.step if ckpt else 0, out=out, masks=masks, run_info=info)
         if dist.is_main:
             publish(out, lambda path: save_artifact(cfg, model, tokenizer, path, total_steps), cfg)
+            if ckpt is not None:  # an interrupted publish may have left staging copies; this run replaced them
+                remove_leftovers(out)
         if dist.enabled:
             torch_dist.barrier()
         return make_result(cfg, out, model, stats, total_steps, extra)
@@ -149,6 +152,7 @@ def resume_checkpoint(cfg: TrainConfig, out: Path, info: dict[str, Any], total_s
     same settings, and steps left to train (else the checkpoint would be published as the final result)."""
     if not cfg.resume:
         return None
+    recover_dir(out)  # a crash between publish's two renames left out/ set aside
     path = latest_checkpoint(out) if cfg.resume == "latest" else Path(cfg.resume)
     if path is None:
         raise ConfigError(f"--resume latest: no checkpoint under {out / CHECKPOINTS_DIR}")
@@ -214,15 +218,16 @@ NOT_ARTIFACT = (*KEEP_ON_PUBLISH, TRAIN_CONFIG_NAME)
 
 
 def publish(out: Path, write_artifact, cfg: TrainConfig) -> None:
-    """Write the final artifact and its ``train_config.yaml`` into a staging sibling, move the run's logs
+    """Write the final artifact and its ``train_config.yaml`` into a staging sibling, link the run's logs
     and checkpoints into it, then swap it for ``out`` in one rename: ``out`` is never a half-written
-    artifact, nor an earlier artifact beside this run's config."""
+    artifact, nor an earlier artifact beside this run's config. The logs and checkpoints are linked, not
+    moved, so until the rename they are still in ``out``, where ``--resume`` looks after a crash."""
     with atomic_dir(out) as staging:
         write_artifact(staging)
         write_train_config(cfg, staging / TRAIN_CONFIG_NAME)
         for name in KEEP_ON_PUBLISH:
             if (out / name).exists():
-                os.replace(out / name, staging / name)
+                link_into(out / name, staging / name)
 
 
 def directory_bytes(path: Path, skip: tuple[str, ...] = NOT_ARTIFACT) -> int:
