@@ -1,38 +1,71 @@
-"""The sparse delta on one frozen weight: k trainable values at fixed flat positions.
+"""The sparse delta S on frozen weights: k values at fixed flat positions, applied two ways.
 
-The forward computes with W + S; the backward returns gradients for the k values only, so no dense
-gradient of the frozen weight is ever stored and the optimizer holds state for k numbers.
+**Merged** (the weight holds W + S): ``MergedEntries`` writes entries into a set of weights, keeps
+the overwritten originals and restores them bit for bit; a merge that fails part-way is rolled
+back, so no weight is ever left half-merged. ``round_values`` is the one rule for how values enter
+a weight. Everything that merges uses these: ``SparseLinear``'s in-place forward, ``merge()`` of a
+layer or a whole ``SparseModel``, and the serving engine's switch between diffs.
 
-Two ways to compute with W + S (``forward_mode``):
-- ``"inplace"`` (default): add S into the weight's k entries, run the dense product, and write
-  the saved original entries back, all inside the call (the backward does the same for grad_x).
-  O(k) index work per call instead of an O(out·in) copy, and the weight is bitwise the base
-  again whenever control is outside this function. A per-layer lock keeps threads that share
-  the layer from seeing each other's half-written weight.
+**Unmerged** (the weight is never written): ``delta_matmul`` computes Δ(x) = x Sᵀ from (indices,
+values) alone, so ``y = base_layer(x) + Δ(x)`` works where the weight cannot be written or is not
+whole on this device (mixed-diff batches, a quantized base, FSDP-sharded weights).
+
+``SparseLinear`` trains the values; the backward returns gradients for the k values only, so no
+dense gradient of the frozen weight is stored. How its forward forms W + S (``forward_mode``):
+- ``"inplace"`` (default): merge S into the weight's k entries, run the dense product, restore
+  them, all inside the call (the backward does the same for grad_x). O(k) index work per call
+  instead of an O(out·in) copy, and the weight is bitwise the base again whenever control is
+  outside this function. A per-layer lock keeps threads that share the layer from seeing each
+  other's half-written weight.
 - ``"copy"``: build a fresh W + S per call (the first implementation; kept for comparison and for
   weights that cannot be viewed flat).
-The values' gradient goes through ``sparseft.kernels.sampled_weight_grad`` with ``backend``.
+- ``"unmerged"``: ``base_layer(x) + delta_matmul(x, ...)``; the weight is only read by the base
+  layer, and the values' gradient comes from autograd through the index operations.
+In the first two modes the values' gradient goes through ``sparseft.kernels.sampled_weight_grad``
+with ``backend``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
+from typing import Hashable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import MergeStateError
+from .errors import MergeStateError, ShapeMismatchError
 from .kernels import BACKENDS, sampled_weight_grad
 
-FORWARD_MODES = ("inplace", "copy")
+FORWARD_MODES = ("inplace", "copy", "unmerged")
+
+# weight name -> (flat indices, values): what MergedEntries writes (the serving registry holds these).
+Entries = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+# ------------------------------------------------------------------ merged: W + S written into the weight
+
+
+def round_values(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``values`` as they are added into ``weight``: on its device, rounded once to its dtype.
+
+    The one rounding rule of every merge. Diff files store bf16, fp16 or fp32 values, all of which
+    widen to fp32 exactly, so rounding straight to the weight's dtype gives the same bits as
+    stored dtype → fp32 (what ``SparseModel`` holds and trains) → weight dtype. That is why a model
+    that loaded a diff and a server that kept the stored values write identical weights.
+
+    Example:
+        >>> round_values(torch.tensor([0.1]), torch.zeros(2, dtype=torch.bfloat16)).dtype
+        torch.bfloat16
+    """
+    return values.detach().to(device=weight.device, dtype=weight.dtype)
 
 
 def add_entries(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """A new tensor W + S (rounded to W's dtype); ``weight`` itself is left untouched."""
+    """A new tensor W + S (values rounded by ``round_values``); ``weight`` itself is left untouched."""
     flat = weight.detach().reshape(-1).clone()
-    flat.index_add_(0, indices, values.detach().to(weight.dtype))
+    flat.index_add_(0, indices, round_values(values, weight))
     return flat.view_as(weight)
 
 
@@ -45,13 +78,67 @@ def merge_entries(weight: torch.Tensor, indices: torch.Tensor, values: torch.Ten
     """
     flat = weight.data.view(-1)
     original = flat.index_select(0, indices)  # a copy, not a view
-    flat.index_add_(0, indices, values.detach().to(flat.dtype))
+    flat.index_add_(0, indices, round_values(values, flat))
     return original
 
 
 def restore_entries(weight: torch.Tensor, indices: torch.Tensor, original: torch.Tensor) -> None:
     """Put back the entries ``merge_entries`` returned: ``weight`` is bitwise what it was before."""
     weight.data.view(-1).index_copy_(0, indices, original)
+
+
+class MergedEntries:
+    """Entries merged into a set of weights, with what it takes to restore them exactly.
+
+    Example:
+        >>> w = {"q": torch.zeros(2, 3)}
+        >>> merged = MergedEntries.merge(w, {"q": (torch.tensor([1, 4]), torch.tensor([1.0, 2.0]))})
+        >>> w["q"].tolist()
+        [[0.0, 1.0, 0.0], [0.0, 2.0, 0.0]]
+        >>> merged.restore(); w["q"].abs().sum().item()
+        0.0
+    """
+
+    def __init__(self, weights: dict, indices: dict, originals: dict) -> None:
+        # Use MergedEntries.merge; this only holds its result (name -> weight, indices, saved entries).
+        self.weights, self.indices, self.originals = weights, indices, originals
+
+    @classmethod
+    def merge(cls, weights: dict[Hashable, torch.Tensor], entries: dict) -> "MergedEntries":
+        """Write each entry set of ``entries`` into ``weights[name]``: all of them, or (on any error,
+        which is re-raised) none, the weights merged so far restored first."""
+        merged = cls({}, {}, {})
+        try:
+            for name, (indices, values) in entries.items():
+                weight = weights[name]
+                merged.originals[name] = merge_entries(weight, indices, values)
+                merged.weights[name], merged.indices[name] = weight, indices
+        except BaseException:
+            merged.restore()  # never leave a half-merged set
+            raise
+        return merged
+
+    def restore(self) -> None:
+        """Put every saved entry back: the weights are bitwise what they were before ``merge``.
+        In reverse order, so two entry sets on one weight also come out exact."""
+        for name in reversed(list(self.originals)):
+            restore_entries(self.weights[name], self.indices[name], self.originals[name])
+        self.weights, self.indices, self.originals = {}, {}, {}
+
+    def only(self, name: Hashable) -> "MergedEntries":
+        """The part of this merge that concerns ``weights[name]`` (restoring it restores that weight only)."""
+        return MergedEntries({name: self.weights[name]}, {name: self.indices[name]}, {name: self.originals[name]})
+
+    def base_weights(self, weights: dict[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        """``weights`` as they were before the merge: merged ones are replaced by restored copies;
+        the live weights are not touched (e.g. to fingerprint the base while a diff is merged)."""
+        view = dict(weights)
+        for name, original in self.originals.items():
+            if name in view:
+                copy = view[name].detach().clone()
+                restore_entries(copy, self.indices[name], original)
+                view[name] = copy
+        return view
 
 
 @contextlib.contextmanager
@@ -68,6 +155,49 @@ def entries_added(weight: torch.Tensor, indices: torch.Tensor, values: torch.Ten
         finally:
             restore_entries(weight, indices, originals)
 
+
+# ------------------------------------------------------------------ unmerged: y = base(x) + Δ(x)
+
+
+def gather_multiply_scatter(
+    x2d: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, out_features: int
+) -> torch.Tensor:
+    """The core of Δ(x): out[t, rows[j]] += x2d[t, cols[j]] · values[j] for every token t and entry j.
+
+    ``values`` is (k,) or one row per token (tokens, k), which is how a batch mixing diffs can
+    share this core. O(tokens·k) memory and work; out-of-place ops, so autograd reaches ``values``
+    and ``x2d``.
+    """
+    products = x2d.index_select(1, cols) * values
+    return products.new_zeros(x2d.shape[0], out_features).index_add(1, rows, products)
+
+
+def delta_matmul(
+    x: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, out_features: int, in_features: int
+) -> torch.Tensor:
+    """Δ(x) = x Sᵀ for the (out_features × in_features) delta S given by flat ``indices`` and ``values``.
+
+    Reads neither the weight nor a dense S: x's columns are gathered per entry, multiplied by the
+    values and added into the output rows. Computed in the promoted dtype of ``x`` and ``values``
+    (fp32 for bf16 activations and fp32 values). ``indices`` must be in range (a validated diff's are).
+
+    Example:
+        >>> x = torch.ones(1, 3)
+        >>> delta_matmul(x, torch.tensor([1, 5]), torch.tensor([2.0, 3.0]), 2, 3)
+        tensor([[2., 3.]])
+    """
+    if x.shape[-1] != in_features:
+        raise ShapeMismatchError(f"x has {x.shape[-1]} features in its last dimension, expected in_features={in_features}")
+    if tuple(values.shape) != (indices.numel(),):
+        raise ShapeMismatchError(f"values must have shape ({indices.numel()},) to match the indices, got {tuple(values.shape)}")
+    dtype = torch.promote_types(x.dtype, values.dtype)
+    x2d = x.reshape(-1, in_features).to(dtype)
+    rows, cols = indices // in_features, indices % in_features
+    out = gather_multiply_scatter(x2d, rows, cols, values.to(dtype), out_features)
+    return out.reshape(*x.shape[:-1], out_features)
+
+
+# ------------------------------------------------------------------ the trainable layer
 
 def weight_with_entries(ctx, weight, indices, values):
     """A context giving W + S for ``ctx.forward_mode``."""
@@ -154,7 +284,7 @@ class SparseLinear(nn.Module):
         # A copy too: training changes the values in place, which must not reach the caller's tensor.
         values = values.detach().to(device=device, dtype=torch.float32, copy=True)
         self.values = nn.Parameter(values, requires_grad=indices.numel() > 0)
-        self._original_entries: torch.Tensor | None = None
+        self._merged_entries: MergedEntries | None = None
         self.backend = "auto"
         self.forward_mode = "inplace"
         self._weight_lock = WeightLock()
@@ -165,7 +295,7 @@ class SparseLinear(nn.Module):
 
     @property
     def merged(self) -> bool:
-        return self._original_entries is not None
+        return self._merged_entries is not None
 
     @property
     def k(self) -> int:
@@ -175,6 +305,9 @@ class SparseLinear(nn.Module):
         if self.merged or self.k == 0:
             return self.base_layer(x)
         layer = self.base_layer
+        if self.forward_mode == "unmerged":
+            out = layer(x)
+            return out + delta_matmul(x, self.indices, self.values, layer.out_features, layer.in_features).to(out.dtype)
         return SparseDeltaFunction.apply(
             x, layer.weight, layer.bias, self.indices, self.values, self.backend, self.forward_mode, self._weight_lock
         )
@@ -187,24 +320,47 @@ class SparseLinear(nn.Module):
             raise ValueError(f"forward_mode must be one of {FORWARD_MODES}, got {forward_mode!r}")
         self.backend, self.forward_mode = backend, forward_mode
 
-    @torch.no_grad()
     def merge(self) -> None:
+        """Write W + S into the weight (keeping the overwritten entries for ``unmerge``)."""
         if self.merged:
             raise MergeStateError("this layer is already merged; call unmerge() first")
-        with self._weight_lock:
-            self._original_entries = merge_entries(self.base_layer.weight, self.indices, self.values)
+        merge_layers({"weight": self})
 
-    @torch.no_grad()
     def unmerge(self) -> None:
+        """Restore the original entries: the weight is bitwise the base again."""
         if not self.merged:
             raise MergeStateError("this layer is not merged; nothing to restore")
-        with self._weight_lock:
-            restore_entries(self.base_layer.weight, self.indices, self._original_entries)
-            self._original_entries = None
+        unmerge_layers({"weight": self})
 
     def extra_repr(self) -> str:
         w = self.base_layer.weight
         return f"k={self.k}, density={self.k / w.numel():.4%}, merged={self.merged}"
+
+
+def merge_layers(layers: dict[str, SparseLinear]) -> None:
+    """Merge the values of every layer into its weight: all of them or, on error, none.
+
+    Holds each layer's lock meanwhile, so a thread running an in-place forward never sees a
+    weight mid-merge. Callers check that no layer is merged yet.
+    """
+    with contextlib.ExitStack() as locks:
+        for layer in layers.values():
+            locks.enter_context(layer._weight_lock)
+        merged = MergedEntries.merge(
+            {name: layer.weight for name, layer in layers.items()},
+            {name: (layer.indices, layer.values) for name, layer in layers.items()},
+        )
+        for name, layer in layers.items():
+            layer._merged_entries = merged.only(name)
+
+
+def unmerge_layers(layers: dict[str, SparseLinear]) -> None:
+    """Restore the original entries of every merged layer in ``layers``."""
+    for layer in layers.values():
+        if layer._merged_entries is not None:
+            with layer._weight_lock:
+                layer._merged_entries.restore()
+                layer._merged_entries = None
 
 
 def set_kernels(model: nn.Module, backend: str = "auto", forward_mode: str = "inplace") -> int:

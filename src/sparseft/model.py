@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .config import SparseConfig
-from .delta import SparseLinear
+from .delta import SparseLinear, merge_layers, unmerge_layers
 from .diffio import SparseDiff, check_against_model, check_diff, fingerprints, read_diff, write_diff
 from .errors import ConfigError, MergeStateError
 from .selection import select
@@ -130,18 +130,17 @@ class SparseModel(nn.Module):
     # ------------------------------------------------------------ apply / revert
 
     def merge(self) -> None:
-        """Write W + S into every targeted weight (keeping the overwritten entries for ``unmerge``)."""
+        """Write W + S into every targeted weight (keeping the overwritten entries for ``unmerge``);
+        all layers or, if one fails, none."""
         if self.merged:
             raise MergeStateError("the model is already merged; call unmerge() first")
-        for layer in self.sparse_layers().values():
-            layer.merge()
+        merge_layers(self.sparse_layers())  # all layers or, if one fails, none
 
     def unmerge(self) -> None:
         """Restore the original entries: the weights are bitwise the base again."""
         if not self.merged:
             raise MergeStateError("the model is not merged; nothing to restore")
-        for layer in self.sparse_layers().values():
-            layer.unmerge()
+        unmerge_layers(self.sparse_layers())
 
     def merge_and_unload(self) -> nn.Module:
         """The base model with the diff merged in and the sparse wrappers removed (a plain HF model)."""

@@ -5,9 +5,11 @@ Why this strategy (see docs/serving.md for the measurements):
 - A single worker thread owns the weights. Only it merges, restores or runs the model, and it does
   each of those under ``weights_lock``, so no request can observe another diff's entries or a
   half-merged diff: a request starts only after its diff is fully merged.
-- Merging writes W + S into the targeted entries and keeps the overwritten originals
-  (``delta.merge_entries``); switching restores them (``delta.restore_entries``) before merging
-  the next diff. Restoring saved entries is exact in every dtype; subtracting would not be.
+- Merging writes W + S into the targeted entries and keeps the overwritten originals; switching
+  restores them before merging the next diff. Both are ``delta.MergedEntries``, the primitive
+  ``SparseModel.merge`` uses too (same rounding, rollback if a merge fails part-way), so a served
+  diff's weights are bitwise those of the model path. Restoring saved entries is exact in every
+  dtype; subtracting would not be.
 - The worker takes everything queued as one round and runs it grouped by diff, the diff already
   merged first, so a burst of mixed requests costs at most one swap per distinct diff in it.
   Requests that arrive meanwhile wait for the next round, which keeps the order fair.
@@ -27,7 +29,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..delta import merge_entries, restore_entries
+from ..delta import MergedEntries, round_values
 from ..diffio import SparseDiff, check_against_model, fingerprint
 from ..errors import ServerBusyError
 from ..targets import find_targets
@@ -86,7 +88,7 @@ class Engine:
         self.weights_lock = threading.Lock()  # held while the weights change or the model runs
         self._weights = {name: m.weight for name, m in model.named_modules() if isinstance(m, nn.Linear)}
         self._merged: DiffVersion | None = None
-        self._originals: dict[str, torch.Tensor] = {}
+        self._merged_entries = MergedEntries.merge(self._weights, {})  # nothing merged: the base
         self._fingerprints: dict[tuple, str] = {}
         self._queue: list[Job] = []
         self._wakeup = threading.Condition()
@@ -105,9 +107,8 @@ class Engine:
         entries = {}
         for name, indices in diff.masks.items():
             w = weights[name]
-            # Same rounding as SparseLinear (stored dtype -> fp32 -> weight dtype), so outputs match it bit for bit.
-            values = diff.values[name].to(torch.float32).to(device=w.device, dtype=w.dtype)
-            entries[name] = (indices.to(device=w.device, dtype=torch.long), values)
+            # Rounded once here, by the rule every merge uses, so switching does no conversions.
+            entries[name] = (indices.to(device=w.device, dtype=torch.long), round_values(diff.values[name], w))
         return entries
 
     def base_fingerprint(self, weights: dict[str, torch.Tensor]) -> str:
@@ -115,17 +116,9 @@ class Engine:
         key = tuple(sorted((name, tuple(w.shape), str(w.dtype)) for name, w in weights.items()))
         if key not in self._fingerprints:
             with self.weights_lock:
-                self._fingerprints[key] = fingerprint(self._base_view(weights))
+                # The base's entries, not the live ones: a merged diff is restored in copies.
+                self._fingerprints[key] = fingerprint(self._merged_entries.base_weights(weights))
         return self._fingerprints[key]
-
-    def _base_view(self, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        view = dict(weights)
-        for name, original in self._originals.items():
-            if name in view:
-                copy = view[name].detach().clone()
-                restore_entries(copy, self._merged.entries[name][0], original)
-                view[name] = copy
-        return view
 
     # ------------------------------------------------------------ switching
 
@@ -147,22 +140,12 @@ class Engine:
         self.metrics.swap_seconds.observe(time.perf_counter() - start)
 
     def _merge(self, diff: DiffVersion) -> None:
-        originals: dict[str, torch.Tensor] = {}
-        try:
-            for name, (indices, values) in diff.entries.items():
-                originals[name] = merge_entries(self._weights[name], indices, values)
-        except BaseException:
-            for name, original in originals.items():  # never leave a half-merged diff
-                restore_entries(self._weights[name], diff.entries[name][0], original)
-            raise
-        self._merged, self._originals = diff, originals
+        self._merged_entries = MergedEntries.merge(self._weights, diff.entries)  # all or nothing
+        self._merged = diff
 
     def _restore_base(self) -> None:
-        if self._merged is None:
-            return
-        for name, original in self._originals.items():
-            restore_entries(self._weights[name], self._merged.entries[name][0], original)
-        self._merged, self._originals = None, {}
+        self._merged_entries.restore()
+        self._merged = None
 
     def forget(self, diff: DiffVersion) -> None:
         """Restore the base now if ``diff`` (being unloaded) is the one merged."""

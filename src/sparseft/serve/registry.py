@@ -24,9 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import torch
-
 from ..atomic import atomic_dir, atomic_file
+from ..delta import Entries  # module name -> (flat indices, values rounded to the weight's dtype)
 from ..diffio import CONFIG_NAME, DELTA_NAME, SparseDiff, file_sha256, read_diff
 from ..errors import DiffRegistryError, SparseFTError, UnknownDiffError
 
@@ -35,8 +34,6 @@ REGISTRY_FORMAT = "sparseft-serve-registry"
 REGISTRY_VERSION = 1
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
-# module name -> (flat indices, values in the weight's dtype), ready for delta.merge_entries
-Entries = dict[str, tuple[torch.Tensor, torch.Tensor]]
 # Validates a diff against the served base and returns its entries (``Engine.validated_entries``).
 ValidatedEntries = Callable[[SparseDiff, str], Entries]
 
