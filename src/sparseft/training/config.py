@@ -11,6 +11,7 @@ import yaml
 
 from ..config import ALLOCATIONS, LLAMA_PROJECTIONS, VALUE_DTYPES, SparseConfig, convert_fields
 from ..errors import ConfigError
+from .sharding import check_fsdp_config
 
 METHODS = ("sparse", "full", "lora")
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -52,6 +53,9 @@ class TrainConfig:
         dtype: dtype the base model is loaded in; device: ``auto`` (CUDA when present) or a torch device.
         precision: ``auto`` (bf16 autocast on CUDA, fp32 on CPU), ``bf16`` (autocast on any device) or
             ``fp32``. Trainable values and optimizer state stay fp32 in every case.
+        fsdp: under torchrun / accelerate launch, shard the frozen base across the processes with FSDP2
+            (each holds 1/N of it) instead of replicating it with DDP; sparse runs without
+            re-selection only (see ``sparseft.training.sharding``).
     """
 
     model: str = ""
@@ -96,6 +100,7 @@ class TrainConfig:
     dtype: str = "float32"
     device: str = "auto"
     precision: str = "auto"
+    fsdp: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, str):
@@ -122,6 +127,8 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(message)
         self.check_reselection()
+        if self.fsdp:
+            check_fsdp_config(self.method, self.reselecting)
         if self.method == "sparse" and self.masks is None:
             self.sparse_config()  # validates density / num_params / scorer fields early
 

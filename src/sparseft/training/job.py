@@ -39,6 +39,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .data import Example, calibration_batches, data_sha256, load_examples
+from .sharding import shard_sparse_model
 from .loop import METRICS_NAME, Distributed, LoopStats, make_optimizer, setup_distributed, train_loop, trainable_parameters
 
 TRAIN_CONFIG_NAME = "train_config.yaml"
@@ -99,7 +100,7 @@ def run_training(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=Non
             restore_checkpoint(ckpt, named_params, optimizer, where=cfg.resume)
         if dist.is_main:
             prepare_out_dir(out, cfg, resuming=ckpt is not None)
-        trained = wrap_ddp(model, dist)
+        trained = shard_sparse_model(model, dist.device, dist.world_size) if cfg.fsdp else wrap_ddp(model, dist)
         stats = train_loop(trained, optimizer, named_params, examples, cfg, pad_token_id(tokenizer), total_steps, dist,
                            start_step=ckpt.step if ckpt else 0, out=out, masks=masks, run_info=info)
         if dist.is_main:
