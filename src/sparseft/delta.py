@@ -286,7 +286,8 @@ class SparseLinear(nn.Module):
         self.values = nn.Parameter(values, requires_grad=indices.numel() > 0)
         self._merged_entries: MergedEntries | None = None
         self.backend = "auto"
-        self.forward_mode = "inplace"
+        # A quantized weight (a tensor subclass holding codes and scales) cannot take S in place.
+        self.forward_mode = "unmerged" if hasattr(type(base_layer.weight), "__tensor_flatten__") else "inplace"
         self._weight_lock = WeightLock()
 
     @property

@@ -11,6 +11,7 @@ import yaml
 
 from ..config import ALLOCATIONS, LLAMA_PROJECTIONS, VALUE_DTYPES, SparseConfig, convert_fields
 from ..errors import ConfigError
+from ..quantize import check_scheme
 from .sharding import check_fsdp_config
 
 METHODS = ("sparse", "full", "lora")
@@ -56,6 +57,10 @@ class TrainConfig:
         fsdp: under torchrun / accelerate launch, shard the frozen base across the processes with FSDP2
             (each holds 1/N of it) instead of replicating it with DDP; sparse runs without
             re-selection only (see ``sparseft.training.sharding``).
+        quantize: ``int8`` or ``int4``: train over a weight-only quantized base (sparse runs; torchao,
+            ``pip install 'sparseft[quant]'``). Entries are selected on the full-precision base, then
+            its linear weights are quantized and the diff is fingerprinted against the quantized base
+            (see ``sparseft.quantize``).
     """
 
     model: str = ""
@@ -101,6 +106,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"
     fsdp: bool = False
+    quantize: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, str):
@@ -129,6 +135,8 @@ class TrainConfig:
         self.check_reselection()
         if self.fsdp:
             check_fsdp_config(self.method, self.reselecting)
+        if self.quantize is not None:
+            self.check_quantize()
         if self.method == "sparse" and self.masks is None:
             self.sparse_config()  # validates density / num_params / scorer fields early
 
@@ -138,6 +146,14 @@ class TrainConfig:
         check_reselect_ranges(every, self.reselect_fraction)
         if every and self.method != "sparse":
             raise ConfigError(f"reselect_every applies to sparse runs only (it moves a sparse mask), not method={self.method!r}")
+
+    def check_quantize(self) -> None:
+        check_scheme(self.quantize)
+        if self.method != "sparse":
+            raise ConfigError(f"quantize applies to sparse runs only (the diff sits over the quantized base), "
+                              f"not method={self.method!r}")
+        if self.fsdp:
+            raise ConfigError("quantize cannot be combined with fsdp: FSDP does not shard quantized weights here")
 
     @property
     def reselecting(self) -> bool:

@@ -25,6 +25,7 @@ from ..diffio import CONFIG_NAME, read_diff
 from ..errors import ConfigError
 from ..model import SparseModel, get_sparse_model
 from ..loading import load_model, load_tokenizer
+from ..quantize import quantize_sparse_model
 from ..selection import read_mask_file, select
 from ..selection.scorers import get_scorer
 from ..loading import pad_token_id
@@ -93,6 +94,8 @@ def run_training(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=Non
         torch.manual_seed(cfg.seed)
         model.to(dist.device)  # before selection, so data scorers run on the accelerator
         model, masks, extra = prepare_method(cfg, model, examples, pad_token_id(tokenizer), ckpt)
+        if cfg.quantize:
+            model = quantize_sparse_model(model, cfg.quantize)  # selected on the full-precision base
         model.to(dist.device)
         named_params = trainable_parameters(model)
         optimizer = make_optimizer(named_params, cfg)
@@ -136,7 +139,8 @@ def steps_for(cfg: TrainConfig, num_examples: int, world_size: int) -> int:
 # What a checkpoint may only be resumed under (steps may grow: the schedule then follows the new total).
 RESUME_FIELDS = ("method", "seed", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "warmup_ratio",
                  "min_lr_ratio", "max_grad_norm", "max_length", "truncation", "target_modules", "density", "num_params",
-                 "scorer", "allocation", "masks", "lora_rank", "lora_alpha", "lora_match_sparse", "precision")
+                 "scorer", "allocation", "masks", "lora_rank", "lora_alpha", "lora_match_sparse", "precision",
+                 "quantize")
 
 
 # Recorded only when re-selection is on, so checkpoints written before it existed still resume.

@@ -1,0 +1,66 @@
+"""A weight-only quantized base under a sparse diff: y = base_q(x) + Δ(x).
+
+The base's linear weights are stored as int8 or int4 codes with scales (torchao's weight-only
+schemes; ``pip install 'sparseft[quant]'``); the k values stay fp32 and are never merged into the
+codes: ``SparseLinear`` runs unmerged over a quantized weight. The diff's base fingerprint hashes
+the weights as stored (codes and scales, keyed by their class, see ``diffio.weight_kind``), so a
+diff trained over an int8 base loads only onto that same int8 base.
+
+    >>> base = quantize_base(load_model("smollm2-135m"), "int8")  # doctest: +SKIP
+    >>> sparse = SparseModel.from_pretrained(base, "runs/a")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+QUANT_SCHEMES = ("int8", "int4")
+INT4_GROUP = 32  # int4 scales: one per 32 input columns of a row (in_features must divide by it)
+
+
+def quant_config(scheme: str):
+    """torchao's weight-only config for ``scheme``: int8 with a scale per output row, or int4 in groups."""
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig, IntxWeightOnlyConfig
+        from torchao.quantization.granularity import PerGroup
+    except ImportError as e:
+        raise ConfigError(f"quantize={scheme!r} needs torchao: pip install 'sparseft[quant]' ({e})") from e
+    if scheme == "int8":
+        return Int8WeightOnlyConfig()
+    return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(INT4_GROUP))
+
+
+def check_scheme(scheme: str) -> None:
+    if scheme not in QUANT_SCHEMES:
+        raise ConfigError(f"quantize must be one of {sorted(QUANT_SCHEMES)}, got {scheme!r}")
+
+
+def quantize_base(model: nn.Module, scheme: str) -> nn.Module:
+    """Quantize every ``nn.Linear`` weight of ``model`` in place (weight-only ``scheme``: int8 or int4);
+    returns ``model``. Embeddings and norms stay as they are. Deterministic: the same weights give
+    the same codes, so a reloaded base matches the fingerprint a diff recorded."""
+    check_scheme(scheme)
+    config = quant_config(scheme)
+    from torchao.quantization import quantize_
+
+    quantize_(model, config, filter_fn=lambda module, _name: type(module) is nn.Linear)
+    return model
+
+
+def quantize_sparse_model(sparse, scheme: str):
+    """Quantize the base under a ``SparseModel`` whose entries were selected on its full-precision
+    weights (so any scorer works); the layers switch to the unmerged forward and the recorded
+    base fingerprint becomes that of the quantized weights, which is what the diff will be loaded onto."""
+    from .diffio import fingerprints
+
+    if sparse.merged:
+        raise ConfigError("quantize the base of an unmerged SparseModel (call unmerge() first)")
+    quantize_base(sparse.base_model, scheme)
+    layers = sparse.sparse_layers()
+    for layer in layers.values():
+        layer.set_kernels(layer.backend, "unmerged")
+    sparse.base_fingerprint = fingerprints({name: layer.weight for name, layer in layers.items()})
+    return sparse
