@@ -55,7 +55,7 @@ def test_a_diff_over_a_quantized_base_refuses_other_bases(train_file, tmp_path):
     other = quantize_base(make_tiny_llama(seed=1), "int8")
     with pytest.raises(FingerprintMismatchError, match="made for a different base model"):
         SparseModel.from_pretrained(other, tmp_path / "run")
-    assert type(other.model.layers[0].self_attn.q_proj).__name__ == "Linear"  # left unchanged
+    assert type(other.model.layers[0].self_attn.q_proj).__name__ == "QuantizedLinear"  # not wrapped: left unchanged
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -66,3 +66,20 @@ def test_a_diff_over_a_quantized_base_refuses_other_bases(train_file, tmp_path):
 def test_bad_quantize_settings_are_refused(overrides, message, tmp_path):
     with pytest.raises(ConfigError, match=message):
         quick_config(tmp_path / "train.jsonl", tmp_path / "out", **overrides)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_backward_through_a_quantized_layer_saves_no_dense_weight(scheme):
+    """Autograd through torchao's linear would keep a dequantized fp32 copy of every weight until
+    backward; the quantized base recomputes it in backward instead, with the same grad_x."""
+    layer = quantize_base(torch.nn.Sequential(torch.nn.Linear(64, 96)), scheme)[0]
+    x = torch.randn(3, 64, requires_grad=True, generator=torch.Generator().manual_seed(0))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = layer(x)
+    assert not [t for t in saved if t.numel() >= layer.weight.numel()]
+    y.pow(2).sum().backward()
+    dense_x = x.detach().clone().requires_grad_(True)
+    torch.nn.functional.linear(dense_x, layer.weight.dequantize(), layer.bias).pow(2).sum().backward()
+    torch.testing.assert_close(x.grad, dense_x.grad, rtol=1e-5, atol=1e-5)
+    assert not layer.weight.requires_grad

@@ -13,6 +13,7 @@ diff trained over an int8 base loads only onto that same int8 base.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
@@ -38,15 +39,47 @@ def check_scheme(scheme: str) -> None:
         raise ConfigError(f"quantize must be one of {sorted(QUANT_SCHEMES)}, got {scheme!r}")
 
 
+class FrozenQuantizedMatmul(torch.autograd.Function):
+    """y = x Wᵀ + b over a quantized W that never trains.
+
+    Autograd through torchao's linear would save the dequantized fp32 W for grad_x: a dense copy of
+    the whole base held until backward. This keeps a reference to W as stored and dequantizes it
+    again, one layer at a time, in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.weight = weight  # frozen: no version check needed
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        return grad_out @ ctx.weight.dequantize().to(grad_out.dtype), None, None
+
+
+class QuantizedLinear(nn.Linear):
+    """An ``nn.Linear`` whose weight is quantized and frozen (``quantize_base`` turns layers into it)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return FrozenQuantizedMatmul.apply(x, self.weight, self.bias)
+
+
 def quantize_base(model: nn.Module, scheme: str) -> nn.Module:
-    """Quantize every ``nn.Linear`` weight of ``model`` in place (weight-only ``scheme``: int8 or int4);
-    returns ``model``. Embeddings and norms stay as they are. Deterministic: the same weights give
-    the same codes, so a reloaded base matches the fingerprint a diff recorded."""
+    """Quantize the ``nn.Linear`` weights of ``model`` in place (weight-only ``scheme``: int8 or int4)
+    and freeze them; returns ``model``. Embeddings and norms stay as they are, and so does a head
+    tied to the embeddings (a quantized copy would be extra memory, not less). Deterministic: the
+    same weights give the same codes, so a reloaded base matches the fingerprint a diff recorded."""
     check_scheme(scheme)
     config = quant_config(scheme)
     from torchao.quantization import quantize_
 
-    quantize_(model, config, filter_fn=lambda module, _name: type(module) is nn.Linear)
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    tied = embeddings.weight if embeddings is not None else None
+    chosen = [m for m in model.modules() if type(m) is nn.Linear and m.weight is not tied]
+    quantize_(model, config, filter_fn=lambda module, _name: any(module is m for m in chosen))
+    for module in chosen:
+        module.weight.requires_grad_(False)
+        module.__class__ = QuantizedLinear  # same module, same state; only the forward changes
     return model
 
 
