@@ -3,7 +3,8 @@
 Each precision trains in a fresh process (none inherits another's freed heap), with glibc told to
 hand freed memory back, so RSS follows live bytes. Per precision, one JSON line:
   base_stored_bytes: bytes of the base's parameters as stored (int codes + scales when quantized)
-  rss_end_bytes: resident set after training (runtime + base as stored + k values and AdamW state)
+  rss_end_bytes: resident set after training (runtime + base as stored + k values and AdamW state);
+      rss_anon_end_bytes: its anonymous part (no mapped files: libraries, a memory-mapped model)
   train_peak_rss_bytes: peak resident set while the training loop ran (reset as it starts)
   peak_rss_bytes: the process's peak, which includes loading the fp32 base and selecting on it
       (int8/int4 are quantized after selection, on the full-precision weights)
@@ -54,7 +55,7 @@ def measure(precision: str, args) -> dict:
                           progress=False, device="cpu")
         result = run_training(cfg)
     return {"precision": precision, "k": result.trainable, "base_stored_bytes": seen["base"],
-            "rss_end_bytes": rss_bytes(), "train_peak_rss_bytes": seen["train_peak"],
+            "rss_end_bytes": rss_bytes(), "rss_anon_end_bytes": rss_bytes("RssAnon"), "train_peak_rss_bytes": seen["train_peak"],
             "peak_rss_bytes": result.peak_memory_bytes, "first_loss": result.losses[0], "last_loss": result.losses[-1]}
 
 
