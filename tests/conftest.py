@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import torch
+
+# Tests write no caches of the user's: converted models, the HF hub and datasets caches go to a temporary
+# directory. Set here, at import, because huggingface_hub and datasets read these variables when imported.
+# The real-model tests (marker real_model) keep reading the user's converted SmolLM2 (see use_real_model_cache).
+USER_SPARSEFT_CACHE = os.environ.get("SPARSEFT_CACHE") or str(
+    Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sparseft"
+)
+TEST_CACHE = Path(tempfile.mkdtemp(prefix="sparseft-test-cache-"))
+atexit.register(shutil.rmtree, TEST_CACHE, ignore_errors=True)  # also after --collect-only or a failed session
+for variable, folder in (("SPARSEFT_CACHE", "sparseft"), ("HF_HOME", "hf"), ("HF_DATASETS_CACHE", "datasets")):
+    os.environ[variable] = str(TEST_CACHE / folder)
 
 # Triton fixes interpreter mode when first imported (transformers imports it below); without CUDA its
 # kernels can only run interpreted, which is how tests/test_kernels.py checks the GPU kernel on CPU.
@@ -17,6 +32,20 @@ from tokenizers import Regex, decoders, pre_tokenizers  # noqa: E402
 from sparseft.bench.shapes import build_llama, word_level_tokenizer  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def temporary_caches():
+    """Every test runs with the caches under TEST_CACHE, removed when the session ends."""
+    yield TEST_CACHE
+    shutil.rmtree(TEST_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def use_real_model_cache(request, monkeypatch):
+    """A real_model test reads the converted SmolLM2 from the user's cache (converting it there once)."""
+    if request.node.get_closest_marker("real_model"):
+        monkeypatch.setenv("SPARSEFT_CACHE", USER_SPARSEFT_CACHE)
 
 
 def make_tiny_llama(seed: int = 0, **overrides):

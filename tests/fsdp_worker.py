@@ -29,7 +29,7 @@ def crash_at(call: int) -> None:
 
 
 def main() -> None:
-    cfg, reports = TrainConfig(**json.loads(sys.argv[1])), Path(sys.argv[2])
+    cfg, reports = TrainConfig.from_dict(json.loads(sys.argv[1])), Path(sys.argv[2])
     if len(sys.argv) > 3:
         crash_at(int(sys.argv[3]))
     base = make_tiny_llama()

@@ -35,9 +35,10 @@ def save_base(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def make_diff(path: Path, seed: int, base_seed: int = 0, scale: float = 0.3) -> Path:
+def make_diff(path: Path, seed: int, base_seed: int = 0, scale: float = 0.3, value_dtype: str = "bfloat16") -> Path:
     """A diff over the tiny base with large random values, so its greedy output differs from the base's."""
-    sparse = get_sparse_model(make_tiny_llama(base_seed), SparseConfig(density=0.2, scorer="random", seed=seed))
+    config = SparseConfig(density=0.2, scorer="random", seed=seed, value_dtype=value_dtype)
+    sparse = get_sparse_model(make_tiny_llama(base_seed), config)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for values in sparse.sparse_parameters():

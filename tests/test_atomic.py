@@ -82,3 +82,29 @@ def test_a_file_at_the_target_is_replaced_by_the_directory(tmp_path):
     target.write_text("a file")
     write(target, "new")
     assert (target / "f.txt").read_text() == "new" and siblings(target) == []
+
+
+@pytest.fixture(params=[0o022, 0o027])
+def mask(request):
+    old = os.umask(request.param)
+    yield request.param
+    os.umask(old)
+
+
+def mode(path):
+    return path.stat().st_mode & 0o777
+
+
+def test_outputs_follow_the_umask_like_mkdir_and_open(tmp_path, mask):
+    """tempfile's owner-only modes must not reach the user: a diff reads like any file the user writes."""
+    from conftest import make_tiny_llama
+    from sparseft import SparseConfig, get_sparse_model
+    from sparseft.atomic import atomic_file
+
+    diff = get_sparse_model(make_tiny_llama(), SparseConfig(density=0.05)).save_pretrained(tmp_path / "diff")
+    assert mode(diff) == 0o777 & ~mask
+    for f in diff.iterdir():
+        assert mode(f) == 0o666 & ~mask, f.name
+    with atomic_file(tmp_path / "train_config.yaml") as tmp:
+        tmp.write_text("a: 1\n")
+    assert mode(tmp_path / "train_config.yaml") == 0o666 & ~mask

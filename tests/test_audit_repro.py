@@ -27,8 +27,8 @@ def trained(tmp_path_factory):
     data = root / "train.jsonl"
     rows = [{"prompt": f"review: {w} ->", "completion": c} for w, c in [("good", " pos"), ("bad", " neg")] * 8]
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = TrainConfig(model=str(base), data=str(data), out=str(root / "run"), density=0.1, steps=3, lr=1e-2,
-                      batch_size=4, max_length=32, seed=3, progress=False, value_dtype="float32")
+    cfg = TrainConfig.from_dict(dict(model=str(base), data=str(data), out=str(root / "run"), density=0.1, steps=3,
+                                     lr=1e-2, batch_size=4, max_length=32, seed=3, progress=False, value_dtype="float32"))
     run_training(cfg)
     probes = root / "probes.jsonl"
     probes.write_text(json.dumps({"prompt": "review: good ->", "pair": "review: bad ->"}) + "\n")

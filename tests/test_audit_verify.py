@@ -74,7 +74,7 @@ CASES = [
     ("fp16 values, rehashed", lambda p: edit_values(p, lambda t: t.__setitem__("values", t["values"].half()), True),
      {"dtypes"}, set()),
     ("missing config", lambda p: (p / CONFIG_NAME).unlink(), {"config"}, ALL - {"config"}),
-    ("hash entry points outside", lambda p: edit_config(p, lambda m: m["file_hashes"].__setitem__("../x", "0")),
+    ("hash entry points outside", lambda p: edit_config(p, lambda m: m["file_hashes"].__setitem__("../x", "0" * 64)),
      {"file_hashes"}, set()),
     ("bad selection", lambda p: edit_config(p, lambda m: m["selection"].__setitem__("scorer_x", 1)), {"selection"}, set()),
 ]

@@ -122,3 +122,37 @@ def test_a_model_directory_without_tokenizer_exits_2_when_one_is_needed(tiny_mod
 
 def test_parser_builds():
     assert build_parser().prog == "sparseft"
+
+
+@pytest.mark.parametrize("verb", ["train", "audit"])
+def test_a_missing_data_file_is_reported_before_the_model_loads(verb, trained_diff, tmp_path, monkeypatch, capsys):
+    import sparseft.loading
+    import sparseft.training.job
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(sparseft.loading, "load_model", no_model)
+    monkeypatch.setattr(sparseft.training.job, "load_model", no_model)
+    missing = tmp_path / "nope.jsonl"
+    if verb == "train":
+        argv = ["train", "--model", "tiny", "--data", str(missing), "--out", str(tmp_path / "out")]
+    else:
+        argv = ["audit", "--model", "tiny", "--diff", str(trained_diff[1]), "--probe", str(missing)]
+    assert main(argv) == 2
+    assert f"{missing}: no such data file" in capsys.readouterr().err
+
+
+def test_apply_refuses_a_diff_without_fingerprint_unless_told(trained_diff, tmp_path, capsys):
+    _, path = trained_diff
+    meta = json.loads((path / "sparse_config.json").read_text())
+    del meta["base_fingerprint"]
+    (path / "sparse_config.json").write_text(json.dumps(meta))
+    other = tmp_path / "other-base"  # nothing shows the diff was not made for it: that is the point
+    make_tiny_llama(seed=3).save_pretrained(other)
+    argv = ["apply", "--model", str(other), "--diff", str(path), "--out", str(tmp_path / "m")]
+    assert main(argv) == 2
+    assert "--allow-unverified-base" in capsys.readouterr().err and not (tmp_path / "m").exists()
+    assert main(argv + ["--allow-unverified-base"]) == 0
+    assert (tmp_path / "m" / "config.json").is_file()
+    assert main(["verify", "--model", str(other), "--diff", str(path)]) == 1  # verify has no opt-out

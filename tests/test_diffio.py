@@ -103,6 +103,11 @@ def corrupt_cases():
             m["tensors"]["model.layers.1.self_attn.zz_proj"] = m["tensors"].pop("model.layers.1.self_attn.v_proj")
         edit_config(p, rename)
 
+    def absent_module(p):  # matched by target_modules, but the model has no layer 9
+        def rename(m):
+            m["tensors"]["model.layers.9.self_attn.v_proj"] = m["tensors"].pop("model.layers.1.self_attn.v_proj")
+        edit_config(p, rename)
+
     def column(name):  # a [n, 1] stream has the right numel, so only a 1-D check catches it
         return lambda p: rewrite_delta(p, **{name: load_file(str(p / DELTA_NAME))[name].reshape(-1, 1)})
 
@@ -129,7 +134,8 @@ def corrupt_cases():
         ("unsorted index", unsorted_index, InvalidIndicesError),
         ("index out of range", out_of_range, InvalidIndicesError),
         ("shape mismatch", shape_mismatch, ShapeMismatchError),
-        ("unknown module", unknown_module, ShapeMismatchError),
+        ("module outside target_modules", unknown_module, DiffCorruptError),
+        ("absent module", absent_module, ShapeMismatchError),
     ]
 
 

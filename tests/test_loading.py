@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -93,3 +94,17 @@ def test_real_model_batched_label_scores_equal_one_by_one():
     assert batched.shape == (3, len(task.labels))
     for row, alone in zip(batched, single):
         assert (row - alone).abs().max() < 1e-3
+
+
+def test_tests_write_no_user_cache(temporary_caches):
+    """The suite's caches are temporary: a run must not fill ~/.cache/sparseft or the HF caches."""
+    import os
+
+    assert models.cache_root().is_relative_to(temporary_caches)
+    for variable in ("HF_HOME", "HF_DATASETS_CACHE"):
+        assert Path(os.environ[variable]).is_relative_to(temporary_caches), variable
+    import datasets.config
+    import huggingface_hub.constants
+
+    assert Path(datasets.config.HF_DATASETS_CACHE).is_relative_to(temporary_caches)
+    assert Path(huggingface_hub.constants.HF_HUB_CACHE).is_relative_to(temporary_caches)

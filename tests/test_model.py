@@ -94,6 +94,21 @@ def test_bf16_model_round_trip_bitwise(tiny_batch, tmp_path):
             assert torch.equal(t.view(torch.int16), pristine[name.replace(".base_layer", "")].view(torch.int16))
 
 
+def test_a_model_merge_failing_part_way_leaves_every_weight_the_base(tiny_model):
+    model = get_sparse_model(tiny_model, SparseConfig(density=0.05, scorer="random", seed=0))
+    with torch.no_grad():
+        for values in model.sparse_parameters():
+            values.normal_(0, 1e-2)
+    pristine = state_bytes(tiny_model)
+    last = list(model.sparse_layers().values())[-1]
+    last.indices[-1] = last.weight.numel() + 5  # the last layer fails after the others were merged
+    with pytest.raises((IndexError, RuntimeError)):
+        model.merge()
+    assert not model.merged
+    for name, t in tiny_model.state_dict().items():
+        assert torch.equal(t, pristine[name]), name
+
+
 def test_bad_masks_leave_model_unchanged(tiny_model):
     pristine = state_bytes(tiny_model)
     name = "model.layers.0.self_attn.q_proj"

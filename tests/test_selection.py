@@ -423,7 +423,8 @@ def test_cli_select_reports_bad_rows_and_missing_data(tiny_model_with_tokenizer_
     tiny_model_dir = tiny_model_with_tokenizer_dir
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": "a"}])
     out = tmp_path / "m.safetensors"
-    assert main(["select", "--model", str(tiny_model_dir), "--data", str(bad), "--out", str(out), "--batch-size", "1"]) == 2
+    assert main(["select", "--model", str(tiny_model_dir), "--data", str(bad), "--out", str(out), "--batch-size", "1",
+                 "--scorer", "combined"]) == 2  # a data scorer, so the rows are read
     assert "bad.jsonl:line 2: missing field 'completion'" in capsys.readouterr().err and not out.exists()
     assert main(["select", "--model", str(tiny_model_dir), "--out", str(out), "--scorer", "fisher"]) == 2
     assert "needs calibration data" in capsys.readouterr().err

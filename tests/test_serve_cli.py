@@ -23,6 +23,19 @@ def test_serve_flags_parse():
     assert args.diff == [("a", "d1"), ("b", "d2")] and args.host == "127.0.0.1" and args.max_tokens == 64
 
 
+def test_strategy_flags_parse_and_a_batch_of_zero_is_rejected(capsys):
+    args = build_parser().parse_args(["serve", "--model", "m"])
+    assert (args.strategy, args.max_batch_size, args.max_batch_tokens) == ("auto", 16, None)
+    args = build_parser().parse_args(["serve", "--model", "m", "--strategy", "mixed", "--max-batch-size", "64",
+                                      "--max-batch-tokens", "8192"])
+    assert (args.strategy, args.max_batch_size, args.max_batch_tokens) == ("mixed", 64, 8192)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--model", "m", "--max-batch-size", "0"])
+    assert "--max-batch-size: expected a whole number of at least 1, got '0'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--model", "m", "--strategy", "fastest"])
+
+
 def test_a_diff_without_a_name_is_rejected(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--model", "m", "--diff", "just-a-dir"])

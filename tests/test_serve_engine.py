@@ -55,6 +55,26 @@ def test_switching_is_exact_and_matches_sparse_model_merge(diffs, dtype):
     assert engine.swaps == 4
 
 
+@pytest.mark.parametrize("value_dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_merge_and_server_switch_write_bitwise_identical_weights(tmp_path, dtype, value_dtype):
+    # The model path rounds fp32 values it loaded; the server rounds the stored ones: both must give the same bits.
+    diff_dir = make_diff(tmp_path / "d", seed=4, value_dtype=value_dtype)
+    model = SparseModel.from_pretrained(make_tiny_llama().to(dtype), diff_dir)
+    model.merge()
+    by_model = {n.replace(".base_layer", ""): t for n, t in model.base_model.state_dict().items() if not n.endswith(".values")}
+    engine, registry = engine_and_registry(dtype)
+    base = snapshot(engine.model)
+    loaded = registry.load("d", diff_dir)  # validation takes weights_lock itself
+    with engine.weights_lock:
+        engine.switch_to(loaded)
+    by_server = engine.model.state_dict()
+    assert by_model.keys() == by_server.keys()
+    for name, weight in by_server.items():
+        assert torch.equal(weight, by_model[name]), name
+    assert sum(not torch.equal(by_server[n], base[n]) for n in base) == len(model.sparse_layers())
+
+
 def test_a_failing_merge_leaves_no_half_merged_diff(diffs):
     engine, registry = engine_and_registry()
     base = snapshot(engine.model)
@@ -146,8 +166,9 @@ def test_registry_versions_and_names(diffs):
     assert registry.resolve("a").version == 1
     with pytest.raises(UnknownDiffError):
         registry.resolve("a@3")
-    with pytest.raises(UnknownDiffError):
-        registry.resolve("a@x")
+    for malformed in ("a@x", "a@²", "a@"):  # a malformed version is the client's error, not an unknown model
+        with pytest.raises(DiffRegistryError, match="version number"):
+            registry.resolve(malformed)
     with pytest.raises(DiffRegistryError, match="base model's name"):
         registry.load("base", diffs["a"])
     with pytest.raises(DiffRegistryError, match="invalid"):

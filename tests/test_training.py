@@ -1,5 +1,6 @@
 import hashlib
 import json
+import os
 import random
 import re
 
@@ -41,7 +42,7 @@ def quick_config(train_file, out, **overrides):
     values = dict(model="tiny", data=str(train_file), out=str(out), density=0.1, steps=4, lr=1e-2, batch_size=4,
                   max_length=64, seed=0, progress=False, value_dtype="float32")
     values.update(overrides)
-    return TrainConfig(**values)
+    return TrainConfig.from_dict(values)
 
 
 def train_in_process(cfg):
@@ -79,7 +80,7 @@ def test_cli_train_writes_a_loadable_diff_and_the_loss_falls(tiny_model_with_tok
     assert {"loss", "lr", "tokens_per_s", "peak_memory_bytes", "grad_norm"} <= set(metrics[0])
     assert metrics[0]["lr"] > metrics[-1]["lr"]  # cosine decay
     saved = TrainConfig.from_yaml(out / "train_config.yaml")
-    assert saved.steps == 12 and saved.density == 0.1 and saved.model == str(tiny_model_with_tokenizer_dir)
+    assert saved.steps == 12 and saved.selection.density == 0.1 and saved.model == str(tiny_model_with_tokenizer_dir)
 
     provenance = json.loads((out / "sparse_config.json").read_text())["provenance"]
     assert provenance["data_sha256"] == sha256(train_file)
@@ -233,8 +234,8 @@ def test_yaml_numbers_in_exponent_form_are_numbers(train_file, tmp_path):
     config.write_text(f"data: {train_file}\nout: {tmp_path / 'out'}\nlr: 1e-2\ndensity: 1e-1\nbatch_size: 4.0\n"
                       "steps: 2\nwarmup_ratio: 5e-1\nmax_grad_norm: '1'\nvalue_dtype: float32\nprogress: false\n")
     cfg = TrainConfig.from_yaml(config)
-    assert (cfg.lr, cfg.density, cfg.batch_size, cfg.warmup_ratio, cfg.max_grad_norm) == (0.01, 0.1, 4, 0.5, 1.0)
-    assert type(cfg.lr) is float and type(cfg.density) is float and type(cfg.batch_size) is int
+    assert (cfg.lr, cfg.selection.density, cfg.batch_size, cfg.warmup_ratio, cfg.max_grad_norm) == (0.01, 0.1, 4, 0.5, 1.0)
+    assert type(cfg.lr) is float and type(cfg.selection.density) is float and type(cfg.batch_size) is int
     assert type(cfg.sparse_config().density) is float
     result = train_in_process(cfg)
     assert len(result.losses) == 2
@@ -257,7 +258,7 @@ def test_bad_yaml_values_name_file_line_and_field(tmp_path, line, message):
     # A flag given on the command line wins over the file, so the file's bad value no longer matters.
     field = line.split(":")[0]
     good = {"lr": 1e-3, "batch_size": 8, "steps": 3, "density": 0.5, "truncation": True}[field]
-    assert getattr(TrainConfig.from_yaml(config, **{field: good}), field) == good
+    assert TrainConfig.from_yaml(config, **{field: good}).to_dict()[field] == good
 
 
 def test_sparse_config_yaml_converts_numbers(tmp_path):
@@ -424,3 +425,41 @@ def test_train_help_shows_each_default_once_and_from_train_config(capsys):
     sections = re.split(r" (?=--[a-z])", text.split("options:", 1)[1])
     for section in sections:
         assert section.count("default") <= 1, section
+
+
+def test_a_crash_in_the_final_rename_leaves_checkpoints_where_resume_looks(train_file, tmp_path, monkeypatch):
+    import sparseft.atomic as atomic_module
+
+    out = tmp_path / "run"
+    settings = dict(steps=4, save_every=2)
+    train_until_crash(monkeypatch, quick_config(train_file, out, **settings), crash_at_call=4)  # step 3 lost
+    real_replace = atomic_module.replace_dir
+
+    def crash(new, target):
+        if target == out:  # publish's rename, not the diff's own one inside the staging directory
+            raise KeyboardInterrupt("simulated crash before the final rename")
+        real_replace(new, target)
+
+    monkeypatch.setattr(atomic_module, "replace_dir", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train_in_process(quick_config(train_file, out, resume="latest", **settings))
+    monkeypatch.setattr(atomic_module, "replace_dir", real_replace)
+    assert list(tmp_path.glob(".run.tmp-*"))  # the staged result of the crashed publish
+    assert (out / "checkpoints" / "step-000002" / "state.json").is_file()  # ... and the checkpoints still in out
+
+    # Both resume forms find them; the resumed run publishes and clears the crashed run's staging.
+    in_progress = TrainConfig.from_yaml(out / "checkpoints" / "train_config.yaml", resume="latest", steps=6)
+    train_in_process(in_progress)
+    assert (out / "sparse_delta.safetensors").is_file() and (out / "checkpoints" / "step-000004").is_dir()
+    assert not list(tmp_path.glob(".run.*"))
+
+
+def test_resume_puts_back_an_out_dir_set_aside_by_a_crash_between_the_renames(train_file, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train_until_crash(monkeypatch, quick_config(train_file, out, steps=4, save_every=2), crash_at_call=4)
+    aside = tmp_path / ".run.old-abcd1234"
+    aside.mkdir()
+    os.replace(out, aside / "run")  # where replace_dir's first rename puts it
+    train_in_process(quick_config(train_file, out, steps=4, save_every=2, resume="latest"))
+    assert (out / "sparse_delta.safetensors").is_file()
+    assert not list(tmp_path.glob(".run.*"))

@@ -30,8 +30,9 @@ def test_two_gloo_processes_match_one_process(tiny_model_with_tokenizer_dir, tmp
     assert run.returncode == 0, run.stderr[-3000:]
 
     single = run_training(
-        TrainConfig(model=str(tiny_model_with_tokenizer_dir), data=str(data), out=str(tmp_path / "single"), density=0.1,
-                    steps=3, lr=1e-2, max_length=64, value_dtype="float32", seed=0, batch_size=4, progress=False),
+        TrainConfig.from_dict(dict(model=str(tiny_model_with_tokenizer_dir), data=str(data), out=str(tmp_path / "single"),
+                                   density=0.1, steps=3, lr=1e-2, max_length=64, value_dtype="float32", seed=0,
+                                   batch_size=4, progress=False)),
         model=make_tiny_llama(), tokenizer=make_tiny_tokenizer(),
     )
     ddp_losses = [json.loads(line)["loss"] for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
@@ -62,9 +63,9 @@ def test_reselection_under_two_gloo_processes_matches_one_process(tiny_model_wit
     assert run.returncode == 0, run.stderr[-3000:]
 
     single = run_training(
-        TrainConfig(model=str(tiny_model_with_tokenizer_dir), data=str(data), out=str(tmp_path / "single"), density=0.1,
-                    steps=4, lr=1e-2, max_length=64, value_dtype="float32", seed=0, batch_size=4, progress=False,
-                    reselect_every=2, reselect_fraction=0.5),
+        TrainConfig.from_dict(dict(model=str(tiny_model_with_tokenizer_dir), data=str(data), out=str(tmp_path / "single"),
+                                   density=0.1, steps=4, lr=1e-2, max_length=64, value_dtype="float32", seed=0,
+                                   batch_size=4, progress=False, reselect_every=2, reselect_fraction=0.5)),
         model=make_tiny_llama(), tokenizer=make_tiny_tokenizer(),
     )
     a = SparseModel.from_pretrained(make_tiny_llama(), tmp_path / "ddp").sparse_layers()

@@ -22,6 +22,39 @@ from typing import Iterator
 from .errors import AtomicReplaceError
 
 
+def umask() -> int:
+    """The process umask. Linux shows it in /proc; elsewhere it is read by setting it and putting it back."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def with_umask_mode(path: Path, mode: int) -> Path:
+    """Give ``path`` the mode a plain ``mkdir`` / ``open`` would: ``mode`` less the umask. tempfile creates
+    owner-only (0700 / 0600) entries, which must not leak into what the user gets."""
+    os.chmod(path, mode & ~umask())
+    return path
+
+
+def follow_umask(root: Path) -> None:
+    """Give every entry under ``root`` the mode ``mkdir`` / ``open`` would: libraries that write through
+    temporary files (safetensors, tempfile) leave them owner-only."""
+    mask = umask()
+    for dirpath, _, filenames in os.walk(root):
+        os.chmod(dirpath, 0o777 & ~mask)
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                executable = os.stat(path).st_mode & 0o111
+                os.chmod(path, (0o777 if executable else 0o666) & ~mask)
+
+
 @contextmanager
 def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary directory beside ``target``; when the block ends without an error it
@@ -35,6 +68,7 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    follow_umask(tmp)
     replace_dir(tmp, target)
 
 
@@ -85,9 +119,54 @@ def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
     os.close(fd)
+    with_umask_mode(Path(tmp), 0o666)
     try:
         yield Path(tmp)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def link_into(src: Path, dst: Path) -> None:
+    """Put ``src`` (a file or a directory tree) at ``dst`` as hard links, copies where the filesystem
+    has none: the original stays in place, so a crash before ``dst``'s directory is renamed in loses nothing."""
+
+    def link_or_copy(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    if Path(src).is_dir():
+        shutil.copytree(src, dst, copy_function=link_or_copy)
+    else:
+        link_or_copy(str(src), str(dst))
+
+
+def leftovers(target: str | os.PathLike) -> list[Path]:
+    """The staging (``.NAME.tmp-*``) and set-aside (``.NAME.old-*``) siblings that crashes left beside ``target``."""
+    target = Path(target)
+    return sorted(target.parent.glob(f".{target.name}.tmp-*")) + sorted(target.parent.glob(f".{target.name}.old-*"))
+
+
+def remove_leftovers(target: str | os.PathLike) -> None:
+    """Delete what ``leftovers`` finds; call it only when no other writer of ``target`` can be running."""
+    for path in leftovers(target):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def recover_dir(target: str | os.PathLike) -> bool:
+    """Put the old version of ``target`` back when a crash between ``replace_dir``'s two renames left the path
+    missing (the old version at ``.NAME.old-*/NAME``); True when it did. The newest set-aside version wins."""
+    target = Path(target)
+    if os.path.lexists(target):
+        return False
+    aside = [p / target.name for p in target.parent.glob(f".{target.name}.old-*") if (p / target.name).is_dir()]
+    if not aside:
+        return False
+    os.replace(max(aside, key=lambda p: p.stat().st_mtime), target)
+    return True

@@ -115,8 +115,15 @@ class SparseConfig:
             raise ConfigError(f"num_params must be a positive integer, got {self.num_params!r}")
         if isinstance(self.target_modules, str):
             self.target_modules = [self.target_modules]
+        if not isinstance(self.target_modules, list) or not all(isinstance(t, str) and t for t in self.target_modules):
+            raise ConfigError(f"target_modules must be a list of module names, got {self.target_modules!r}")
         if not self.target_modules:
             raise ConfigError("target_modules must name at least one module")
+        for name in ("scorer", "allocation", "value_dtype"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name} must be a string, got {getattr(self, name)!r}")
+        if not isinstance(self.scorer_weights, dict):
+            raise ConfigError(f"scorer_weights must map score names to weights, got {self.scorer_weights!r}")
         if self.allocation not in ALLOCATIONS:
             raise ConfigError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
         if self.value_dtype not in VALUE_DTYPES:

@@ -23,6 +23,11 @@ dense gradient of the frozen weight is stored. How its forward forms W + S (``fo
   layer, and the values' gradient comes from autograd through the index operations.
 In the first two modes the values' gradient goes through ``sparseft.kernels.sampled_weight_grad``
 with ``backend``.
+
+A layer can carry more than its trained diff: ``frozen_deltas`` holds other named diffs' entries on
+this weight (never trained), and ``active`` says which diffs apply and with what weight. The forward
+applies all active entry sets as one (concatenated; overlapping entries add up), ``merge`` writes them
+one diff after another, and the restore takes them out in reverse, so unmerge stays exact.
 """
 
 from __future__ import annotations
@@ -42,6 +47,9 @@ FORWARD_MODES = ("inplace", "copy", "unmerged")
 
 # weight name -> (flat indices, values): what MergedEntries writes (the serving registry holds these).
 Entries = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+# The name of a layer's own, trainable diff (PEFT's name for the first adapter).
+DEFAULT_DIFF = "default"
 
 
 # ------------------------------------------------------------------ merged: W + S written into the weight
@@ -104,7 +112,9 @@ class MergedEntries:
         self.weights, self.indices, self.originals = weights, indices, originals
 
     @classmethod
-    def merge(cls, weights: dict[Hashable, torch.Tensor], entries: dict) -> "MergedEntries":
+    def merge(
+        cls, weights: dict[Hashable, torch.Tensor], entries: dict[Hashable, tuple[torch.Tensor, torch.Tensor]]
+    ) -> "MergedEntries":
         """Write each entry set of ``entries`` into ``weights[name]``: all of them, or (on any error,
         which is re-raised) none, the weights merged so far restored first."""
         merged = cls({}, {}, {})
@@ -125,9 +135,14 @@ class MergedEntries:
             restore_entries(self.weights[name], self.indices[name], self.originals[name])
         self.weights, self.indices, self.originals = {}, {}, {}
 
-    def only(self, name: Hashable) -> "MergedEntries":
-        """The part of this merge that concerns ``weights[name]`` (restoring it restores that weight only)."""
-        return MergedEntries({name: self.weights[name]}, {name: self.indices[name]}, {name: self.originals[name]})
+    def only(self, *names: Hashable) -> "MergedEntries":
+        """The part of this merge that concerns the entry sets ``names`` (restoring it restores those only,
+        in reverse merge order)."""
+        wanted = set(names)
+        kept = [name for name in self.originals if name in wanted]
+        return MergedEntries(
+            {n: self.weights[n] for n in kept}, {n: self.indices[n] for n in kept}, {n: self.originals[n] for n in kept}
+        )
 
     def base_weights(self, weights: dict[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         """``weights`` as they were before the merge: merged ones are replaced by restored copies;
@@ -159,17 +174,25 @@ def entries_added(weight: torch.Tensor, indices: torch.Tensor, values: torch.Ten
 # ------------------------------------------------------------------ unmerged: y = base(x) + Δ(x)
 
 
-def gather_multiply_scatter(
-    x2d: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, out_features: int
+def gather_scale_scatter(
+    x2d: torch.Tensor, src: torch.Tensor, values: torch.Tensor, dst: torch.Tensor, size: int
 ) -> torch.Tensor:
-    """The core of Δ(x): out[t, rows[j]] += x2d[t, cols[j]] · values[j] for every token t and entry j.
+    """``out[t, dst[e]] += x2d[t, src[e]] * values[e]`` for every token t and entry e; out is (tokens, size).
 
-    ``values`` is (k,) or one row per token (tokens, k), which is how a batch mixing diffs can
-    share this core. O(tokens·k) memory and work; out-of-place ops, so autograd reaches ``values``
-    and ``x2d``.
+    The one kernel of the unmerged delta (``delta_matmul`` for one diff, ``mixed_delta`` for a batch
+    mixing diffs): each sparse entry reads one input feature, scales it and adds it into one output
+    feature, for all tokens at once. O(tokens·k) memory and work, no dense S. Computed in fp32 (fp64
+    when an input is fp64); autograd reaches ``values`` and ``x2d`` (the scatter goes into a fresh tensor).
     """
-    products = x2d.index_select(1, cols) * values
-    return products.new_zeros(x2d.shape[0], out_features).index_add(1, rows, products)
+    dtype = torch.promote_types(torch.promote_types(x2d.dtype, values.dtype), torch.float32)
+    values = values.to(dtype)
+    if x2d.shape[0] == 1:  # one token (decoding): 1-D ops with int32 positions are the fastest on CPU
+        gathered = x2d[0].index_select(0, src).to(dtype) * values
+        return gathered.new_zeros(size).index_add_(0, dst, gathered).unsqueeze(0)
+    # Several tokens: index along dim 1 with int64 positions (CPU's multi-dim index_add_ is ~10x slower with int32).
+    src, dst = src.long(), dst.long()
+    gathered = x2d.index_select(1, src).to(dtype) * values
+    return gathered.new_zeros(x2d.shape[0], size).index_add_(1, dst, gathered)
 
 
 def delta_matmul(
@@ -179,7 +202,7 @@ def delta_matmul(
 
     Reads neither the weight nor a dense S: x's columns are gathered per entry, multiplied by the
     values and added into the output rows. Computed in the promoted dtype of ``x`` and ``values``
-    (fp32 for bf16 activations and fp32 values). ``indices`` must be in range (a validated diff's are).
+    (fp32 for bf16 activations and values; fp64 if either is fp64). ``indices`` must be in range (a validated diff's are).
 
     Example:
         >>> x = torch.ones(1, 3)
@@ -190,10 +213,9 @@ def delta_matmul(
         raise ShapeMismatchError(f"x has {x.shape[-1]} features in its last dimension, expected in_features={in_features}")
     if tuple(values.shape) != (indices.numel(),):
         raise ShapeMismatchError(f"values must have shape ({indices.numel()},) to match the indices, got {tuple(values.shape)}")
-    dtype = torch.promote_types(x.dtype, values.dtype)
-    x2d = x.reshape(-1, in_features).to(dtype)
+    x2d = x.reshape(-1, in_features)
     rows, cols = indices // in_features, indices % in_features
-    out = gather_multiply_scatter(x2d, rows, cols, values.to(dtype), out_features)
+    out = gather_scale_scatter(x2d, cols, values, rows, out_features)
     return out.reshape(*x.shape[:-1], out_features)
 
 
@@ -262,6 +284,18 @@ class SparseDeltaFunction(torch.autograd.Function):
         return grad_x, None, grad_bias, None, grad_values, None, None, None
 
 
+class FrozenDelta(nn.Module):
+    """Another diff's entries on one layer, applied but never trained.
+
+    Non-persistent buffers: they follow ``.to()`` with the layer and stay out of ``state_dict``.
+    """
+
+    def __init__(self, indices: torch.Tensor, values: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("indices", indices.to(dtype=torch.long, copy=True), persistent=False)
+        self.register_buffer("values", values.detach().to(dtype=torch.float32, copy=True), persistent=False)
+
+
 class SparseLinear(nn.Module):
     """Wraps a frozen ``nn.Linear``; trains ``values`` at the flat positions ``indices`` of its weight.
 
@@ -284,6 +318,8 @@ class SparseLinear(nn.Module):
         # A copy too: training changes the values in place, which must not reach the caller's tensor.
         values = values.detach().to(device=device, dtype=torch.float32, copy=True)
         self.values = nn.Parameter(values, requires_grad=indices.numel() > 0)
+        self.frozen_deltas = nn.ModuleDict()  # diff name -> FrozenDelta; filled by SparseModel.load_diff
+        self.active: dict[str, float] = {DEFAULT_DIFF: 1.0}  # diff name -> weight, in merge order
         self._merged_entries: MergedEntries | None = None
         self.backend = "auto"
         # A quantized weight (a tensor subclass holding codes and scales) cannot take S in place.
@@ -302,15 +338,37 @@ class SparseLinear(nn.Module):
     def k(self) -> int:
         return self.indices.numel()
 
+    def active_entries(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{diff name: (indices, values × weight)}`` of every active diff with entries on this layer, in
+        ``active`` order. The trainable values come as they are at weight 1, so autograd reaches them."""
+        entries = {}
+        for name, weight in self.active.items():
+            if name == DEFAULT_DIFF:
+                indices, values = self.indices, self.values
+            elif name in self.frozen_deltas:
+                indices, values = self.frozen_deltas[name].indices, self.frozen_deltas[name].values
+            else:
+                continue
+            entries[name] = (indices, values if weight == 1.0 else values * weight)
+        return entries
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged or self.k == 0:
+        if self.merged:
+            return self.base_layer(x)
+        entries = self.active_entries()
+        if len(entries) == 1:  # the usual case: one diff, its tensors as they are
+            indices, values = next(iter(entries.values()))
+        else:  # one entry set for all active diffs: a single merge / gather per call, gradients split by cat
+            indices = torch.cat([i for i, _ in entries.values()]) if entries else self.indices[:0]
+            values = torch.cat([v for _, v in entries.values()]) if entries else self.values[:0]
+        if indices.numel() == 0:
             return self.base_layer(x)
         layer = self.base_layer
         if self.forward_mode == "unmerged":
             out = layer(x)
-            return out + delta_matmul(x, self.indices, self.values, layer.out_features, layer.in_features).to(out.dtype)
+            return out + delta_matmul(x, indices, values, layer.out_features, layer.in_features).to(out.dtype)
         return SparseDeltaFunction.apply(
-            x, layer.weight, layer.bias, self.indices, self.values, self.backend, self.forward_mode, self._weight_lock
+            x, layer.weight, layer.bias, indices, values, self.backend, self.forward_mode, self._weight_lock
         )
 
     def set_kernels(self, backend: str = "auto", forward_mode: str = "inplace") -> None:
@@ -339,20 +397,25 @@ class SparseLinear(nn.Module):
 
 
 def merge_layers(layers: dict[str, SparseLinear]) -> None:
-    """Merge the values of every layer into its weight: all of them or, on error, none.
+    """Merge every active diff of every layer into its weight, one diff after another (values × weight,
+    rounded by ``round_values``): all of them or, on error, none.
 
-    Holds each layer's lock meanwhile, so a thread running an in-place forward never sees a
-    weight mid-merge. Callers check that no layer is merged yet.
+    Each (layer, diff) is its own entry set, so two diffs on one entry add up in the weight's dtype
+    just as merging them one after the other would, and the reverse-order restore is exact. Holds
+    each layer's lock meanwhile, so a thread running an in-place forward never sees a weight mid-merge.
     """
+    if already := [name for name, layer in layers.items() if layer.merged]:
+        raise MergeStateError(f"already merged: {already}; call unmerge() first")
     with contextlib.ExitStack() as locks:
         for layer in layers.values():
             locks.enter_context(layer._weight_lock)
+        per_layer = {name: layer.active_entries() for name, layer in layers.items()}
         merged = MergedEntries.merge(
-            {name: layer.weight for name, layer in layers.items()},
-            {name: (layer.indices, layer.values) for name, layer in layers.items()},
+            {(name, diff): layers[name].weight for name, entries in per_layer.items() for diff in entries},
+            {(name, diff): pair for name, entries in per_layer.items() for diff, pair in entries.items()},
         )
         for name, layer in layers.items():
-            layer._merged_entries = merged.only(name)
+            layer._merged_entries = merged.only(*[(name, diff) for diff in per_layer[name]])
 
 
 def unmerge_layers(layers: dict[str, SparseLinear]) -> None:
@@ -374,3 +437,86 @@ def set_kernels(model: nn.Module, backend: str = "auto", forward_mode: str = "in
     for layer in layers:
         layer.set_kernels(backend, forward_mode)
     return len(layers)
+
+
+# ---------------------------------------------------------------- unmerged: many diffs in one batch (same core as delta_matmul)
+
+
+class MixedEntries:
+    """The entries of several diffs on one ``out_features x in_features`` weight, stored compactly.
+
+    Entries are sorted by diff slot: slot ``s`` owns ``flat[offsets[s]:offsets[s + 1]]`` (flat
+    positions ``row * in_features + col``, int32) and the same range of ``values``. Per entry that is
+    4 B of index + 2 B (bf16) or 4 B (fp32) of value; the slot costs nothing per entry (``offsets``
+    is one int64 per diff).
+    """
+
+    def __init__(self, flat: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, out_features: int,
+                 in_features: int) -> None:
+        self.flat = flat  # (E,) int32 (int64 for weights of 2**31 entries or more)
+        self.values = values  # (E,)
+        self.offsets = offsets  # (slots + 1,) int64
+        self.out_features, self.in_features = out_features, in_features
+
+    @property
+    def bytes_per_entry(self) -> int:
+        return self.flat.element_size() + self.values.element_size()
+
+
+def mixed_pairs(row_diff: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each batch row, the entry range of its diff: (row of each pair, entry of each pair).
+
+    ``row_diff[b]`` is the slot of row b's diff, -1 for none. Rows of the same diff each get all of
+    its entries; a batch with rows b1, b2 of diff 3 and b3 of none yields pairs (b1, e), (b2, e) for
+    every entry e of slot 3. No Python loop over diffs: counts, repeat_interleave and an arange.
+    """
+    has_diff = row_diff >= 0
+    slot = row_diff.clamp(min=0)
+    starts = offsets[slot]
+    counts = torch.where(has_diff, offsets[slot + 1] - starts, torch.zeros_like(starts))
+    rows = torch.repeat_interleave(torch.arange(row_diff.numel(), device=row_diff.device), counts)
+    first_pair = torch.cumsum(counts, 0) - counts  # where each row's pairs begin
+    entry = torch.arange(rows.numel(), device=row_diff.device) - (first_pair - starts).repeat_interleave(counts)
+    return rows, entry
+
+
+def mixed_plan(row_diff: torch.Tensor, entries: MixedEntries) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What ``mixed_delta`` gathers, scales and scatters for these rows: (src, values, dst) per pair.
+
+    Depends only on which diff each row uses, so a caller decoding step after step with the same
+    rows computes it once (``MixedDeltaHook`` does).
+    """
+    rows, entry = mixed_pairs(row_diff, entries.offsets)
+    flat = entries.flat.index_select(0, entry).long()
+    src = rows * entries.in_features + flat % entries.in_features
+    dst = rows * entries.out_features + flat // entries.in_features
+    # int32 positions when they fit: a kept plan costs 8 B + one value per pair instead of 16 B + one value.
+    fits = row_diff.numel() * max(entries.in_features, entries.out_features) < 2**31
+    index_dtype = torch.int32 if fits else torch.long
+    return src.to(index_dtype), entries.values.index_select(0, entry), dst.to(index_dtype)
+
+
+def mixed_delta(
+    x: torch.Tensor, row_diff: torch.Tensor, entries: MixedEntries,
+    plan: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Δ(x) for a batch whose rows use different diffs: row b gets ``x[b] S_{row_diff[b]}ᵀ`` (fp32).
+
+    ``x`` is (B, ..., in_features), ``row_diff`` (B,) diff slots (-1: none, Δ = 0). One gather,
+    multiply and ``index_add_`` over the entries of all diffs present, whatever their number.
+    ``plan`` is ``mixed_plan(row_diff, entries)`` when the caller reuses it across steps.
+
+    Example:
+        >>> w = MixedEntries(torch.tensor([1, 2], dtype=torch.int32), torch.tensor([1.0, 2.0]),
+        ...                  torch.tensor([0, 1, 2]), out_features=2, in_features=2)
+        >>> mixed_delta(torch.ones(3, 2), torch.tensor([0, 1, -1]), w)  # slot 0 adds W[0,1]=1, slot 1 W[1,0]=2
+        tensor([[1., 0.],
+                [0., 2.],
+                [0., 0.]])
+    """
+    batch, inner = x.shape[0], x.shape[1:-1]
+    src, values, dst = plan if plan is not None else mixed_plan(row_diff, entries)
+    # Token positions first, rows' features side by side: row b's feature j is column b * in_features + j.
+    x2d = x.reshape(batch, -1, entries.in_features).transpose(0, 1).reshape(-1, batch * entries.in_features)
+    delta = gather_scale_scatter(x2d, src, values, dst, batch * entries.out_features)
+    return delta.view(-1, batch, entries.out_features).transpose(0, 1).reshape(batch, *inner, entries.out_features)

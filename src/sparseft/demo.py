@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 
 from .audit import inspect_diff
+from .config import SparseConfig
 from .evaluate import evaluate_records
 from .model import SparseModel
 from .loading import load_model, load_tokenizer, resolve_model_path
@@ -131,8 +132,7 @@ def train_config(cfg: DemoConfig, rows_file: Path, out: Path) -> TrainConfig:
         data=str(rows_file),
         out=str(out),
         method="sparse",
-        density=cfg.density,
-        scorer=cfg.scorer,
+        selection=SparseConfig(density=cfg.density, scorer=cfg.scorer),
         epochs=cfg.epochs,
         lr=cfg.lr,
         warmup_ratio=0.1,

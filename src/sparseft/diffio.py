@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -40,12 +43,17 @@ from .errors import (
     NonFiniteValuesError,
     ShapeMismatchError,
     UnsupportedFormatError,
+    UnverifiedBaseError,
 )
+from .targets import find_targets, matches
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "sparse_config.json"
 DELTA_NAME = "sparse_delta.safetensors"
 MAX_GAP = 65535
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass
@@ -147,12 +155,20 @@ def check_base_fingerprint(
     weights: dict[str, torch.Tensor],
     where: str,
     fingerprint_of: Callable[[dict[str, torch.Tensor]], str] = fingerprint,
+    allow_unverified_base: bool = False,
 ) -> None:
-    """``weights`` are the base ``expected_prints`` were recorded for (no-op when none were recorded).
+    """``weights`` are the base ``expected_prints`` were recorded for.
+
+    A diff that records no fingerprint cannot prove its base: it is refused (UnverifiedBaseError)
+    unless ``allow_unverified_base``, which loads it with a logged warning.
     ``check_against_model`` calls it for a whole diff; ``audit.verify`` calls it with a config's fields.
     ``fingerprint_of`` lets a caller whose weights may hold a merged diff (the server) hash the base
     entries instead of the live ones, or reuse a cached hash."""
     if not expected_prints:
+        message = f"{where}: the diff records no base fingerprint, so nothing shows it was made for this base model"
+        if not allow_unverified_base:
+            raise UnverifiedBaseError(f"{message}; load it anyway with allow_unverified_base=True (--allow-unverified-base)")
+        log.warning("%s; loading it anyway (allow_unverified_base)", message)
         return
     dtype = weight_kind(next(iter(weights.values())))
     if dtype not in expected_prints:
@@ -218,10 +234,18 @@ def check_against_model(
     weights: dict[str, torch.Tensor],
     where: str,
     fingerprint_of: Callable[[dict[str, torch.Tensor]], str] = fingerprint,
+    allow_unverified_base: bool = False,
 ) -> None:
-    """The diff fits these base weights: every module exists with the recorded shape, same base."""
+    """The diff fits these base weights (``target_weights``): every module exists with the recorded shape,
+    and the base is the one whose fingerprint the diff records (see ``check_base_fingerprint``)."""
     check_shapes(diff.shapes, weights, where)
-    check_base_fingerprint(diff.base_fingerprint, diff.base_model, {n: weights[n] for n in diff.shapes}, where, fingerprint_of)
+    check_base_fingerprint(diff.base_fingerprint, diff.base_model, {n: weights[n] for n in diff.shapes}, where,
+                           fingerprint_of, allow_unverified_base)
+
+
+def target_weights(model: torch.nn.Module, config: SparseConfig) -> dict[str, torch.Tensor]:
+    """The weights a diff with this selection may change: loading, serving and verify all check against these."""
+    return {name: layer.weight for name, layer in find_targets(model, config.target_modules).items()}
 
 
 def check_shapes(shapes: dict[str, tuple[int, ...]], weights: dict[str, torch.Tensor], where: str) -> None:
@@ -294,45 +318,79 @@ def write_diff(diff: SparseDiff, path: str | os.PathLike, validate: bool = True)
 # ---------------------------------------------------------------- read
 
 
+def diff_file(path: Path, name: str) -> Path:
+    """``path / name``, refused when it is (or goes through) a symlink that leads outside the diff directory:
+    a diff is what its directory holds, so a reader is never pointed at some other file of the system."""
+    file = path / name
+    if os.path.lexists(file) and not file.resolve().is_relative_to(path.resolve()):
+        raise DiffCorruptError(
+            f"{file}: a symlink to {file.resolve()}, outside the diff directory; copy the file into the diff instead"
+        )
+    return file
+
+
 def read_config(path: Path) -> dict[str, Any]:
-    cfg_path = path / CONFIG_NAME
+    """``sparse_config.json`` parsed, with every field a later step reads checked for presence and type."""
     if not path.is_dir():
         raise DiffNotFoundError(f"{path}: no such diff directory")
+    cfg_path = diff_file(path, CONFIG_NAME)
     if not cfg_path.is_file():
         raise DiffNotFoundError(f"{cfg_path}: missing; a diff directory holds {CONFIG_NAME} and {DELTA_NAME}")
     try:
         meta = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DiffCorruptError(f"{cfg_path}: not valid JSON ({e})") from e
+    except RecursionError:
+        raise DiffCorruptError(f"{cfg_path}: not a sparseft diff config (JSON nested too deeply to read)") from None
     if not isinstance(meta, dict) or meta.get("format") != "sparseft-diff":
         raise DiffCorruptError(f"{cfg_path}: not a sparseft diff config (field 'format' must be 'sparseft-diff')")
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:
         raise UnsupportedFormatError(
             f"{cfg_path}: format_version {version!r} is not supported (this sparseft reads version {FORMAT_VERSION})"
         )
     for key in ("tensors", "value_dtype", "selection", "file_hashes"):
         if key not in meta:
             raise DiffCorruptError(f"{cfg_path}: required field {key!r} is missing")
+    check_field_types(meta, cfg_path)
     check_tensor_specs(meta, cfg_path)
-    if meta["value_dtype"] not in DTYPES:
+    if not isinstance(meta["value_dtype"], str) or meta["value_dtype"] not in DTYPES:
         raise DtypeMismatchError(f"{cfg_path}: value_dtype {meta['value_dtype']!r} is not one of {sorted(DTYPES)}")
     return meta
 
 
+def check_field_types(meta: dict[str, Any], cfg_path: Path) -> None:
+    """The descriptive fields have the types the writer gives them (a clear error, not a TypeError later)."""
+    if not isinstance(meta.get("base_model", ""), str):
+        raise DiffCorruptError(f"{cfg_path}: field 'base_model' must be a string, got {meta['base_model']!r}")
+    prints = meta.get("base_fingerprint", {})
+    if not isinstance(prints, dict) or not all(isinstance(v, str) and SHA256_HEX.fullmatch(v) for v in prints.values()):
+        raise DiffCorruptError(
+            f"{cfg_path}: field 'base_fingerprint' must map dtype names to sha256 hex digests, got {prints!r:.200}"
+        )
+    for key in ("provenance", "selection"):
+        if not isinstance(meta.get(key, {}), dict):
+            raise DiffCorruptError(f"{cfg_path}: field {key!r} must be a mapping, got {meta[key]!r:.200}")
+    hashes = meta["file_hashes"]
+    if not isinstance(hashes, dict) or not all(isinstance(v, str) and SHA256_HEX.fullmatch(v) for v in hashes.values()):
+        raise DiffCorruptError(f"{cfg_path}: field 'file_hashes' must map file names to sha256 hex digests")
+    if DELTA_NAME not in hashes:  # without it nothing shows the tensor file is the one written with this config
+        raise DiffCorruptError(f"{cfg_path}: field 'file_hashes' records no sha256 of {DELTA_NAME}")
+
+
 def check_tensor_specs(meta: dict[str, Any], cfg_path: Path) -> None:
     """The fields later steps index into have the types they expect (a clear error, not a KeyError)."""
-    if not isinstance(meta["file_hashes"], dict) or not isinstance(meta["tensors"], dict):
-        raise DiffCorruptError(f"{cfg_path}: fields 'file_hashes' and 'tensors' must be mappings")
+    if not isinstance(meta["tensors"], dict):
+        raise DiffCorruptError(f"{cfg_path}: field 'tensors' must be a mapping")
     if not meta["tensors"]:
         raise DiffCorruptError(f"{cfg_path}: field 'tensors' lists no module; a diff changes at least one")
     for name, spec in meta["tensors"].items():
         shape = spec.get("shape") if isinstance(spec, dict) else None
         k = spec.get("k") if isinstance(spec, dict) else None
-        shape_ok = isinstance(shape, list) and all(isinstance(d, int) and d > 0 for d in shape)
-        if not shape_ok or not isinstance(k, int) or k < 0:
+        shape_ok = isinstance(shape, list) and all(type(d) is int and d > 0 for d in shape)
+        if not shape_ok or type(k) is not int or k < 0:
             raise DiffCorruptError(
-                f"{cfg_path}: tensors[{name!r}] must be {{'shape': [positive ints], 'k': int >= 0}}, got {spec!r}"
+                f"{cfg_path}: tensors[{name!r}] must be {{'shape': [positive ints], 'k': int >= 0}}, got {spec!r:.200}"
             )
 
 
@@ -341,10 +399,10 @@ def check_file_hashes(path: Path, meta: dict[str, Any]) -> None:
     for name, expected in sorted(meta["file_hashes"].items()):
         if Path(name).name != name or name in ("", ".", ".."):  # a hostile config must not point outside the diff
             raise DiffCorruptError(f"{path / CONFIG_NAME}: file_hashes names {name!r}, not a file of the diff directory")
-        file_path = path / name
+        file_path = diff_file(path, name)
         if not file_path.is_file():
             raise DiffNotFoundError(f"{file_path}: missing")
-        if expected and file_sha256(file_path) != expected:
+        if file_sha256(file_path) != expected:
             raise DiffCorruptError(
                 f"{file_path}: sha256 differs from the one recorded at save time; the file was modified or truncated"
             )
@@ -352,12 +410,12 @@ def check_file_hashes(path: Path, meta: dict[str, Any]) -> None:
 
 def load_delta_tensors(path: Path) -> dict[str, torch.Tensor]:
     """The three streams of the tensor file, checked for presence, 1-D shape and index dtypes (not yet split)."""
-    delta_path = path / DELTA_NAME
+    delta_path = diff_file(path, DELTA_NAME)
     if not delta_path.is_file():
         raise DiffNotFoundError(f"{delta_path}: missing")
     try:
         tensors = load_file(str(delta_path))
-    except (SafetensorError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise DiffCorruptError(f"{delta_path}: unreadable safetensors file ({e})") from e
     missing = {"gaps", "escapes", "values"} - set(tensors)
     if missing:
@@ -401,30 +459,127 @@ def check_value_dtype(meta: dict[str, Any], tensors: dict[str, torch.Tensor], wh
 
 
 def parse_selection(meta: dict[str, Any], where: str) -> SparseConfig:
+    """The ``selection`` field as a SparseConfig whose scorer exists and whose ``target_modules`` cover
+    every module of the diff (else loading would look for the diff's modules among the wrong layers)."""
+    from .selection import SCORERS  # selection imports this module's users; import late
+
     try:
-        return SparseConfig.from_dict(meta["selection"])
+        config = SparseConfig.from_dict(meta["selection"])
     except (TypeError, ValueError) as e:
         raise DiffCorruptError(f"{where}: field 'selection' is not a valid SparseConfig ({e})") from e
+    if config.scorer not in SCORERS:
+        raise DiffCorruptError(f"{where}: selection.scorer {config.scorer!r} is not one of {sorted(SCORERS)}")
+    outside = sorted(n for n in meta["tensors"] if not matches(n, config.target_modules))
+    if outside:
+        raise DiffCorruptError(
+            f"{where}: module {outside[0]!r} of 'tensors' is not matched by selection.target_modules "
+            f"{config.target_modules}" + (f" (and {len(outside) - 1} more)" if len(outside) > 1 else "")
+        )
+    return config
+
+
+# ---------------------------------------------------------------- the checks of a read, in order
+
+
+@dataclass
+class DiffReading:
+    """What reading a diff has established so far; each step of ``READ_STEPS`` adds to it."""
+
+    path: Path
+    meta: dict[str, Any] | None = None
+    tensors: dict[str, torch.Tensor] | None = None
+    masks: dict[str, torch.Tensor] | None = None
+    values: dict[str, torch.Tensor] | None = None
+    config: SparseConfig | None = None
+
+    @property
+    def where(self) -> str:
+        return str(self.path / DELTA_NAME)
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {n: tuple(spec["shape"]) for n, spec in self.meta["tensors"].items()}
+
+
+def step_config(r: DiffReading) -> None:
+    r.meta = read_config(r.path)
+
+
+def step_file_hashes(r: DiffReading) -> None:
+    check_file_hashes(r.path, r.meta)
+
+
+def step_tensors(r: DiffReading) -> None:
+    tensors = load_delta_tensors(r.path)
+    r.masks, r.values = split_modules(r.meta, tensors, r.where)
+    r.tensors = tensors
+
+
+def step_dtypes(r: DiffReading) -> None:
+    check_value_dtype(r.meta, r.tensors, r.where)
+
+
+def step_selection(r: DiffReading) -> None:
+    r.config = parse_selection(r.meta, str(r.path / CONFIG_NAME))
+
+
+def each_module(check: Callable[[str], None], names: list[str]) -> None:
+    """Apply ``check`` to every module; raise the first failure, counting the other failing modules."""
+    failures = []
+    for name in names:
+        try:
+            check(name)
+        except (InvalidIndicesError, DiffCorruptError, NonFiniteValuesError) as e:
+            failures.append(e)
+    if failures:
+        more = f" (and {len(failures) - 1} more module(s))" if len(failures) > 1 else ""
+        raise type(failures[0])(f"{failures[0]}{more}")
+
+
+def step_indices(r: DiffReading) -> None:
+    shapes = r.shapes
+    each_module(lambda n: check_indices(n, r.masks[n], math.prod(shapes[n]), r.where), sorted(r.masks))
+
+
+def step_values(r: DiffReading) -> None:
+    each_module(lambda n: check_values(n, r.values[n], r.masks[n].numel(), r.where), sorted(r.masks))
+
+
+@dataclass(frozen=True)
+class ReadStep:
+    """One named check of a read: what it needs established (``DiffReading`` fields) and the function."""
+
+    name: str
+    needs: tuple[str, ...]
+    run: Callable[[DiffReading], None]
+
+
+# The one list of what reading a diff checks: ``read_diff`` stops at the first failure, ``audit.verify``
+# runs every step it can and reports each; so verify passes exactly the diffs that load (before the model).
+READ_STEPS = (
+    ReadStep("config", (), step_config),
+    ReadStep("file_hashes", ("meta",), step_file_hashes),
+    ReadStep("tensors", ("meta",), step_tensors),
+    ReadStep("dtypes", ("tensors",), step_dtypes),
+    ReadStep("selection", ("meta",), step_selection),
+    ReadStep("indices", ("masks",), step_indices),
+    ReadStep("values", ("masks",), step_values),
+)
 
 
 def read_diff(path: str | os.PathLike) -> SparseDiff:
-    """Read and fully validate a diff directory (not yet against a model)."""
-    path = Path(path)
-    meta = read_config(path)
-    check_file_hashes(path, meta)
-    tensors = load_delta_tensors(path)
-    check_value_dtype(meta, tensors, str(path / DELTA_NAME))
-    masks, values = split_modules(meta, tensors, str(path / DELTA_NAME))
-    config = parse_selection(meta, str(path / CONFIG_NAME))
-    diff = SparseDiff(
-        config=config,
-        masks=masks,
-        values=values,
-        shapes={n: tuple(spec["shape"]) for n, spec in meta["tensors"].items()},
+    """Read and fully validate a diff directory (not yet against a model): every step of ``READ_STEPS``."""
+    reading = DiffReading(Path(path))
+    for step in READ_STEPS:
+        step.run(reading)
+    meta = reading.meta
+    return SparseDiff(
+        config=reading.config,
+        masks=reading.masks,
+        values=reading.values,
+        shapes=reading.shapes,
         base_model=meta.get("base_model", ""),
         base_fingerprint=meta.get("base_fingerprint", {}),
         provenance=meta.get("provenance", {}),
         file_hashes=meta["file_hashes"],
     )
-    check_diff(diff, where=str(path / DELTA_NAME))
-    return diff

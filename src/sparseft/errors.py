@@ -50,6 +50,11 @@ class FingerprintMismatchError(SparseFTError, ValueError):
     """The diff was made for a different base model than the one it is applied to."""
 
 
+class UnverifiedBaseError(FingerprintMismatchError):
+    """The diff records no base fingerprint, so nothing shows which base it was made for; loading it
+    needs an explicit opt-out (``allow_unverified_base=True`` / ``--allow-unverified-base``)."""
+
+
 class MergeStateError(SparseFTError, RuntimeError):
     """merge/unmerge called in the wrong state (e.g. unmerge without a prior merge)."""
 
@@ -81,7 +86,8 @@ class NotReproducibleError(SparseFTError, ValueError):
 
 
 class UnknownDiffError(SparseFTError, LookupError):
-    """A request or admin call names a diff (or a version of one) that the server has not loaded."""
+    """A request or admin call names a diff (or a version of one) that the server has not loaded, or a
+    ``SparseModel`` call names a diff it has not loaded (``set_active``, ``save_pretrained(diff_name=...)``)."""
 
 
 class DiffRegistryError(SparseFTError, ValueError):
@@ -91,3 +97,13 @@ class DiffRegistryError(SparseFTError, ValueError):
 
 class ServerBusyError(SparseFTError, RuntimeError):
     """The server's request queue is full; the client should retry later."""
+
+
+class AdapterFormatError(SparseFTError, ValueError):
+    """A PEFT adapter cannot be read as a sparse diff (missing files, an unsupported ``peft_type``, keys or
+    shapes that do not fit), or a diff cannot be written as one (a layer too dense for SHiRA's ``r``)."""
+
+
+class TaskFileError(ConfigError):
+    """A task file (``--task path/to/task.yaml``) is unreadable or a key has a missing or invalid value
+    (a ``ConfigError``, so code that checks task names catches it too)."""

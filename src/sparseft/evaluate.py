@@ -5,17 +5,13 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from .diffio import CONFIG_NAME
-from .errors import DiffNotFoundError
 from .loading import load_model, load_tokenizer
+from .methods import detect_artifact
 from .tasks import Task, get_task
-
-LORA_CONFIG_NAME = "adapter_config.json"
 
 
 @dataclass
@@ -23,7 +19,7 @@ class EvalResult:
     task: str
     model: str
     diff: str | None
-    adapter: str  # "none", "sparse" or "lora"
+    adapter: str  # "none", or the method whose artifact is attached ("sparse", "lora")
     num_examples: int
     metrics: dict[str, float]
     wall_time_s: float
@@ -34,29 +30,16 @@ class EvalResult:
 
 
 def diff_kind(path: str | os.PathLike) -> str:
-    """``sparse`` for a sparseft diff, ``lora`` for a PEFT adapter directory."""
-    path = Path(path)
-    if (path / CONFIG_NAME).is_file():
-        return "sparse"
-    if (path / LORA_CONFIG_NAME).is_file():
-        return "lora"
-    raise DiffNotFoundError(
-        f"{path}: not a sparse diff ({CONFIG_NAME}) nor a PEFT adapter ({LORA_CONFIG_NAME}) directory"
-    )
+    """The method whose artifact is at ``path``: ``sparse`` for a sparseft diff, ``lora`` for a PEFT adapter."""
+    return detect_artifact(path).name
 
 
 def attach_diff(model, path: str | os.PathLike | None):
     """``(model, kind)``: the base with the diff or adapter at ``path`` loaded on it (unmerged)."""
     if path is None:
         return model, "none"
-    kind = diff_kind(path)
-    if kind == "sparse":
-        from .model import SparseModel
-
-        return SparseModel.from_pretrained(model, path), kind
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(model, str(path)), kind
+    method = detect_artifact(path)
+    return method.attach(model, path), method.name
 
 
 def evaluate(
@@ -93,7 +76,7 @@ def evaluate_records(
 
 def run_eval(
     model_name: str,
-    task_name: str,
+    task_name: str | Task,
     data: str | os.PathLike,
     diff: str | os.PathLike | None = None,
     limit: int | None = None,
@@ -101,8 +84,9 @@ def run_eval(
     dtype: str = "float32",
     progress: bool = True,
 ) -> EvalResult:
-    """Load ``model_name`` (+ ``diff``), evaluate it on ``task_name`` and time it (load time apart)."""
-    task = get_task(task_name)
+    """Load ``model_name`` (+ ``diff``), evaluate it on ``task_name`` and time it (load time apart).
+    ``task_name`` is a registered name, a task file path (``get_task``) or a ``Task``."""
+    task = get_task(task_name) if isinstance(task_name, str) else task_name
     records = task.load(data, limit)  # bad data fails here, before time goes into loading the model
     start = time.perf_counter()
     model, kind = attach_diff(load_model(model_name, dtype=dtype), diff)

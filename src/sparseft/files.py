@@ -17,6 +17,15 @@ def existing_file(path: str | os.PathLike) -> Path:
     return path
 
 
+def existing_data(path: str | os.PathLike) -> Path:
+    """``path`` when a data file or datasets directory is there. Verbs call it before loading a model, so a
+    typo is reported at once rather than after the model has loaded."""
+    path = Path(path)
+    if not path.exists():
+        raise DataFormatError(f"{path}: no such data file")
+    return path
+
+
 def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, Any]]]:
     """``(where, object)`` for each non-blank line; ``where`` is ``file:line N`` for error messages.
 

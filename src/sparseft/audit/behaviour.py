@@ -13,9 +13,8 @@ from typing import Any
 
 from torch import nn
 
-from ..diffio import check_against_model, read_diff
+from ..diffio import check_against_model, read_diff, target_weights
 from ..model import SparseModel
-from ..targets import find_targets
 from .drift import pair_rows, prompt_rows, run_pass
 from .probes import Probe, default_probe_file, load_probes
 from .report import Thresholds, build_report
@@ -39,8 +38,7 @@ def audit_probes(
 ) -> tuple[list[dict], list[dict]]:
     """Per-prompt and per-pair rows for ``probes`` (token ids), base vs base + diff; ``model`` is restored."""
     diff = read_diff(diff_path)  # fail before spending a pass on a diff that does not fit
-    targets = find_targets(model, diff.config.target_modules)
-    check_against_model(diff, {n: t.weight for n, t in targets.items()}, where=str(diff_path))
+    check_against_model(diff, target_weights(model, diff.config), where=str(diff_path))
     was_training = model.training
     trainable = {name: p.requires_grad for name, p in model.named_parameters()}
     model.eval()

@@ -9,9 +9,18 @@ Example:
     >>> write_report("runs/bench-tiny/results.json", html_page=True)  # doctest: +SKIP
 """
 
-from .config import BenchConfig, RunSpec, load_bench_config
-from .grid import run_grid
-from .report import write_report
-from .results import read_results, schema_problems
+from importlib import import_module
 
-__all__ = ["BenchConfig", "RunSpec", "load_bench_config", "read_results", "run_grid", "schema_problems", "write_report"]
+# Imported on first use, so that `sparseft.bench.shapes` (which every test fixture builds through)
+# does not pull in matplotlib and the grid machinery.
+_EXPORTS = {
+    "BenchConfig": "config", "RunSpec": "config", "load_bench_config": "config", "run_grid": "grid",
+    "write_report": "report", "read_results": "results", "schema_problems": "results",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)

@@ -30,9 +30,8 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
-from ..selection import SCORERS
+from ..methods import METHODS, get_method, training_methods
 
-METHODS = ("full", "lora", "sparse")
 BASE_ROW_ID = "base"
 ROW_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -42,7 +41,7 @@ class RunSpec:
     """One row of the grid: a method and its own knobs."""
 
     id: str
-    method: str
+    method: str  # a registered method that trains (sparseft.methods); its knobs below, the others unset
     lr: float
     scorer: str | None = None  # sparse only
     density: float | None = None  # sparse only; defaults to the grid's density
@@ -135,6 +134,11 @@ def parse_bench_config(
     root = str(Path(data_root or os.environ.get("SPARSEFT_DATA") or "../shared/data").expanduser().absolute())
     for key in ("train_data", "eval_data"):
         fields[key] = resolve_path(str(fields[key]), base_dir, root)
+    from ..tasks.taskfile import looks_like_task_file
+
+    for key in ("task", "eval_task"):  # a task file, like the data, is found next to the config
+        if isinstance(fields.get(key), str) and looks_like_task_file(fields[key]):
+            fields[key] = resolve_path(fields[key], base_dir, root)
     if isinstance(fields["model"], str) and fields["model"].startswith((".", "$")):
         fields["model"] = resolve_path(fields["model"], base_dir, root)
     fields["runs"] = parse_runs(fields["runs"], where)
@@ -178,29 +182,20 @@ def parse_runs(raw_runs: Any, where: str) -> list[RunSpec]:
 def check_run(run: RunSpec, at: str) -> None:
     if not isinstance(run.id, str) or not ROW_ID_PATTERN.match(run.id):
         raise ConfigError(f"{at}: id {run.id!r} must be letters, digits, '-', '_' or '.'")
-    if run.method not in METHODS:
-        raise ConfigError(f"{at} ({run.id}): method must be one of {METHODS}, got {run.method!r}")
+    if run.method not in training_methods():
+        raise ConfigError(f"{at} ({run.id}): method must be one of {tuple(training_methods())}, got {run.method!r}")
     if not isinstance(run.lr, (int, float)) or run.lr <= 0:
         raise ConfigError(f"{at} ({run.id}): lr must be a positive number, got {run.lr!r}")
-    if run.method == "sparse":
-        if not run.scorer:
-            raise ConfigError(f"{at} ({run.id}): a sparse row needs a scorer (e.g. random, fisher, combined)")
-        if run.scorer not in SCORERS:
-            raise ConfigError(f"{at} ({run.id}): unknown scorer {run.scorer!r}; available: {sorted(SCORERS)}")
-        if run.density is not None and not 0 < float(run.density) <= 1:
-            raise ConfigError(f"{at} ({run.id}): density must be in (0, 1], got {run.density!r}")
-        if run.num_params is not None and int(run.num_params) <= 0:
-            raise ConfigError(f"{at} ({run.id}): num_params must be positive, got {run.num_params!r}")
-    elif run.scorer or run.density is not None or run.num_params is not None:
-        raise ConfigError(f"{at} ({run.id}): scorer/density/num_params apply to sparse rows only")
-    if run.method == "lora":
-        rank = run.lora_rank
-        if rank is None:
-            raise ConfigError(f"{at} ({run.id}): a lora row needs lora_rank (an integer or 'match')")
-        if rank != "match" and not (isinstance(rank, int) and rank >= 1):
-            raise ConfigError(f"{at} ({run.id}): lora_rank must be a positive integer or 'match', got {rank!r}")
-    elif run.lora_rank is not None:
-        raise ConfigError(f"{at} ({run.id}): lora_rank applies to lora rows only")
+    method = get_method(run.method)
+    for knob in KNOBS:
+        if getattr(run, knob) is not None and knob not in method.run_knobs:
+            users = [m.name for m in METHODS.values() if knob in m.run_knobs]
+            raise ConfigError(f"{at} ({run.id}): {knob} applies to {'/'.join(users)} rows only")
+    method.check_run(run, at)
+
+
+# The RunSpec fields that belong to some method (the rest, id / method / lr, every row has).
+KNOBS = ("scorer", "density", "num_params", "lora_rank", "calibration_batches")
 
 
 def check_grid_values(cfg: BenchConfig, where: str) -> None:

@@ -54,9 +54,9 @@ def measure(args) -> dict:
         write_rows(data, 64)
         tokenizer = text_tokenizer([data.read_text()])
         base = build_llama(args.shape, 0)
-        cfg = TrainConfig(model=args.shape, data=str(data), out=str(Path(tmp) / "run"), density=args.density,
-                          steps=args.steps, batch_size=args.batch_size, max_length=64, fsdp=args.fsdp, progress=False,
-                          value_dtype="float32")
+        cfg = TrainConfig.from_dict(dict(
+            model=args.shape, data=str(data), out=str(Path(tmp) / "run"), density=args.density, steps=args.steps,
+            batch_size=args.batch_size, max_length=64, fsdp=args.fsdp, progress=False, value_dtype="float32"))
         result = run_training(cfg, model=base, tokenizer=tokenizer)
         held = local_parameter_bytes(base)
     return {

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..methods import get_method
 from .config import BASE_ROW_ID, BenchConfig, RunSpec
 from .results import SCHEMA_VERSION, results_markdown, write_results
 
@@ -239,8 +240,7 @@ def row_id_of(spec: RunSpec | None) -> str:
 def worker_spec(cfg: BenchConfig, spec: RunSpec | None, model: str, train_file: Path, row_dir: Path) -> dict[str, Any]:
     """Everything one worker process needs, as plain JSON."""
     run = spec.to_dict() if spec else {"id": BASE_ROW_ID, "method": "base"}
-    if spec and spec.method == "sparse" and spec.density is None and spec.num_params is None:
-        run["density"] = cfg.density
+    run = get_method(run["method"]).complete_run(run, cfg.density)
     return {
         "run": run,
         "model": model,

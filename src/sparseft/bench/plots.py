@@ -19,8 +19,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .results import ok_rows, row_label  # noqa: E402
+from .results import ok_rows, row_label, row_trains  # noqa: E402
 
+# The comparison's usual methods; another registered method gets matplotlib's next colour.
 METHOD_STYLE = {
     "full": dict(color="#444444", marker="s"),
     "lora": dict(color="#1f77b4", marker="^"),
@@ -30,7 +31,7 @@ TENANTS = [1, 10, 100, 1000, 10000]
 
 
 def training_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
-    return [r for r in ok_rows(results) if r["method"] in METHOD_STYLE]
+    return [r for r in ok_rows(results) if row_trains(r)]
 
 
 def primary_metric(results: dict[str, Any]) -> str:
@@ -40,12 +41,13 @@ def primary_metric(results: dict[str, Any]) -> str:
 def plot_metric_vs_params(results: dict[str, Any], path: Path) -> Path:
     metric = primary_metric(results)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method, style in METHOD_STYLE.items():
-        rows = [r for r in training_rows(results) if r["method"] == method]
-        if rows:
-            ax.scatter([r["trainable_params"] for r in rows], [r["metrics"][metric] for r in rows], s=60,
-                       label=method, **style)
-    base = next((r for r in ok_rows(results) if r["method"] == "base"), None)
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for r in training_rows(results):
+        by_method.setdefault(r["method"], []).append(r)
+    for method, rows in by_method.items():
+        ax.scatter([r["trainable_params"] for r in rows], [r["metrics"][metric] for r in rows], s=60,
+                   label=method, **METHOD_STYLE.get(method, {}))
+    base = next((r for r in ok_rows(results) if not row_trains(r)), None)
     if base:
         ax.axhline(base["metrics"][metric], color="gray", linestyle="--", linewidth=1, label=f"base ({base['id']})")
     ax.set_xscale("log")
@@ -98,24 +100,34 @@ def plot_cost_bars(results: dict[str, Any], path: Path) -> Path:
     return save(fig, path)
 
 
+# What N tenants store, by the kind of artifact a row saved: a checkpoint is a whole model per tenant,
+# anything else (a diff, an adapter) sits beside one shared base.
+ARTIFACT_WORDS = {"diff": "diffs", "adapter": "LoRA adapters"}
+
+
 def storage_series(results: dict[str, Any]) -> dict[str, tuple[str, list[float]]]:
-    """``{label: (row id, bytes for each N in TENANTS)}``: what N tenants cost on disk per method."""
+    """``{label: (row id, bytes for each N in TENANTS)}``: what N tenants cost on disk per kind of artifact."""
     rows = training_rows(results)
-    full = next((r for r in rows if r["method"] == "full"), None)
     base_bytes = base_model_bytes(results)
     series: dict[str, tuple[str, list[float]]] = {}
-    for method, what in (("sparse", "diffs"), ("lora", "LoRA adapters")):
-        row = next((r for r in rows if r["method"] == method), None)
-        if row:
-            series[f"base + N {what} ({row['id']})"] = (row["id"], [base_bytes + n * row["artifact_bytes"] for n in TENANTS])
+    for kind in dict.fromkeys(r["artifact_kind"] for r in rows if r["artifact_kind"] != "checkpoint"):
+        row = next(r for r in rows if r["artifact_kind"] == kind)
+        label = f"base + N {ARTIFACT_WORDS.get(kind, kind + 's')} ({row['id']})"
+        series[label] = (row["id"], [base_bytes + n * row["artifact_bytes"] for n in TENANTS])
+    full = full_copy_row(results)
     if full:
         series[f"N full copies ({full['id']})"] = (full["id"], [n * full["artifact_bytes"] for n in TENANTS])
     return series
 
 
+def full_copy_row(results: dict[str, Any]) -> dict[str, Any] | None:
+    """The first row whose artifact is a whole model (a full fine-tuning checkpoint)."""
+    return next((r for r in training_rows(results) if r["artifact_kind"] == "checkpoint"), None)
+
+
 def base_model_bytes(results: dict[str, Any]) -> float:
     """Bytes of the one shared base: the full checkpoint's size when measured, else 4 bytes/parameter."""
-    full = next((r for r in training_rows(results) if r["method"] == "full"), None)
+    full = full_copy_row(results)
     if full:
         return float(full["artifact_bytes"])
     return 4.0 * float(results.get("model", {}).get("total_params") or 0)
@@ -123,10 +135,9 @@ def base_model_bytes(results: dict[str, Any]) -> float:
 
 def plot_storage(results: dict[str, Any], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    styles = {"diffs": METHOD_STYLE["sparse"], "LoRA": METHOD_STYLE["lora"], "full": METHOD_STYLE["full"]}
-    for label, (_, values) in storage_series(results).items():
-        style = next(s for key, s in styles.items() if key in label)
-        ax.plot(TENANTS, [v / 1e9 for v in values], label=label, **style)
+    methods = {r["id"]: r["method"] for r in training_rows(results)}
+    for label, (row_id, values) in storage_series(results).items():
+        ax.plot(TENANTS, [v / 1e9 for v in values], label=label, **METHOD_STYLE.get(methods[row_id], {}))
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("tenants / tasks (N)")

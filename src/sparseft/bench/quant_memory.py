@@ -50,9 +50,9 @@ def measure(precision: str, args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "train.jsonl"
         write_rows(data, 64)
-        cfg = TrainConfig(model=args.model, data=str(data), out=str(Path(tmp) / "run"), density=args.density,
-                          steps=args.steps, batch_size=args.batch_size, max_length=64, dtype=dtype, quantize=scheme,
-                          progress=False, device="cpu")
+        cfg = TrainConfig.from_dict(dict(
+            model=args.model, data=str(data), out=str(Path(tmp) / "run"), density=args.density, steps=args.steps,
+            batch_size=args.batch_size, max_length=64, dtype=dtype, quantize=scheme, progress=False, device="cpu"))
         result = run_training(cfg)
     return {"precision": precision, "k": result.trainable, "base_stored_bytes": seen["base"],
             "rss_end_bytes": rss_bytes(), "rss_anon_end_bytes": rss_bytes("RssAnon"), "train_peak_rss_bytes": seen["train_peak"],

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .plots import TENANTS, base_model_bytes, write_plots
-from .results import fmt_bytes, fmt_count, ok_rows, read_results, row_label
+from .results import fmt_bytes, fmt_count, ok_rows, read_results, row_label, row_trains
 
 PLOT_CAPTIONS = {
     "metric_vs_params.png": "Task metric vs trainable parameters (log x)",
@@ -75,7 +75,7 @@ def pick_rows(results: dict[str, Any]) -> Picked:
     score = lambda r: float(r["metrics"][metric])  # noqa: E731
     return Picked(
         metric=metric,
-        base=next(iter(by_method("base")), None),
+        base=next((r for r in rows if not row_trains(r)), None),
         # With several full FT rows (a learning-rate sweep) the sparse rows are held to the best of them.
         full=max(by_method("full"), key=score, default=None),
         lora=by_method("lora"),
@@ -208,7 +208,7 @@ def target_blocks(p: Picked) -> list[Block]:
 def side_by_side_blocks(p: Picked, results: dict[str, Any]) -> list[Block]:
     rows = []
     for r in ok_rows(results):
-        trains = r["method"] != "base"
+        trains = row_trains(r)
         rows.append([
             f"`{r['id']}`", row_label(r),
             f"{fmt_count(r['trainable_params'])} ({r['trainable_pct']:.3f}%)" if trains else "–",
@@ -245,7 +245,7 @@ def side_by_side_blocks(p: Picked, results: dict[str, Any]) -> list[Block]:
 def load_warning(results: dict[str, Any]) -> list[Block]:
     """A warning when rows ran under clearly different machine load: their times are then not comparable."""
     loads = {r["id"]: r["load_average"]["start"] for r in ok_rows(results)
-             if r["method"] != "base" and (r.get("load_average") or {}).get("start") is not None}
+             if row_trains(r) and (r.get("load_average") or {}).get("start") is not None}
     if len(loads) < 2 or max(loads.values()) <= 1.5 * max(min(loads.values()), 1.0):
         return []
     listed = ", ".join(f"`{k}` {v:.1f}" for k, v in loads.items())

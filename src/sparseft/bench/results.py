@@ -13,6 +13,7 @@ from typing import Any
 
 from ..atomic import atomic_file
 from ..errors import ResultsFormatError
+from ..methods import METHODS
 
 SCHEMA_VERSION = 1
 
@@ -28,12 +29,8 @@ TRAINING_FIELDS = (
     "peak_memory_bytes", "peak_memory_kind", "optimizer_state_bytes",
     "artifact_kind", "artifact_bytes", "artifact_path",
 )
-# Fields that are legitimately null on some methods (e.g. a full row has no scorer).
-NOT_APPLICABLE = {
-    "full": {"scorer", "density", "lora_rank"},
-    "lora": {"scorer", "density"},
-    "sparse": {"lora_rank"},
-}
+# Fields legitimately null on some methods (e.g. a full row has no scorer) are each method's
+# ``not_applicable`` (sparseft.methods).
 TOP_LEVEL_FIELDS = ("schema_version", "name", "config", "command", "machine", "model", "task", "started_at", "rows")
 
 
@@ -80,16 +77,22 @@ def row_problems(row: Any, where: str, require_complete: bool) -> list[str]:
     if not isinstance(row, dict):
         return [f"{where}: expected an object"]
     where = f"{where} ({row.get('id', '?')})"
-    method = row.get("method")
-    expected = COMMON_FIELDS + (TRAINING_FIELDS if method in NOT_APPLICABLE else ())
+    method = METHODS.get(row.get("method"))
+    expected = COMMON_FIELDS + (TRAINING_FIELDS if method and method.trains else ())
     problems = [f"{where}: missing field {k!r}" for k in expected if k not in row]
     if not require_complete or row.get("status") != "ok":
         return problems
-    optional = NOT_APPLICABLE.get(method, set()) | {"error"}
+    optional = (method.not_applicable if method else set()) | {"error"}
     problems += [f"{where}: field {k!r} is null" for k in expected if k in row and row[k] is None and k not in optional]
     if not row.get("metrics"):
         problems.append(f"{where}: no metrics")
     return problems
+
+
+def row_trains(row: dict[str, Any]) -> bool:
+    """Whether the row trained something (every method but the base model's evaluation)."""
+    method = METHODS.get(row.get("method"))
+    return bool(method and method.trains)
 
 
 def ok_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -124,12 +127,8 @@ def fmt_num(x: float | None, digits: int = 2) -> str:
 
 def row_label(row: dict[str, Any]) -> str:
     """Method and its knob, e.g. ``sparse/fisher``, ``lora r=2``, ``full``."""
-    method = row.get("method")
-    if method == "sparse":
-        return f"sparse/{row.get('scorer')}"
-    if method == "lora":
-        return f"lora r={row.get('lora_rank')}"
-    return str(method)
+    method = METHODS.get(row.get("method"))
+    return method.label(row) if method else str(row.get("method"))
 
 
 def results_table(results: dict[str, Any]) -> str:

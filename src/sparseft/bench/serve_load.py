@@ -111,12 +111,13 @@ def free_loopback_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_dir: Path, diffs: list[Path], port: int, threads: int) -> subprocess.Popen:
+def start_server(model_dir: Path, diffs: list[Path], port: int, threads: int,
+                 strategy: str = "auto") -> subprocess.Popen:
     src = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "sparseft", "serve", "--model", str(model_dir), "--served-name", "base",
            "--host", "127.0.0.1", "--port", str(port), "--max-tokens", str(MAX_TOKENS), "--max-queue", "1024",
-           "--threads", str(threads)]
+           "--threads", str(threads), "--strategy", strategy]
     for i, d in enumerate(diffs):
         cmd += ["--diff", f"d{i}={d}"]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -190,7 +191,7 @@ async def run_scenario(model_dir: Path, diffs: list[Path], vocab: int, args) -> 
     import httpx
 
     port = free_loopback_port()
-    proc = start_server(model_dir, diffs, port, args.threads)
+    proc = start_server(model_dir, diffs, port, args.threads, args.strategy)
     url = f"http://127.0.0.1:{port}"
     try:
         async with httpx.AsyncClient(base_url=url, timeout=10) as c:
@@ -242,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--time-limit", type=float, default=120, help="seconds per scenario")
     p.add_argument("--swap-repeats", type=int, default=50)
     p.add_argument("--threads", type=int, default=1, help="torch threads of the server and the swap timing")
+    p.add_argument("--strategy", choices=["auto", "merged", "mixed"], default="auto",
+                   help="the server's --strategy (the published table is `merged`, measured before the others existed)")
     p.add_argument("--out", type=Path, help="also write the Markdown table here")
     p.add_argument("--json", type=Path, help="also write the raw results here")
     args = p.parse_args(argv)

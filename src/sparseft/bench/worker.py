@@ -16,21 +16,25 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-ARTIFACT_KINDS = {"full": "checkpoint", "lora": "adapter", "sparse": "diff"}
+from ..methods import Method, get_method
+
+
+def row_method(job: dict[str, Any]) -> Method:
+    return get_method(job["run"]["method"])
 
 
 def empty_row(job: dict[str, Any]) -> dict[str, Any]:
     """A row with every schema field present (null until measured)."""
     run = job["run"]
-    method = run["method"]
+    method = row_method(job)
     row: dict[str, Any] = {
-        "id": run["id"], "method": method, "status": "running", "error": None,
+        "id": run["id"], "method": method.name, "status": "running", "error": None,
         "metrics": None, "primary_metric": None, "eval_examples": None, "eval_wall_s": None,
-        "total_params": None, "trainable_params": 0 if method == "base" else None,
-        "trainable_pct": 0.0 if method == "base" else None,
+        "total_params": None, "trainable_params": None if method.trains else 0,
+        "trainable_pct": None if method.trains else 0.0,
         "seed": job["seed"], "device": None, "versions": versions(), "row_wall_s": None,
     }
-    if method != "base":
+    if method.trains:
         row.update({
             "scorer": run.get("scorer"), "density": run.get("density"), "num_params_requested": run.get("num_params"),
             "lora_rank": run.get("lora_rank") if isinstance(run.get("lora_rank"), int) else None,
@@ -39,7 +43,7 @@ def empty_row(job: dict[str, Any]) -> dict[str, Any]:
             "train_wall_s": None, "loop_wall_s": None, "median_step_s": None, "tokens_per_s": None,
             "first_loss": None, "final_loss": None, "losses": None,
             "peak_memory_bytes": None, "peak_memory_kind": None, "optimizer_state_bytes": None,
-            "artifact_kind": ARTIFACT_KINDS[method], "artifact_bytes": None, "artifact_path": None,
+            "artifact_kind": method.artifact_kind, "artifact_bytes": None, "artifact_path": None,
         })
     return row
 
@@ -80,17 +84,8 @@ def train_config(job: dict[str, Any], device: str):
     )
     if job.get("target_modules"):
         fields["target_modules"] = job["target_modules"]
-    if run["method"] == "sparse":
-        fields.update(scorer=run["scorer"], density=run.get("density"), num_params=run.get("num_params"))
-        if run.get("calibration_batches"):
-            fields["calibration_batches"] = int(run["calibration_batches"])
-    if run["method"] == "lora":
-        if run["lora_rank"] == "match":
-            # Rank chosen so LoRA trains as many numbers as a sparse row at the grid's density.
-            fields.update(lora_match_sparse=True, density=job["grid_density"])
-        else:
-            fields["lora_rank"] = int(run["lora_rank"])
-    return TrainConfig(**fields)
+    fields.update(row_method(job).train_fields(run, job))
+    return TrainConfig.from_dict(fields)
 
 
 def train_row(job: dict[str, Any], row: dict[str, Any], device: str):
@@ -122,18 +117,8 @@ def train_row(job: dict[str, Any], row: dict[str, Any], device: str):
         "artifact_path": str(result.out),
         "train_examples": count_lines(job["train_file"]),
     })
-    if job["run"]["method"] == "lora":
-        row["lora_rank"] = int(result.extra.get("lora_rank", cfg.lora_rank))
-    if job["run"]["method"] == "sparse":
-        row["density"] = sparse_density(result.out)
+    row.update(row_method(job).row_facts(result, cfg))
     return result
-
-
-def sparse_density(diff_dir: Path) -> float:
-    """Share of the targeted entries the diff trains (what the budget became after rounding)."""
-    from ..audit import inspect_diff
-
-    return float(inspect_diff(diff_dir)["density"])
 
 
 def count_lines(path: str) -> int:
@@ -159,22 +144,13 @@ def evaluate_row(job: dict[str, Any], row: dict[str, Any], device: str) -> None:
     row["metrics"] = {k: float(v) for k, v in metrics.items()}
     row["eval_examples"] = count
     row["primary_metric"] = task.primary_metric or next(iter(metrics))
-    if job["run"]["method"] == "base":
+    if not row_method(job).trains:
         row["total_params"] = sum(p.numel() for p in model.parameters())
 
 
 def load_for_eval(job: dict[str, Any], row: dict[str, Any]):
     """The model to evaluate; a diff or adapter is merged in, so every row evaluates at the base's speed."""
-    from ..evaluate import attach_diff
-    from ..loading import load_model
-
-    method = job["run"]["method"]
-    if method == "full":
-        return load_model(row["artifact_path"])  # the full checkpoint is a complete model directory
-    if method == "base":
-        return load_model(job["model"])
-    model, kind = attach_diff(load_model(job["model"]), row["artifact_path"])
-    return model.merge_and_unload()
+    return row_method(job).load_for_eval(job["model"], row.get("artifact_path"))
 
 
 # ---------------------------------------------------------------- entry point
@@ -185,7 +161,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     try:
         device = setup_device(job)
         row["device"] = device
-        if job["run"]["method"] != "base":
+        if row_method(job).trains:
             train_row(job, row, device)
         evaluate_row(job, row, device)
         row["status"] = "ok"

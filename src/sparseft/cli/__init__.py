@@ -1,18 +1,29 @@
 """The ``sparseft`` command: one verb per module in this package, each a thin layer over the library.
 
 Adding a verb: write ``cli/<verb>.py`` with ``add_parser(subparsers)`` and ``run(args) -> int`` and
-add its name to ``VERBS``.
+add its name to ``VERBS``. A verb with a dash lives in a module with an underscore (``diff-stats`` ->
+``diff_stats.py``), and one that is a Python keyword gets a trailing underscore (``import`` -> ``import_.py``).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import keyword
 import sys
 
 from ..errors import SparseFTError
 
-VERBS = ["demo", "select", "train", "eval", "apply", "inspect", "verify", "audit", "serve", "bench", "report"]
+VERBS = [
+    "demo", "select", "train", "eval", "apply", "compose", "diff-stats", "export", "import",
+    "inspect", "verify", "audit", "serve", "bench", "report",
+]
+
+
+def module_name(verb: str) -> str:
+    """The module of ``cli/`` that holds ``verb``."""
+    name = verb.replace("-", "_")
+    return name + "_" if keyword.iskeyword(name) else name
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     for verb in VERBS:
-        module = importlib.import_module(f"{__name__}.{verb}")
+        module = importlib.import_module(f"{__name__}.{module_name(verb)}")
         sub_parser = module.add_parser(sub)
         sub_parser.set_defaults(handler=module.run)
     return parser

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..config import DTYPES
+from .options import add_model_options
 
 
 def add_parser(sub):
@@ -12,10 +12,11 @@ def add_parser(sub):
         description="Load BASE, check the diff was made for it (fingerprint), write W + S into the targeted "
         "weights and save a model directory any transformers code can load. The base files are not modified.",
     )
-    p.add_argument("--model", required=True, help="base model: alias (e.g. smollm2-135m), local directory or HF id")
+    add_model_options(p)
     p.add_argument("--diff", required=True, metavar="DIR", help="diff directory")
     p.add_argument("--out", required=True, metavar="MERGED_DIR", help="where to write the merged model")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype to load the base in (default: float32)")
+    p.add_argument("--allow-unverified-base", action="store_true",
+                   help="also apply a diff that records no base fingerprint (logged as a warning; default: refuse it)")
     return p
 
 
@@ -24,7 +25,7 @@ def run(args) -> int:
     from ..loading import load_model, load_tokenizer, save_model_dir
 
     base = load_model(args.model, dtype=args.dtype)
-    merged = SparseModel.from_pretrained(base, args.diff).merge_and_unload()
+    merged = SparseModel.from_pretrained(base, args.diff, allow_unverified_base=args.allow_unverified_base).merge_and_unload()
     save_model_dir(merged, load_tokenizer(args.model, required=False), args.out)
     print(f"merged {args.diff} into {args.model} -> {args.out}")
     return 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..config import DTYPES
+from .options import add_model_options
 
 
 def add_parser(sub):
@@ -16,7 +16,7 @@ def add_parser(sub):
         "agreement and, for probes with a 'pair', how the gap between the pair's outputs changed (bias drift). "
         "Writes audit.json and audit.md. Exit 0 when every gate passes, 1 when one fails, 2 on bad input.",
     )
-    p.add_argument("--model", required=True, help="base model: alias, local directory or HF id")
+    add_model_options(p)
     p.add_argument("--diff", required=True, metavar="DIR", help="diff directory")
     p.add_argument("--probe", metavar="FILE.jsonl", help="probe set (default: the set shipped with sparseft)")
     p.add_argument("--max-kl", type=float, default=limits.max_kl,
@@ -26,13 +26,23 @@ def add_parser(sub):
     p.add_argument("--max-pair-drift", type=float, default=limits.max_pair_drift,
                    help=f"limit on the largest |change| of a pair's log-prob gap, nats (default {limits.max_pair_drift})")
     p.add_argument("--out", metavar="DIR", help="where to write audit.json and audit.md (default: DIFF_DIR-audit)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype to load the base in (default: float32)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default 8)")
     p.add_argument("--repro", action="store_true",
                    help="also re-run the diff's training from its recorded config and seed on CPU and check that "
                    "the tensor file has the recorded sha256 (or report which modules differ)")
     p.add_argument("--repro-data", metavar="FILE", help="training data for --repro when not at the recorded path")
     return p
+
+
+def check_inputs(args) -> None:
+    """The diff and the data files exist and the diff reads, before time goes into loading the model."""
+    from ..diffio import read_diff
+    from ..files import existing_data
+
+    read_diff(args.diff)
+    for path in (args.probe, args.repro_data):
+        if path:
+            existing_data(path)
 
 
 def run(args) -> int:
@@ -42,6 +52,7 @@ def run(args) -> int:
     from ..audit.report import Thresholds, write_report
     from ..loading import load_model, load_tokenizer
 
+    check_inputs(args)
     model = load_model(args.model, dtype=args.dtype)
     limits = Thresholds(args.max_kl, args.min_agreement, args.max_pair_drift)
     report = audit_diff(model, args.diff, args.probe, load_tokenizer(args.model, required=False), limits,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from ..config import DTYPES
+from .options import add_model_options
 
 
 def add_parser(sub):
@@ -17,15 +17,37 @@ def add_parser(sub):
         "label likelihoods; QA: exact match and F1; summarization: ROUGE-1/2/L). Metrics are fractions in "
         "[0, 1] in --json output and percentages in the table.",
     )
-    p.add_argument("--model", required=True, help="base model: alias (e.g. smollm2-135m), local directory or HF id")
-    p.add_argument("--diff", metavar="DIR", help="a sparse diff or a PEFT LoRA adapter directory (default: the base)")
-    p.add_argument("--task", required=True, choices=sorted(TASKS), help="task name")
+    add_model_options(p)
+    p.add_argument(
+        "--diff", metavar="DIR",
+        help="a sparse diff or a PEFT adapter directory (LoRA, SHiRA, ...; default: the base)",
+    )
+    p.add_argument(
+        "--task", required=True, metavar="TASK",
+        help=f"a task name ({', '.join(sorted(TASKS))}), a task file path/to/task.yaml (see docs/tasks.md), "
+        "or 'classification' with the flags below for a JSON Lines classification file",
+    )
+    inline = p.add_argument_group("--task classification (no task file needed)")
+    inline.add_argument("--labels", metavar="A,B,C", help="label words, comma-separated (default: the distinct labels of the data, sorted)")
+    inline.add_argument("--text-field", metavar="NAME", default="text", help="field of each row holding the text (default: text)")
+    inline.add_argument("--label-field", metavar="NAME", default="label", help="field of each row holding the label word (default: label)")
     p.add_argument("--data", required=True, metavar="PATH", help="data file in the task's format")
     p.add_argument("--limit", type=int, metavar="N", help="only the first N examples")
     p.add_argument("--batch-size", type=int, default=8, help="examples per forward pass (default: 8)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype to load the model in (default: float32)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return p
+
+
+def resolve_task(args):
+    """The task object for ``--task classification`` with its flags, else the name or file as given."""
+    from ..errors import ConfigError
+    from ..tasks import classification_from_flags
+
+    if args.task == "classification":
+        return classification_from_flags(args.labels, args.text_field, args.label_field)
+    if args.labels or args.text_field != "text" or args.label_field != "label":
+        raise ConfigError("--labels, --text-field and --label-field go with --task classification")
+    return args.task
 
 
 def run(args) -> int:
@@ -33,7 +55,7 @@ def run(args) -> int:
 
     result = run_eval(
         args.model,
-        args.task,
+        resolve_task(args),
         args.data,
         diff=args.diff,
         limit=args.limit,

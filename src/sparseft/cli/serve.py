@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import DTYPES
+from ..errors import ConfigError
+from .options import add_model_options
 
 
 def diff_spec(text: str) -> tuple[str, str]:
@@ -12,6 +13,12 @@ def diff_spec(text: str) -> tuple[str, str]:
     if not eq or not name or not path:
         raise argparse.ArgumentTypeError(f"expected NAME=DIR, got {text!r}")
     return name, path
+
+
+def positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
 
 
 def add_parser(sub):
@@ -22,22 +29,46 @@ def add_parser(sub):
         "name), a diff (NAME: its current version) or NAME@VERSION. Diffs can be loaded, unloaded and rolled back "
         "at run time under /admin/diffs; with --registry that state survives restarts. See docs/serving.md.",
     )
-    p.add_argument("--model", required=True, help="base model: alias (e.g. smollm2-135m), local directory or HF id")
+    add_model_options(p)
     p.add_argument("--diff", action="append", default=[], type=diff_spec, metavar="NAME=DIR",
                    help="load the diff in DIR under NAME at start-up (repeatable)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--registry", metavar="DIR", help="keep loaded diffs and versions in DIR across restarts")
     p.add_argument("--served-name", help="the base's name in requests (default: the --model argument)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype to load the base in (default: float32)")
     p.add_argument("--device", default="cpu", help="torch device for the model (default: cpu)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice; 1 helps on busy CPUs)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413 (default: 1 MiB)")
     p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for (default: 512)")
     p.add_argument("--max-prompt-tokens", type=int, help="longest prompt accepted (default: the model's context)")
     p.add_argument("--max-queue", type=int, default=256, help="queued requests beyond this get 503 (default: 256)")
+    p.add_argument("--strategy", choices=["auto", "merged", "mixed"], default="auto",
+                   help="merged: one request at a time, the diff merged on switch; mixed: continuous batching, each "
+                   "row adds its own diff unmerged; auto (default): continuous batching that merges the diff while "
+                   "every running request uses the same one, unmerged otherwise")
+    p.add_argument("--max-batch-size", type=positive_int, default=16,
+                   help="most requests decoded together by mixed/auto (default: 16)")
+    p.add_argument("--max-batch-tokens", type=positive_int,
+                   help="mixed/auto admit a request only while the running ones' prompt + max_tokens sum stays "
+                   "within this (default: no limit)")
     p.add_argument("--admin-token", help="require 'Authorization: Bearer TOKEN' on /admin routes")
+    ray = p.add_argument_group("scale-out on Ray Serve (pip install 'sparseft[ray]'; see docs/serving.md)")
+    ray.add_argument("--ray", action="store_true",
+                     help="serve with Ray Serve: --replicas copies of the base, each loading diffs on demand from "
+                     "--diff-dir, --registry (read only) or --diff; joins the cluster at RAY_ADDRESS if set")
+    # These default to None so that giving one without --ray is an error; RayOptions holds the real defaults.
+    ray.add_argument("--replicas", type=int, help="replicas, each holding the base (default: 2)")
+    ray.add_argument("--max-diffs-per-replica", type=int,
+                     help="diffs one replica keeps loaded; the least recently used is unloaded beyond it (default: 4)")
+    ray.add_argument("--diff-dir", metavar="DIR", help="a directory of diffs: a request for NAME loads DIR/NAME")
+    ray.add_argument("--replica-cpus", type=float, help="CPUs Ray reserves per replica (default: 1)")
+    p.add_argument("--allow-unverified-base", action="store_true",
+                   help="also serve diffs that record no base fingerprint (logged as a warning; default: refuse them)")
     return p
+
+
+RAY_ONLY = {"diff_dir": "--diff-dir", "replicas": "--replicas", "max_diffs_per_replica": "--max-diffs-per-replica",
+            "replica_cpus": "--replica-cpus"}
 
 
 def run(args) -> int:
@@ -45,13 +76,41 @@ def run(args) -> int:
 
     from ..serve import ServeLimits, build_app
 
+    limits = ServeLimits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens,
+                         max_prompt_tokens=args.max_prompt_tokens, max_queue=args.max_queue)
+    if args.ray:
+        return run_on_ray(args, limits)
+    check_no_ray_flags(args)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    limits = ServeLimits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens,
-                         max_prompt_tokens=args.max_prompt_tokens, max_queue=args.max_queue)
     app = build_app(args.model, args.diff, registry_dir=args.registry, served_name=args.served_name,
-                    dtype=args.dtype, device=args.device, limits=limits, admin_token=args.admin_token)
+                    dtype=args.dtype, device=args.device, limits=limits, admin_token=args.admin_token,
+                    strategy=args.strategy, max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
+                    allow_unverified_base=args.allow_unverified_base)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def check_no_ray_flags(args) -> None:
+    given = [flag for dest, flag in RAY_ONLY.items() if getattr(args, dest) is not None]
+    if given:
+        raise ConfigError(f"{', '.join(given)} only apply with --ray")
+
+
+def run_on_ray(args, limits) -> int:
+    """``sparseft serve --ray``: the same app on Ray Serve, until Ctrl-C."""
+    try:
+        from ..serve.ray_app import DiffSource, RayOptions, build_ray_app, run_ray
+
+        import ray.serve  # noqa: F401  (only to fail early, with the fix, when the extra is missing)
+    except ImportError as e:
+        raise ConfigError(f"--ray needs Ray Serve: pip install 'sparseft[ray]' ({e})") from e
+    given = {dest: getattr(args, dest) for dest in RAY_ONLY if dest != "diff_dir" and getattr(args, dest) is not None}
+    options = RayOptions(**given, threads=args.threads)
+    source = DiffSource(named=dict(args.diff), root=args.diff_dir, registry_dir=args.registry)
+    app = build_ray_app(args.model, source, served_name=args.served_name, dtype=args.dtype, device=args.device,
+                        limits=limits, admin_token=args.admin_token, options=options)
+    run_ray(app, args.host, args.port)
     return 0

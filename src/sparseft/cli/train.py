@@ -2,42 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import os
 
 from ..config import DTYPES
-
-
-class TrainConfigDefaults(argparse.HelpFormatter):
-    """Help that ends each flag with the TrainConfig default it falls back to.
-
-    The flags themselves default to None ("not given"), so values from --config are not overridden;
-    argparse's ArgumentDefaultsHelpFormatter would print that None after every flag. TrainConfig is
-    imported only when help is shown.
-    """
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        default = config_default(action.dest)
-        if action.nargs == 0 or default in (None, "", []) or not action.option_strings:
-            return text  # switches, and fields whose absence the help text explains
-        if isinstance(default, list):
-            default = ", ".join(default)
-        return f"{text} (default: {default})".replace("%", "%%")
-
-
-def config_default(name: str):
-    from ..training.config import TrainConfig
-
-    for f in dataclasses.fields(TrainConfig):
-        if f.name == name:
-            return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-    return None
+from .options import TrainConfigDefaults, add_model_options
 
 
 def add_parser(sub):
+    from ..methods import get_method, training_methods
+
     p = sub.add_parser(
         "train",
         help="fine-tune a model on a JSONL/CSV/datasets file; saves a sparse diff (or full model / LoRA adapter)",
@@ -50,10 +24,12 @@ def add_parser(sub):
         argument_default=None,
     )
     p.add_argument("--config", metavar="YAML", help="TrainConfig fields as YAML (flags override them)")
-    p.add_argument("--model", help="base model: alias (e.g. smollm2-135m), local directory or HF id")
+    add_model_options(p, required=False, dtype_default=None)
     p.add_argument("--data", metavar="FILE", help="rows {prompt, completion} or {messages}: .jsonl, .csv, .parquet, .arrow or a datasets dir")
     p.add_argument("--out", metavar="DIR", help="output directory")
-    p.add_argument("--method", choices=["sparse", "full", "lora"], help="what to train")
+    methods = training_methods()
+    p.add_argument("--method", choices=methods, help="what to train: " + "; ".join(
+        f"{name}: {get_method(name).help}" for name in methods))
     sel = p.add_argument_group("selection (sparse)")
     sel.add_argument("--density", type=float, help="share of targeted entries to train")
     sel.add_argument("--num-params", type=int, help="exact number of entries to train (instead of --density)")
@@ -62,6 +38,8 @@ def add_parser(sub):
     sel.add_argument("--masks", metavar="DIFF_OR_FILE", help="train exactly the entries of this diff dir or mask file (its selection settings are recorded)")
     sel.add_argument("--target-modules", help="comma-separated module names")
     sel.add_argument("--calibration-batches", type=int, help="batches a data scorer looks at")
+    sel.add_argument("--scorer-weights", metavar="NAME=W,...",
+                     help="weights of the parts of the combined scorer, e.g. gradient=0.5,fisher=0.5")
     sel.add_argument("--value-dtype", choices=list(DTYPES), help="dtype of saved values")
     dyn = p.add_argument_group(
         "dynamic re-selection (sparse)",
@@ -94,7 +72,6 @@ def add_parser(sub):
     run.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
                      help="continue from a checkpoint dir (no value: the newest under --out/checkpoints)")
     run.add_argument("--no-progress", dest="progress", action="store_const", const=False, help="no progress bar")
-    run.add_argument("--dtype", choices=list(DTYPES), help="dtype to load the base in")
     run.add_argument("--device", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     run.add_argument("--precision", choices=["auto", "bf16", "fp32"],
                      help="auto: bf16 autocast on CUDA, fp32 on CPU")

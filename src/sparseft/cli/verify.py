@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from ..config import DTYPES
+from .options import add_model_options
 
 
 def add_parser(sub):
@@ -16,8 +16,7 @@ def add_parser(sub):
         "Without --model only the integrity checks run.",
     )
     p.add_argument("--diff", required=True, metavar="DIR", help="diff directory")
-    p.add_argument("--model", help="base model (alias, local directory or HF id) for the shape and fingerprint checks")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype to load the base in (default: float32)")
+    add_model_options(p, required=False, what="base model for the shape and fingerprint checks")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
     return p
 

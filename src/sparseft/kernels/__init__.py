@@ -52,7 +52,7 @@ def sampled_weight_grad(
     backend = resolve_backend(backend, grad_out.device, density)
     if backend == "triton":
         return sampled_weight_grad_triton(grad_out, x, indices)
-    return sampled_weight_grad_torch(grad_out, x, indices, method=backend)
+    return sampled_weight_grad_torch(grad_out, x, indices, backend=backend)
 
 
 __all__ = [

@@ -110,15 +110,15 @@ def sddmm_csr(
     return torch.empty_like(sampled).index_copy_(0, order, sampled)
 
 
-def estimated_seconds(method: str, num_tokens: int, n_out: int, n_in: int, k: int) -> float:
+def estimated_seconds(backend: str, num_tokens: int, n_out: int, n_in: int, k: int) -> float:
     """The cost model behind ``choose_method`` (CPU, one thread)."""
-    if method == "dense_gather":
+    if backend == "dense_gather":
         return GEMM_S * num_tokens * n_out * n_in
-    if method == "sddmm_columns":
+    if backend == "sddmm_columns":
         return COLUMN_GATHER_S * num_tokens * k
-    if method == "sddmm_csr":
+    if backend == "sddmm_csr":
         return TRANSPOSE_S * num_tokens * (n_out + n_in) + CSR_DOT_S * num_tokens * k
-    raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    raise ValueError(f"unknown backend {backend!r}; choose one of {METHODS}")
 
 
 def choose_method(num_tokens: int, n_out: int, n_in: int, k: int) -> str:
@@ -131,15 +131,15 @@ def choose_method(num_tokens: int, n_out: int, n_in: int, k: int) -> str:
 
 
 def sampled_weight_grad_torch(
-    grad_out: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, method: str = "auto"
+    grad_out: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, backend: str = "auto"
 ) -> torch.Tensor:
     """Entries ``indices`` (flat, row-major) of dW = grad_outᵀ · x, for grad_out [T, out] and x [T, in]."""
-    if method == "auto":
-        method = choose_method(grad_out.shape[0], grad_out.shape[1], x.shape[1], indices.numel())
-    if method == "dense_gather":
+    if backend == "auto":
+        backend = choose_method(grad_out.shape[0], grad_out.shape[1], x.shape[1], indices.numel())
+    if backend == "dense_gather":
         return dense_gather(grad_out, x, indices)
-    if method == "sddmm_columns":
+    if backend == "sddmm_columns":
         return sddmm_columns(grad_out, x, indices)
-    if method == "sddmm_csr":
+    if backend == "sddmm_csr":
         return sddmm_csr(grad_out, x, indices)
-    raise ValueError(f"unknown method {method!r}; choose 'auto' or one of {METHODS}")
+    raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {METHODS}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -40,6 +41,8 @@ from .protocol import (
     new_id,
 )
 from .registry import DiffRegistry, DiffVersion
+
+log = logging.getLogger(__name__)
 
 KNOWN_PATHS = {"/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics", "/admin/diffs"}
 
@@ -131,6 +134,42 @@ class BodyLimit:
         )
 
 
+def endpoint_label(path: str) -> str:
+    """The ``endpoint`` label of a path: known routes by name, anything else as "other" (bounded cardinality)."""
+    return path if path in KNOWN_PATHS else "other"
+
+
+class CountErrors:
+    """ASGI middleware around everything else: every response with an error status is counted in
+    ``request_errors``, whoever answered it (a route, BodyLimit's 413, FastAPI itself), and an exception
+    no handler took is answered with a JSON 500 in OpenAI's shape, not Starlette's plain-text one."""
+
+    def __init__(self, app, metrics: ServeMetrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def counting_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                if message["status"] >= 400:
+                    self.metrics.request_errors.labels(endpoint_label(scope["path"]), str(message["status"])).inc()
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        except Exception as e:
+            if started:  # the response is under way; nothing else can be sent
+                raise
+            log.exception("unhandled error answering %s %s", scope.get("method"), scope["path"])
+            error = APIError(500, f"internal error: {type(e).__name__}: {e}", "server_error", "internal_error")
+            await JSONResponse(error.body(), status_code=500)(scope, receive, counting_send)
+
+
 @dataclass
 class ServeContext:
     """What every route shares: the engine, the registry, the base's served name and the limits.
@@ -175,9 +214,7 @@ def serve_context(request: Request) -> ServeContext:
 
 
 def answer(request: Request, error: APIError) -> JSONResponse:
-    """The error in OpenAI's shape, counted in ``request_errors``."""
-    path = request.url.path if request.url.path in KNOWN_PATHS else "other"
-    serve_context(request).metrics.request_errors.labels(path, str(error.status)).inc()
+    """The error in OpenAI's shape (``CountErrors`` counts it in ``request_errors``)."""
     return JSONResponse(error.body(), status_code=error.status)
 
 
@@ -192,7 +229,9 @@ async def on_sparseft_error(request: Request, e: SparseFTError):
 async def on_invalid_body(request: Request, e: RequestValidationError):
     problems = e.errors()
     first = problems[0] if problems else {}
-    where = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or "body"
+    # Leave out pydantic's validator and union-branch labels ("function-after[...]", "list[int]").
+    parts = [str(p) for p in first.get("loc", ()) if p != "body" and not any(c in str(p) for c in "[(")]
+    where = ".".join(parts) or "body"
     message = f"invalid request body: {where}: {first.get('msg', 'malformed')}"
     if len(problems) > 1:
         message += f" (and {len(problems) - 1} more problem(s))"
@@ -411,6 +450,7 @@ def create_app(
 
     app = FastAPI(title="sparseft serve", lifespan=lifespan)
     app.add_middleware(BodyLimit, max_bytes=ctx.limits.max_body_bytes)
+    app.add_middleware(CountErrors, metrics=ctx.metrics)  # added last: outermost, so it sees BodyLimit's 413 too
     app.state.serve = ctx
     app.state.engine, app.state.registry, app.state.base_name = engine, registry, base_name
     app.add_exception_handler(APIError, on_api_error)

@@ -30,9 +30,8 @@ import torch
 from torch import nn
 
 from ..delta import MergedEntries, round_values
-from ..diffio import SparseDiff, check_against_model, fingerprint
+from ..diffio import SparseDiff, check_against_model, fingerprint, target_weights
 from ..errors import ServerBusyError
-from ..targets import find_targets
 from .decoding import Completion, SamplingParams, generate
 from .metrics import ServeMetrics
 from .registry import DiffVersion, Entries
@@ -78,8 +77,10 @@ class Engine:
         >>> engine.complete(registry.load("support", "diffs/support"), ids, SamplingParams(max_tokens=8))  # doctest: +SKIP
     """
 
-    def __init__(self, model: nn.Module, tokenizer, metrics: ServeMetrics | None = None, max_queue: int = 256):
+    def __init__(self, model: nn.Module, tokenizer, metrics: ServeMetrics | None = None, max_queue: int = 256,
+                 allow_unverified_base: bool = False):
         self.model = model.eval()
+        self.allow_unverified_base = allow_unverified_base  # serve diffs that record no base fingerprint
         for param in model.parameters():
             param.requires_grad_(False)
         self.tokenizer = tokenizer
@@ -101,9 +102,9 @@ class Engine:
     def validated_entries(self, diff: SparseDiff, where: str) -> Entries:
         """Check ``diff`` fits the served base (modules, shapes, fingerprint) and return its entries
         on the model's device in the weights' dtype. Raises the diffio errors for a wrong diff."""
-        targets = find_targets(self.model, diff.config.target_modules)
-        weights = {name: layer.weight for name, layer in targets.items()}
-        check_against_model(diff, weights, where, fingerprint_of=self.base_fingerprint)
+        weights = target_weights(self.model, diff.config)
+        check_against_model(diff, weights, where, fingerprint_of=self.base_fingerprint,
+                            allow_unverified_base=self.allow_unverified_base)
         entries = {}
         for name, indices in diff.masks.items():
             w = weights[name]

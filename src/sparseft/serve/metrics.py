@@ -44,6 +44,8 @@ class ServeMetrics:
         )
         self.queue_depth = Gauge("sparseft_queue_depth", "Requests waiting for the worker", registry=self.registry)
         self.diff_versions = Gauge("sparseft_diff_versions_loaded", "Diff versions held in memory", registry=self.registry)
+        self.batch_rows = Gauge("sparseft_batch_rows", "Requests in the running batch (batching strategies)",
+                                registry=self.registry)
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""

@@ -4,13 +4,34 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from .decoding import Completion
 
 # ------------------------------------------------------------------ requests
+
+# Below this a sampling temperature turns the model's logits into inf/nan probabilities (logits / T
+# overflows float32); 0 asks for greedy decoding, which is what such a temperature means anyway.
+MIN_TEMPERATURE = 1e-3
+# The seeds torch.manual_seed accepts.
+SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
+def encodable(text: str) -> str:
+    """``text`` when it is valid Unicode: JSON may carry a lone surrogate (``"\\ud800"``), which no
+    tokenizer or file can take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"text must be valid Unicode; it holds {text[e.start:e.end]!r} at position {e.start}") from None
+    if "\x00" in text:
+        raise ValueError(f"text must not hold a NUL character (at position {text.index(chr(0))})")
+    return text
+
+
+Text = Annotated[str, AfterValidator(encodable)]
 
 
 class SamplingFields(BaseModel):
@@ -18,13 +39,20 @@ class SamplingFields(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    model: str = Field(min_length=1)
+    model: Text = Field(min_length=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=1, description="one choice per request")
     stream: bool = False
-    stop: str | list[str] | None = Field(None)
-    seed: int | None = None
+    stop: Text | list[Text] | None = Field(None)
+    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+
+    @field_validator("temperature")
+    @classmethod
+    def sampling_or_greedy(cls, value: float) -> float:
+        if 0.0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {value!r}")
+        return value
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -33,18 +61,18 @@ class SamplingFields(BaseModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[int]
+    prompt: Text | list[int]
     max_tokens: int = Field(16, ge=1)  # OpenAI's default for /v1/completions
 
 
 class TextPart(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[TextPart]
+    content: Text | list[TextPart]
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -61,8 +89,8 @@ class ChatCompletionRequest(SamplingFields):
 
 class LoadDiffRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str
-    path: str
+    name: Text
+    path: Text
 
 
 class RollbackRequest(BaseModel):

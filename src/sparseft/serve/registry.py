@@ -74,13 +74,17 @@ def content_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+VERSION_PATTERN = re.compile(r"[0-9]{1,12}")
+
+
 def parse_model_id(model_id: str) -> tuple[str, int | None]:
     """``"name"`` -> (name, None); ``"name@3"`` -> (name, 3)."""
     name, at, version = model_id.partition("@")
     if not at:
         return name, None
-    if not version.isdigit():
-        raise UnknownDiffError(f"model {model_id!r}: the part after '@' must be a version number, got {version!r}")
+    if not VERSION_PATTERN.fullmatch(version):  # str.isdigit() would take '²' and then int() fails
+        # Malformed, not merely unknown: the client's request is wrong (400, where an unknown version is 404).
+        raise DiffRegistryError(f"model {model_id!r}: the part after '@' must be a version number, got {version!r}")
     return name, int(version)
 
 

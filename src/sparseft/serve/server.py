@@ -7,6 +7,7 @@ import os
 from ..errors import ModelNotFoundError
 from ..loading import load_model, load_tokenizer
 from .app import ServeLimits, create_app
+from .batching import BatchingEngine
 from .engine import Engine
 from .metrics import ServeMetrics
 from .registry import DiffRegistry
@@ -21,6 +22,10 @@ def build_app(
     device: str = "cpu",
     limits: ServeLimits | None = None,
     admin_token: str | None = None,
+    strategy: str = "auto",
+    max_batch_size: int = 16,
+    max_batch_tokens: int | None = None,
+    allow_unverified_base: bool = False,
 ):
     """Load the base and its tokenizer, restore the registry, load ``diffs`` (NAME, DIR), return the app.
 
@@ -34,9 +39,30 @@ def build_app(
         tokenizer = load_tokenizer(model)
     except ModelNotFoundError as e:  # load_tokenizer already names the path and the cause
         raise ModelNotFoundError(f"{e}; serving needs one next to the model") from e
-    engine = Engine(base, tokenizer, ServeMetrics(), max_queue=limits.max_queue)
+    engine = make_engine(base, tokenizer, ServeMetrics(), limits.max_queue, strategy, max_batch_size, max_batch_tokens,
+                         allow_unverified_base)
     base_name = served_name or str(model)
     registry = DiffRegistry(engine.validated_entries, reserved_names=(base_name,), directory=registry_dir)
     for name, path in diffs:
         registry.ensure(name, path)
     return create_app(engine, registry, base_name, limits, admin_token)
+
+
+STRATEGIES = ("auto", "merged", "mixed")
+
+
+def make_engine(model, tokenizer, metrics: ServeMetrics, max_queue: int, strategy: str = "auto",
+                max_batch_size: int = 16, max_batch_tokens: int | None = None,
+                allow_unverified_base: bool = False) -> Engine:
+    """The engine for ``strategy``: ``merged`` (one request at a time, merge on switch) or a batching one.
+
+    ``mixed``: continuous batching, every row unmerged with its own diff. ``auto``: continuous
+    batching that merges the diff when every row of a step uses the same one, unmerged otherwise.
+    """
+    if strategy == "merged":
+        return Engine(model, tokenizer, metrics, max_queue=max_queue, allow_unverified_base=allow_unverified_base)
+    if strategy in ("auto", "mixed"):
+        return BatchingEngine(model, tokenizer, metrics, max_queue=max_queue, strategy=strategy,
+                              max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens,
+                              allow_unverified_base=allow_unverified_base)
+    raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")

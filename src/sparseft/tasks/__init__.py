@@ -1,6 +1,7 @@
 """Task registry: a task is a prompt format, a data loader and a metric (see ``tasks.base.Task``).
 
-Adding a task: one instance (or a new family module) plus one ``register_task`` line.
+Adding a task: one instance (or a new family module) plus one ``register_task`` line, or, without
+Python, a YAML task file (``tasks.taskfile``) whose path ``get_task`` takes in place of a name.
 
 Example:
     >>> task = get_task("sst2")
@@ -19,6 +20,7 @@ from .base import Task, completion_text, render_prompt
 from .classification import ClassificationTask, read_labelled_jsonl, read_sst2_tsv
 from .qa import QATask
 from .summarization import SummarizationTask
+from .taskfile import classification_from_flags, load_task_file, looks_like_task_file
 
 TASKS: dict[str, Task] = {}
 
@@ -33,8 +35,13 @@ def register_task(task: Task) -> Task:
 
 
 def get_task(name: str) -> Task:
+    """A registered task by name, or the task a YAML task file declares (a path ending in .yaml/.yml)."""
+    if looks_like_task_file(name):
+        return load_task_file(name)
     if name not in TASKS:
-        raise ConfigError(f"unknown task {name!r}; available: {', '.join(sorted(TASKS))}")
+        raise ConfigError(
+            f"unknown task {name!r}; available: {', '.join(sorted(TASKS))}, or a task file path/to/task.yaml"
+        )
     return TASKS[name]
 
 
@@ -70,8 +77,10 @@ __all__ = [
     "QATask",
     "SummarizationTask",
     "Task",
+    "classification_from_flags",
     "completion_text",
     "get_task",
+    "load_task_file",
     "register_task",
     "render_prompt",
 ]

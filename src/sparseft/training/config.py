@@ -9,16 +9,19 @@ from typing import Any
 
 import yaml
 
-from ..config import ALLOCATIONS, LLAMA_PROJECTIONS, VALUE_DTYPES, SparseConfig, convert_fields
+from ..config import SparseConfig, convert_fields
 from ..errors import ConfigError
+from ..methods import get_method, training_methods
 from ..quantize import check_scheme
 from .sharding import check_fsdp_config
 
-METHODS = ("sparse", "full", "lora")
 PRECISIONS = ("auto", "bf16", "fp32")
 # Fields that say where a run goes or how it is resumed, not what it computes: left out of provenance
 # so that two identical runs into different directories record the same provenance.
 LOCATION_FIELDS = ("out", "resume", "progress")
+# The selection fields, given flat (``density: 0.01``, ``--density``) or under ``selection:``. ``seed`` is
+# not one of them: TrainConfig's one seed seeds selection, data order and initialisation alike.
+SELECTION_FIELDS = tuple(f.name for f in dataclasses.fields(SparseConfig) if f.name != "seed")
 
 
 @dataclass
@@ -26,16 +29,17 @@ class TrainConfig:
     """A training run.
 
     Example:
-        >>> cfg = TrainConfig(model="smollm2-135m", data="train.jsonl", out="runs/sst2", density=0.01, steps=100)
-        >>> cfg.method
-        'sparse'
+        >>> cfg = TrainConfig.from_dict(dict(model="smollm2-135m", data="train.jsonl", out="runs/sst2", density=0.05))
+        >>> cfg.method, cfg.selection.density
+        ('sparse', 0.05)
 
     Fields (besides the obvious ones):
-        method: ``sparse`` (train k entries, save a diff), ``full`` (all weights, save an HF model
-            directory) or ``lora`` (peft LoRA adapter).
-        density / num_params / scorer / allocation / target_modules / calibration_batches /
-            value_dtype: as in :class:`sparseft.SparseConfig` (sparse runs; ``target_modules`` also
-            sets where LoRA goes).
+        method: a registered method (:mod:`sparseft.methods`): ``sparse`` (train k entries, save a
+            diff), ``full`` (all weights, save an HF model directory) or ``lora`` (peft LoRA adapter).
+        selection: a :class:`sparseft.SparseConfig` (density / num_params / scorer / allocation /
+            target_modules / calibration_batches / scorer_weights / value_dtype) for sparse runs;
+            ``target_modules`` also sets where LoRA goes. ``from_dict``, YAML files and CLI flags take
+            these fields flat too (``density: 0.05`` or ``selection: {density: 0.05}``); its seed is ``seed``.
         masks: a saved masks/diff file to train exactly those entries (instead of selecting).
         reselect_every / reselect_fraction: dynamic re-selection (sparse runs): every N steps each
             module swaps its smallest-|value| entries for the largest-|gradient| ones outside its
@@ -68,14 +72,8 @@ class TrainConfig:
     out: str = ""
     method: str = "sparse"
     # selection
-    density: float | None = 0.01
-    num_params: int | None = None
-    scorer: str = "random"
-    allocation: str = "proportional"
+    selection: SparseConfig = field(default_factory=SparseConfig)
     masks: str | None = None
-    target_modules: list[str] = field(default_factory=lambda: list(LLAMA_PROJECTIONS))
-    calibration_batches: int = 8
-    value_dtype: str = "bfloat16"
     reselect_every: int | None = None
     reselect_fraction: float = 0.1
     # optimisation
@@ -109,13 +107,14 @@ class TrainConfig:
     quantize: str | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.target_modules, str):
-            self.target_modules = [t.strip() for t in self.target_modules.split(",") if t.strip()]
+        if not isinstance(self.selection, SparseConfig):
+            raise ConfigError(f"selection must be a SparseConfig (or a mapping of its fields in from_dict), "
+                              f"got {type(self.selection).__name__}")
         convert_fields(self)  # numbers from YAML may be strings (``lr: 1e-3``); store the declared types
+        self.selection = dataclasses.replace(self.selection, seed=self.seed)
+        trainable = training_methods()
         checks = [
-            (self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}"),
-            (self.allocation in ALLOCATIONS, f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}"),
-            (self.value_dtype in VALUE_DTYPES, f"value_dtype must be one of {VALUE_DTYPES}, got {self.value_dtype!r}"),
+            (self.method in trainable, f"method must be one of {tuple(trainable)}, got {self.method!r}"),
             (self.steps is None or self.steps >= 1, f"steps must be >= 1, got {self.steps!r}"),
             (self.epochs > 0, f"epochs must be > 0, got {self.epochs!r}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr!r}"),
@@ -133,19 +132,20 @@ class TrainConfig:
             if not ok:
                 raise ConfigError(message)
         self.check_reselection()
+        get_method(self.method).validate(self)
         if self.fsdp:
             check_fsdp_config(self.method, self.reselecting)
         if self.quantize is not None:
             self.check_quantize()
-        if self.method == "sparse" and self.masks is None:
-            self.sparse_config()  # validates density / num_params / scorer fields early
 
     def check_reselection(self) -> None:
         # Types are settled by convert_fields (an int or None, a float); only the ranges are checked here.
         every = self.reselect_every
         check_reselect_ranges(every, self.reselect_fraction)
-        if every and self.method != "sparse":
-            raise ConfigError(f"reselect_every applies to sparse runs only (it moves a sparse mask), not method={self.method!r}")
+        if every and not get_method(self.method).reselects:
+            movers = [name for name in training_methods() if get_method(name).reselects]
+            raise ConfigError(f"reselect_every applies to {'/'.join(movers)} runs only (it moves a sparse mask), "
+                              f"not method={self.method!r}")
 
     def check_quantize(self) -> None:
         check_scheme(self.quantize)
@@ -162,17 +162,8 @@ class TrainConfig:
     # ------------------------------------------------------------ derived
 
     def sparse_config(self) -> SparseConfig:
-        """The selection part of this run as a SparseConfig (what the diff records)."""
-        return SparseConfig(
-            density=self.density,
-            num_params=self.num_params,
-            target_modules=list(self.target_modules),
-            scorer=self.scorer,
-            allocation=self.allocation,
-            calibration_batches=self.calibration_batches,
-            value_dtype=self.value_dtype,
-            seed=self.seed,
-        )
+        """The selection part of this run (what the diff records), a copy the caller may change."""
+        return SparseConfig.from_dict(self.selection.to_dict())
 
     def provenance_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.to_dict().items() if k not in LOCATION_FIELDS}
@@ -180,15 +171,28 @@ class TrainConfig:
     # ------------------------------------------------------------ (de)serialisation
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The flat form, as flags and YAML files spell it: the selection fields at the top level, in the
+        order they always had (what train_config.yaml, provenance and checkpoints record)."""
+        flat: dict[str, Any] = {}
+        for name, value in dataclasses.asdict(self).items():
+            if name == "selection":
+                flat.update({k: value[k] for k in SELECTION_FIELDS})
+            else:
+                flat[name] = value
+        return flat
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
+        """A TrainConfig from its fields, the selection ones flat (``density: 0.05``), nested
+        (``selection: {density: 0.05}``) or both (a field may not be given both ways)."""
         data = {k.replace("-", "_"): v for k, v in data.items()}
-        unknown = sorted(set(data) - known)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known - set(SELECTION_FIELDS))
         if unknown:
-            raise ConfigError(f"unknown TrainConfig field(s) {unknown}; known fields: {sorted(known)}")
+            raise ConfigError(f"unknown TrainConfig field(s) {unknown}; known fields: "
+                              f"{sorted((known - {'selection'}) | set(SELECTION_FIELDS))} and 'selection'")
+        data["selection"] = selection_config({k: data.pop(k) for k in SELECTION_FIELDS if k in data},
+                                             data.get("selection"))
         return cls(**data)
 
     def to_yaml(self, path: str | Path) -> None:
@@ -211,24 +215,72 @@ class TrainConfig:
             raise ConfigError(f"{path}: not valid YAML ({e})") from e
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of TrainConfig fields, got {type(data).__name__}")
-        given = {k: v for k, v in overrides.items() if v is not None}
+        given = {k.replace("-", "_"): v for k, v in overrides.items() if v is not None}
+        nested = data.get("selection")
+        if isinstance(nested, dict):  # a flag wins over the file's value, given flat or under selection
+            data["selection"] = {k: v for k, v in nested.items() if str(k).replace("-", "_") not in given}
         data.update(given)
         try:
             return cls.from_dict(data)
         except ConfigError as e:
-            # Every field check's message starts with the field's name.
-            name = str(e).split(" ", 1)[0]
+            # Every field check's message starts with the field's name (``scorer_weights.fisher ...`` for a part).
+            name = str(e).split(" ", 1)[0].split(".", 1)[0]
             if name in lines and name not in given:
                 raise ConfigError(f"{path}:line {lines[name]}: {e}") from e
             raise
 
 
+def selection_config(flat: dict[str, Any], nested: Any) -> SparseConfig:
+    """The run's SparseConfig from selection fields given flat and/or under ``selection:``."""
+    if isinstance(nested, SparseConfig):
+        nested = {k: v for k, v in nested.to_dict().items() if k != "seed"}
+    if nested is None:
+        nested = {}
+    if not isinstance(nested, dict):
+        raise ConfigError(f"selection must be a mapping of SparseConfig fields, got {type(nested).__name__}")
+    nested = {str(k).replace("-", "_"): v for k, v in nested.items()}
+    if "seed" in nested:
+        raise ConfigError("selection.seed: give seed at the top level; it seeds selection, data order and "
+                          "initialisation alike")
+    both = sorted(set(flat) & set(nested))
+    if both:
+        raise ConfigError(f"{both[0]} is given both at the top level and under selection; give it once")
+    values = {**nested, **flat}
+    if isinstance(values.get("target_modules"), str):
+        values["target_modules"] = [t.strip() for t in values["target_modules"].split(",") if t.strip()]
+    if isinstance(values.get("scorer_weights"), str):
+        values["scorer_weights"] = parse_scorer_weights(values["scorer_weights"])
+    if "scorer_weights" in values and not isinstance(values["scorer_weights"], dict):
+        raise ConfigError(f"scorer_weights must be a mapping of scorer: weight (e.g. {{gradient: 0.5, fisher: 0.5}}), "
+                          f"got {values['scorer_weights']!r}")
+    return SparseConfig.from_dict(values)
+
+
+def parse_scorer_weights(text: str) -> dict[str, float]:
+    """``"gradient=0.5,fisher=0.5"`` -> ``{"gradient": 0.5, "fisher": 0.5}`` (the ``--scorer-weights`` syntax)."""
+    weights: dict[str, Any] = {}
+    for part in (p.strip() for p in text.split(",")):
+        name, sep, value = part.partition("=")
+        if not sep or not name.strip():
+            raise ConfigError(f"scorer_weights must be NAME=WEIGHT pairs separated by commas "
+                              f"(e.g. gradient=0.5,fisher=0.5), got {text!r}")
+        weights[name.strip()] = value.strip()
+    return weights  # the weights become floats (or a ConfigError naming the part) in SparseConfig
+
+
 def key_lines(text: str) -> dict[str, int]:
-    """``{field: 1-based line}`` of the top-level keys of a YAML mapping (``-`` in keys read as ``_``)."""
+    """``{field: 1-based line}`` of the top-level keys of a YAML mapping (``-`` in keys read as ``_``),
+    and of the keys under ``selection:`` (the selection fields may be given either way)."""
     node = yaml.compose(text)
     if not isinstance(node, yaml.MappingNode):
         return {}
-    return {str(key.value).replace("-", "_"): key.start_mark.line + 1 for key, _ in node.value}
+    lines = {}
+    for key, value in node.value:
+        name = str(key.value).replace("-", "_")
+        lines[name] = key.start_mark.line + 1
+        if name == "selection" and isinstance(value, yaml.MappingNode):
+            lines.update({str(k.value).replace("-", "_"): k.start_mark.line + 1 for k, _ in value.value})
+    return lines
 
 
 def check_reselect_ranges(every: int | None, fraction: float) -> None:

@@ -1,7 +1,7 @@
 """``run_training``: the whole job, read top to bottom.
 
-load model + tokenizer → read and validate all data (nothing written yet) → choose the trainable
-parameters (sparse masks, all weights, or LoRA) → optimizer (+ checkpoint on resume) → train loop →
+load model + tokenizer → read and validate all data (nothing written yet) → the method prepares the
+trainable parameters (sparse masks, all weights, or LoRA; see ``sparseft.methods``) → optimizer (+ checkpoint on resume) → train loop →
 save the artifact and train_config.yaml (with metrics.jsonl and checkpoints) into ``out`` atomically.
 """
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,17 +18,12 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
-from ..atomic import atomic_dir, atomic_file
-from ..config import SparseConfig
-from ..diffio import CONFIG_NAME, read_diff
+from ..atomic import atomic_dir, atomic_file, link_into, recover_dir, remove_leftovers
 from ..errors import ConfigError
-from ..model import SparseModel, get_sparse_model
-from ..loading import load_model, load_tokenizer
+from ..files import existing_data
+from ..loading import load_model, load_tokenizer, pad_token_id
+from ..methods import get_method
 from ..quantize import quantize_sparse_model
-from ..selection import read_mask_file, select
-from ..selection.scorers import get_scorer
-from ..loading import pad_token_id
-from .baselines import lora_rank_matching, prepare_full, prepare_lora, save_full, save_lora, sparse_budget
 from .checkpoint import (
     CHECKPOINTS_DIR,
     Checkpoint,
@@ -39,7 +33,7 @@ from .checkpoint import (
     restore_checkpoint,
 )
 from .config import TrainConfig
-from .data import Example, calibration_batches, data_sha256, load_examples
+from .data import data_sha256, load_examples
 from .sharding import shard_sparse_model
 from .loop import METRICS_NAME, Distributed, LoopStats, make_optimizer, setup_distributed, train_loop, trainable_parameters
 
@@ -81,6 +75,7 @@ def run_training(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=Non
     if not cfg.out or not cfg.data:
         raise ConfigError("a training run needs data (--data FILE) and an output directory (--out DIR)")
     out = Path(cfg.out)
+    existing_data(cfg.data)  # before the model loads: a typo is reported at once
     dist = setup_distributed(cfg.device)
     try:
         if model is None:
@@ -93,7 +88,7 @@ def run_training(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=Non
         ckpt = resume_checkpoint(cfg, out, info, total_steps)
         torch.manual_seed(cfg.seed)
         model.to(dist.device)  # before selection, so data scorers run on the accelerator
-        model, masks, extra = prepare_method(cfg, model, examples, pad_token_id(tokenizer), ckpt)
+        model, masks, extra = get_method(cfg.method).prepare(cfg, model, examples, pad_token_id(tokenizer), ckpt)
         if cfg.quantize:
             model = quantize_sparse_model(model, cfg.quantize)  # selected on the full-precision base
         model.to(dist.device)
@@ -108,6 +103,8 @@ def run_training(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=Non
                            start_step=ckpt.step if ckpt else 0, out=out, masks=masks, run_info=info)
         if dist.is_main:
             publish(out, lambda path: save_artifact(cfg, model, tokenizer, path, total_steps), cfg)
+            if ckpt is not None:  # an interrupted publish may have left staging copies; this run replaced them
+                remove_leftovers(out)
         if dist.enabled:
             torch_dist.barrier()
         return make_result(cfg, out, model, stats, total_steps, extra)
@@ -158,6 +155,7 @@ def resume_checkpoint(cfg: TrainConfig, out: Path, info: dict[str, Any], total_s
     same settings, and steps left to train (else the checkpoint would be published as the final result)."""
     if not cfg.resume:
         return None
+    recover_dir(out)  # a crash between publish's two renames left out/ set aside
     path = latest_checkpoint(out) if cfg.resume == "latest" else Path(cfg.resume)
     if path is None:
         raise ConfigError(f"--resume latest: no checkpoint under {out / CHECKPOINTS_DIR}")
@@ -168,52 +166,6 @@ def resume_checkpoint(cfg: TrainConfig, out: Path, info: dict[str, Any], total_s
         raise ConfigError(f"{path}: the checkpoint is at step {ckpt.step}, and this run has {total_steps} steps in "
                           f"all, so there is nothing left to train; resume with --steps greater than {ckpt.step}")
     return ckpt
-
-
-def prepare_method(
-    cfg: TrainConfig, model: nn.Module, examples: list[Example], pad_id: int, ckpt: Checkpoint | None
-) -> tuple[nn.Module, dict[str, torch.Tensor] | None, dict[str, Any]]:
-    """The model to train, the sparse masks (sparse runs) and facts worth reporting."""
-    if cfg.method == "full":
-        return prepare_full(model), None, {}
-    if cfg.method == "lora":
-        rank = cfg.lora_rank
-        if cfg.lora_match_sparse:
-            rank = lora_rank_matching(model, cfg.target_modules, sparse_budget(model, cfg.sparse_config()))
-        return prepare_lora(model, cfg.target_modules, rank, cfg.lora_alpha, cfg.seed), None, {"lora_rank": rank}
-    sparse_cfg = cfg.sparse_config()
-    if cfg.masks:
-        given, chosen_with = load_mask_file(cfg.masks)
-        # The diff records how its entries were chosen (the mask file's scorer, allocation, seed, targets)
-        # and the budget actually trained, not this run's selection flags, which chose nothing.
-        sparse_cfg = dataclasses.replace(chosen_with, value_dtype=cfg.value_dtype,
-                                         num_params=sum(int(m.numel()) for m in given.values()))
-    if ckpt is not None and ckpt.masks:
-        masks = ckpt.masks  # the entries trained when it was written (re-selection may have moved them)
-    elif cfg.masks:
-        masks = given
-    else:
-        masks = select_masks(model, sparse_cfg, examples, pad_id, cfg)
-    return get_sparse_model(model, sparse_cfg, masks), masks, {}
-
-
-def select_masks(model: nn.Module, sparse_cfg, examples: list[Example], pad_id: int, cfg: TrainConfig) -> dict[str, torch.Tensor]:
-    """Masks from the configured scorer; data scorers see the first batches of the training stream
-    (the same on every process, so all ranks choose the same entries)."""
-    if not get_scorer(sparse_cfg.scorer).needs_data_for(sparse_cfg.scorer_weights):
-        return select(model, sparse_cfg)
-    batches = calibration_batches(examples, cfg.batch_size, pad_id, cfg.seed, sparse_cfg.calibration_batches)
-    return select(model, sparse_cfg, batches)
-
-
-def load_mask_file(path: str) -> tuple[dict[str, torch.Tensor], SparseConfig]:
-    """Masks and the selection config that chose them, from a diff directory (train the entries
-    another run chose) or a mask file written by ``sparseft select``."""
-    if (Path(path) / CONFIG_NAME).is_file():
-        diff = read_diff(path)
-        return diff.masks, diff.config
-    mask_file = read_mask_file(path)
-    return mask_file.masks, mask_file.config
 
 
 def wrap_ddp(model: nn.Module, dist: Distributed) -> nn.Module:
@@ -259,13 +211,7 @@ def provenance(cfg: TrainConfig, total_steps: int) -> dict[str, Any]:
 
 
 def save_artifact(cfg: TrainConfig, model: nn.Module, tokenizer, path: Path, total_steps: int) -> None:
-    if cfg.method == "sparse":
-        assert isinstance(model, SparseModel)
-        model.save_pretrained(path, provenance=provenance(cfg, total_steps))
-    elif cfg.method == "full":
-        save_full(model, tokenizer, path)
-    else:
-        save_lora(model, path)
+    get_method(cfg.method).save(model, tokenizer, path, provenance(cfg, total_steps))
 
 
 # The run's logs and checkpoints, carried over into the published directory.
@@ -275,15 +221,16 @@ NOT_ARTIFACT = (*KEEP_ON_PUBLISH, TRAIN_CONFIG_NAME)
 
 
 def publish(out: Path, write_artifact, cfg: TrainConfig) -> None:
-    """Write the final artifact and its ``train_config.yaml`` into a staging sibling, move the run's logs
+    """Write the final artifact and its ``train_config.yaml`` into a staging sibling, link the run's logs
     and checkpoints into it, then swap it for ``out`` in one rename: ``out`` is never a half-written
-    artifact, nor an earlier artifact beside this run's config."""
+    artifact, nor an earlier artifact beside this run's config. The logs and checkpoints are linked, not
+    moved, so until the rename they are still in ``out``, where ``--resume`` looks after a crash."""
     with atomic_dir(out) as staging:
         write_artifact(staging)
         write_train_config(cfg, staging / TRAIN_CONFIG_NAME)
         for name in KEEP_ON_PUBLISH:
             if (out / name).exists():
-                os.replace(out / name, staging / name)
+                link_into(out / name, staging / name)
 
 
 def directory_bytes(path: Path, skip: tuple[str, ...] = NOT_ARTIFACT) -> int:
@@ -292,10 +239,7 @@ def directory_bytes(path: Path, skip: tuple[str, ...] = NOT_ARTIFACT) -> int:
 
 
 def make_result(cfg: TrainConfig, out: Path, model: nn.Module, stats: LoopStats, total_steps: int, extra: dict) -> TrainResult:
-    if isinstance(model, SparseModel):
-        total = model.num_base_parameters()
-    else:
-        total = sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+    total = get_method(cfg.method).base_parameters(model)
     return TrainResult(
         out=out,
         method=cfg.method,

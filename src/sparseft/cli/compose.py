@@ -1,0 +1,50 @@
+"""sparseft compose: sum several diffs of one base (with weights) into one diff, with an overlap report."""
+
+from __future__ import annotations
+
+import json
+
+from ..config import DTYPES, VALUE_DTYPES
+
+
+def add_parser(sub):
+    p = sub.add_parser(
+        "compose",
+        help="combine diffs of the same base into one (weighted sum of values over the union of entries)",
+        description="Write one diff whose entries are the union of the inputs' and whose values are "
+        "w1*A + w2*B + ...: merging it equals merging the inputs one after another, scaled. Use it to stack a "
+        "style diff on a task diff (--weights 1,1), to soften one (--weights 1,0.5) or to subtract one "
+        "(--weights 1,-1: entries that cancel to exactly 0 are dropped). All inputs must be of one base: the "
+        "same recorded fingerprint, or each checked against --model (needed when they change different modules); "
+        "the report counts shared entries and sign conflicts (shared entries the inputs push in "
+        "opposite directions, where the sum is a compromise neither diff learnt).",
+        epilog="example: sparseft compose runs/task runs/style --weights 1,0.5 --out runs/task+style",
+    )
+    p.add_argument("diffs", nargs="+", metavar="DIFF", help="diff directories (two or more, or one to rescale)")
+    p.add_argument("--weights", metavar="W1,W2,...", help="one weight per diff, comma-separated (default: all 1)")
+    p.add_argument("--out", required=True, metavar="DIR", help="where to write the composed diff")
+    p.add_argument(
+        "--value-dtype", choices=VALUE_DTYPES,
+        help="dtype of the stored values (default: the inputs' dtype when they agree, else float32)",
+    )
+    p.add_argument(
+        "--model", metavar="BASE",
+        help="the base model: check every diff against it (needed when the diffs change different modules, whose "
+        "recorded fingerprints cover different weights)",
+    )
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype to load --model in (default: float32)")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    return p
+
+
+def run(args) -> int:
+    from ..compose import base_weights_of, compose, format_compose_report, parse_weights
+    from ..diffio import read_diff, write_diff
+
+    weights = parse_weights(args.weights, len(args.diffs))
+    diffs = [read_diff(path) for path in args.diffs]
+    base = base_weights_of(args.model, args.dtype)
+    composed, report = compose(diffs, weights, names=args.diffs, value_dtype=args.value_dtype, base_weights=base)
+    write_diff(composed, args.out)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else format_compose_report(report, args.out))
+    return 0

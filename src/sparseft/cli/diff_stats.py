@@ -1,0 +1,41 @@
+"""sparseft diff-stats: how two diffs of one base overlap (entries, Jaccard, per module, cosine of values)."""
+
+from __future__ import annotations
+
+import json
+
+from ..config import DTYPES
+
+
+def add_parser(sub):
+    p = sub.add_parser(
+        "diff-stats",
+        help="compare two diffs of the same base: shared entries, Jaccard, per-module overlap, cosine",
+        description="Count the entries A and B both change, their Jaccard index (shared / union), the same per "
+        "module, and the cosine and sign agreement of their values on the shared entries. High overlap with "
+        "negative cosine means composing them will partly cancel; near-zero overlap means they compose "
+        "without interfering. Both diffs must be of one base: the same recorded fingerprint, or both checked "
+        "against --model.",
+        epilog="example: sparseft diff-stats runs/seed0 runs/seed1 --json",
+    )
+    p.add_argument("a", metavar="A", help="first diff directory")
+    p.add_argument("b", metavar="B", help="second diff directory")
+    p.add_argument(
+        "--model", metavar="BASE",
+        help="the base model: check every diff against it (needed when the diffs change different modules, whose "
+        "recorded fingerprints cover different weights)",
+    )
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype to load --model in (default: float32)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    return p
+
+
+def run(args) -> int:
+    from ..compose import base_weights_of, format_overlap, overlap_stats
+    from ..diffio import read_diff
+
+    names = (args.a, args.b)
+    a, b = read_diff(args.a), read_diff(args.b)
+    stats = overlap_stats(a, b, names, base_weights=base_weights_of(args.model, args.dtype))
+    print(json.dumps(stats.to_dict(), indent=2) if args.json else format_overlap(stats, names))
+    return 0

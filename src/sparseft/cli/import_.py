@@ -1,0 +1,41 @@
+"""sparseft import: turn a PEFT sparse adapter (SHiRA, Super-Tuning) into a sparseft diff of its base."""
+
+from __future__ import annotations
+
+from ..config import DTYPES, VALUE_DTYPES
+
+
+def add_parser(sub):
+    p = sub.add_parser(
+        "import",
+        help="turn a PEFT SHiRA (or Super-Tuning) adapter into a sparseft diff with its base's fingerprint",
+        description="Read a PEFT adapter directory whose peft_type is SHIRA (or SUPERTUNING without its LoRA "
+        "part), load BASE to check every adapted module is a linear layer of it and record its fingerprint, and "
+        "write a sparseft diff: afterwards apply, eval, serve, verify and compose take it like a trained one. "
+        "Zero values are dropped (they change nothing, and are what `sparseft export` pads SHiRA layers with).",
+        epilog="example: sparseft import runs/routing-shira runs/routing-again --model smollm2-135m",
+    )
+    p.add_argument("adapter", metavar="ADAPTER", help="PEFT adapter directory (adapter_config.json + adapter_model.safetensors)")
+    p.add_argument("out", metavar="OUT", help="diff directory to write")
+    p.add_argument("--model", required=True, help="the adapter's base model: alias (e.g. smollm2-135m), local directory or HF id")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype to load the base in; the fingerprint is taken in it (default: float32)")
+    p.add_argument(
+        "--value-dtype", choices=VALUE_DTYPES,
+        help="dtype of the diff's values (default: the one `sparseft export` recorded, else float32, which is exact)",
+    )
+    p.add_argument("--keep-zeros", action="store_true", help="keep zero-valued entries (the padding) as entries of the diff")
+    return p
+
+
+def run(args) -> int:
+    from ..diffio import write_diff
+    from ..loading import load_model
+    from ..peft_interop import import_adapter
+
+    model = load_model(args.model, dtype=args.dtype)
+    diff = import_adapter(args.adapter, model, base_model=str(args.model), value_dtype=args.value_dtype, keep_zeros=args.keep_zeros)
+    write_diff(diff, args.out)
+    kind = diff.provenance["imported_from"]["peft_type"]
+    print(f"imported {kind} adapter {args.adapter}: {diff.num_entries:,} entries in {len(diff.masks)} modules "
+          f"({diff.config.value_dtype} values) -> {args.out}")
+    return 0

@@ -1,0 +1,51 @@
+"""Options several verbs share, written once: the model to load and its dtype, and help that shows
+the defaults a verb takes from TrainConfig / SparseConfig (so ``select`` and ``train`` agree)."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..config import DTYPES
+
+
+def add_model_options(
+    parser: argparse.ArgumentParser, required: bool = True, what: str = "base model", dtype_default: str | None = "float32"
+) -> None:
+    """``--model`` (``what``: an alias, local directory or HF id) and ``--dtype`` to load it in.
+
+    ``dtype_default=None`` leaves ``--dtype`` "not given" (train: the value may come from --config).
+    """
+    parser.add_argument("--model", required=required, help=f"{what}: alias (e.g. smollm2-135m), local directory or HF id")
+    default = f" (default: {dtype_default})" if dtype_default else ""
+    parser.add_argument("--dtype", choices=list(DTYPES), default=dtype_default, help=f"dtype to load the model in{default}")
+
+
+class TrainConfigDefaults(argparse.HelpFormatter):
+    """Help that ends each flag with the TrainConfig default it falls back to (selection fields included).
+
+    The flags themselves default to None ("not given"), so values from --config are not overridden;
+    argparse's ArgumentDefaultsHelpFormatter would print that None after every flag. TrainConfig is
+    imported only when help is shown.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = config_default(action.dest)
+        if action.nargs == 0 or default in (None, "", [], {}) or not action.option_strings:
+            return text  # switches, and fields whose absence the help text explains
+        if isinstance(default, list):
+            default = ", ".join(default)
+        if isinstance(default, dict):
+            default = ",".join(f"{k}={v:g}" for k, v in default.items())
+        return f"{text} (default: {default})".replace("%", "%%")
+
+
+def config_default(name: str):
+    """TrainConfig's default for the flat field ``name`` (a selection field: its ``selection``'s default)."""
+    return train_defaults().get(name)
+
+
+def train_defaults() -> dict:
+    from ..training.config import TrainConfig
+
+    return TrainConfig().to_dict()

@@ -1,0 +1,117 @@
+"""Tasks from YAML files and from flags: the example task works end to end; bad files name the key and line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sparseft.cli import main
+from sparseft.errors import ConfigError, DataFormatError, TaskFileError
+from sparseft.tasks import classification_from_flags, get_task, load_task_file
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "tickets"
+
+
+def write(tmp_path, text: str, name: str = "task.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_example_task_file_loads_and_renders_prompts():
+    task = get_task(str(EXAMPLE / "task.yaml"))
+    assert task.name == "tickets" and task.family == "classification" and task.primary_metric == "accuracy"
+    assert task.labels == ["hardware", "software", "network"]
+    records = task.load(EXAMPLE / "test.jsonl")
+    assert len(records) == 9 and records[0]["label"] == 0
+    prompt = task.instruction(records[0])
+    assert "hardware, software, network" in prompt and "mouse cursor jumps" in prompt
+    rows = task.training_rows(EXAMPLE / "train.jsonl")
+    assert len(rows) == 12 and rows[-1]["completion"].strip() == "network"
+
+
+def test_eval_cli_with_the_example_task_file(tiny_model_with_tokenizer_dir, capsys):
+    code = main(["eval", "--model", str(tiny_model_with_tokenizer_dir), "--task", str(EXAMPLE / "task.yaml"),
+                 "--data", str(EXAMPLE / "test.jsonl"), "--json"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["task"] == "tickets" and result["num_examples"] == 9
+    assert set(result["metrics"]) == {"accuracy", "recall/hardware", "recall/software", "recall/network"}
+
+
+def test_eval_cli_inline_classification(tiny_model_with_tokenizer_dir, capsys):
+    code = main(["eval", "--model", str(tiny_model_with_tokenizer_dir), "--task", "classification",
+                 "--labels", "hardware,software,network", "--text-field", "body", "--label-field", "team",
+                 "--data", str(EXAMPLE / "test.jsonl"), "--json"])
+    assert code == 0
+    assert json.loads(capsys.readouterr().out)["num_examples"] == 9
+
+
+def test_flags_without_classification_are_refused(tiny_model_dir, capsys):
+    code = main(["eval", "--model", str(tiny_model_dir), "--task", "sst2", "--labels", "a,b", "--data", "x"])
+    assert code == 2 and "go with --task classification" in capsys.readouterr().err
+
+
+def test_labels_from_data_are_sorted_distinct_values(tmp_path):
+    task = classification_from_flags(None, text_field_name="body", label_field="team")
+    task.load(EXAMPLE / "train.jsonl")
+    assert task.labels == ["hardware", "network", "software"]
+
+
+def test_qa_and_summarization_task_files(tmp_path):
+    qa = load_task_file(write(tmp_path, "family: qa\ntemplate: 'Q: {question}'\nanswer_field: gold\nmetric: exact_match\n", "qa.yaml"))
+    data = tmp_path / "qa.jsonl"
+    data.write_text('{"question": "2+2?", "gold": "4"}\n{"question": "Sky?", "gold": ["blue", "grey"]}\n')
+    records = qa.load(data)
+    assert qa.name == "qa" and qa.primary_metric == "exact_match"
+    assert records[1]["answers"] == ["blue", "grey"] and qa.target(records[0]) == "4"
+
+    summ = load_task_file(write(tmp_path, "family: summarization\ntemplate: 'Sum up: {notes}'\nmax_new_tokens: 12\n", "s.yaml"))
+    data = tmp_path / "s.jsonl"
+    data.write_text('{"notes": "a long day", "summary": "busy"}\n')
+    assert summ.max_new_tokens == 12 and summ.instruction(summ.load(data)[0]) == "Sum up: a long day"
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("family: regression\ntemplate: '{text}'\n", r"task.yaml:line 1: key 'family' must be one of"),
+        ("family: classification\ntemplate: '{text}'\n", "missing key 'labels'"),
+        ("family: classification\nlabels: [a]\n", r"line 2: key 'labels' must be a list of two or more"),
+        ("family: classification\nlabels: [a, b]\nmetric: f1\n", r"line 3: key 'metric' must be one of \['accuracy'\]"),
+        ("family: classification\nlabels: [a, b]\nlable_field: x\n", r"line 3: key 'lable_field' is not a key of a classification task"),
+        ("family: qa\ntemplate: 'no placeholder'\n", r"line 2: key 'template' has no \{field\} placeholder"),
+        ("family: qa\ntemplate: '{a b}'\n", "must be a plain field name"),
+        ("family: qa\n", "missing key 'template'"),
+        ("family: summarization\ntemplate: '{x}'\nmax_new_tokens: 0\n", r"line 3: key 'max_new_tokens' must be a positive integer"),
+        ("- a list\n", "expected a mapping of task keys"),
+        ("family: [unclosed\n", r"task.yaml:line \d+: not valid YAML"),
+    ],
+)
+def test_bad_task_files_name_the_key_and_line(tmp_path, text, message):
+    with pytest.raises(TaskFileError, match=message):
+        load_task_file(write(tmp_path, text))
+
+
+def test_a_missing_task_file_and_a_bad_row_are_clear(tmp_path):
+    with pytest.raises(TaskFileError, match="no such task file"):
+        get_task(str(tmp_path / "nope.yaml"))
+    with pytest.raises(ConfigError, match="or a task file"):
+        get_task("nope")
+    task = load_task_file(EXAMPLE / "task.yaml")
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"body": "x", "team": "hardware"}\n{"body": "y", "team": "facilities"}\n')
+    with pytest.raises(DataFormatError, match=r"bad.jsonl:line 2: field 'team' is 'facilities'"):
+        task.load(data)
+
+
+def test_bench_config_finds_a_task_file_next_to_it(tmp_path):
+    from sparseft.bench.config import parse_bench_config
+
+    (tmp_path / "task.yaml").write_text((EXAMPLE / "task.yaml").read_text())
+    raw = {"model": "smollm2-135m", "task": "task.yaml", "train_data": str(EXAMPLE / "train.jsonl"),
+           "eval_data": str(EXAMPLE / "test.jsonl"), "runs": [{"id": "a", "method": "sparse", "scorer": "random", "density": 0.01, "lr": 1e-3}]}
+    cfg = parse_bench_config(raw, base_dir=tmp_path)
+    assert cfg.task == str(tmp_path / "task.yaml") and get_task(cfg.task).name == "tickets"
