@@ -149,8 +149,9 @@ class TrainConfig:
 
     def check_quantize(self) -> None:
         check_scheme(self.quantize)
-        if self.method != "sparse":
-            raise ConfigError(f"quantize applies to sparse runs only (the diff sits over the quantized base), "
+        if not get_method(self.method).quantizes_base:
+            able = [name for name in training_methods() if get_method(name).quantizes_base]
+            raise ConfigError(f"quantize applies to {'/'.join(able)} runs only (a diff over the quantized base), "
                               f"not method={self.method!r}")
         if self.fsdp:
             raise ConfigError("quantize cannot be combined with fsdp: FSDP does not shard quantized weights here")

@@ -27,14 +27,16 @@ from torch import nn
 
 from ..delta import set_kernels
 from ..errors import ConfigError
+from ..methods import get_method, training_methods
 from ..model import SparseModel
 
 
 def check_fsdp_config(method: str, reselecting: bool) -> None:
-    """Refuse what FSDP sharding of a sparse run cannot do (called when the config is read)."""
-    if method != "sparse":
-        raise ConfigError(f"fsdp shards the frozen base of a sparse run; method={method!r} trains the base "
-                          "weights themselves (use DDP, the default, for it)")
+    """Refuse what FSDP sharding cannot do (called when the config is read)."""
+    if not get_method(method).shards_base:
+        able = [name for name in training_methods() if get_method(name).shards_base]
+        raise ConfigError(f"fsdp shards the frozen base of a {'/'.join(able)} run; method={method!r} trains "
+                          "the base weights themselves (use DDP, the default, for it)")
     if reselecting:
         raise ConfigError("fsdp cannot be combined with reselect_every: re-selection ranks entries by dense "
                           "gradients of whole weights, which no process holds when the base is sharded")
