@@ -288,7 +288,7 @@ class DiffRouter:
 
     async def __call__(self, request: Request):
         """Every HTTP request that reaches Serve's proxy (any path, any method)."""
-        if request.method not in ("GET", "HEAD") and request.url.path.startswith("/admin/"):
+        if request.url.path.startswith("/admin/") and not is_read_only(request.method):
             return JSONResponse(error_body(
                 "under Ray Serve diffs are not loaded through /admin: each replica loads them on demand from the "
                 "diff source (--diff-dir, --registry or --diff); put the diff there instead",
@@ -326,9 +326,13 @@ async def read_body(request: Request, limit: int) -> bytes:
     return body
 
 
-def diff_name(method: str, path: str, body: bytes, base_name: str) -> str | None:
+def is_read_only(http_method: str) -> bool:
+    return http_method in ("GET", "HEAD")
+
+
+def diff_name(http_method: str, path: str, body: bytes, base_name: str) -> str | None:
     """The diff a completion request's `model` names; None for the base, other routes or a body the app rejects."""
-    if method != "POST" or path not in ROUTED_PATHS:
+    if http_method != "POST" or path not in ROUTED_PATHS:
         return None
     try:
         model = json.loads(body).get("model")
