@@ -322,7 +322,8 @@ class SparseLinear(nn.Module):
         self.active: dict[str, float] = {DEFAULT_DIFF: 1.0}  # diff name -> weight, in merge order
         self._merged_entries: MergedEntries | None = None
         self.backend = "auto"
-        self.forward_mode = "inplace"
+        # A quantized weight (a tensor subclass holding codes and scales) cannot take S in place.
+        self.forward_mode = "unmerged" if hasattr(type(base_layer.weight), "__tensor_flatten__") else "inplace"
         self._weight_lock = WeightLock()
 
     @property

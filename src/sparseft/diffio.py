@@ -107,20 +107,43 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.numpy()).cast("B")
 
 
+def is_wrapper_tensor(t: torch.Tensor) -> bool:
+    """A tensor subclass that stores other tensors, e.g. torchao's quantized weights (int8 data + scales)."""
+    return hasattr(type(t), "__tensor_flatten__")
+
+
+def stored_tensors(t: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors that hold ``t``: itself, or a wrapper's inner tensors (recursively, in its order)."""
+    if not is_wrapper_tensor(t):
+        return [t]
+    names, _ = t.__tensor_flatten__()
+    return [part for name in names for part in stored_tensors(getattr(t, name))]
+
+
+def weight_kind(t: torch.Tensor) -> str:
+    """What a fingerprint is keyed by: the dtype (``float32``), or a wrapper's class (``Int8Tensor``)."""
+    return type(t).__name__ if is_wrapper_tensor(t) else str(t.dtype).removeprefix("torch.")
+
+
 def fingerprint(weights: dict[str, torch.Tensor]) -> str:
-    """sha256 over the names, shapes, dtypes and bytes of exactly the targeted weights."""
+    """sha256 over the names, shapes, dtypes and bytes of exactly the targeted weights; a quantized
+    weight is hashed as stored (its class and every inner tensor: codes, scales, zero points)."""
     h = hashlib.sha256()
     for name in sorted(weights):
         w = weights[name]
         h.update(f"{name}|{tuple(w.shape)}|{w.dtype}\n".encode())
-        h.update(tensor_bytes(w))
+        if is_wrapper_tensor(w):
+            h.update(f"{type(w).__name__}|{[(tuple(p.shape), p.dtype) for p in stored_tensors(w)]}\n".encode())
+        for part in stored_tensors(w):
+            h.update(tensor_bytes(part))
     return h.hexdigest()
 
 
 def fingerprints(weights: dict[str, torch.Tensor]) -> dict[str, str]:
     """Fingerprints of the base in its own dtype and, for fp32 bases, as rounded to bf16 too,
-    so a diff trained on fp32 weights can be checked against the same base served in bf16."""
-    dtype = str(next(iter(weights.values())).dtype).removeprefix("torch.")
+    so a diff trained on fp32 weights can be checked against the same base served in bf16.
+    A quantized base is keyed by its weights' class (see ``weight_kind``)."""
+    dtype = weight_kind(next(iter(weights.values())))
     prints = {dtype: fingerprint(weights)}
     if dtype == "float32":
         prints["bfloat16"] = fingerprint({n: w.to(torch.bfloat16) for n, w in weights.items()})
@@ -148,7 +171,7 @@ def check_base_fingerprint(
             raise UnverifiedBaseError(f"{message}; load it anyway with allow_unverified_base=True (--allow-unverified-base)")
         log.warning("%s; loading it anyway (allow_unverified_base)", message)
         return
-    dtype = str(next(iter(weights.values())).dtype).removeprefix("torch.")
+    dtype = weight_kind(next(iter(weights.values())))
     if dtype not in expected_prints:
         raise FingerprintMismatchError(
             f"{where}: the diff records base fingerprints for {sorted(expected_prints)} weights, "

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import json
 
-from ..config import DTYPES, VALUE_DTYPES
+from ..config import VALUE_DTYPES
+from .options import add_model_options
+
+# Also used by diff-stats.
+CHECK_EVERY_DIFF = ("check every diff against it; needed when the diffs change different modules, whose recorded "
+                    "fingerprints cover different weights")
 
 
 def add_parser(sub):
@@ -27,12 +32,7 @@ def add_parser(sub):
         "--value-dtype", choices=VALUE_DTYPES,
         help="dtype of the stored values (default: the inputs' dtype when they agree, else float32)",
     )
-    p.add_argument(
-        "--model", metavar="BASE",
-        help="the base model: check every diff against it (needed when the diffs change different modules, whose "
-        "recorded fingerprints cover different weights)",
-    )
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype to load --model in (default: float32)")
+    add_model_options(p, required=False, why=CHECK_EVERY_DIFF)
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     return p
 

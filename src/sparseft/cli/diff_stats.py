@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from ..config import DTYPES
+from .compose import CHECK_EVERY_DIFF
+from .options import add_model_options
 
 
 def add_parser(sub):
@@ -20,12 +21,7 @@ def add_parser(sub):
     )
     p.add_argument("a", metavar="A", help="first diff directory")
     p.add_argument("b", metavar="B", help="second diff directory")
-    p.add_argument(
-        "--model", metavar="BASE",
-        help="the base model: check every diff against it (needed when the diffs change different modules, whose "
-        "recorded fingerprints cover different weights)",
-    )
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype to load --model in (default: float32)")
+    add_model_options(p, required=False, why=CHECK_EVERY_DIFF)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return p
 

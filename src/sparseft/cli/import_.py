@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ..config import DTYPES, VALUE_DTYPES
+from ..config import VALUE_DTYPES
+from .options import add_model_options
 
 
 def add_parser(sub):
@@ -17,8 +18,7 @@ def add_parser(sub):
     )
     p.add_argument("adapter", metavar="ADAPTER", help="PEFT adapter directory (adapter_config.json + adapter_model.safetensors)")
     p.add_argument("out", metavar="OUT", help="diff directory to write")
-    p.add_argument("--model", required=True, help="the adapter's base model: alias (e.g. smollm2-135m), local directory or HF id")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype to load the base in; the fingerprint is taken in it (default: float32)")
+    add_model_options(p, what="the adapter's base model", why="its fingerprint is taken in --dtype")
     p.add_argument(
         "--value-dtype", choices=VALUE_DTYPES,
         help="dtype of the diff's values (default: the one `sparseft export` recorded, else float32, which is exact)",

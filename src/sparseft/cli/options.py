@@ -9,13 +9,17 @@ from ..config import DTYPES
 
 
 def add_model_options(
-    parser: argparse.ArgumentParser, required: bool = True, what: str = "base model", dtype_default: str | None = "float32"
+    parser: argparse.ArgumentParser, required: bool = True, what: str = "base model", dtype_default: str | None = "float32",
+    why: str = "",
 ) -> None:
-    """``--model`` (``what``: an alias, local directory or HF id) and ``--dtype`` to load it in.
+    """``--model`` (``what``: an alias, local directory or HF id; ``why``: what the verb does with it)
+    and ``--dtype`` to load it in.
 
     ``dtype_default=None`` leaves ``--dtype`` "not given" (train: the value may come from --config).
     """
-    parser.add_argument("--model", required=required, help=f"{what}: alias (e.g. smollm2-135m), local directory or HF id")
+    why = f" ({why})" if why else ""
+    parser.add_argument("--model", required=required, metavar="BASE",
+                        help=f"{what}: alias (e.g. smollm2-135m), local directory or HF id{why}")
     default = f" (default: {dtype_default})" if dtype_default else ""
     parser.add_argument("--dtype", choices=list(DTYPES), default=dtype_default, help=f"dtype to load the model in{default}")
 

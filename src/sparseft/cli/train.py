@@ -75,6 +75,11 @@ def add_parser(sub):
     run.add_argument("--device", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     run.add_argument("--precision", choices=["auto", "bf16", "fp32"],
                      help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    run.add_argument("--quantize", choices=["int8", "int4"],
+                     help="train over a weight-only quantized base (sparse runs; needs sparseft[quant])")
+    run.add_argument("--fsdp", action="store_true",
+                     help="under torchrun: shard the frozen base over the processes (FSDP2) instead of replicating it "
+                     "(sparse runs, no re-selection)")
     lora = p.add_argument_group("LoRA baseline")
     lora.add_argument("--lora-rank", type=int, help="LoRA rank")
     lora.add_argument("--lora-alpha", type=float, help="LoRA alpha (not given: 2 × rank)")
@@ -88,7 +93,7 @@ def config_from_args(args):
 
     fields = {k: v for k, v in vars(args).items() if k not in ("config", "verb", "handler")}
     # store_true flags are "not given" when False, so a YAML value is not overridden by their default.
-    for flag in ("truncation", "lora_match_sparse"):
+    for flag in ("truncation", "lora_match_sparse", "fsdp"):
         if fields.get(flag) is False:
             fields[flag] = None
     if args.config:

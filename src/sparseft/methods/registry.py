@@ -36,6 +36,8 @@ class Method:
         run_knobs: the bench RunSpec fields this method reads (another method's rows may not set them).
         not_applicable: bench row fields that stay null for this method (e.g. a full row has no scorer).
         reselects: whether ``reselect_every`` (moving a sparse mask during training) applies.
+        shards_base / quantizes_base: whether ``fsdp`` / ``quantize`` apply: the prepared model keeps
+            its base frozen beside a small replicated trainable part (a SparseModel).
         artifact_description: what ``detect`` looks for, for errors (methods that attach to a base).
     """
 
@@ -45,6 +47,8 @@ class Method:
     run_knobs: tuple[str, ...] = ()
     not_applicable: frozenset[str] = frozenset()
     reselects: bool = False
+    shards_base: bool = False
+    quantizes_base: bool = False
     artifact_description: str = ""
 
     @property

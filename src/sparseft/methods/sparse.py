@@ -22,6 +22,8 @@ class SparseMethod(Method):
     run_knobs = ("scorer", "density", "num_params", "calibration_batches")
     not_applicable = frozenset({"lora_rank"})
     reselects = True
+    shards_base = True
+    quantizes_base = True
     artifact_description = f"a sparse diff ({CONFIG_NAME})"
 
     def prepare(self, cfg, model: nn.Module, examples, pad_id: int, ckpt) -> Prepared:

@@ -12,6 +12,8 @@ import yaml
 from ..config import SparseConfig, convert_fields
 from ..errors import ConfigError
 from ..methods import get_method, training_methods
+from ..quantize import check_scheme
+from .sharding import check_fsdp_config
 
 PRECISIONS = ("auto", "bf16", "fp32")
 # Fields that say where a run goes or how it is resumed, not what it computes: left out of provenance
@@ -56,6 +58,13 @@ class TrainConfig:
         dtype: dtype the base model is loaded in; device: ``auto`` (CUDA when present) or a torch device.
         precision: ``auto`` (bf16 autocast on CUDA, fp32 on CPU), ``bf16`` (autocast on any device) or
             ``fp32``. Trainable values and optimizer state stay fp32 in every case.
+        fsdp: under torchrun / accelerate launch, shard the frozen base across the processes with FSDP2
+            (each holds 1/N of it) instead of replicating it with DDP; sparse runs without
+            re-selection only (see ``sparseft.training.sharding``).
+        quantize: ``int8`` or ``int4``: train over a weight-only quantized base (sparse runs; torchao,
+            ``pip install 'sparseft[quant]'``). Entries are selected on the full-precision base, then
+            its linear weights are quantized and the diff is fingerprinted against the quantized base
+            (see ``sparseft.quantize``).
     """
 
     model: str = ""
@@ -94,6 +103,8 @@ class TrainConfig:
     dtype: str = "float32"
     device: str = "auto"
     precision: str = "auto"
+    fsdp: bool = False
+    quantize: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.selection, SparseConfig):
@@ -122,6 +133,10 @@ class TrainConfig:
                 raise ConfigError(message)
         self.check_reselection()
         get_method(self.method).validate(self)
+        if self.fsdp:
+            check_fsdp_config(self.method, self.reselecting)
+        if self.quantize is not None:
+            self.check_quantize()
 
     def check_reselection(self) -> None:
         # Types are settled by convert_fields (an int or None, a float); only the ranges are checked here.
@@ -131,6 +146,15 @@ class TrainConfig:
             movers = [name for name in training_methods() if get_method(name).reselects]
             raise ConfigError(f"reselect_every applies to {'/'.join(movers)} runs only (it moves a sparse mask), "
                               f"not method={self.method!r}")
+
+    def check_quantize(self) -> None:
+        check_scheme(self.quantize)
+        if not get_method(self.method).quantizes_base:
+            able = [name for name in training_methods() if get_method(name).quantizes_base]
+            raise ConfigError(f"quantize applies to {'/'.join(able)} runs only (a diff over the quantized base), "
+                              f"not method={self.method!r}")
+        if self.fsdp:
+            raise ConfigError("quantize cannot be combined with fsdp: FSDP does not shard quantized weights here")
 
     @property
     def reselecting(self) -> bool:

@@ -25,6 +25,7 @@ from ..files import existing_data
 from ..hub import CARD_NAME
 from ..loading import load_model, load_tokenizer, pad_token_id
 from ..methods import get_method
+from ..quantize import quantize_sparse_model
 from .checkpoint import (
     CHECKPOINTS_DIR,
     Checkpoint,
@@ -35,6 +36,7 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .data import data_sha256, load_examples
+from .sharding import shard_sparse_model
 from .loop import METRICS_NAME, Distributed, LoopStats, make_optimizer, setup_distributed, train_loop, trainable_parameters
 
 TRAIN_CONFIG_NAME = "train_config.yaml"
@@ -89,6 +91,8 @@ def run_training(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=Non
         torch.manual_seed(cfg.seed)
         model.to(dist.device)  # before selection, so data scorers run on the accelerator
         model, masks, extra = get_method(cfg.method).prepare(cfg, model, examples, pad_token_id(tokenizer), ckpt)
+        if cfg.quantize:
+            model = quantize_sparse_model(model, cfg.quantize)  # selected on the full-precision base
         model.to(dist.device)
         named_params = trainable_parameters(model)
         optimizer = make_optimizer(named_params, cfg)
@@ -96,7 +100,7 @@ def run_training(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=Non
             restore_checkpoint(ckpt, named_params, optimizer, where=cfg.resume)
         if dist.is_main:
             prepare_out_dir(out, cfg, resuming=ckpt is not None)
-        trained = wrap_ddp(model, dist)
+        trained = shard_sparse_model(model, dist.device, dist.world_size) if cfg.fsdp else wrap_ddp(model, dist)
         stats = train_loop(trained, optimizer, named_params, examples, cfg, pad_token_id(tokenizer), total_steps, dist,
                            start_step=ckpt.step if ckpt else 0, out=out, masks=masks, run_info=info)
         if dist.is_main:
@@ -134,7 +138,8 @@ def steps_for(cfg: TrainConfig, num_examples: int, world_size: int) -> int:
 # What a checkpoint may only be resumed under (steps may grow: the schedule then follows the new total).
 RESUME_FIELDS = ("method", "seed", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "warmup_ratio",
                  "min_lr_ratio", "max_grad_norm", "max_length", "truncation", "target_modules", "density", "num_params",
-                 "scorer", "allocation", "masks", "lora_rank", "lora_alpha", "lora_match_sparse", "precision")
+                 "scorer", "allocation", "masks", "lora_rank", "lora_alpha", "lora_match_sparse", "precision",
+                 "quantize")
 
 
 # Recorded only when re-selection is on, so checkpoints written before it existed still resume.

@@ -36,6 +36,7 @@ from ..model import SparseModel
 from .checkpoint import checkpoint_dir, save_checkpoint
 from .config import TrainConfig
 from .data import IGNORE_INDEX, Example, make_batches
+from .sharding import ShardedSparseModel
 from .reselect import ReselectSchedule, check_same_everywhere, reselect
 
 METRICS_NAME = "metrics.jsonl"
@@ -163,10 +164,12 @@ def train_step(
     dist: Distributed,
     precision: str = "auto",
 ) -> StepResult:
-    """One optimizer step over this process's micro-batches (gradients all-reduced by DDP on the last)."""
+    """One optimizer step over this process's micro-batches (gradients all-reduced by DDP, or the FSDP
+    wrapper, on the last)."""
     local = torch.tensor([sum(count_loss_tokens(b) for b in micro_batches), sum(int(b["attention_mask"].sum()) for b in micro_batches)])
     loss_tokens, input_tokens = all_reduce_sum(local, dist).tolist()
-    # DDP averages gradients over processes; multiplying by world_size turns that into the global sum.
+    # DDP (and ShardedSparseModel) average gradients over processes; multiplying by world_size turns
+    # that into the global sum.
     scale = dist.world_size / max(1, loss_tokens)
     loss_sum = torch.zeros((), device=dist.device)
     for i, batch in enumerate(micro_batches):
@@ -190,8 +193,8 @@ def train_step(
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DDP wrapper (or the model itself)."""
-    return model.module if isinstance(model, DistributedDataParallel) else model
+    """The model inside a DDP or FSDP wrapper (or the model itself)."""
+    return model.module if isinstance(model, (DistributedDataParallel, ShardedSparseModel)) else model
 
 
 def sparse_layers_of(model: nn.Module) -> dict | None:
