@@ -19,7 +19,7 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 def test_two_gloo_processes_match_one_process(tiny_model_with_tokenizer_dir, tmp_path):
     data = write_train_file(tmp_path / "train.jsonl", n=16)
-    common = ["--model", str(tiny_model_with_tokenizer_dir), "--data", str(data), "--density", "0.1", "--steps", "3",
+    common = ["--model", str(tiny_model_with_tokenizer_dir), "--data", str(data), "--density", "0.1", "--scorer", "random", "--steps", "3",
               "--lr", "1e-2", "--max-length", "64", "--value-dtype", "float32", "--seed", "0", "--no-progress"]
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
     run = subprocess.run(
@@ -31,7 +31,7 @@ def test_two_gloo_processes_match_one_process(tiny_model_with_tokenizer_dir, tmp
 
     single = run_training(
         TrainConfig.from_dict(dict(model=str(tiny_model_with_tokenizer_dir), data=str(data), out=str(tmp_path / "single"),
-                                   density=0.1, steps=3, lr=1e-2, max_length=64, value_dtype="float32", seed=0,
+                                   density=0.1, scorer="random", steps=3, lr=1e-2, max_length=64, value_dtype="float32", seed=0,
                                    batch_size=4, progress=False)),
         model=make_tiny_llama(), tokenizer=make_tiny_tokenizer(),
     )
@@ -51,7 +51,7 @@ def test_reselection_under_two_gloo_processes_matches_one_process(tiny_model_wit
     """Growth gradients are summed over processes: both ranks pick the entries one process picks on
     the whole global batch (the run itself fails if the ranks' masks disagree)."""
     data = write_train_file(tmp_path / "train.jsonl", n=16)
-    settings = ["--density", "0.1", "--steps", "4", "--lr", "1e-2", "--max-length", "64", "--value-dtype", "float32",
+    settings = ["--density", "0.1", "--scorer", "random", "--steps", "4", "--lr", "1e-2", "--max-length", "64", "--value-dtype", "float32",
                 "--seed", "0", "--no-progress", "--reselect-every", "2", "--reselect-fraction", "0.5"]
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
     run = subprocess.run(
@@ -64,7 +64,7 @@ def test_reselection_under_two_gloo_processes_matches_one_process(tiny_model_wit
 
     single = run_training(
         TrainConfig.from_dict(dict(model=str(tiny_model_with_tokenizer_dir), data=str(data), out=str(tmp_path / "single"),
-                                   density=0.1, steps=4, lr=1e-2, max_length=64, value_dtype="float32", seed=0,
+                                   density=0.1, scorer="random", steps=4, lr=1e-2, max_length=64, value_dtype="float32", seed=0,
                                    batch_size=4, progress=False, reselect_every=2, reselect_fraction=0.5)),
         model=make_tiny_llama(), tokenizer=make_tiny_tokenizer(),
     )

@@ -22,6 +22,8 @@ LOCATION_FIELDS = ("out", "resume", "progress")
 # The selection fields, given flat (``density: 0.01``, ``--density``) or under ``selection:``. ``seed`` is
 # not one of them: TrainConfig's one seed seeds selection, data order and initialisation alike.
 SELECTION_FIELDS = tuple(f.name for f in dataclasses.fields(SparseConfig) if f.name != "seed")
+# Where training's selection defaults differ from SparseConfig's: the best measured recipe (docs/training.md).
+TRAIN_SELECTION_DEFAULTS = {"scorer": "combined"}
 
 
 @dataclass
@@ -40,6 +42,9 @@ class TrainConfig:
             target_modules / calibration_batches / scorer_weights / value_dtype) for sparse runs;
             ``target_modules`` also sets where LoRA goes. ``from_dict``, YAML files and CLI flags take
             these fields flat too (``density: 0.05`` or ``selection: {density: 0.05}``); its seed is ``seed``.
+            The scorer defaults to ``combined`` here (``SparseConfig`` itself defaults to ``random``): the
+            best measured recipe, ~3 points over random on SST-2 (docs/benchmarks/sst2_smollm2_cpu_sweep.md);
+            the defaults are listed, and tested, in docs/training.md ("Defaults").
         masks: a saved masks/diff file to train exactly those entries (instead of selecting).
         reselect_every / reselect_fraction: dynamic re-selection (sparse runs): every N steps each
             module swaps its smallest-|value| entries for the largest-|gradient| ones outside its
@@ -72,7 +77,7 @@ class TrainConfig:
     out: str = ""
     method: str = "sparse"
     # selection
-    selection: SparseConfig = field(default_factory=SparseConfig)
+    selection: SparseConfig = field(default_factory=lambda: SparseConfig(**TRAIN_SELECTION_DEFAULTS))
     masks: str | None = None
     reselect_every: int | None = None
     reselect_fraction: float = 0.1
@@ -246,7 +251,7 @@ def selection_config(flat: dict[str, Any], nested: Any) -> SparseConfig:
     both = sorted(set(flat) & set(nested))
     if both:
         raise ConfigError(f"{both[0]} is given both at the top level and under selection; give it once")
-    values = {**nested, **flat}
+    values = {**TRAIN_SELECTION_DEFAULTS, **nested, **flat}
     if isinstance(values.get("target_modules"), str):
         values["target_modules"] = [t.strip() for t in values["target_modules"].split(",") if t.strip()]
     if isinstance(values.get("scorer_weights"), str):
