@@ -181,9 +181,63 @@ def test_more_passes_under_a_small_memory_cap_give_the_same_masks(monkeypatch):
     passes = []
     monkeypatch.setattr(select_module, "accumulator_budget", lambda *args: 40_000)  # below the 1 MiB floor
     monkeypatch.setattr(select_module, "plan_passes", lambda *a: passes.append(plan_passes(*a)) or passes[-1])
-    many_passes = select(model, cfg, batches)
+    many_passes = select(model, cfg, batches, stat_precision="fp32")  # exact sums: the very same masks
     assert len(passes[0]) == 5
     assert all(torch.equal(one_pass[n], many_passes[n]) for n in one_pass)
+
+
+def count_forward_passes(model) -> list[int]:
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("allocation", ["global", "proportional"])
+def test_compact_sums_make_one_pass_where_fp32_needs_two_and_select_the_same_entries(monkeypatch, allocation):
+    """Σg and Σg² of ``combined`` in fp16 (scaled per module) fit where fp32 needs two passes; the masks
+    equal fp32's up to near-ties (fp16 keeps 11 significant bits: sums closer than ~2**-11 may swap)."""
+    select_module = importlib.import_module("sparseft.selection.selector")
+    model, batches = make_tiny_llama(), llama_batches()
+    cfg = SparseConfig(density=0.03, scorer="combined", allocation=allocation, calibration_batches=3)
+    targets = find_targets(model, cfg.target_modules)
+    sizes = {n: t.weight.numel() for n, t in targets.items()}
+    budget = 6 * sum(sizes.values())  # below fp32's 8 bytes per entry, above compact's 4
+    monkeypatch.setattr(select_module, "accumulator_budget", lambda *args: budget)
+    assert len(plan_passes(sizes, 8, budget)) == 2
+    forwards = count_forward_passes(model)
+    exact = select(model, cfg, batches, stat_precision="fp32")
+    assert len(forwards) == 2 * len(batches)
+    forwards.clear()
+    compact = select(model, cfg, batches)  # auto: compact, since fp32 would take two passes
+    assert len(forwards) == len(batches)
+    chosen = sum(m.numel() for m in exact.values())
+    same = sum(len(set(exact[n].tolist()) & set(compact[n].tolist())) for n in exact)
+    assert sum(m.numel() for m in compact.values()) == chosen
+    assert same / chosen >= 0.99, same / chosen
+
+
+def test_compact_sum_keeps_eleven_significant_bits_across_scales():
+    from sparseft.selection.gradstats import StatSum
+
+    torch.manual_seed(0)
+    parts = [torch.randn(1000).mul_(10.0**e) for e in (-30, -3, 0, 4)]  # growing: the scale must follow
+    total = StatSum(torch.Size([1000]), compact=True)
+    exact = torch.zeros(1000, dtype=torch.float64)
+    for part in parts:
+        total.add(part)
+        exact += part.double()
+    got = total.value().double()
+    assert got.dtype == torch.float64 and torch.isfinite(got).all()
+    relative = ((got - exact).abs() / exact.abs().clamp_min(1e-3 * exact.abs().max())).max()
+    assert relative < 2 * len(parts) * 2.0**-11, float(relative)
+    nan = StatSum(torch.Size([2]), compact=True)
+    nan.add(torch.tensor([1.0, float("nan")]))
+    assert torch.isnan(nan.value()[1])  # not hidden: scoring refuses non-finite sums
+
+
+def test_unknown_stat_precision_is_refused():
+    with pytest.raises(ConfigError, match="stat_precision"):
+        select(make_tiny_llama(), SparseConfig(density=0.03, scorer="random"), stat_precision="fp8")
 
 
 def test_data_scorers_need_data_and_labels():

@@ -4,9 +4,13 @@ Memory bound. For a model whose N parameters take B = N × itemsize bytes in the
 selection holds at most about B extra bytes (plus the activations of one calibration batch):
 
 - gradient sums: fp32 on CPU, 4 bytes per entry per statistic (``gradient``/``taylor``: Σg,
-  ``fisher``: Σg², ``combined``: both); if they would not fit, the modules are measured in groups,
-  one pass over the same calibration batches per group (SmolLM2-135M on all projections: fp32
-  weights need 1 pass for ``gradient``, 2 for ``combined``; bf16 weights 3 and 5-6);
+  ``fisher``: Σg², ``combined``: both). If they would not fit in one pass they are kept compact
+  (fp16 with a per-module scale, 2 bytes; same masks up to near-ties, see ``gradstats``), and if
+  those do not fit either, the modules are measured in groups, one pass over the same calibration
+  batches per group. Each pass is a forward and backward per batch, the cost of selection.
+  SmolLM2-135M on all projections, density 0.01: fp32 weights take 1 pass for every scorer
+  (``combined`` took 2 with fp32 sums); bf16 weights 2 for ``gradient`` and 3 for ``combined``
+  (were 3 and 5);
 - one module's gradient at a time (freed inside the backward pass, see ``gradstats``);
 - scoring one module at a time (transient; reserved at 64 bytes per entry of the largest module,
   which covers the sort buffers of ``combined`` and the allocator's slack as measured);
@@ -34,7 +38,7 @@ from ..config import SparseConfig
 from ..errors import ConfigError, NonFiniteScoresError
 from ..targets import find_targets
 from .budget import GlobalTopK, make_allocator
-from .gradstats import STAT_BYTES, accumulate_gradients, take_batches
+from .gradstats import COMPACT_STAT_BYTES, STAT_BYTES, accumulate_gradients, take_batches
 from .scorers import ScoreContext, get_scorer, required_stats
 
 SCORING_BYTES_PER_ENTRY = 64  # one module: scores, sort values + indices, quantiles, and allocator slack (measured)
@@ -62,6 +66,24 @@ def plan_passes(sizes: dict[str, int], bytes_per_entry: int, budget: int) -> lis
     return groups
 
 
+STAT_PRECISIONS = ("auto", "fp32", "compact")
+
+
+def plan_statistics(
+    sizes: dict[str, int], num_stats: int, budget: int, stat_precision: str = "auto"
+) -> tuple[list[list[str]], bool]:
+    """``(groups of modules, one pass each; compact sums?)``: fp32 when that takes one pass, else compact.
+
+    Fewer passes is what makes selection cheaper (each is a forward and backward per calibration batch).
+    """
+    if stat_precision not in STAT_PRECISIONS:
+        raise ConfigError(f"stat_precision must be one of {STAT_PRECISIONS}, got {stat_precision!r}")
+    exact = plan_passes(sizes, STAT_BYTES * num_stats, budget)
+    if stat_precision == "fp32" or (stat_precision == "auto" and len(exact) == 1):
+        return exact, False
+    return plan_passes(sizes, COMPACT_STAT_BYTES * num_stats, budget), True
+
+
 def accumulator_budget(cfg_budget: int, sizes: dict[str, int], k_total: int, is_global: bool) -> int:
     """What is left for gradient sums once scoring and allocation have their share (at least 1 MiB)."""
     allocation = k_total * (3 * CANDIDATE_BYTES if is_global else MASK_BYTES)  # merge copies + slack
@@ -73,18 +95,22 @@ def select(
     cfg: SparseConfig,
     dataloader: Iterable | None = None,
     max_state_bytes: int | None = None,
+    stat_precision: str = "auto",
 ) -> dict[str, torch.Tensor]:
     """Masks ``{module_name: sorted flat LongTensor}`` with the budget of ``cfg``.
 
     ``dataloader`` is any iterable of dicts of tensors that ``model(**batch).loss`` accepts (input_ids,
     attention_mask, labels); the first ``cfg.calibration_batches`` are used. Data-free scorers
     (random, magnitude) ignore it. ``max_state_bytes`` caps the memory selection keeps besides the
-    model (default: the model's own size in its dtype); a smaller cap means more passes, never a
-    different result.
+    model (default: the model's own size in its dtype); a smaller cap means compact gradient sums
+    or more passes. ``stat_precision``: ``auto`` keeps the sums in fp32 when they fit in one pass and
+    compact otherwise (fewer passes; the same masks up to near-ties); ``fp32`` or ``compact`` forces one.
 
     Example:
         >>> masks = select(model, SparseConfig(density=0.01, scorer="fisher"), dataloader)  # doctest: +SKIP
     """
+    if stat_precision not in STAT_PRECISIONS:
+        raise ConfigError(f"stat_precision must be one of {STAT_PRECISIONS}, got {stat_precision!r}")
     scorer = get_scorer(cfg.scorer)
     stats = required_stats(cfg.scorer, cfg.scorer_weights)  # also validates the parts of `combined`
     targets = find_targets(model, cfg.target_modules)
@@ -102,11 +128,12 @@ def select(
             allocator.k_total,
             isinstance(allocator, GlobalTopK),
         )
-        groups = plan_passes(sizes, STAT_BYTES * len(stats), budget)
+        groups, compact = plan_statistics(sizes, len(stats), budget, stat_precision)
     for group in groups:
-        sums = accumulate_gradients(model, {n: targets[n] for n in group}, batches, stats) if stats else {}
+        sums = accumulate_gradients(model, {n: targets[n] for n in group}, batches, stats, compact) if stats else {}
         for name in group:
-            module_sums = sums.pop(name, {})  # popped: this module's sums are freed once it is scored
+            # popped: this module's sums are freed once it is scored
+            module_sums = {stat: total.value() for stat, total in sums.pop(name, {}).items()}
             ctx = ScoreContext(
                 name=name,
                 weight=targets[name].weight,
