@@ -343,3 +343,54 @@ def test_batched_greedy_generation_equals_one_by_one():
     batched = generate_texts(model, tok, prompts, max_new_tokens=6, batch_size=3)
     single = [generate_texts(model, tok, [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
     assert batched == single and all(isinstance(t, str) for t in batched)
+
+
+# ---------------------------------------------------------------- per-example scores and validation splits
+
+
+def test_classification_per_example_scores_average_to_the_unchanged_accuracy():
+    model, tok, task = make_tiny_llama(), char_tokenizer(chat=True), get_task("routing")
+    records = task.load(ROUTING_DATA / "test.jsonl", limit=6)
+    metrics, per_example = task.evaluate_detailed(model, tok, records, batch_size=4, progress=False)
+    assert metrics == task.evaluate(model, tok, records, batch_size=4, progress=False)
+    assert len(per_example["accuracy"]) == len(records) and set(per_example["accuracy"]) <= {0.0, 1.0}
+    assert sum(per_example["accuracy"]) / len(records) == metrics["accuracy"]
+
+
+def test_qa_per_example_scores_average_to_the_unchanged_metrics(tmp_path):
+    model, tok, task = make_tiny_llama(), char_tokenizer(), get_task("squad")
+    records = task.load(squad_file(tmp_path))
+    metrics, per_example = task.evaluate_detailed(model, tok, records, batch_size=2, progress=False)
+    assert metrics == task.evaluate(model, tok, records, batch_size=2, progress=False)
+    predictions = task.predict(model, tok, records, batch_size=2)
+    assert per_example["f1"] == [best_over_references(token_f1, p, r["answers"]) for p, r in zip(predictions, records)]
+    for name in ("f1", "exact_match"):
+        assert sum(per_example[name]) / len(records) == metrics[name]
+
+
+def test_rouge_per_example_scores_average_to_the_unchanged_means():
+    from sparseft.tasks.summarization import rouge_scores_detailed
+
+    predictions, references = ["the cat sat on the mat", "dogs bark"], ["the cat sat", "a cat sleeps"]
+    means, per_example = rouge_scores_detailed(predictions, references)
+    assert means == rouge_scores(predictions, references)
+    assert per_example["rouge1"][0] == pytest.approx(2 * 1.0 * 0.5 / 1.5)  # precision 3/6, recall 3/3
+    assert per_example["rouge1"][1] == 0.0
+    assert sum(per_example["rougeL"]) / 2 == means["rougeL"]
+
+
+def test_validation_splits_are_disjoint_from_fit_and_cover_the_file(tmp_path):
+    sst2 = tmp_path / "train.tsv"
+    sst2.write_text("sentence\tlabel\n" + "".join(f"sentence {i} .\t{i % 2}\n" for i in range(120)))
+    fit, val = (get_task(n).load(sst2) for n in ("sst2-fit", "sst2-val"))
+    assert [r["text"] for r in val] == [f"sentence {i} ." for i in (0, 50, 100)]
+    assert len(fit) == 117 and not {r["text"] for r in fit} & {r["text"] for r in val}
+    samsum = tmp_path / "dialogues.jsonl"
+    samsum.write_text("".join(json.dumps({"dialogue": f"A: hi {i}", "summary": f"s{i}"}) + "\n" for i in range(12)))
+    fit, val = (get_task(n).load(samsum) for n in ("samsum-fit", "samsum-val"))
+    assert [r["summary"] for r in val] == ["s0", "s5", "s10"] and len(fit) == 9
+    assert get_task("samsum-val").load(samsum, limit=2) == val[:2]  # the limit applies within the split
+    squad = squad_file(tmp_path, n_articles=48)
+    parts = {n: {r["id"] for r in get_task(n).load(squad)} for n in ("squad-fit", "squad-val", "squad-heldout")}
+    assert sum(map(len, parts.values())) == len(get_task("squad").load(squad))
+    assert not (parts["squad-fit"] & parts["squad-val"] or parts["squad-val"] & parts["squad-heldout"])

@@ -74,6 +74,21 @@ def evaluate_records(
     return metrics, len(records), time.perf_counter() - start
 
 
+def evaluate_records_detailed(
+    model, tokenizer, task: Task, records: list[dict], batch_size: int = 8, progress: bool = True
+) -> tuple[dict[str, float], dict[str, list[float]], int, float]:
+    """Like ``evaluate_records``, plus each example's score per metric (``Task.evaluate_detailed``),
+    which paired comparisons between models (``sparseft.bench.stats``) need."""
+    start = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    try:
+        metrics, per_example = task.evaluate_detailed(model, tokenizer, records, batch_size=batch_size, progress=progress)
+    finally:
+        model.train(was_training)
+    return metrics, per_example, len(records), time.perf_counter() - start
+
+
 def run_eval(
     model_name: str,
     task_name: str | Task,

@@ -49,6 +49,7 @@ class RunSpec:
     num_params: int | None = None  # sparse only; exact budget instead of a density
     lora_rank: int | str | None = None  # lora only: an int, or "match" (rank matching the sparse budget)
     calibration_batches: int | None = None  # sparse data scorers only
+    seed: int | None = None  # the grid's seed when None; the test stage of a protocol sets one per row
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -80,6 +81,13 @@ class BenchConfig:
     threads: int | None = None
     device: str = "auto"
     row_timeout_s: float = 3600.0
+    # The protocol (``sparseft bench --stage validation|test``, see bench/protocol.py): learning rates are
+    # chosen on the validation split, disjoint from both the training rows and the scored eval split, and
+    # the chosen row of each method then runs with every seed of ``seeds`` on the eval (test) split.
+    validation_task: str | None = None
+    validation_data: str | None = None
+    validation_limit: int | None = None
+    seeds: list[int] | None = None
     source: str = ""  # the YAML file this came from (filled by load_bench_config)
 
     def to_dict(self) -> dict[str, Any]:
@@ -138,15 +146,68 @@ def parse_bench_config(
         fields[key] = value if value.startswith(HF_PREFIX) else resolve_path(value, base_dir, root)
     from ..tasks.taskfile import looks_like_task_file
 
-    for key in ("task", "eval_task"):  # a task file, like the data, is found next to the config
+    for key in ("task", "eval_task", "validation_task"):  # a task file, like the data, is found next to the config
         if isinstance(fields.get(key), str) and looks_like_task_file(fields[key]):
             fields[key] = resolve_path(fields[key], base_dir, root)
+    if fields.get("validation_data") is not None:
+        fields["validation_data"] = resolve_path(str(fields["validation_data"]), base_dir, root)
     if isinstance(fields["model"], str) and fields["model"].startswith((".", "$")):
         fields["model"] = resolve_path(fields["model"], base_dir, root)
-    fields["runs"] = parse_runs(fields["runs"], where)
+    fields["runs"] = parse_runs(expand_lr_grids(fields["runs"], where), where)
     cfg = BenchConfig(**fields, source=where)
     check_grid_values(cfg, where)
+    check_protocol_values(cfg, where)
     return cfg
+
+
+def lr_row_id(row_id: str, lr: float) -> str:
+    """The id of one point of a row's lr grid, e.g. ``sparse-combined-lr0.001``."""
+    return f"{row_id}-lr{lr:g}"
+
+
+def expand_lr_grids(raw_runs: Any, where: str) -> Any:
+    """A row whose ``lr`` is a list becomes one row per learning rate (ids from ``lr_row_id``)."""
+    if not isinstance(raw_runs, list):
+        return raw_runs
+    expanded = []
+    for i, item in enumerate(raw_runs):
+        if not (isinstance(item, dict) and isinstance(item.get("lr"), list)):
+            expanded.append(item)
+            continue
+        if not item["lr"] or not all(isinstance(lr, (int, float)) and lr > 0 for lr in item["lr"]):
+            raise ConfigError(f"{where}: runs[{i}] ({item.get('id')}): an lr grid must be a non-empty list of "
+                              f"positive numbers, got {item['lr']!r}")
+        expanded += [{**item, "id": lr_row_id(str(item.get("id")), float(lr)), "lr": float(lr)} for lr in item["lr"]]
+    return expanded
+
+
+def check_protocol_values(cfg: BenchConfig, where: str) -> None:
+    """The validation split and seeds, when given (both are needed for ``--stage``)."""
+    from ..tasks import get_task
+
+    if (cfg.validation_task is None) != (cfg.validation_data is None):
+        raise ConfigError(f"{where}: validation_task and validation_data go together (the validation split)")
+    if cfg.validation_task is not None:
+        try:
+            validation = get_task(cfg.validation_task)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: validation_task: {e}") from None
+        if validation.family != get_task(cfg.task).family:
+            raise ConfigError(f"{where}: validation_task {cfg.validation_task!r} is a {validation.family} task but "
+                              f"task {cfg.task!r} is {get_task(cfg.task).family}")
+        if (cfg.validation_task, cfg.validation_data) in ((cfg.evaluated_task, cfg.eval_data), (cfg.task, cfg.train_data)):
+            raise ConfigError(f"{where}: the validation split ({cfg.validation_task} on {cfg.validation_data}) must "
+                              "differ from the training rows and the scored eval split")
+        if not Path(cfg.validation_data).exists():
+            raise ConfigError(f"{where}: validation_data {cfg.validation_data} does not exist")
+    if cfg.validation_limit is not None and (not isinstance(cfg.validation_limit, int) or cfg.validation_limit < 1):
+        raise ConfigError(f"{where}: validation_limit must be a positive integer or absent, got {cfg.validation_limit!r}")
+    if cfg.seeds is not None:
+        seeds = cfg.seeds
+        if not isinstance(seeds, list) or not seeds or not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds):
+            raise ConfigError(f"{where}: seeds must be a non-empty list of integers, got {seeds!r}")
+        if len(set(seeds)) != len(seeds):
+            raise ConfigError(f"{where}: seeds repeat a seed: {seeds!r}")
 
 
 def resolve_path(value: str, base_dir: Path | None, data_root: str) -> str:
@@ -188,6 +249,8 @@ def check_run(run: RunSpec, at: str) -> None:
         raise ConfigError(f"{at} ({run.id}): method must be one of {tuple(training_methods())}, got {run.method!r}")
     if not isinstance(run.lr, (int, float)) or run.lr <= 0:
         raise ConfigError(f"{at} ({run.id}): lr must be a positive number, got {run.lr!r}")
+    if run.seed is not None and (not isinstance(run.seed, int) or isinstance(run.seed, bool)):
+        raise ConfigError(f"{at} ({run.id}): seed must be an integer, got {run.seed!r}")
     method = get_method(run.method)
     for knob in KNOBS:
         if getattr(run, knob) is not None and knob not in method.run_knobs:

@@ -34,13 +34,14 @@ LOG_TAIL_CHARS = 2000
 
 def run_grid(
     cfg: BenchConfig, out: str | os.PathLike, command: str = "", plots: bool = True,
-    resume: bool = False, overwrite: bool = False,
+    resume: bool = False, overwrite: bool = False, protocol: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run every row of ``cfg`` into ``out``; returns the results (also in ``out/results.json``).
 
     With ``resume``, rows that finished ``ok`` in ``out`` by an earlier run of the same job (same spec,
     same training file, same machine) are kept as they are and only the others run. Results already in
     ``out`` are otherwise refused unless ``overwrite``: hours of measurement are not lost to a typo.
+    ``protocol`` is stored as the results' ``protocol`` field (the stage of ``bench.protocol``).
     """
     out = Path(out)
     if not (resume or overwrite) and (out / RESULTS_NAME).is_file():
@@ -51,6 +52,8 @@ def run_grid(
     model = prepare_model(cfg, out)
     train_file, train_rows, skipped = prepare_train_file(cfg, model, out / TRAIN_FILE_NAME, keep_same=resume)
     results = new_results(cfg, command, model, len(train_rows), skipped)
+    if protocol is not None:
+        results["protocol"] = protocol  # which stage of the protocol this is, and what it chose (bench/protocol.py)
     kept = {}
     if earlier is not None:
         kept = reusable_rows(cfg, earlier, model, train_file, out)
@@ -240,8 +243,10 @@ def row_id_of(spec: RunSpec | None) -> str:
 def worker_spec(cfg: BenchConfig, spec: RunSpec | None, model: str, train_file: Path, row_dir: Path) -> dict[str, Any]:
     """Everything one worker process needs, as plain JSON."""
     run = spec.to_dict() if spec else {"id": BASE_ROW_ID, "method": "base"}
+    if run.get("seed", 0) is None:
+        del run["seed"]  # the grid's seed: specs stay as they were before rows could carry one (--resume)
     run = get_method(run["method"]).complete_run(run, cfg.density)
-    return {
+    job = {
         "run": run,
         "model": model,
         "eval_task": cfg.evaluated_task,
@@ -260,6 +265,9 @@ def worker_spec(cfg: BenchConfig, spec: RunSpec | None, model: str, train_file: 
         "row_dir": str(row_dir),
         "result_path": str(row_dir / "row.json"),
     }
+    if spec is not None and spec.seed is not None:
+        job["seed"] = spec.seed  # a seeded row of a protocol's test stage
+    return job
 
 
 def run_row(cfg: BenchConfig, spec: RunSpec | None, model: str, train_file: Path, out: Path) -> dict[str, Any]:

@@ -191,6 +191,7 @@ def results_markdown(results: dict[str, Any]) -> str:
             "",
             results_table(results),
             "",
+            protocol_section(results),
             "Peak memory is the peak resident set size of the row's own process (CPU) or "
             "`torch.cuda.max_memory_allocated` (GPU); every row runs in a fresh process. Load avg is the "
             "machine's 1-minute load average when the row started → ended: times of rows run under "
@@ -198,3 +199,12 @@ def results_markdown(results: dict[str, Any]) -> str:
             "",
         ]
     )
+
+
+def protocol_section(results: dict[str, Any]) -> str:
+    """A stage of the validation/test protocol adds what it chose and the seed statistics (else nothing)."""
+    if not results.get("protocol"):
+        return ""
+    from .protocol import protocol_markdown
+
+    return protocol_markdown(results) + "\n"

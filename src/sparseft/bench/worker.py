@@ -131,19 +131,22 @@ def count_lines(path: str) -> int:
 
 def evaluate_row(job: dict[str, Any], row: dict[str, Any], device: str) -> None:
     """Task metrics on the eval split for the base, or the base with this row's artifact applied."""
-    from ..evaluate import evaluate_records
+    from ..evaluate import evaluate_records_detailed
     from ..loading import load_tokenizer
     from ..tasks import get_task
 
     task = get_task(job["eval_task"])
     records = task.load(job["eval_data"], job["eval_limit"])
     model = load_for_eval(job, row).to(device)
-    metrics, count, wall_s = evaluate_records(model, load_tokenizer(job["model"]), task, records,
-                                              batch_size=job.get("eval_batch_size") or 8, progress=False)
+    metrics, per_example, count, wall_s = evaluate_records_detailed(
+        model, load_tokenizer(job["model"]), task, records, batch_size=job.get("eval_batch_size") or 8, progress=False)
     row["eval_wall_s"] = round(wall_s, 3)
     row["metrics"] = {k: float(v) for k, v in metrics.items()}
     row["eval_examples"] = count
     row["primary_metric"] = task.primary_metric or next(iter(metrics))
+    # The primary metric of every example, in the eval split's order: paired bootstrap intervals need them.
+    row["per_example"] = {row["primary_metric"]: [round(x, 6) for x in per_example[row["primary_metric"]]]
+                          } if row["primary_metric"] in per_example else None
     if not row_method(job).trains:
         row["total_params"] = sum(p.numel() for p in model.parameters())
 

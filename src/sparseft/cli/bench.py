@@ -5,6 +5,8 @@ from __future__ import annotations
 import shlex
 import sys
 
+from ..errors import ConfigError
+
 
 def add_parser(sub):
     p = sub.add_parser(
@@ -27,6 +29,11 @@ def add_parser(sub):
                        help="continue a grid cut short in --out: rows that finished ok with the same spec, training "
                        "rows and machine are kept, the others run")
     again.add_argument("--overwrite", action="store_true", help="start over in an --out that holds earlier results")
+    p.add_argument("--stage", choices=["validation", "test"], default=None,
+                   help="run one stage of the protocol (the config needs validation_task, validation_data and "
+                   "seeds): 'validation' scores every row (each lr of each grid) on the validation split into "
+                   "OUT/validation; 'test' runs, per method, the best validation row once per seed on the test "
+                   "split into OUT/test, with mean ± std and paired bootstrap intervals (sparse − LoRA, sparse − full)")
     p.add_argument("--no-report", action="store_true", help="skip report.md at the end")
     return p
 
@@ -36,12 +43,20 @@ def run(args) -> int:
     from ..bench.config import only_rows
 
     cfg = load_bench_config(args.config, data_root=args.data_root)
+    if args.only and args.stage == "test":
+        raise ConfigError("--only applies to the validation stage; the test stage runs the chosen rows of every method")
     if args.only:
         cfg = only_rows(cfg, args.only)
     out = args.out or f"runs/bench-{cfg.name}"
     command = "sparseft " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["bench"] else ""
-    results = run_grid(cfg, out, command=command or f"sparseft bench {args.config} --out {out}",
-                       resume=args.resume, overwrite=args.overwrite)
+    command = command or f"sparseft bench {args.config} --out {out}" + (f" --stage {args.stage}" if args.stage else "")
+    if args.stage:
+        from ..bench.protocol import run_stage, stage_dir
+
+        results = run_stage(cfg, args.stage, out, command=command, resume=args.resume, overwrite=args.overwrite)
+        out = str(stage_dir(out, args.stage))
+    else:
+        results = run_grid(cfg, out, command=command, resume=args.resume, overwrite=args.overwrite)
     if not args.no_report:
         write_report(f"{out}/results.json", html_page=True)
     failed = [r["id"] for r in results["rows"] if r["status"] != "ok"]

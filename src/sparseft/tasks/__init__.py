@@ -16,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import ConfigError
-from .base import Task, completion_text, render_prompt
+from .base import RowSplit, Task, completion_text, render_prompt
 from .classification import ClassificationTask, read_labelled_jsonl, read_sst2_tsv
 from .qa import QATask
 from .summarization import SummarizationTask
@@ -70,11 +70,26 @@ register_task(QATask(name="squad-train", articles=slice(0, 40)))
 register_task(QATask(name="squad-heldout", articles=slice(40, None)))
 register_task(SummarizationTask(name="samsum"))
 
+# Validation splits for choosing learning rates (and scorers) without touching the scored test split
+# (``sparseft bench --stage validation``): each ``-fit`` task trains on a file, its ``-val`` partner
+# holds out every n-th record of the same file, and the test split is another file or other articles.
+SST2_TEMPLATE = TASKS["sst2"].template
+for part, suffix in (("fit", "fit"), ("validation", "val")):
+    # SST-2: test = dev.tsv (872); validation = every 50th row of train.tsv (1,347 rows), fit = the rest.
+    register_task(ClassificationTask(name=f"sst2-{suffix}", template=SST2_TEMPLATE, labels=["negative", "positive"],
+                                     reader=read_sst2_tsv, split=RowSplit(50, part)))
+    # SAMSum: test = test.jsonl (819); validation = every 5th dialogue of validation.jsonl (164), fit = the rest (654).
+    register_task(SummarizationTask(name=f"samsum-{suffix}", split=RowSplit(5, part)))
+# SQuAD by article: fit 0-35, validation 36-39, test = squad-heldout (40-47, as in the committed results).
+register_task(QATask(name="squad-fit", articles=slice(0, 36)))
+register_task(QATask(name="squad-val", articles=slice(36, 40)))
+
 __all__ = [
     "ROUTING_DATA",
     "TASKS",
     "ClassificationTask",
     "QATask",
+    "RowSplit",
     "SummarizationTask",
     "Task",
     "classification_from_flags",

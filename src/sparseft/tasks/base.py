@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any
 
 from ..loading import prompt_prefix
@@ -50,6 +51,27 @@ def encode_completion(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+@dataclass(frozen=True)
+class RowSplit:
+    """A deterministic hold-out of one data file: record i is held out when ``i % every == 0``.
+
+    ``part="fit"`` keeps the other records (to train on), ``part="validation"`` the held-out ones (to
+    choose learning rates on); the two parts of a file never share a record. Spread through the file,
+    so both parts see its whole range, also in a small file.
+    """
+
+    every: int
+    part: str  # "fit" or "validation"
+
+    def __post_init__(self) -> None:
+        if self.every < 2 or self.part not in ("fit", "validation"):
+            raise ValueError(f"RowSplit needs every >= 2 and part 'fit' or 'validation', got {self}")
+
+    def apply(self, records: list) -> list:
+        held_out = self.part == "validation"
+        return [r for i, r in enumerate(records) if (i % self.every == 0) == held_out]
+
+
 class Task(ABC):
     """A prompt format + a data loader + a metric.
 
@@ -76,6 +98,14 @@ class Task(ABC):
     @abstractmethod
     def evaluate(self, model, tokenizer, records: list[Record], batch_size: int = 8, progress: bool = True) -> dict:
         """Metrics (fractions in [0, 1]) of ``model`` on ``records``."""
+
+    def evaluate_detailed(
+        self, model, tokenizer, records: list[Record], batch_size: int = 8, progress: bool = True
+    ) -> tuple[dict, dict[str, list[float]]]:
+        """``(metrics, per-example scores)``: the metrics of ``evaluate`` and, for each metric that is a
+        mean over examples, every example's own score (in record order), for paired comparisons.
+        Tasks that do not score examples one by one return no per-example scores."""
+        return self.evaluate(model, tokenizer, records, batch_size=batch_size, progress=progress), {}
 
     def prompt(self, tokenizer, record: Record) -> str:
         return render_prompt(tokenizer, self.instruction(record))

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import DataFormatError
-from .base import Record, Task, completion_text, encode_completion, encode_prompt
+from .base import Record, RowSplit, Task, completion_text, encode_completion, encode_prompt
 from ..files import existing_file, read_objects, take, text_field
 from ..hfdata import dataset_rows, is_dataset_spec
 from ..loading import pad_token_id
@@ -96,9 +96,12 @@ class ClassificationTask(Task):
     labels: list[str]
     reader: Reader = field(repr=False)
     family: str = "classification"
+    split: RowSplit | None = None  # a fit / validation part of the file (None: all of it)
 
     def load(self, path, limit=None):
         records = self.reader(path, self.labels)
+        if self.split is not None:
+            records = self.split.apply(records)
         if not records:
             raise DataFormatError(f"{path}: no examples")
         return take(records, limit)
@@ -116,13 +119,17 @@ class ClassificationTask(Task):
         return score_completions(model, prompts, completions, batch_size, pad_token_id(tokenizer), progress)
 
     def evaluate(self, model, tokenizer, records, batch_size=8, progress=True):
+        return self.evaluate_detailed(model, tokenizer, records, batch_size, progress)[0]
+
+    def evaluate_detailed(self, model, tokenizer, records, batch_size=8, progress=True):
         predictions = self.label_scores(model, tokenizer, records, batch_size, progress).argmax(-1).tolist()
         gold = [r["label"] for r in records]
         per_label = {
             label: sum(p == g == i for p, g in zip(predictions, gold)) / max(1, gold.count(i))
             for i, label in enumerate(self.labels)
         }
-        return {
+        metrics = {
             "accuracy": sum(p == g for p, g in zip(predictions, gold)) / len(gold),
             **{f"recall/{label}": recall for label, recall in per_label.items()},
         }
+        return metrics, {"accuracy": [float(p == g) for p, g in zip(predictions, gold)]}

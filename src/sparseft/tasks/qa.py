@@ -167,10 +167,14 @@ class QATask(Task):
         return [t.split("\n")[0].strip() for t in texts]
 
     def evaluate(self, model, tokenizer, records, batch_size=8, progress=True):
+        return self.evaluate_detailed(model, tokenizer, records, batch_size, progress)[0]
+
+    def evaluate_detailed(self, model, tokenizer, records, batch_size=8, progress=True):
         predictions = self.predict(model, tokenizer, records, batch_size, progress)
         refs = [r["answers"] for r in records]
         n = len(records)
-        return {
-            "exact_match": sum(best_over_references(exact_match, p, r) for p, r in zip(predictions, refs)) / n,
-            "f1": sum(best_over_references(token_f1, p, r) for p, r in zip(predictions, refs)) / n,
+        per_example = {
+            "exact_match": [best_over_references(exact_match, p, r) for p, r in zip(predictions, refs)],
+            "f1": [best_over_references(token_f1, p, r) for p, r in zip(predictions, refs)],
         }
+        return {name: sum(scores) / n for name, scores in per_example.items()}, per_example

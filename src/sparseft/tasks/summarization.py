@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import DataFormatError
-from .base import Task, encode_prompt
+from .base import RowSplit, Task, encode_prompt
 from ..files import read_objects, take, text_field
 from .inference import generate_texts
 
@@ -24,15 +24,22 @@ def read_dialogue_jsonl(path) -> list[dict]:
 
 def rouge_scores(predictions: list[str], references: list[str]) -> dict[str, float]:
     """Mean ROUGE-1/2/L F-measure (``rouge-score`` with the Porter stemmer)."""
+    return rouge_scores_detailed(predictions, references)[0]
+
+
+def rouge_scores_detailed(predictions: list[str], references: list[str]) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """``(mean ROUGE-1/2/L F-measure, each example's)``; the means are summed in the examples' order."""
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
     totals = dict.fromkeys(ROUGE_TYPES, 0.0)
+    per_example: dict[str, list[float]] = {kind: [] for kind in ROUGE_TYPES}
     for prediction, reference in zip(predictions, references, strict=True):
         scores = scorer.score(reference, prediction)
         for kind in ROUGE_TYPES:
             totals[kind] += scores[kind].fmeasure
-    return {kind: total / max(1, len(predictions)) for kind, total in totals.items()}
+            per_example[kind].append(scores[kind].fmeasure)
+    return {kind: total / max(1, len(predictions)) for kind, total in totals.items()}, per_example
 
 
 @dataclass
@@ -42,10 +49,13 @@ class SummarizationTask(Task):
     name: str = "samsum"
     max_new_tokens: int = 64
     family: str = "summarization"
+    split: RowSplit | None = None  # a fit / validation part of the file (None: all of it)
     template: str = "Summarize the following conversation in one or two sentences.\n\n{dialogue}"
 
     def load(self, path, limit=None):
         records = read_dialogue_jsonl(path)
+        if self.split is not None:
+            records = self.split.apply(records)
         if not records:
             raise DataFormatError(f"{path}: no dialogues")
         return take(records, limit)
@@ -61,5 +71,8 @@ class SummarizationTask(Task):
         return generate_texts(model, tokenizer, prompts, self.max_new_tokens, batch_size, progress)
 
     def evaluate(self, model, tokenizer, records, batch_size=8, progress=True):
+        return self.evaluate_detailed(model, tokenizer, records, batch_size, progress)[0]
+
+    def evaluate_detailed(self, model, tokenizer, records, batch_size=8, progress=True):
         predictions = self.predict(model, tokenizer, records, batch_size, progress)
-        return rouge_scores(predictions, [r["summary"] for r in records])
+        return rouge_scores_detailed(predictions, [r["summary"] for r in records])

@@ -1,0 +1,192 @@
+"""The two-stage protocol: choose on validation, compare on test with several seeds.
+
+One config, two stages (``sparseft bench CONFIG --stage validation|test --out DIR``):
+
+- ``validation`` (→ ``DIR/validation/``): every row (each point of each lr grid) trains on the
+  training rows and is scored on the validation split (``validation_task`` on ``validation_data``),
+  which shares no example with the training rows nor with the scored test split.
+- ``test`` (→ ``DIR/test/``): per method, the row with the best validation score (first in config
+  order on a tie) is run once per seed of ``seeds`` and scored on the test split (``eval_task`` on
+  ``eval_data``). The results then hold, per method, mean ± std over seeds and, for sparse − LoRA and
+  sparse − full, a paired bootstrap interval over test examples (``bench.stats``).
+
+The learning rate, and for sparse the scorer, is thus never chosen on the examples it is scored on.
+A tiny model (``model: {tiny: ...}``) is built once into ``DIR/tiny-model`` from every split's text,
+so both stages train the same model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from .config import BenchConfig, RunSpec
+from .grid import RESULTS_NAME, run_grid, save
+from .stats import CONFIDENCE, mean_std, paired_bootstrap, seed_averaged
+
+STAGES = ("validation", "test")
+COMPARISONS = (("sparse", "lora"), ("sparse", "full"))
+
+
+def stage_dir(out: str | os.PathLike, stage: str) -> Path:
+    return Path(out) / stage
+
+
+def require_protocol(cfg: BenchConfig, stage: str) -> None:
+    if stage not in STAGES:
+        raise ConfigError(f"--stage must be one of {STAGES}, got {stage!r}")
+    missing = [name for name in ("validation_task", "validation_data", "seeds") if getattr(cfg, name) is None]
+    if missing:
+        raise ConfigError(f"{cfg.source}: --stage needs {', '.join(missing)} in the config (the validation split "
+                          "and the test seeds)")
+
+
+def for_validation(cfg: BenchConfig) -> BenchConfig:
+    """Every row scored on the validation split (no base row: nothing is chosen from it)."""
+    return dataclasses.replace(
+        cfg, name=f"{cfg.name}-validation", eval_task=cfg.validation_task, eval_data=cfg.validation_data,
+        eval_limit=cfg.validation_limit, eval_base=False,
+    )
+
+
+def best_rows(cfg: BenchConfig, validation: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{method: {"row", "metric", "value", "lr"}}``: per method, the best ok validation row of this config."""
+    if validation.get("protocol", {}).get("stage") != "validation":
+        raise ConfigError("the validation results are not from a validation stage (no protocol.stage 'validation')")
+    specs = {run.id: run for run in cfg.runs}
+    chosen: dict[str, dict[str, Any]] = {}
+    for row in validation["rows"]:
+        spec = specs.get(row["id"])
+        if row.get("status") != "ok" or spec is None or spec.method != row.get("method"):
+            continue
+        metric = row["primary_metric"]
+        value = float(row["metrics"][metric])
+        if spec.method not in chosen or value > chosen[spec.method]["value"]:
+            chosen[spec.method] = {"row": spec.id, "metric": metric, "value": value, "lr": spec.lr,
+                                   "scorer": spec.scorer}
+    missing = sorted({run.method for run in cfg.runs} - set(chosen))
+    if missing:
+        raise ConfigError(f"no ok validation row for method(s) {', '.join(missing)}: run or --resume the validation "
+                          "stage first")
+    return chosen
+
+
+def for_test(cfg: BenchConfig, chosen: dict[str, dict[str, Any]]) -> BenchConfig:
+    """The chosen row of each method, once per seed, scored on the test split."""
+    specs = {run.id: run for run in cfg.runs}
+    runs = [
+        dataclasses.replace(specs[pick["row"]], id=f"{pick['row']}-seed{seed}", seed=seed)
+        for pick in chosen.values()
+        for seed in cfg.seeds or []
+    ]
+    return dataclasses.replace(cfg, name=f"{cfg.name}-test", runs=runs)
+
+
+def run_stage(
+    cfg: BenchConfig, stage: str, out: str | os.PathLike, command: str = "", resume: bool = False,
+    overwrite: bool = False, plots: bool = True,
+) -> dict[str, Any]:
+    """Run one stage of ``cfg`` into ``out/<stage>``; returns its results (also in ``results.json``)."""
+    require_protocol(cfg, stage)
+    cfg = with_shared_tiny_model(cfg, Path(out))
+    if stage == "validation":
+        protocol = {"stage": "validation", "validation_task": cfg.validation_task, "validation_data": cfg.validation_data}
+        return run_grid(for_validation(cfg), stage_dir(out, stage), command=command, plots=plots, resume=resume,
+                        overwrite=overwrite, protocol=protocol)
+    from .results import read_results
+
+    validation_path = stage_dir(out, "validation") / RESULTS_NAME
+    if not validation_path.is_file():
+        raise ConfigError(f"{validation_path} does not exist: run --stage validation with the same --out first")
+    chosen = best_rows(cfg, read_results(validation_path))
+    protocol = {"stage": "test", "seeds": list(cfg.seeds or []), "chosen_on_validation": chosen,
+                "validation_results": str(validation_path)}
+    results = run_grid(for_test(cfg, chosen), stage_dir(out, stage), command=command, plots=plots, resume=resume,
+                       overwrite=overwrite, protocol=protocol)
+    results["protocol"]["summary"] = summarize(results)
+    save(results, stage_dir(out, stage))
+    return results
+
+
+def with_shared_tiny_model(cfg: BenchConfig, out: Path) -> BenchConfig:
+    """A tiny model built once for both stages, its vocabulary covering every split's text."""
+    if not isinstance(cfg.model, dict):
+        return cfg
+    from ..tasks import get_task
+    from .shapes import build_tiny_model_dir
+
+    model_dir = out / "tiny-model"
+    if not (model_dir / "config.json").is_file():
+        texts = [v for row in get_task(cfg.task).training_rows(cfg.train_data, cfg.train_limit) for v in row.values()]
+        for task_name, data, limit in ((cfg.validation_task, cfg.validation_data, cfg.validation_limit),
+                                       (cfg.evaluated_task, cfg.eval_data, cfg.eval_limit)):
+            task = get_task(task_name)
+            texts += [task.prompt(None, r) + " " + task.target(r) for r in task.load(data, limit)]
+        build_tiny_model_dir(model_dir, texts, shape=cfg.model.get("tiny") or {}, seed=cfg.seed)
+    return dataclasses.replace(cfg, model=str(model_dir.resolve()))
+
+
+# ---------------------------------------------------------------- the comparison
+
+
+def summarize(results: dict[str, Any]) -> dict[str, Any]:
+    """Per method: mean ± std of the primary metric over seeds; per comparison: the paired bootstrap interval."""
+    metric = results["task"]["primary_metric"]
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for row in results["rows"]:
+        if row.get("status") == "ok" and row.get("method") != "base":
+            by_method.setdefault(row["method"], []).append(row)
+    methods = {}
+    for method, rows in by_method.items():
+        mean, std = mean_std([float(r["metrics"][metric]) for r in rows])
+        methods[method] = {"mean": mean, "std": std, "seeds": [r["seed"] for r in rows], "rows": [r["id"] for r in rows]}
+    comparisons = {}
+    for a, b in COMPARISONS:
+        scores_a, scores_b = per_example(by_method.get(a, []), metric), per_example(by_method.get(b, []), metric)
+        if scores_a is not None and scores_b is not None and len(scores_a) == len(scores_b):
+            comparisons[f"{a}-{b}"] = paired_bootstrap(scores_a, scores_b).to_dict()
+    return {"metric": metric, "methods": methods, "paired_bootstrap": comparisons}
+
+
+def per_example(rows: list[dict[str, Any]], metric: str) -> list[float] | None:
+    """The method's per-example scores averaged over its seeds (None when a row did not keep them)."""
+    lists = [(r.get("per_example") or {}).get(metric) for r in rows]
+    if not lists or any(scores is None for scores in lists):
+        return None
+    return seed_averaged(lists)
+
+
+def protocol_markdown(results: dict[str, Any]) -> str:
+    """The protocol section of results.md: what was chosen on validation, mean ± std, the intervals."""
+    protocol = results.get("protocol") or {}
+    if protocol.get("stage") == "validation":
+        return (f"Validation stage: rows scored on `{protocol.get('validation_task')}` "
+                f"(`{protocol.get('validation_data')}`), not on the test split; `--stage test` runs the best row "
+                "of each method with every seed.\n")
+    summary = protocol.get("summary")
+    if protocol.get("stage") != "test" or not summary:
+        return ""
+    metric = summary["metric"]
+    lines = ["## Protocol: chosen on validation, scored on test", "",
+             f"Seeds {protocol.get('seeds')}; rows chosen on `{protocol.get('validation_results')}`.", "",
+             f"| method | chosen row (validation {metric}) | test {metric}: mean ± std over seeds | seeds |",
+             "|---|---|---|---|"]
+    for method, pick in protocol.get("chosen_on_validation", {}).items():
+        stats = summary["methods"].get(method)
+        shown = f"{100 * stats['mean']:.2f} ± {100 * stats['std']:.2f}" if stats else "– (no ok row)"
+        lines.append(f"| {method} | `{pick['row']}` ({100 * pick['value']:.2f}) | {shown} | "
+                     f"{len(stats['seeds']) if stats else 0} |")
+    lines += ["", f"| difference ({metric}, points) | mean | {100 * CONFIDENCE:.0f}% paired bootstrap interval | "
+              "examples | excludes 0? |", "|---|---|---|---|---|"]
+    for name, ci in summary["paired_bootstrap"].items():
+        excludes = ci["low"] > 0 or ci["high"] < 0
+        lines.append(f"| {name.replace('-', ' − ')} | {100 * ci['mean']:+.2f} | [{100 * ci['low']:+.2f}, "
+                     f"{100 * ci['high']:+.2f}] | {ci['examples']} | {'yes' if excludes else 'no'} |")
+    lines += ["", "Intervals resample test examples (the same draw for both methods) over each method's "
+              "per-example scores averaged over its seeds; they cover the test set's sampling, not seed-to-seed "
+              "variation beyond that average.", ""]
+    return "\n".join(lines)
+
