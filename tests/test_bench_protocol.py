@@ -200,3 +200,20 @@ def test_tiny_protocol_chooses_on_validation_and_runs_the_test_stage_with_two_se
     assert "Protocol: chosen on validation, scored on test" in (out / "test" / "results.md").read_text()
     # Both stages trained the one tiny model built from every split's text.
     assert validation["model"]["path"] == test["model"]["path"] == str((out / "tiny-model").resolve())
+
+
+def test_shipped_protocol_configs_parse_and_keep_three_disjoint_splits(tmp_path):
+    (tmp_path / "sst2").mkdir()
+    (tmp_path / "sst2" / "train.tsv").write_text("sentence\tlabel\ngood .\t1\n")
+    (tmp_path / "sst2" / "dev.tsv").write_text("sentence\tlabel\ngood .\t1\n")
+    (tmp_path / "squad").mkdir()
+    (tmp_path / "squad" / "dev-v1.1.json").write_text('{"data": []}')
+    (tmp_path / "samsum").mkdir()
+    for name in ("validation.jsonl", "test.jsonl"):
+        (tmp_path / "samsum" / name).write_text('{"dialogue": "A: hi", "summary": "hi"}\n')
+    for task in ("sst2", "squad", "samsum"):
+        cfg = load_bench_config(ROOT / "examples" / "bench" / f"smollm2_{task}_protocol.yaml", data_root=str(tmp_path))
+        assert len(cfg.seeds) >= 3 and cfg.validation_task.endswith("-val") and cfg.task.endswith("-fit")
+        assert cfg.evaluated_task not in (cfg.task, cfg.validation_task)
+        assert {r.method for r in cfg.runs} == {"full", "lora", "sparse"}
+        assert all(len([r for r in cfg.runs if r.method == m]) >= 3 for m in ("full", "lora", "sparse"))

@@ -159,6 +159,40 @@ def per_example(rows: list[dict[str, Any]], metric: str) -> list[float] | None:
     return seed_averaged(lists)
 
 
+def protocol_tables(results: dict[str, Any]) -> list[tuple[list[str], list[list[str]]]]:
+    """``[(header, rows)]`` of a test stage: per method its chosen row and mean ± std, then the intervals."""
+    protocol, summary = results.get("protocol") or {}, (results.get("protocol") or {}).get("summary")
+    if protocol.get("stage") != "test" or not summary:
+        return []
+    metric = summary["metric"]
+    methods = []
+    for method, pick in protocol.get("chosen_on_validation", {}).items():
+        stats = summary["methods"].get(method)
+        shown = f"{100 * stats['mean']:.2f} ± {100 * stats['std']:.2f}" if stats else "– (no ok row)"
+        methods.append([method, f"`{pick['row']}` ({100 * pick['value']:.2f})", shown, str(len(stats["seeds"]) if stats else 0)])
+    intervals = []
+    for name, ci in summary["paired_bootstrap"].items():
+        excludes = ci["low"] > 0 or ci["high"] < 0
+        intervals.append([name.replace("-", " − "), f"{100 * ci['mean']:+.2f}",
+                          f"[{100 * ci['low']:+.2f}, {100 * ci['high']:+.2f}]", str(ci["examples"]), "yes" if excludes else "no"])
+    return [
+        (["method", f"chosen row (validation {metric})", f"test {metric}: mean ± std over seeds", "seeds"], methods),
+        ([f"difference ({metric}, points)", "mean", f"{100 * CONFIDENCE:.0f}% paired bootstrap interval", "examples",
+          "excludes 0?"], intervals),
+    ]
+
+
+PROTOCOL_TITLE = "Protocol: chosen on validation, scored on test"
+INTERVAL_NOTE = ("Intervals resample test examples (the same draw for both methods) over each method's per-example "
+                 "scores averaged over its seeds; they cover the test set's sampling, not seed-to-seed variation "
+                 "beyond that average. Rows elsewhere in this file are single seeds.")
+
+
+def protocol_intro(results: dict[str, Any]) -> str:
+    protocol = results["protocol"]
+    return f"Seeds {protocol.get('seeds')}; rows chosen on `{protocol.get('validation_results')}`."
+
+
 def protocol_markdown(results: dict[str, Any]) -> str:
     """The protocol section of results.md: what was chosen on validation, mean ± std, the intervals."""
     protocol = results.get("protocol") or {}
@@ -166,27 +200,23 @@ def protocol_markdown(results: dict[str, Any]) -> str:
         return (f"Validation stage: rows scored on `{protocol.get('validation_task')}` "
                 f"(`{protocol.get('validation_data')}`), not on the test split; `--stage test` runs the best row "
                 "of each method with every seed.\n")
-    summary = protocol.get("summary")
-    if protocol.get("stage") != "test" or not summary:
+    tables = protocol_tables(results)
+    if not tables:
         return ""
-    metric = summary["metric"]
-    lines = ["## Protocol: chosen on validation, scored on test", "",
-             f"Seeds {protocol.get('seeds')}; rows chosen on `{protocol.get('validation_results')}`.", "",
-             f"| method | chosen row (validation {metric}) | test {metric}: mean ± std over seeds | seeds |",
-             "|---|---|---|---|"]
-    for method, pick in protocol.get("chosen_on_validation", {}).items():
-        stats = summary["methods"].get(method)
-        shown = f"{100 * stats['mean']:.2f} ± {100 * stats['std']:.2f}" if stats else "– (no ok row)"
-        lines.append(f"| {method} | `{pick['row']}` ({100 * pick['value']:.2f}) | {shown} | "
-                     f"{len(stats['seeds']) if stats else 0} |")
-    lines += ["", f"| difference ({metric}, points) | mean | {100 * CONFIDENCE:.0f}% paired bootstrap interval | "
-              "examples | excludes 0? |", "|---|---|---|---|---|"]
-    for name, ci in summary["paired_bootstrap"].items():
-        excludes = ci["low"] > 0 or ci["high"] < 0
-        lines.append(f"| {name.replace('-', ' − ')} | {100 * ci['mean']:+.2f} | [{100 * ci['low']:+.2f}, "
-                     f"{100 * ci['high']:+.2f}] | {ci['examples']} | {'yes' if excludes else 'no'} |")
-    lines += ["", "Intervals resample test examples (the same draw for both methods) over each method's "
-              "per-example scores averaged over its seeds; they cover the test set's sampling, not seed-to-seed "
-              "variation beyond that average.", ""]
-    return "\n".join(lines)
+    lines = [f"## {PROTOCOL_TITLE}", "", protocol_intro(results), ""]
+    for header, rows in tables:
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(cells) + " |" for cells in rows] + [""]
+    return "\n".join(lines + [INTERVAL_NOTE, ""])
 
+
+def protocol_blocks(results: dict[str, Any]) -> list:
+    """The same section as report blocks (``bench.report``), first in a test stage's report."""
+    from .report import Block
+
+    tables = protocol_tables(results)
+    if not tables:
+        return []
+    blocks = [Block("h2", PROTOCOL_TITLE), Block("p", protocol_intro(results))]
+    blocks += [Block("table", header=header, rows=rows) for header, rows in tables]
+    return blocks + [Block("p", INTERVAL_NOTE)]

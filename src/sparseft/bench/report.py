@@ -317,9 +317,12 @@ def provenance_blocks(results: dict[str, Any]) -> list[Block]:
 
 
 def build_report(results: dict[str, Any], results_path: Path, out_path: Path) -> list[Block]:
+    from .protocol import protocol_blocks
+
     p = pick_rows(results)
     return (
         header_blocks(results, results_path)
+        + protocol_blocks(results)  # a protocol's test stage: seed statistics before any single-seed figure
         + bottom_line_blocks(p)
         + target_blocks(p)
         + side_by_side_blocks(p, results)
