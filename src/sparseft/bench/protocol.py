@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..methods import get_method
 from .config import BenchConfig, RunSpec
 from .grid import RESULTS_NAME, run_grid, save
 from .stats import CONFIDENCE, mean_std, paired_bootstrap, seed_averaged
@@ -137,7 +138,7 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
     metric = results["task"]["primary_metric"]
     by_method: dict[str, list[dict[str, Any]]] = {}
     for row in results["rows"]:
-        if row.get("status") == "ok" and row.get("method") != "base":
+        if row.get("status") == "ok" and get_method(row["method"]).trains:  # the base row trains nothing
             by_method.setdefault(row["method"], []).append(row)
     methods = {}
     for method, rows in by_method.items():

@@ -11,8 +11,8 @@ of all modules would not fit in one pass, ``select`` keeps them compact instead:
 per-module power of two (``StatSum``), 2 bytes per entry per statistic, which halves the passes
 (``combined`` on SmolLM2-135M in fp32: one pass instead of two). Each batch's sum is formed in fp32
 and rounded once to fp16's 11 significant bits (relative error <= 2**-11 per batch), and the scale
-keeps the module's largest sum near 2**14, so only entries below ~2**-28 of that largest sum lose
-precision. The scores are therefore those of fp32 up to near-ties: two entries whose sums differ by
+keeps the module's largest sum between 2**11 and 2**15, so only entries below ~2**-25 of that largest
+sum lose precision. The scores are therefore those of fp32 up to near-ties: two entries whose sums differ by
 less than about B × 2**-11 relatively may swap order (tests/test_selection.py checks the masks).
 """
 
@@ -31,7 +31,14 @@ from .scorers import GRAD_SQ_SUM, GRAD_SUM
 
 STAT_BYTES = 4  # fp32 accumulators
 COMPACT_STAT_BYTES = 2  # fp16 accumulators with a per-module power-of-two scale
-COMPACT_TOP_EXPONENT = 14  # the largest |sum| of a module is kept in [2**13, 2**14]; fp16 ends at 65504 < 2**16
+COMPACT_TOP_EXPONENT = 14  # a rescaled module's largest |sum| lands in (2**13, 2**14]; fp16 ends at 65504 < 2**16
+# The scale changes only when the largest |sum| leaves this band (rescaling is exact, but costs a pass).
+COMPACT_LOW, COMPACT_HIGH = 2.0**11, 2.0**15
+
+
+def largest_magnitude(t: torch.Tensor) -> float:
+    low, high = torch.aminmax(t)
+    return max(-float(low), float(high))
 
 
 class StatSum:
@@ -46,12 +53,17 @@ class StatSum:
         if not self.compact:
             self.data.add_(x)
             return
-        total = self.data.float().div_(self.scale).add_(x)  # this batch's sum in fp32, one module transient
-        largest = float(total.abs().max())
-        if math.isfinite(largest) and largest > 0:
+        total = self.data.float().add_(x, alpha=self.scale)  # the new sum, scaled, in fp32 (one module transient)
+        largest = largest_magnitude(total)
+        if not math.isfinite(largest) and bool(torch.isfinite(x).all()):
+            total = self.data.float().div_(self.scale).add_(x)  # x far larger than the sum so far: unscaled
+            self.scale, largest = 1.0, largest_magnitude(total)
+        if math.isfinite(largest) and largest > 0 and not COMPACT_LOW <= largest <= COMPACT_HIGH:
             # Capped so the scale stays a normal fp32 number even for sums of denormal size.
-            self.scale = 2.0 ** min(COMPACT_TOP_EXPONENT - math.ceil(math.log2(largest)), 100)
-        self.data.copy_(total.mul_(self.scale))  # non-finite sums stay non-finite: scoring refuses them
+            shift = min(COMPACT_TOP_EXPONENT - math.ceil(math.log2(largest)), 100 - round(math.log2(self.scale)))
+            total.mul_(2.0**shift)
+            self.scale *= 2.0**shift
+        self.data.copy_(total)  # rounded once to fp16; non-finite sums stay non-finite: scoring refuses them
 
     def value(self) -> torch.Tensor:
         """The sum as an fp32 tensor (the stored one itself when not compact)."""
