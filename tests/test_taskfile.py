@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -115,3 +118,27 @@ def test_bench_config_finds_a_task_file_next_to_it(tmp_path):
            "eval_data": str(EXAMPLE / "test.jsonl"), "runs": [{"id": "a", "method": "sparse", "scorer": "random", "density": 0.01, "lr": 1e-3}]}
     cfg = parse_bench_config(raw, base_dir=tmp_path)
     assert cfg.task == str(tmp_path / "task.yaml") and get_task(cfg.task).name == "tickets"
+
+
+@pytest.mark.slow
+def test_bench_runs_a_task_file_with_no_python(tmp_path):
+    """A data set of one's own (the docs' ticket example) benchmarked end to end from YAML alone."""
+
+    tickets = Path(__file__).resolve().parents[1] / "docs" / "examples" / "tickets"
+    config = tmp_path / "tickets_bench.yaml"
+    config.write_text(
+        "name: tickets-tiny\n"
+        "model:\n  tiny: {hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2}\n"
+        f"task: {tickets / 'task.yaml'}\ntrain_data: {tickets / 'train.jsonl'}\neval_data: {tickets / 'test.jsonl'}\n"
+        "train_limit: 16\neval_limit: 8\nsteps: 2\nbatch_size: 4\nmax_length: 96\nseed: 0\ndensity: 0.05\nthreads: 1\n"
+        "eval_base: false\nruns:\n  - {id: sparse-random, method: sparse, scorer: random, lr: 1.0e-2}\n"
+    )
+    src = Path(__file__).resolve().parents[1] / "src"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(src), os.environ.get("PYTHONPATH")]))}
+    run = subprocess.run([sys.executable, "-m", "sparseft", "bench", str(config), "--out", str(tmp_path / "out")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    (row,) = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
+    assert row["status"] == "ok", row["error"]
+    assert row["eval_examples"] == 8 and 0.0 <= row["metrics"]["accuracy"] <= 1.0
+    assert row["artifact_kind"] == "diff"
