@@ -242,3 +242,29 @@ def test_one_pad_id_rule_for_training_and_evaluation(tiny_tokenizer):
     assert pad_token_id(tiny_tokenizer) == tiny_tokenizer.pad_token_id
     tiny_tokenizer.pad_token = None
     assert pad_token_id(tiny_tokenizer) == tiny_tokenizer.eos_token_id
+
+
+def test_every_json_file_reader_refuses_bad_json_with_its_own_error(tmp_path):
+    """One rule (files.read_json_file) for diff configs, checkpoints, registries, results and adapters:
+    bad syntax, bad UTF-8 and nesting too deep for the parser each raise the caller's error class."""
+    from sparseft.errors import AdapterFormatError, ConfigError
+    from sparseft.files import read_json_file
+    from sparseft.peft_interop import read_adapter
+    from sparseft.training.checkpoint import load_checkpoint
+
+    for name, text in {"syntax": b"{", "utf8": b'{"a": "\xff"}', "deep": b"[" * 100_000 + b"]" * 100_000}.items():
+        path = tmp_path / f"{name}.json"
+        path.write_bytes(text)
+        with pytest.raises(ConfigError, match=f"{name}.json"):
+            read_json_file(path, ConfigError)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "state.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="state.json: not valid JSON"):
+        load_checkpoint(ckpt)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_bytes(b"[" * 100_000 + b"]" * 100_000)
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(AdapterFormatError, match="nested too deeply"):
+        read_adapter(adapter)

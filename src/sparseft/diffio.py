@@ -45,6 +45,7 @@ from .errors import (
     UnsupportedFormatError,
     UnverifiedBaseError,
 )
+from .files import read_json_file
 from .hub import CARD_NAME, model_card
 from .targets import find_targets, matches
 
@@ -338,12 +339,7 @@ def read_config(path: Path) -> dict[str, Any]:
     cfg_path = diff_file(path, CONFIG_NAME)
     if not cfg_path.is_file():
         raise DiffNotFoundError(f"{cfg_path}: missing; a diff directory holds {CONFIG_NAME} and {DELTA_NAME}")
-    try:
-        meta = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DiffCorruptError(f"{cfg_path}: not valid JSON ({e})") from e
-    except RecursionError:
-        raise DiffCorruptError(f"{cfg_path}: not a sparseft diff config (JSON nested too deeply to read)") from None
+    meta = read_json_file(cfg_path, DiffCorruptError)
     if not isinstance(meta, dict) or meta.get("format") != "sparseft-diff":
         raise DiffCorruptError(f"{cfg_path}: not a sparseft diff config (field 'format' must be 'sparseft-diff')")
     version = meta.get("format_version")

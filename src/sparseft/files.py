@@ -78,3 +78,15 @@ def take(records: list, limit: int | None) -> list:
     if limit is not None and limit < 1:
         raise ConfigError(f"limit must be a positive number of examples, got {limit}")
     return records if limit is None else records[:limit]
+
+
+def read_json_file(path: Path, error: type[Exception]) -> Any:
+    """The JSON value in ``path``; unreadable JSON (bad syntax, bad UTF-8, nesting too deep for the
+    parser) raises ``error`` naming the file, so every reader of a JSON file refuses it the same way."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise error(f"{path}: JSON nested too deeply to read") from None
+

@@ -21,7 +21,6 @@ change nothing and are what export's padding writes.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -37,6 +36,7 @@ from .atomic import atomic_dir
 from .config import DTYPES, SparseConfig
 from .diffio import CONFIG_NAME, DELTA_NAME, SparseDiff, check_diff, fingerprints
 from .errors import AdapterFormatError, ShapeMismatchError
+from .files import read_json_file
 from .targets import find_targets
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -169,10 +169,7 @@ def read_adapter(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tor
     for required in (config_path, weights_path):
         if not required.is_file():
             raise AdapterFormatError(f"{required}: missing; a PEFT adapter directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterFormatError(f"{config_path}: not valid JSON ({e})") from e
+    config = read_json_file(config_path, AdapterFormatError)
     if not isinstance(config, dict):
         raise AdapterFormatError(f"{config_path}: expected a JSON object")
     try:

@@ -24,7 +24,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..methods import get_method
-from .config import BenchConfig, RunSpec
+from .config import BenchConfig
 from .grid import RESULTS_NAME, run_grid, save
 from .stats import CONFIDENCE, mean_std, paired_bootstrap, seed_averaged
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..atomic import atomic_file
 from ..errors import ResultsFormatError
+from ..files import read_json_file
 from ..methods import METHODS
 
 SCHEMA_VERSION = 1
@@ -48,10 +49,7 @@ def read_results(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ResultsFormatError(f"{path}: results file not found")
-    try:
-        results = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ResultsFormatError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    results = read_json_file(path, ResultsFormatError)
     problems = schema_problems(results, require_complete=False)
     if problems:
         raise ResultsFormatError(f"{path}: " + "; ".join(problems[:5]))

@@ -28,6 +28,7 @@ from ..atomic import atomic_dir, atomic_file
 from ..delta import Entries  # module name -> (flat indices, values rounded to the weight's dtype)
 from ..diffio import CONFIG_NAME, DELTA_NAME, SparseDiff, file_sha256, read_diff
 from ..errors import DiffRegistryError, SparseFTError, UnknownDiffError
+from ..files import read_json_file
 
 REGISTRY_FILE = "registry.json"
 REGISTRY_FORMAT = "sparseft-serve-registry"
@@ -335,10 +336,7 @@ class DiffRegistry:
 
 def read_registry_file(file: Path) -> dict[str, Any]:
     """Parse and shape-check ``registry.json``; every problem names the file and the field."""
-    try:
-        state = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DiffRegistryError(f"{file}: not valid JSON ({e})") from e
+    state = read_json_file(file, DiffRegistryError)
     if not isinstance(state, dict) or state.get("format") != REGISTRY_FORMAT:
         raise DiffRegistryError(f"{file}: not a sparseft serving registry (field 'format' must be {REGISTRY_FORMAT!r})")
     if state.get("format_version") != REGISTRY_VERSION:

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from ..atomic import atomic_dir
 from ..errors import ConfigError
+from ..files import read_json_file
 
 CHECKPOINTS_DIR = "checkpoints"
 
@@ -94,7 +95,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     path = Path(path)
     if not (path / "state.json").is_file():
         raise ConfigError(f"{path}: not a checkpoint directory (state.json missing)")
-    state = json.loads((path / "state.json").read_text())
+    state = read_json_file(path / "state.json", ConfigError)
     params = load_file(str(path / "trainable.safetensors"))
     tensors = load_file(str(path / "optimizer.safetensors"))
     per_param: dict[int, dict[str, torch.Tensor]] = {}
