@@ -193,3 +193,65 @@ def test_ray_flags_parse():
 def test_ray_only_flags_without_ray_are_an_error(capsys):
     assert main(["serve", "--model", "m", "--replicas", "2", "--diff-dir", "d"]) != 0
     assert "--diff-dir, --replicas only apply with --ray" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- engine options reach every replica
+
+
+class FakeEngine:
+    def start(self):
+        pass
+
+    def stop(self):
+        pass
+
+
+def fake_build_app(calls: list):
+    """A stand-in for ``build_app`` that records what it was given and builds nothing."""
+    from types import SimpleNamespace
+
+    def build(model, **kwargs):
+        calls.append(kwargs)
+        return SimpleNamespace(state=SimpleNamespace(serve=SimpleNamespace(engine=FakeEngine())))
+
+    return build
+
+
+def test_a_replica_builds_its_app_with_the_engine_options(monkeypatch, files):
+    import sparseft.serve.ray_app as ray_app
+    from sparseft.serve.server import EngineOptions
+
+    calls: list = []
+    monkeypatch.setattr(ray_app, "build_app", fake_build_app(calls))
+    engine = EngineOptions(strategy="mixed", max_batch_size=3, max_batch_tokens=99, allow_unverified_base=True)
+    DiffReplica(str(files["model"]), DiffSource(), BASE, "float32", "cpu", ServeLimits(), None, None, engine)
+    assert {k: calls[0][k] for k in ("strategy", "max_batch_size", "max_batch_tokens", "allow_unverified_base")} == {
+        "strategy": "mixed", "max_batch_size": 3, "max_batch_tokens": 99, "allow_unverified_base": True}
+
+
+def test_serve_ray_passes_the_engine_flags_to_the_replicas(monkeypatch, files):
+    pytest.importorskip("ray.serve")  # the verb checks the extra is installed before building anything
+    import sparseft.serve.ray_app as ray_app
+    from sparseft.serve.server import EngineOptions
+
+    built: dict = {}
+    monkeypatch.setattr(ray_app, "build_ray_app", lambda model, source, **kwargs: built.update(kwargs) or "app")
+    monkeypatch.setattr(ray_app, "run_ray", lambda app, host, port: None)
+    assert main(["serve", "--model", "m", "--ray", "--diff-dir", str(files["diffs"]), "--strategy", "merged",
+                 "--max-batch-size", "2", "--max-batch-tokens", "50", "--allow-unverified-base"]) == 0
+    assert built["engine"] == EngineOptions(strategy="merged", max_batch_size=2, max_batch_tokens=50,
+                                            allow_unverified_base=True)
+
+
+def test_serve_run_app_builder_takes_the_engine_options(monkeypatch, files):
+    import sparseft.serve.ray_app as ray_app
+    from sparseft.serve.server import EngineOptions
+
+    built: dict = {}
+    monkeypatch.setattr(ray_app, "build_ray_app", lambda model, source, **kwargs: built.update(kwargs) or "app")
+    ray_app.app_builder({"model": "m", "diff_dir": str(files["diffs"]), "strategy": "mixed", "max_batch_size": "4",
+                         "max_batch_tokens": "64", "allow_unverified_base": "true"})
+    assert built["engine"] == EngineOptions(strategy="mixed", max_batch_size=4, max_batch_tokens=64,
+                                            allow_unverified_base=True)
+    with pytest.raises(ConfigError, match="strategy must be one of"):
+        ray_app.app_builder({"model": "m", "diff_dir": str(files["diffs"]), "strategy": "fast"})

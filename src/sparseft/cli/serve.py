@@ -103,14 +103,17 @@ def run_on_ray(args, limits) -> int:
     """``sparseft serve --ray``: the same app on Ray Serve, until Ctrl-C."""
     try:
         from ..serve.ray_app import DiffSource, RayOptions, build_ray_app, run_ray
+        from ..serve.server import EngineOptions
 
         import ray.serve  # noqa: F401  (only to fail early, with the fix, when the extra is missing)
     except ImportError as e:
         raise ConfigError(f"--ray needs Ray Serve: pip install 'sparseft[ray]' ({e})") from e
     given = {dest: getattr(args, dest) for dest in RAY_ONLY if dest != "diff_dir" and getattr(args, dest) is not None}
     options = RayOptions(**given, threads=args.threads)
+    engine = EngineOptions(strategy=args.strategy, max_batch_size=args.max_batch_size,
+                           max_batch_tokens=args.max_batch_tokens, allow_unverified_base=args.allow_unverified_base)
     source = DiffSource(named=dict(args.diff), root=args.diff_dir, registry_dir=args.registry)
     app = build_ray_app(args.model, source, served_name=args.served_name, dtype=args.dtype, device=args.device,
-                        limits=limits, admin_token=args.admin_token, options=options)
+                        limits=limits, admin_token=args.admin_token, options=options, engine=engine)
     run_ray(app, args.host, args.port)
     return 0

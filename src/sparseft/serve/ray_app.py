@@ -33,7 +33,7 @@ from ..errors import ConfigError, DiffRegistryError, SparseFTError, UnknownDiffE
 from .app import ServeContext, ServeLimits, as_api_error
 from .protocol import error_body
 from .registry import NAME_PATTERN, REGISTRY_FILE, parse_model_id, read_registry_file
-from .server import build_app
+from .server import EngineOptions, build_app
 
 REPLICA_HEADER = "x-sparseft-replica"  # which replica answered
 HELD_HEADER = "x-sparseft-replica-diffs"  # the diffs that replica holds after answering, comma-separated
@@ -141,13 +141,14 @@ class DiffReplica:
     """
 
     def __init__(self, model: str, source: DiffSource, served_name: str | None, dtype: str, device: str,
-                 limits: ServeLimits, admin_token: str | None, threads: int | None):
+                 limits: ServeLimits, admin_token: str | None, threads: int | None,
+                 engine: EngineOptions | None = None):
         if threads:
             import torch
 
             torch.set_num_threads(threads)
         self.app = build_app(model, served_name=served_name, dtype=dtype, device=device, limits=limits,
-                             admin_token=admin_token)
+                             admin_token=admin_token, **(engine or EngineOptions()).as_kwargs())
         self.ctx: ServeContext = self.app.state.serve
         self.ctx.engine.start()  # the app's lifespan does not run in-process
         self.source = source
@@ -353,8 +354,10 @@ def build_ray_app(
     limits: ServeLimits | None = None,
     admin_token: str | None = None,
     options: RayOptions | None = None,
+    engine: EngineOptions | None = None,
 ):
-    """The Ray Serve application: ``options.replicas`` DiffReplica behind one DiffRouter.
+    """The Ray Serve application: ``options.replicas`` DiffReplica behind one DiffRouter, each replica's engine
+    run as ``engine`` says (strategy, batch limits, unverified diffs).
 
     Example:
         >>> app = build_ray_app("smollm2-135m", DiffSource(root="diffs"), options=RayOptions(replicas=2))  # doctest: +SKIP
@@ -368,20 +371,37 @@ def build_ray_app(
     replicas = serve.deployment(
         replica_class, name="DiffReplica", num_replicas=options.replicas,
         ray_actor_options={"num_cpus": options.replica_cpus},
-    ).bind(model, source, served_name, dtype, device, limits, admin_token, options.threads)
+    ).bind(model, source, served_name, dtype, device, limits, admin_token, options.threads, engine)
     router = serve.deployment(DiffRouter, name="DiffRouter",
                               ray_actor_options={"num_cpus": 0})
     return router.bind(replicas, served_name or str(model), limits.max_body_bytes)
 
 
 def app_builder(args: dict[str, Any]):
-    """For ``serve run sparseft.serve.ray_app:app_builder model=DIR diff_dir=DIR replicas=2 ...``."""
+    """For ``serve run sparseft.serve.ray_app:app_builder model=DIR diff_dir=DIR replicas=2 strategy=mixed ...``."""
     options = RayOptions(replicas=int(args.get("replicas", 2)),
                          max_diffs_per_replica=int(args.get("max_diffs_per_replica", 4)),
                          replica_cpus=float(args.get("replica_cpus", 1.0)))
+    tokens = args.get("max_batch_tokens")
+    engine = EngineOptions(strategy=args.get("strategy", "auto"), max_batch_size=int(args.get("max_batch_size", 16)),
+                           max_batch_tokens=int(tokens) if tokens is not None else None,
+                           allow_unverified_base=is_true(args.get("allow_unverified_base", False)))
     source = DiffSource(root=args.get("diff_dir"), registry_dir=args.get("registry"))
     return build_ray_app(args["model"], source, served_name=args.get("served_name"),
-                         dtype=args.get("dtype", "float32"), device=args.get("device", "cpu"), options=options)
+                         dtype=args.get("dtype", "float32"), device=args.get("device", "cpu"), options=options,
+                         engine=engine)
+
+
+def is_true(value: Any) -> bool:
+    """A key=value switch from Serve's launcher: true/1/yes (any case), or a real bool."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no", ""):
+        return False
+    raise ConfigError(f"expected true or false, got {value!r}")
 
 
 def interrupt(signum, frame) -> None:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+from dataclasses import asdict, dataclass
 
-from ..errors import ModelNotFoundError
+from ..errors import ConfigError, ModelNotFoundError
 from ..loading import load_model, load_tokenizer
 from .app import ServeLimits, create_app
 from .batching import BatchingEngine
@@ -49,6 +50,27 @@ def build_app(
 
 
 STRATEGIES = ("auto", "merged", "mixed")
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How an app's engine serves requests: the strategy, its batch limits, and whether diffs that record no
+    base fingerprint load. Given to ``build_app`` as keywords (``**options.as_kwargs()``); a Ray replica gets one."""
+
+    strategy: str = "auto"
+    max_batch_size: int = 16
+    max_batch_tokens: int | None = None
+    allow_unverified_base: bool = False
+
+    def __post_init__(self) -> None:  # checked where the options are given, not later in each replica
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        if self.max_batch_size < 1 or (self.max_batch_tokens is not None and self.max_batch_tokens < 1):
+            raise ConfigError("max_batch_size and max_batch_tokens must be >= 1, got "
+                              f"{self.max_batch_size} and {self.max_batch_tokens}")
+
+    def as_kwargs(self) -> dict:
+        return asdict(self)
 
 
 def make_engine(model, tokenizer, metrics: ServeMetrics, max_queue: int, strategy: str = "auto",
