@@ -156,3 +156,20 @@ def test_apply_refuses_a_diff_without_fingerprint_unless_told(trained_diff, tmp_
     assert main(argv + ["--allow-unverified-base"]) == 0
     assert (tmp_path / "m" / "config.json").is_file()
     assert main(["verify", "--model", str(other), "--diff", str(path)]) == 1  # verify has no opt-out
+
+
+@pytest.mark.parametrize("verb", ["audit", "compose", "diff-stats"])
+def test_audit_compose_and_diff_stats_take_allow_unverified_base(trained_diff, tiny_model_dir, tmp_path, capsys, verb):
+    _, path = trained_diff
+    meta = json.loads((path / "sparse_config.json").read_text())
+    del meta["base_fingerprint"]
+    (path / "sparse_config.json").write_text(json.dumps(meta))
+    probes = tmp_path / "probes.jsonl"  # token ids: the tiny base has no tokenizer
+    probes.write_text(json.dumps({"id": "a", "prompt_ids": [3, 4, 5]}) + "\n")
+    argv = {"audit": ["audit", "--diff", str(path), "--probe", str(probes), "--out", str(tmp_path / "audit"),
+                      "--max-kl", "1e9", "--min-agreement", "0", "--max-pair-drift", "1e9"],
+            "compose": ["compose", str(path), "--out", str(tmp_path / "composed")],
+            "diff-stats": ["diff-stats", str(path), str(path)]}[verb] + ["--model", str(tiny_model_dir)]
+    assert main(argv) == 2
+    assert "--allow-unverified-base" in capsys.readouterr().err
+    assert main(argv + ["--allow-unverified-base"]) == 0

@@ -69,6 +69,19 @@ def test_eval_with_sparse_diff_scores_the_changed_model(model_dir, tmp_path, cap
     assert not torch.allclose(scores_of(sparse.eval()), base_scores)
 
 
+def test_eval_refuses_a_diff_without_fingerprint_unless_told(model_dir, tmp_path, capsys):
+    sparse = get_sparse_model(AutoModelForCausalLM.from_pretrained(model_dir), SparseConfig(density=0.2, value_dtype="float32"))
+    diff = sparse.save_pretrained(tmp_path / "diff")
+    meta = json.loads((diff / "sparse_config.json").read_text())
+    del meta["base_fingerprint"]
+    (diff / "sparse_config.json").write_text(json.dumps(meta))
+    argv = ["eval", "--model", str(model_dir), "--diff", str(diff), "--task", "routing", "--data", TEST_FILE, "--limit", "2"]
+    assert main(argv) == 2
+    assert "--allow-unverified-base" in capsys.readouterr().err
+    report = run_json(capsys, *argv[1:], "--allow-unverified-base")
+    assert report["adapter"] == "sparse" and report["num_examples"] == 2
+
+
 def test_eval_with_lora_adapter(model_dir, tmp_path, capsys):
     from peft import LoraConfig, get_peft_model
 

@@ -71,7 +71,7 @@ class NormsOnly(Method):
     def detect(self, path):
         return (path / NORMS_FILE).is_file()
 
-    def attach(self, model, path):
+    def attach(self, model, path, allow_unverified_base=False):
         model.load_state_dict(load_file(str(Path(path) / NORMS_FILE)), strict=False)
         return model
 

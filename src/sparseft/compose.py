@@ -25,17 +25,19 @@ from .errors import ConfigError, FingerprintMismatchError, ShapeMismatchError
 
 
 def check_same_base(
-    diffs: Sequence[SparseDiff], names: Sequence[str], base_weights: dict[str, torch.Tensor] | None = None
+    diffs: Sequence[SparseDiff], names: Sequence[str], base_weights: dict[str, torch.Tensor] | None = None,
+    allow_unverified_base: bool = False,
 ) -> None:
     """Every diff was made for the same base.
 
     A diff's fingerprint covers the weights of its own modules only. With ``base_weights`` (the base's
-    linear weights by module name) each diff is checked against the base itself. Without, the diffs must
+    linear weights by module name) each diff is checked against the base itself; one that records no
+    fingerprint is refused unless ``allow_unverified_base`` (then a logged warning). Without, the diffs must
     change the same modules, so their fingerprints cover the same weights and can be compared directly.
     """
     if base_weights is not None:
         for diff, name in zip(diffs, names):
-            check_against_model(diff, base_weights, where=name)
+            check_against_model(diff, base_weights, where=name, allow_unverified_base=allow_unverified_base)
         return
     first, first_name = diffs[0], names[0]
     for diff, name in zip(diffs[1:], names[1:]):
@@ -120,6 +122,7 @@ def compose(
     names: Sequence[str] | None = None,
     value_dtype: str | None = None,
     base_weights: dict[str, torch.Tensor] | None = None,
+    allow_unverified_base: bool = False,
 ) -> tuple[SparseDiff, ComposeReport]:
     """One diff whose entries are the union of ``diffs``' and whose values are ``sum_i weights[i] * values_i``.
 
@@ -127,7 +130,8 @@ def compose(
     else float32). Entries that sum to exactly 0 are dropped. Raises ``FingerprintMismatchError`` /
     ``ShapeMismatchError`` before computing anything when the diffs do not share a base. Diffs that change
     different modules need ``base_weights`` (``linear_weights(base)``): each is checked against the base,
-    and the output's fingerprint is taken over the union of their modules.
+    and the output's fingerprint is taken over the union of their modules (``allow_unverified_base``: an input
+    that records none is accepted with a warning, see ``check_same_base``).
 
     Example:
         >>> merged, report = compose([read_diff("a"), read_diff("b")], weights=[1.0, 0.5])  # doctest: +SKIP
@@ -139,7 +143,7 @@ def compose(
     weights = [1.0] * len(diffs) if weights is None else [float(w) for w in weights]
     if len(weights) != len(diffs):
         raise ConfigError(f"{len(weights)} weight(s) for {len(diffs)} diff(s); give one per diff")
-    check_same_base(diffs, names, base_weights)
+    check_same_base(diffs, names, base_weights, allow_unverified_base)
     value_dtype = value_dtype or common_value_dtype(diffs)
     if value_dtype not in DTYPES:
         raise ConfigError(f"value_dtype must be one of {sorted(DTYPES)}, got {value_dtype!r}")
@@ -231,12 +235,13 @@ class OverlapStats:
 
 
 def overlap_stats(
-    a: SparseDiff, b: SparseDiff, names: Sequence[str] = ("A", "B"), base_weights: dict[str, torch.Tensor] | None = None
+    a: SparseDiff, b: SparseDiff, names: Sequence[str] = ("A", "B"), base_weights: dict[str, torch.Tensor] | None = None,
+    allow_unverified_base: bool = False,
 ) -> OverlapStats:
     """Entries shared by ``a`` and ``b``, their Jaccard index, per-module overlap and the cosine of the values
-    on shared entries (how alike the two updates are where they touch the same weights). ``base_weights`` as
-    for ``compose``: needed when the two change different modules."""
-    check_same_base([a, b], names, base_weights)
+    on shared entries (how alike the two updates are where they touch the same weights). ``base_weights`` and
+    ``allow_unverified_base`` as for ``compose``: needed when the two change different modules."""
+    check_same_base([a, b], names, base_weights, allow_unverified_base)
     shared_a, shared_b, per_module = [], [], {}
     for module in sorted(set(a.masks) | set(b.masks)):
         va, vb = shared_values(a, b, module)

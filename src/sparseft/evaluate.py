@@ -34,12 +34,13 @@ def diff_kind(path: str | os.PathLike) -> str:
     return detect_artifact(path).name
 
 
-def attach_diff(model, path: str | os.PathLike | None):
-    """``(model, kind)``: the base with the diff or adapter at ``path`` loaded on it (unmerged)."""
+def attach_diff(model, path: str | os.PathLike | None, allow_unverified_base: bool = False):
+    """``(model, kind)``: the base with the diff or adapter at ``path`` loaded on it (unmerged).
+    ``allow_unverified_base``: also a sparse diff that records no base fingerprint (logged as a warning)."""
     if path is None:
         return model, "none"
     method = detect_artifact(path)
-    return method.attach(model, path), method.name
+    return method.attach(model, path, allow_unverified_base=allow_unverified_base), method.name
 
 
 def evaluate(
@@ -98,13 +99,15 @@ def run_eval(
     batch_size: int = 8,
     dtype: str = "float32",
     progress: bool = True,
+    allow_unverified_base: bool = False,
 ) -> EvalResult:
     """Load ``model_name`` (+ ``diff``), evaluate it on ``task_name`` and time it (load time apart).
-    ``task_name`` is a registered name, a task file path (``get_task``) or a ``Task``."""
+    ``task_name`` is a registered name, a task file path (``get_task``) or a ``Task``; ``allow_unverified_base``
+    as for ``SparseModel.from_pretrained``."""
     task = get_task(task_name) if isinstance(task_name, str) else task_name
     records = task.load(data, limit)  # bad data fails here, before time goes into loading the model
     start = time.perf_counter()
-    model, kind = attach_diff(load_model(model_name, dtype=dtype), diff)
+    model, kind = attach_diff(load_model(model_name, dtype=dtype), diff, allow_unverified_base)
     tokenizer = load_tokenizer(model_name)
     load_s = time.perf_counter() - start
     metrics, n, wall = evaluate_records(model, tokenizer, task, records, batch_size, progress)

@@ -34,18 +34,21 @@ def decode_tokens(rows: list[dict], tokenizer) -> None:
 
 
 def audit_probes(
-    model: nn.Module, diff_path: str | os.PathLike, probes: list[Probe], batch_size: int = 8
+    model: nn.Module, diff_path: str | os.PathLike, probes: list[Probe], batch_size: int = 8,
+    allow_unverified_base: bool = False,
 ) -> tuple[list[dict], list[dict]]:
-    """Per-prompt and per-pair rows for ``probes`` (token ids), base vs base + diff; ``model`` is restored."""
+    """Per-prompt and per-pair rows for ``probes`` (token ids), base vs base + diff; ``model`` is restored.
+    ``allow_unverified_base`` as for ``SparseModel.from_pretrained``."""
     diff = read_diff(diff_path)  # fail before spending a pass on a diff that does not fit
-    check_against_model(diff, target_weights(model, diff.config), where=str(diff_path))
+    check_against_model(diff, target_weights(model, diff.config), where=str(diff_path),
+                        allow_unverified_base=allow_unverified_base)
     was_training = model.training
     trainable = {name: p.requires_grad for name, p in model.named_parameters()}
     model.eval()
     sparse = None
     try:
         base = run_pass(model, probes, batch_size)
-        sparse = SparseModel.from_pretrained(model, diff_path)
+        sparse = SparseModel.from_pretrained(model, diff_path, allow_unverified_base=allow_unverified_base)
         sparse.merge()
         tuned = run_pass(model, probes, batch_size)
     finally:
@@ -66,8 +69,10 @@ def audit_diff(
     thresholds: Thresholds | None = None,
     batch_size: int = 8,
     model_name: str = "",
+    allow_unverified_base: bool = False,
 ) -> dict[str, Any]:
     """The full audit report (see ``report.build_report``); ``report["passed"]`` is the gate's verdict.
+    ``allow_unverified_base``: also audit a diff that records no base fingerprint (logged as a warning).
 
     Example:
         >>> report = audit_diff(base, "my-diff", tokenizer=tok, thresholds=Thresholds(max_kl=0.2))  # doctest: +SKIP
@@ -76,7 +81,7 @@ def audit_diff(
     """
     probe_path = Path(probe_file) if probe_file else default_probe_file()
     probes = load_probes(probe_path, vocab_size(model), tokenizer)
-    prompts, pairs = audit_probes(model, diff_path, probes, batch_size)
+    prompts, pairs = audit_probes(model, diff_path, probes, batch_size, allow_unverified_base)
     decode_tokens(prompts, tokenizer)
     meta = {"model": model_name, "diff": str(diff_path), "probe_file": str(probe_path)}
     return build_report(meta, prompts, pairs, thresholds or Thresholds())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .options import add_model_options
+from .options import add_model_options, add_unverified_base_option
 
 
 def add_parser(sub):
@@ -15,8 +15,7 @@ def add_parser(sub):
     add_model_options(p)
     p.add_argument("--diff", required=True, metavar="DIR", help="diff directory")
     p.add_argument("--out", required=True, metavar="MERGED_DIR", help="where to write the merged model")
-    p.add_argument("--allow-unverified-base", action="store_true",
-                   help="also apply a diff that records no base fingerprint (logged as a warning; default: refuse it)")
+    add_unverified_base_option(p, "apply a diff")
     return p
 
 

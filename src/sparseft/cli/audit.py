@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .options import add_model_options
+from .options import add_model_options, add_unverified_base_option
 
 
 def add_parser(sub):
@@ -31,6 +31,7 @@ def add_parser(sub):
                    help="also re-run the diff's training from its recorded config and seed on CPU and check that "
                    "the tensor file has the recorded sha256 (or report which modules differ)")
     p.add_argument("--repro-data", metavar="FILE", help="training data for --repro when not at the recorded path")
+    add_unverified_base_option(p, "audit a diff")
     return p
 
 
@@ -56,7 +57,7 @@ def run(args) -> int:
     model = load_model(args.model, dtype=args.dtype)
     limits = Thresholds(args.max_kl, args.min_agreement, args.max_pair_drift)
     report = audit_diff(model, args.diff, args.probe, load_tokenizer(args.model, required=False), limits,
-                        args.batch_size, model_name=str(args.model))
+                        args.batch_size, model_name=str(args.model), allow_unverified_base=args.allow_unverified_base)
     # Beside the diff; for a Hub id (resolved into the HF cache) in the working directory instead.
     given = getattr(args, "diff_given", args.diff)
     beside = Path(args.diff).resolve() if Path(given).exists() else Path(Path(given).name).absolute()

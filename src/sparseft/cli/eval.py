@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from .options import add_model_options
+from .options import add_model_options, add_unverified_base_option
 
 
 def add_parser(sub):
@@ -35,6 +35,7 @@ def add_parser(sub):
     p.add_argument("--limit", type=int, metavar="N", help="only the first N examples")
     p.add_argument("--batch-size", type=int, default=8, help="examples per forward pass (default: 8)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    add_unverified_base_option(p, "evaluate a sparse diff")
     return p
 
 
@@ -62,6 +63,7 @@ def run(args) -> int:
         batch_size=args.batch_size,
         dtype=args.dtype,
         progress=True,  # tqdm writes to stderr: --json output on stdout stays clean
+        allow_unverified_base=args.allow_unverified_base,
     )
     print(json.dumps(result.to_dict(), indent=2) if args.json else format_result(result))
     return 0

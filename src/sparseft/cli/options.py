@@ -24,6 +24,13 @@ def add_model_options(
     parser.add_argument("--dtype", choices=list(DTYPES), default=dtype_default, help=f"dtype to load the model in{default}")
 
 
+def add_unverified_base_option(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--allow-unverified-base``: ``what`` (e.g. "apply a diff") also for a diff that records no base
+    fingerprint, with a logged warning, instead of refusing it (``UnverifiedBaseError``)."""
+    parser.add_argument("--allow-unverified-base", action="store_true",
+                        help=f"also {what} that records no base fingerprint (logged as a warning; default: refuse it)")
+
+
 class TrainConfigDefaults(argparse.HelpFormatter):
     """Help that ends each flag with the TrainConfig default it falls back to (selection fields included).
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import ConfigError
-from .options import add_model_options
+from .options import add_model_options, add_unverified_base_option
 
 
 def diff_spec(text: str) -> tuple[str, str]:
@@ -62,8 +62,7 @@ def add_parser(sub):
                      help="diffs one replica keeps loaded; the least recently used is unloaded beyond it (default: 4)")
     ray.add_argument("--diff-dir", metavar="DIR", help="a directory of diffs: a request for NAME loads DIR/NAME")
     ray.add_argument("--replica-cpus", type=float, help="CPUs Ray reserves per replica (default: 1)")
-    p.add_argument("--allow-unverified-base", action="store_true",
-                   help="also serve diffs that record no base fingerprint (logged as a warning; default: refuse them)")
+    add_unverified_base_option(p, "serve a diff")
     return p
 
 

@@ -41,8 +41,8 @@ class LoraMethod(Method):
     def detect(self, path: Path) -> bool:
         return (path / LORA_CONFIG_NAME).is_file()
 
-    def attach(self, model: nn.Module, path) -> nn.Module:
-        from peft import PeftModel
+    def attach(self, model: nn.Module, path, allow_unverified_base: bool = False) -> nn.Module:
+        from peft import PeftModel  # a PEFT adapter records no base fingerprint: nothing to allow
 
         return PeftModel.from_pretrained(model, str(path))
 

@@ -80,8 +80,9 @@ class Method:
         """True when ``path`` holds this method's artifact in a form that attaches to a base."""
         return False
 
-    def attach(self, model: nn.Module, path: str | os.PathLike) -> nn.Module:
-        """``model`` with the artifact at ``path`` loaded on it (unmerged)."""
+    def attach(self, model: nn.Module, path: str | os.PathLike, allow_unverified_base: bool = False) -> nn.Module:
+        """``model`` with the artifact at ``path`` loaded on it (unmerged). ``allow_unverified_base``: load an
+        artifact that records no base fingerprint with a warning instead of refusing it, where the method checks one."""
         raise ConfigError(f"method {self.name!r} has no artifact to attach to a base")
 
     def load_for_eval(self, base: str, artifact: str | None) -> nn.Module:

@@ -53,10 +53,10 @@ class SparseMethod(Method):
     def detect(self, path: Path) -> bool:
         return (path / CONFIG_NAME).is_file()
 
-    def attach(self, model: nn.Module, path) -> nn.Module:
+    def attach(self, model: nn.Module, path, allow_unverified_base: bool = False) -> nn.Module:
         from ..model import SparseModel
 
-        return SparseModel.from_pretrained(model, path)
+        return SparseModel.from_pretrained(model, path, allow_unverified_base=allow_unverified_base)
 
     def check_run(self, run, at: str) -> None:
         from ..selection import SCORERS
