@@ -101,3 +101,23 @@ def test_model_card_is_written_deterministic_and_outside_the_hashes(tmp_path):
     assert all(r.status != "fail" for r in verify_diff(a, make_tiny_llama()))
     (a / CARD_NAME).unlink()  # and a diff without one (written before cards existed) still reads
     read_diff(a)
+
+
+def test_compose_diff_stats_and_serve_take_hub_ids_offline(hub_cache, tmp_path, monkeypatch, capsys):
+    a, b = save_diff(tmp_path / "a", seed=1), save_diff(tmp_path / "b", seed=2)
+    hub_cache("my-org/diff-a", a)
+    hub_cache("my-org/diff-b", b)
+    assert main(["compose", "my-org/diff-a", "my-org/diff-b", "--out", str(tmp_path / "by-id"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [i["name"] for i in report["inputs"]] == ["my-org/diff-a", "my-org/diff-b"]
+    assert main(["compose", str(a), str(b), "--out", str(tmp_path / "by-dir")]) == 0
+    assert (tmp_path / "by-id" / DELTA_NAME).read_bytes() == (tmp_path / "by-dir" / DELTA_NAME).read_bytes()
+    assert main(["diff-stats", "my-org/diff-a", str(b), "--json"]) == 0
+
+    import sparseft.serve
+
+    given = {}
+    monkeypatch.setattr(sparseft.serve, "build_app", lambda model, diffs, **kwargs: given.update(diffs=diffs))
+    monkeypatch.setattr("uvicorn.run", lambda app, **kwargs: None)
+    assert main(["serve", "--model", "m", "--diff", "a=my-org/diff-a"]) == 0
+    assert given["diffs"] == [("a", str(resolve_diff("my-org/diff-a")))]

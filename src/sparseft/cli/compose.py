@@ -25,7 +25,8 @@ def add_parser(sub):
         "opposite directions, where the sum is a compromise neither diff learnt).",
         epilog="example: sparseft compose runs/task runs/style --weights 1,0.5 --out runs/task+style",
     )
-    p.add_argument("diffs", nargs="+", metavar="DIFF", help="diff directories (two or more, or one to rescale)")
+    p.add_argument("diffs", nargs="+", metavar="DIFF",
+                   help="diff directories or Hub ids org/name[@rev] (two or more, or one to rescale)")
     p.add_argument("--weights", metavar="W1,W2,...", help="one weight per diff, comma-separated (default: all 1)")
     p.add_argument("--out", required=True, metavar="DIR", help="where to write the composed diff")
     p.add_argument(
@@ -41,9 +42,10 @@ def add_parser(sub):
 def run(args) -> int:
     from ..compose import base_weights_of, compose, format_compose_report, parse_weights
     from ..diffio import read_diff, write_diff
+    from ..hub import resolve_diff
 
     weights = parse_weights(args.weights, len(args.diffs))
-    diffs = [read_diff(path) for path in args.diffs]
+    diffs = [read_diff(resolve_diff(path)) for path in args.diffs]  # the report names them as given
     base = base_weights_of(args.model, args.dtype)
     composed, report = compose(diffs, weights, names=args.diffs, value_dtype=args.value_dtype, base_weights=base,
                                allow_unverified_base=args.allow_unverified_base)

@@ -19,8 +19,8 @@ def add_parser(sub):
         "against --model.",
         epilog="example: sparseft diff-stats runs/seed0 runs/seed1 --json",
     )
-    p.add_argument("a", metavar="A", help="first diff directory")
-    p.add_argument("b", metavar="B", help="second diff directory")
+    p.add_argument("a", metavar="A", help="first diff: a directory or a Hub id org/name[@rev]")
+    p.add_argument("b", metavar="B", help="second diff: a directory or a Hub id org/name[@rev]")
     add_model_options(p, required=False, why=CHECK_EVERY_DIFF)
     add_unverified_base_option(p, "check (with --model) a diff")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -30,9 +30,10 @@ def add_parser(sub):
 def run(args) -> int:
     from ..compose import base_weights_of, format_overlap, overlap_stats
     from ..diffio import read_diff
+    from ..hub import resolve_diff
 
     names = (args.a, args.b)
-    a, b = read_diff(args.a), read_diff(args.b)
+    a, b = read_diff(resolve_diff(args.a)), read_diff(resolve_diff(args.b))
     stats = overlap_stats(a, b, names, base_weights=base_weights_of(args.model, args.dtype),
                           allow_unverified_base=args.allow_unverified_base)
     print(json.dumps(stats.to_dict(), indent=2) if args.json else format_overlap(stats, names))

@@ -31,7 +31,7 @@ def add_parser(sub):
     )
     add_model_options(p)
     p.add_argument("--diff", action="append", default=[], type=diff_spec, metavar="NAME=DIR",
-                   help="load the diff in DIR under NAME at start-up (repeatable)")
+                   help="load the diff in DIR (or Hub id org/name[@rev]) under NAME at start-up (repeatable)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--registry", metavar="DIR", help="keep loaded diffs and versions in DIR across restarts")
@@ -73,8 +73,10 @@ RAY_ONLY = {"diff_dir": "--diff-dir", "replicas": "--replicas", "max_diffs_per_r
 def run(args) -> int:
     import uvicorn
 
+    from ..hub import resolve_diff
     from ..serve import ServeLimits, build_app
 
+    args.diff = [(name, str(resolve_diff(path))) for name, path in args.diff]  # Hub ids to their local snapshot
     limits = ServeLimits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens,
                          max_prompt_tokens=args.max_prompt_tokens, max_queue=args.max_queue)
     if args.ray:
