@@ -9,7 +9,7 @@ pytest.importorskip("torchao")
 from conftest import make_tiny_llama, make_tiny_tokenizer  # noqa: E402
 from sparseft import SparseModel  # noqa: E402
 from sparseft.diffio import read_diff  # noqa: E402
-from sparseft.errors import ConfigError, FingerprintMismatchError  # noqa: E402
+from sparseft.errors import ConfigError, FingerprintMismatchError, MergeStateError  # noqa: E402
 from sparseft.quantize import quantize_base  # noqa: E402
 from sparseft.training import run_training  # noqa: E402
 from test_training import quick_config, write_train_file  # noqa: E402
@@ -83,3 +83,16 @@ def test_backward_through_a_quantized_layer_saves_no_dense_weight(scheme):
     torch.nn.functional.linear(dense_x, layer.weight.dequantize(), layer.bias).pow(2).sum().backward()
     torch.testing.assert_close(x.grad, dense_x.grad, rtol=1e-5, atol=1e-5)
     assert not layer.weight.requires_grad
+
+
+@pytest.mark.parametrize("merge", ["merge", "merge_and_unload"])
+def test_merge_over_a_quantized_base_is_refused_up_front(merge, train_file, tmp_path):
+    run_training(quick_config(train_file, tmp_path / "run", steps=2, quantize="int8"), model=make_tiny_llama(),
+                 tokenizer=make_tiny_tokenizer())
+    sparse = SparseModel.from_pretrained(quantize_base(make_tiny_llama(), "int8"), tmp_path / "run")
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+    before = outputs(sparse, ids)
+    with pytest.raises(MergeStateError, match=r"cannot merge .*model\.layers\.0\.\S+: its weight is quantized "
+                                              r"\(Int8Tensor\).*stays unmerged"):
+        getattr(sparse, merge)()
+    assert not sparse.merged and torch.equal(outputs(sparse, ids), before)  # nothing changed

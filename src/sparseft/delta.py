@@ -42,6 +42,7 @@ from torch import nn
 
 from .errors import MergeStateError, ShapeMismatchError
 from .kernels import BACKENDS, sampled_weight_grad
+from .quantize import is_quantized
 
 FORWARD_MODES = ("inplace", "copy", "unmerged")
 
@@ -406,6 +407,7 @@ def merge_layers(layers: dict[str, SparseLinear]) -> None:
     """
     if already := [name for name, layer in layers.items() if layer.merged]:
         raise MergeStateError(f"already merged: {already}; call unmerge() first")
+    check_not_quantized(layers)
     with contextlib.ExitStack() as locks:
         for layer in layers.values():
             locks.enter_context(layer._weight_lock)
@@ -416,6 +418,19 @@ def merge_layers(layers: dict[str, SparseLinear]) -> None:
         )
         for name, layer in layers.items():
             layer._merged_entries = merged.only(*[(name, diff) for diff in per_layer[name]])
+
+
+def check_not_quantized(layers: dict[str, SparseLinear]) -> None:
+    """Refuse a merge before it starts when a weight is quantized (torchao's own error would come mid-merge)."""
+    quantized = [name for name, layer in layers.items() if is_quantized(layer.weight)]
+    if quantized:
+        more = f", as are {len(quantized) - 1} more layers'" if len(quantized) > 1 else ""
+        kind = type(layers[quantized[0]].weight).__name__
+        raise MergeStateError(
+            f"cannot merge into {quantized[0]}: its weight is quantized ({kind}){more}, and a delta cannot be written "
+            "into its codes; over a quantized base the delta stays unmerged (the forward adds it, y = base_q(x) + Δ(x)). "
+            "A merged model needs a diff trained over the full-precision base (then sparseft apply)"
+        )
 
 
 def unmerge_layers(layers: dict[str, SparseLinear]) -> None:

@@ -34,6 +34,13 @@ def quant_config(scheme: str):
     return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(INT4_GROUP))
 
 
+def is_quantized(weight: torch.Tensor) -> bool:
+    """A weight stored as codes and scales (torchao's tensor subclasses): no entry can be written into it."""
+    from .diffio import is_wrapper_tensor
+
+    return is_wrapper_tensor(weight)
+
+
 def check_scheme(scheme: str) -> None:
     if scheme not in QUANT_SCHEMES:
         raise ConfigError(f"quantize must be one of {sorted(QUANT_SCHEMES)}, got {scheme!r}")
