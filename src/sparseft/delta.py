@@ -189,7 +189,8 @@ def gather_scale_scatter(
     if x2d.shape[0] == 1:  # one token (decoding): 1-D ops with int32 positions are the fastest on CPU
         gathered = x2d[0].index_select(0, src).to(dtype) * values
         return gathered.new_zeros(size).index_add_(0, dst, gathered).unsqueeze(0)
-    # Several tokens: index along dim 1 with int64 positions (CPU's multi-dim index_add_ is ~10x slower with int32).
+    # Several tokens: index along dim 1 with int64 positions (CPU's multi-dim index_add_ is much slower with
+    # int32 ones; the measurement is in docs/serving.md, "The unmerged mixed-diff forward").
     src, dst = src.long(), dst.long()
     gathered = x2d.index_select(1, src).to(dtype) * values
     return gathered.new_zeros(x2d.shape[0], size).index_add_(1, dst, gathered)
