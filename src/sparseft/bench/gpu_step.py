@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from ..config import DTYPES, LLAMA_PROJECTIONS, SparseConfig
-from ..delta import set_kernels
+from ..sparse_linear import set_kernels
 from ..targets import find_targets
 from .shapes import SHAPES, build_llama
 
