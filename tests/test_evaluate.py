@@ -11,8 +11,9 @@ from transformers import AutoModelForCausalLM
 from conftest import make_tiny_llama
 from sparseft import SparseConfig, get_sparse_model
 from sparseft.cli import main
-from sparseft.evaluate import diff_kind, evaluate
 from sparseft.errors import DiffNotFoundError
+from sparseft.evaluate import evaluate
+from sparseft.methods import detect_artifact
 from sparseft.tasks import ROUTING_DATA
 from test_tasks import char_tokenizer
 
@@ -62,7 +63,7 @@ def test_eval_with_sparse_diff_scores_the_changed_model(model_dir, tmp_path, cap
         for layer in sparse.sparse_layers().values():
             layer.values.normal_(0, 0.5)
     diff = sparse.save_pretrained(tmp_path / "diff")
-    assert diff_kind(diff) == "sparse"
+    assert detect_artifact(diff).name == "sparse"
     report = run_json(capsys, "--model", str(model_dir), "--diff", str(diff), "--task", "routing", "--data", TEST_FILE, "--limit", "4")
     assert report["adapter"] == "sparse" and report["num_examples"] == 4
     base_scores = scores_of(AutoModelForCausalLM.from_pretrained(model_dir).eval())
@@ -87,7 +88,7 @@ def test_eval_with_lora_adapter(model_dir, tmp_path, capsys):
 
     lora = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     lora.save_pretrained(tmp_path / "lora")
-    assert diff_kind(tmp_path / "lora") == "lora"
+    assert detect_artifact(tmp_path / "lora").name == "lora"
     report = run_json(capsys, "--model", str(model_dir), "--diff", str(tmp_path / "lora"), "--task", "routing", "--data", TEST_FILE, "--limit", "3")
     assert report["adapter"] == "lora" and report["num_examples"] == 3
 
@@ -95,7 +96,7 @@ def test_eval_with_lora_adapter(model_dir, tmp_path, capsys):
 def test_eval_rejects_a_directory_that_is_no_diff(model_dir, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DiffNotFoundError):
-        diff_kind(tmp_path / "empty")
+        detect_artifact(tmp_path / "empty").name
     argv = ["eval", "--model", str(model_dir), "--diff", str(tmp_path / "empty"), "--task", "routing", "--data", TEST_FILE]
     assert main(argv) == 2
     assert "not a sparse diff" in capsys.readouterr().err

@@ -18,8 +18,8 @@ import torch
 from .audit import inspect_diff
 from .config import SparseConfig
 from .evaluate import evaluate_records
-from .model import SparseModel
 from .loading import load_model, load_tokenizer, resolve_model_path
+from .model import SparseModel
 from .tasks import ROUTING_DATA, get_task
 from .training import TrainConfig, run_training
 

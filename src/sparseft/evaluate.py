@@ -29,11 +29,6 @@ class EvalResult:
         return asdict(self)
 
 
-def diff_kind(path: str | os.PathLike) -> str:
-    """The method whose artifact is at ``path``: ``sparse`` for a sparseft diff, ``lora`` for a PEFT adapter."""
-    return detect_artifact(path).name
-
-
 def attach_diff(model, path: str | os.PathLike | None, allow_unverified_base: bool = False):
     """``(model, kind)``: the base with the diff or adapter at ``path`` loaded on it (unmerged).
     ``allow_unverified_base``: also a sparse diff that records no base fingerprint (logged as a warning)."""

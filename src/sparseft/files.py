@@ -1,4 +1,4 @@
-"""Reading task data files with errors that name the file, the line and the field."""
+"""Reading data and config files with errors that name the file, the line and the field."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 from typing import Any, Iterator
+
+import yaml
 
 from .errors import ConfigError, DataFormatError
 
@@ -90,3 +92,27 @@ def read_json_file(path: Path, error: type[Exception]) -> Any:
     except RecursionError:
         raise error(f"{path}: JSON nested too deeply to read") from None
 
+
+def yaml_key_lines(text: str, nested: tuple[str, ...] = ()) -> dict[str, int]:
+    r"""``{key: 1-based line}`` of the top-level keys of the YAML mapping in ``text``, and of the keys one
+    level under each key in ``nested``: where an error about a field points. ``{}`` for text that is
+    not a YAML mapping (the caller's own parse reports that).
+
+    Example:
+        >>> yaml_key_lines("a: 1\nb:\n  c: 2\n", nested=("b",))
+        {'a': 1, 'b': 2, 'c': 3}
+    """
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return {}
+    if not isinstance(node, yaml.MappingNode):
+        return {}
+    lines = {}
+    for key, value in node.value:
+        if not isinstance(key, yaml.ScalarNode):
+            continue
+        lines[key.value] = key.start_mark.line + 1
+        if key.value in nested and isinstance(value, yaml.MappingNode):
+            lines.update({k.value: k.start_mark.line + 1 for k, _ in value.value if isinstance(k, yaml.ScalarNode)})
+    return lines

@@ -6,7 +6,7 @@ The verbs follow PEFT (``get_sparse_model``, ``save_pretrained``, ``from_pretrai
 Several diffs of one base can be loaded and active at once, PEFT-style (``load_adapter`` /
 ``set_adapter`` / weighted adapters): the first one is ``"default"`` (the one trained and saved by
 default); ``load_diff`` adds frozen named ones, ``set_active`` chooses which apply and with what
-weight. The forward, ``merge`` and ``unmerge`` apply all active diffs (see ``sparseft.delta``).
+weight. The forward, ``merge`` and ``unmerge`` apply all active diffs (see ``sparseft.sparse_linear``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from .config import SparseConfig
-from .delta import DEFAULT_DIFF, FrozenDelta, SparseLinear, merge_layers, unmerge_layers
 from .diffio import (
     SparseDiff,
     check_against_model,
@@ -36,6 +35,7 @@ from .diffio import (
 from .errors import ConfigError, MergeStateError, UnknownDiffError
 from .hub import resolve_diff
 from .selection import select
+from .sparse_linear import DEFAULT_DIFF, FrozenDelta, SparseLinear, merge_layers, unmerge_layers
 from .targets import find_targets
 
 

@@ -13,7 +13,7 @@ Variants:
     sparse_old  sparseft at each density, first implementation: dense dW then gather, W + S copied
     sparse_new  sparseft at each density, SDDMM backward (Triton on CUDA) and in-place W + S
 
-    python -m sparseft.bench.gpu_step --out docs/benchmarks/gpu_step.md          # H200: est. 3-4 min, not yet run
+    python -m sparseft.bench.gpu_step --out docs/benchmarks/gpu_step.md          # one H200: est. 3-4 min
     python -m sparseft.bench.gpu_step --device cpu --tiny --out /tmp/step.md      # smoke test, seconds
     python -m sparseft.bench.gpu_step --device cpu --sizes smollm2-135m --batch 8 --seq 128 \\
         --lora-rank 8 --threads 2 --isolate --out docs/benchmarks/cpu_step.md     # the CPU target
@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from ..config import DTYPES, LLAMA_PROJECTIONS, SparseConfig
-from ..delta import set_kernels
+from ..sparse_linear import set_kernels
 from ..targets import find_targets
 from .shapes import SHAPES, build_llama
 

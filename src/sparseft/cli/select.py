@@ -53,17 +53,11 @@ def make_train_config(args):
     return TrainConfig.from_dict({k: getattr(args, k) for k in SHARED_FIELDS if getattr(args, k) is not None})
 
 
-def make_config(args):
-    """The SparseConfig these flags select with."""
-    return make_train_config(args).sparse_config()
-
-
 def run(args) -> int:
     from ..errors import ConfigError
-    from ..loading import load_model, load_tokenizer
+    from ..loading import load_model, load_tokenizer, pad_token_id
     from ..selection import budget_report, format_budget_report, get_scorer, save_masks, select
     from ..targets import find_targets
-    from ..loading import pad_token_id
     from ..training.data import calibration_batches, load_examples
 
     run_cfg = make_train_config(args)

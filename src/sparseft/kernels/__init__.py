@@ -24,10 +24,10 @@ from .triton_sddmm import sampled_weight_grad_triton, triton_available
 
 BACKENDS = ("auto", "triton", *METHODS)
 
-# Roofline estimate, not yet measured (no GPU in the session that wrote this): an SDDMM entry reads
-# ~T bf16 activations (≈2T bytes at ~5-10 TB/s from HBM/L2), a dense dW element costs 2T FLOP at
-# ~790 TFLOP/s (H200), so the kernel wins below ~0.6-1.2% density. 1% is included so the step
-# benchmark exercises the kernel at both of its densities; tune it from bench/gpu_step.py results.
+# A roofline estimate, not a measurement (docs/kernels.md, "Where it should win"): an SDDMM entry reads
+# ~T activations from memory while a dense dW element costs 2T FLOP, so the kernel wins at low density.
+# 1% is included so the step benchmark exercises the kernel at both of its densities; tune it from
+# bench/gpu_step.py results.
 GPU_SDDMM_MAX_DENSITY = 0.01
 
 

@@ -32,9 +32,9 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta"
 # Transient elements per block (16 MiB of float32): bounds the memory of every path.
 BLOCK_ELEMENTS = 1 << 22
 
-# Cost model, seconds per unit of work, measured with one thread as CPU time (torch 2.13, the
-# 2-core dev machine, T = 1024 and 4096, SmolLM2-135M shapes): a GEMM multiply-add, a gathered
-# column element of both operands, a transposed element, a CSR dot-product element.
+# Cost model, seconds per unit of work (one thread, CPU time): a GEMM multiply-add, a gathered column
+# element of both operands, a transposed element, a CSR dot-product element. Machine-dependent: how
+# they were measured (``python -m sparseft.bench.backward_cpu``) is in docs/kernels.md, "The CPU cost model".
 GEMM_S = 19e-12
 COLUMN_GATHER_S = 2.6e-9
 TRANSPOSE_S = 3.2e-9

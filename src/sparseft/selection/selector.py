@@ -7,24 +7,16 @@ selection holds at most about B extra bytes (plus the activations of one calibra
   ``fisher``: Σg², ``combined``: both). If they would not fit in one pass they are kept compact
   (fp16 with a per-module scale, 2 bytes; same masks up to near-ties, see ``gradstats``), and if
   those do not fit either, the modules are measured in groups, one pass over the same calibration
-  batches per group. Each pass is a forward and backward per batch, the cost of selection.
-  SmolLM2-135M on all projections, density 0.01: fp32 weights take 1 pass for every scorer
-  (``combined`` took 2 with fp32 sums); bf16 weights 2 for ``gradient`` and 3 for ``combined``
-  (were 3 and 5);
+  batches per group. Each pass is a forward and backward per batch, the cost of selection;
 - one module's gradient at a time (freed inside the backward pass, see ``gradstats``);
 - scoring one module at a time (transient; reserved at 64 bytes per entry of the largest module,
   which covers the sort buffers of ``combined`` and the allocator's slack as measured);
 - the allocation: chosen indices (8 bytes per chosen entry), or for ``global`` a running top-k of at
   most k candidates (16 bytes per candidate, reserved 3x for the merge copies).
 
-Measured on the 2-core CPU dev machine (peak RSS growth, Linux VmHWM):
-- tests/test_selection.py::test_peak_memory_within_one_model_buffer: a random 8-layer Llama of 4.8M
-  fp32 parameters (B = 18.3 MiB), ``combined``, global, 1%: ≈ 0.85 B (15.2-15.9 MiB, 5 passes) with
-  glibc's malloc thresholds fixed so that RSS follows live bytes, against ≈ 3.2 B (58 MiB) for the
-  naive way (every ``.grad`` kept, plus Σg and Σg² copies). With the default dynamic thresholds the
-  heap adds 0-3 MiB of freed-but-resident slack (0.96-1.11 B seen across runs).
-- sparseft.bench.select_memory, SmolLM2-135M shape (B = 513 MiB), ``combined``, 2 passes: 1007 MiB,
-  of which 486 MiB are one calibration batch's activations (2 × 128 tokens) and ≈ 1.02 B the rest.
+The pass counts and peak memory this gives on real and random models (and how they were measured)
+are in docs/selection.md, "Memory"; ``tests/test_selection.py::test_peak_memory_within_one_model_buffer``
+pins the bound.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from ..errors import DataFormatError, TaskFileError
-from ..files import read_objects, take, text_field
+from ..files import read_objects, take, text_field, yaml_key_lines
 from .base import Record
 from .classification import ClassificationTask
 from .qa import QATask
@@ -142,17 +142,6 @@ class FileSummarizationTask(SummarizationTask):
 # ---------------------------------------------------------------- building a task from a mapping
 
 
-def key_lines(text: str) -> dict[str, int]:
-    """Line (1-based) of each top-level key of a YAML mapping, for error messages."""
-    try:
-        node = yaml.compose(text)
-    except yaml.YAMLError:
-        return {}
-    if not isinstance(node, yaml.MappingNode):
-        return {}
-    return {k.value: k.start_mark.line + 1 for k, _ in node.value if isinstance(k, yaml.ScalarNode)}
-
-
 class Locator:
     """``where(key)``: ``file:line N: key 'x'`` for a key of the task file (or just the file)."""
 
@@ -243,7 +232,7 @@ def load_task_file(path: str | os.PathLike) -> ClassificationTask | QATask | Sum
         mark = getattr(e, "problem_mark", None)
         at = f":line {mark.line + 1}" if mark is not None else ""
         raise TaskFileError(f"{path}{at}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
-    return task_from_spec(spec, Locator(str(path), key_lines(text)), default_name=path.stem)
+    return task_from_spec(spec, Locator(str(path), yaml_key_lines(text)), default_name=path.stem)
 
 
 def classification_from_flags(

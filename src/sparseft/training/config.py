@@ -11,6 +11,7 @@ import yaml
 
 from ..config import SparseConfig, convert_fields
 from ..errors import ConfigError
+from ..files import yaml_key_lines
 from ..methods import get_method, training_methods
 from ..quantize import check_scheme
 from .sharding import check_fsdp_config
@@ -216,7 +217,8 @@ class TrainConfig:
         text = path.read_text()
         try:
             data = yaml.safe_load(text) or {}
-            lines = key_lines(text)
+            # The selection fields may be given flat or under selection:; `-` in keys reads as `_`.
+            lines = {k.replace("-", "_"): n for k, n in yaml_key_lines(text, nested=("selection",)).items()}
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML ({e})") from e
         if not isinstance(data, dict):
@@ -272,21 +274,6 @@ def parse_scorer_weights(text: str) -> dict[str, float]:
                               f"(e.g. gradient=0.5,fisher=0.5), got {text!r}")
         weights[name.strip()] = value.strip()
     return weights  # the weights become floats (or a ConfigError naming the part) in SparseConfig
-
-
-def key_lines(text: str) -> dict[str, int]:
-    """``{field: 1-based line}`` of the top-level keys of a YAML mapping (``-`` in keys read as ``_``),
-    and of the keys under ``selection:`` (the selection fields may be given either way)."""
-    node = yaml.compose(text)
-    if not isinstance(node, yaml.MappingNode):
-        return {}
-    lines = {}
-    for key, value in node.value:
-        name = str(key.value).replace("-", "_")
-        lines[name] = key.start_mark.line + 1
-        if name == "selection" and isinstance(value, yaml.MappingNode):
-            lines.update({str(k.value).replace("-", "_"): k.start_mark.line + 1 for k, _ in value.value})
-    return lines
 
 
 def check_reselect_ranges(every: int | None, fraction: float) -> None:

@@ -31,9 +31,9 @@ import torch
 
 from ..diffio import file_sha256
 from ..errors import DataFormatError
-from ..loading import prompt_prefix
 from ..files import read_jsonl
 from ..hfdata import dataset_rows, dataset_sha256, is_dataset_spec
+from ..loading import prompt_prefix
 
 IGNORE_INDEX = -100
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")

@@ -19,8 +19,8 @@ import torch.distributed as torch_dist
 from torch import nn
 
 from ..atomic import atomic_dir, atomic_file, link_into, recover_dir, remove_leftovers
-from ..errors import ConfigError
 from ..diffio import CONFIG_NAME as DIFF_CONFIG_NAME
+from ..errors import ConfigError
 from ..files import existing_data
 from ..hub import CARD_NAME
 from ..loading import load_model, load_tokenizer, pad_token_id
@@ -36,8 +36,8 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .data import data_sha256, load_examples
-from .sharding import shard_sparse_model
 from .loop import METRICS_NAME, Distributed, LoopStats, make_optimizer, setup_distributed, train_loop, trainable_parameters
+from .sharding import shard_sparse_model
 
 TRAIN_CONFIG_NAME = "train_config.yaml"
 

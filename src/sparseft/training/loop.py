@@ -36,8 +36,8 @@ from ..model import SparseModel
 from .checkpoint import checkpoint_dir, save_checkpoint
 from .config import TrainConfig
 from .data import IGNORE_INDEX, Example, make_batches
-from .sharding import ShardedSparseModel
 from .reselect import ReselectSchedule, check_same_everywhere, reselect
+from .sharding import ShardedSparseModel
 
 METRICS_NAME = "metrics.jsonl"
 

@@ -26,9 +26,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..delta import SparseLinear
 from ..errors import MergeStateError
 from ..selection.budget import top_k_indices
+from ..sparse_linear import SparseLinear
 
 Reduce = Callable[[torch.Tensor], None]  # in-place sum over processes (None: one process)
 

@@ -25,10 +25,10 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
-from ..delta import set_kernels
 from ..errors import ConfigError
 from ..methods import get_method, training_methods
 from ..model import SparseModel
+from ..sparse_linear import set_kernels
 
 
 def check_fsdp_config(method: str, reselecting: bool) -> None:
