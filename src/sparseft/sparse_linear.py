@@ -142,7 +142,7 @@ class SparseLinear(nn.Module):
         self._merged_entries: MergedEntries | None = None
         self.backend = "auto"
         # A quantized weight (a tensor subclass holding codes and scales) cannot take S in place.
-        self.forward_mode = "unmerged" if hasattr(type(base_layer.weight), "__tensor_flatten__") else "inplace"
+        self.forward_mode = "unmerged" if is_quantized(base_layer.weight) else "inplace"
         self._weight_lock = WeightLock()
 
     @property
