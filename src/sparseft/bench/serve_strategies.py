@@ -229,35 +229,31 @@ def summary(timings: list[Timing], seconds: float) -> dict[str, Any]:
 # ---------------------------------------------------------------- one strategy, every concurrency
 
 
-def engine_cells(setup: Setup, strategy: str, n_diffs: int, draws: list[int], args) -> list[dict[str, Any]]:
-    """One engine for ``strategy`` over the first ``n_diffs`` diffs, run at each concurrency."""
+def engine_cell(setup: Setup, strategy: str, n_diffs: int, draws: list[int], c: int, args) -> dict[str, Any]:
+    """A fresh engine for ``strategy`` over the first ``n_diffs`` diffs, under ``c`` clients."""
     from ..serve import BatchingEngine, Engine
     from ..serve.registry import DiffVersion
 
-    results = []
-    for c in args.concurrency:
-        model = setup.load()
-        if strategy == "merged":
-            engine = Engine(model, setup.tokenizer)
-        else:
-            engine = BatchingEngine(model, setup.tokenizer, strategy="mixed" if strategy == "base" else strategy,
-                                    max_batch_size=args.batch or c)
-        versions = [DiffVersion(f"d{i}", 1, "random", "", d.num_entries, time.time(),
-                                engine.validated_entries(d, f"random diff d{i}"))
-                    for i, d in enumerate(setup.diffs[:n_diffs])] if strategy != "base" else []
-        if strategy in ("mixed", "auto"):
-            engine.mixed.add(versions)  # a server loads its diffs before traffic: one table build, not timed
-        engine.start()
-        engine_request(engine, versions[0] if versions else None, setup.prompts[0], 2)  # warm-up, not timed
-        timings, seconds = closed_loop(
-            lambda i: engine_request(engine, versions[draws[i]] if versions else None,
-                                     setup.prompts[i % len(setup.prompts)], args.max_tokens),
-            args.requests, c)
-        engine.stop()
-        results.append({"strategy": strategy, "diffs": 0 if strategy == "base" else n_diffs, "concurrency": c,
-                        "swaps": engine.swaps, **summary(timings, seconds)})
-        del engine, model
-    return results
+    model = setup.load()
+    if strategy == "merged":
+        engine = Engine(model, setup.tokenizer)
+    else:
+        engine = BatchingEngine(model, setup.tokenizer, strategy="mixed" if strategy == "base" else strategy,
+                                max_batch_size=args.batch or c)
+    versions = [DiffVersion(f"d{i}", 1, "random", "", d.num_entries, time.time(),
+                            engine.validated_entries(d, f"random diff d{i}"))
+                for i, d in enumerate(setup.diffs[:n_diffs])] if strategy != "base" else []
+    if strategy in ("mixed", "auto"):
+        engine.mixed.add(versions)  # a server loads its diffs before traffic: one table build, not timed
+    engine.start()
+    engine_request(engine, versions[0] if versions else None, setup.prompts[0], 2)  # warm-up, not timed
+    timings, seconds = closed_loop(
+        lambda i: engine_request(engine, versions[draws[i]] if versions else None,
+                                 setup.prompts[i % len(setup.prompts)], args.max_tokens),
+        args.requests, c)
+    engine.stop()
+    return {"strategy": strategy, "diffs": 0 if strategy == "base" else n_diffs, "concurrency": c,
+            "swaps": engine.swaps, **summary(timings, seconds)}
 
 
 def peft_model(setup: Setup, adapters: int):
@@ -276,7 +272,7 @@ def peft_model(setup: Setup, adapters: int):
     return model.eval()
 
 
-def peft_cells(setup: Setup, n_diffs: int, draws: list[int], args) -> list[dict[str, Any]]:
+def peft_cell(model, setup: Setup, n_diffs: int, draws: list[int], c: int, args) -> dict[str, Any]:
     """PEFT's mixed-adapter generate in static batches of C (left padding), each row naming its adapter."""
     from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -288,28 +284,24 @@ def peft_cells(setup: Setup, n_diffs: int, draws: list[int], args) -> list[dict[
             self.at = self.at or time.perf_counter()
             return torch.zeros(input_ids.shape[0], dtype=torch.bool)
 
-    model = peft_model(setup, n_diffs)
     pad = model.generation_config.pad_token_id
-    results = []
-    for c in args.concurrency:
-        timings = []
-        start = time.perf_counter()
-        for first in range(0, args.requests, c):
-            numbers = range(first, min(first + c, args.requests))
-            group = [setup.prompts[i % len(setup.prompts)] for i in numbers]
-            width = max(map(len, group))
-            ids = torch.tensor([[pad] * (width - len(p)) + p for p in group])
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group])
-            watch, began = FirstToken(), time.perf_counter()
-            with torch.no_grad():
-                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.max_tokens,
-                                     do_sample=False, adapter_names=[f"a{draws[i]}" for i in numbers],
-                                     stopping_criteria=StoppingCriteriaList([watch]))
-            ended = time.perf_counter()
-            timings += [Timing(ended - began, watch.at - began, out.shape[1] - width) for _ in numbers]
-        results.append({"strategy": "peft", "diffs": n_diffs, "concurrency": c, "lora_rank": setup.lora_rank,
-                        "swaps": 0, **summary(timings, time.perf_counter() - start)})
-    return results
+    timings = []
+    start = time.perf_counter()
+    for first in range(0, args.requests, c):
+        numbers = range(first, min(first + c, args.requests))
+        group = [setup.prompts[i % len(setup.prompts)] for i in numbers]
+        width = max(map(len, group))
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in group])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group])
+        watch, began = FirstToken(), time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.max_tokens,
+                                 do_sample=False, adapter_names=[f"a{draws[i]}" for i in numbers],
+                                 stopping_criteria=StoppingCriteriaList([watch]))
+        ended = time.perf_counter()
+        timings += [Timing(ended - began, watch.at - began, out.shape[1] - width) for _ in numbers]
+    return {"strategy": "peft", "diffs": n_diffs, "concurrency": c, "lora_rank": setup.lora_rank,
+            "swaps": 0, **summary(timings, time.perf_counter() - start)}
 
 
 # ---------------------------------------------------------------- the run, the targets, the table
@@ -387,26 +379,27 @@ def main(argv: list[str] | None = None) -> int:
                         "batch": args.batch or "concurrency", "greedy": True, "eos": "off", "seed": args.seed}
     print(json.dumps({**report["before"], **report["config"]}), flush=True)
 
-    def record(cells: list[dict[str, Any]], began: float) -> None:
-        for x in cells:
-            x["cell_wall_s"] = round((time.perf_counter() - began) / len(cells), 1)
-            x["load_average"] = round(os.getloadavg()[0], 2)
-            report["cells"].append(x)
-            print(json.dumps(x), flush=True)
+    def record(cell: Callable[[], dict[str, Any]]) -> None:
+        began = time.perf_counter()
+        x = cell()
+        x["cell_wall_s"], x["load_average"] = round(time.perf_counter() - began, 1), round(os.getloadavg()[0], 2)
+        report["cells"].append(x)
+        print(json.dumps(x), flush=True)
         report["targets"], report["after"] = targets(report["cells"]), machine()
         if args.json:
             args.json.write_text(json.dumps(report, indent=2) + "\n")
 
-    if "base" in args.strategies:
-        began = time.perf_counter()
-        record(engine_cells(setup, "base", 0, [], args), began)
+    for c in args.concurrency if "base" in args.strategies else []:
+        record(lambda: engine_cell(setup, "base", 0, [], c, args))
     for n in args.diffs:
         rng = random.Random(args.seed)
         draws = [rng.randrange(n) for _ in range(args.requests)]
         for strategy in [s for s in args.strategies if s != "base"]:
-            began = time.perf_counter()
-            record(peft_cells(setup, n, draws, args) if strategy == "peft"
-                   else engine_cells(setup, strategy, n, draws, args), began)
+            model = peft_model(setup, n) if strategy == "peft" else None  # built once for every concurrency
+            for c in args.concurrency:
+                record(lambda: peft_cell(model, setup, n, draws, c, args) if strategy == "peft"
+                       else engine_cell(setup, strategy, n, draws, c, args))
+            del model
     print(markdown(report["cells"]))
     for t in report.get("targets", []):
         print(f"{t['strategy']} ({t['diffs']} diffs, C={t['concurrency']}) vs {t['versus']}: "
