@@ -8,6 +8,7 @@ import pytest
 
 from sparseft.bench import serve_strategies as bench
 from sparseft.bench.serve_load import random_llama
+from sparseft.errors import DataFormatError
 
 
 def test_two_cells_complete_every_request_and_fill_the_json(tmp_path):
@@ -56,6 +57,17 @@ def test_random_diff_has_distinct_sorted_entries_at_the_density():
     assert diff.base_fingerprint  # made for this base: the engines accept it without allow_unverified_base
 
 
-def test_out_of_bounds_arguments_are_refused():
+@pytest.mark.parametrize("argv", [["--size", "tiny", "--concurrency", "65"],
+                                  ["--size", "tiny", "--prompt-file", "prompts.tsv"],
+                                  ["--model", "smollm2-135m", "--prompt-file", "no-such-file.tsv"]])
+def test_out_of_bounds_or_missing_inputs_are_refused_before_loading_anything(argv, capsys):
     with pytest.raises(SystemExit):
-        bench.main(["--size", "tiny", "--concurrency", "65"])
+        bench.main(argv)
+    assert "error:" in capsys.readouterr().err
+
+
+def test_a_prompt_file_without_text_rows_is_refused(tmp_path):
+    empty = tmp_path / "dev.tsv"
+    empty.write_text("sentence\tlabel\n")
+    with pytest.raises(DataFormatError, match="no text rows"):
+        bench.review_instructions(empty, 4)

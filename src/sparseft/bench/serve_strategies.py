@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from ..config import LLAMA_PROJECTIONS, SparseConfig
+from ..errors import DataFormatError
 from .serve_load import random_llama
 from .shapes import numbered_vocab, word_level_tokenizer
 
@@ -83,8 +84,11 @@ def review_instructions(path: Path, count: int) -> list[str]:
     """Short instructions around the first ``count`` sentences of a TSV whose first column is text (SST-2)."""
     with open(path, newline="") as f:
         rows = list(csv.reader(f, delimiter="\t"))[1:]
-    return [f"Is this movie review positive or negative? Answer, then explain briefly: {row[0].strip()}"
-            for row in rows[:count]]
+    texts = [f"Is this movie review positive or negative? Answer, then explain briefly: {row[0].strip()}"
+             for row in rows[:count] if row and row[0].strip()]
+    if not texts:
+        raise DataFormatError(f"{path}: no text rows after the header (expected a TSV whose first column is text)")
+    return texts
 
 
 def real_prompts(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -362,6 +366,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if not (1 <= args.requests <= 256 and 1 <= min(args.diffs) and max(args.diffs) <= 64
             and 1 <= args.max_tokens <= 64 and 1 <= min(args.concurrency) and max(args.concurrency) <= 64):
         p.error("bounds: 1 <= requests <= 256, 1 <= diffs <= 64, 1 <= max_tokens <= 64, 1 <= concurrency <= 64")
+    if args.prompt_file and not (args.model and args.prompt_file.is_file()):
+        p.error(f"--prompt-file {args.prompt_file}: needs --model and an existing TSV file")
     if not args.model:
         args.size = args.size or "small"
     return args
