@@ -101,6 +101,21 @@ def test_removing_a_diff_keeps_the_others_on_their_rows(loaded):
     torch.testing.assert_close(logits, merged_logits(paths[2], ids), rtol=0, atol=1e-4)
 
 
+def test_adding_diffs_at_once_gives_the_slots_slot_of_would(loaded):
+    engine, diffs, paths = loaded
+    mixed = MixedDiffs(engine.model)
+    mixed.slot_of(diffs[1])
+    mixed.add([diffs[2], diffs[1], diffs[0]])  # the one already held keeps its slot
+    assert mixed.diffs == [diffs[1], diffs[2], diffs[0]]
+    assert [mixed.slot_of(d) for d in diffs] == [2, 0, 1]
+    ids = torch.tensor([[1, 10, 20, 30]])
+    mixed.set_rows([diffs[0]])
+    with torch.no_grad():
+        logits = engine.model(input_ids=ids).logits
+    mixed.close()
+    torch.testing.assert_close(logits, merged_logits(paths[0], ids), rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize(("dtype", "bytes_per_entry"), [(torch.bfloat16, 6), (torch.float32, 8)])
 def test_loaded_entries_cost_an_int32_index_plus_a_value_in_the_weights_dtype(tmp_path, dtype, bytes_per_entry):
     engine = Engine(make_tiny_llama().to(dtype), make_tokenizer())

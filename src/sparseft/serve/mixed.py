@@ -102,6 +102,13 @@ class MixedDiffs:
         self._rebuild()
         return len(self._diffs) - 1
 
+    def add(self, diffs: list[DiffVersion]) -> None:
+        """Give every diff of ``diffs`` a slot with one rebuild of the tables (``slot_of`` rebuilds per new diff)."""
+        new = [d for d in diffs if all(d is not held for held in self._diffs)]
+        if new:
+            self._diffs.extend(new)
+            self._rebuild()
+
     def remove(self, diffs: list[DiffVersion]) -> None:
         """Drop ``diffs`` from the tables (slots of the others are renumbered; call between batches' rows)."""
         kept = [d for d in self._diffs if all(d is not gone for gone in diffs)]
