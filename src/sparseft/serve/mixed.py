@@ -95,19 +95,21 @@ class MixedDiffs:
 
     def slot_of(self, diff: DiffVersion) -> int:
         """The slot of ``diff``, adding its entries to the layers' tables if it has none yet."""
-        for slot, held in enumerate(self._diffs):
-            if held is diff:
-                return slot
-        self._diffs.append(diff)
-        self._rebuild()
-        return len(self._diffs) - 1
+        self.add([diff])
+        return self._held_slot(diff)
 
     def add(self, diffs: list[DiffVersion]) -> None:
-        """Give every diff of ``diffs`` a slot with one rebuild of the tables (``slot_of`` rebuilds per new diff)."""
-        new = [d for d in diffs if all(d is not held for held in self._diffs)]
+        """Give every diff of ``diffs`` that has none a slot, in order, with one rebuild of the tables."""
+        new: list[DiffVersion] = []
+        for diff in diffs:
+            if all(diff is not held for held in (*self._diffs, *new)):
+                new.append(diff)
         if new:
             self._diffs.extend(new)
             self._rebuild()
+
+    def _held_slot(self, diff: DiffVersion) -> int:
+        return next(slot for slot, held in enumerate(self._diffs) if held is diff)
 
     def remove(self, diffs: list[DiffVersion]) -> None:
         """Drop ``diffs`` from the tables (slots of the others are renumbered; call between batches' rows)."""
@@ -117,8 +119,9 @@ class MixedDiffs:
             self._rebuild()
 
     def set_rows(self, row_diffs: list[DiffVersion | None]) -> None:
-        """Tell the hooks which diff each batch row uses; the diffs must have slots (``slot_of``)."""
-        slots = [-1 if d is None else self.slot_of(d) for d in row_diffs]
+        """Tell the hooks which diff each batch row uses; diffs without a slot get one (one table rebuild for all)."""
+        self.add([d for d in row_diffs if d is not None])
+        slots = [-1 if d is None else self._held_slot(d) for d in row_diffs]
         device = next(self.model.parameters()).device
         self.rows.set(torch.tensor(slots, dtype=torch.long, device=device))
 
