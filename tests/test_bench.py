@@ -245,6 +245,14 @@ def test_reselect_knobs_of_a_sparse_row_reach_its_train_config_and_unset_ones_st
     assert not train_config(fixed, "cpu").reselecting
     moved = train_config(moving, "cpu")
     assert (moved.reselect_every, moved.reselect_fraction, moved.reselect_growth_batches) == (10, 0.2, 4)
+    # and the report tells the rows apart
+    from sparseft.bench.results import row_label
+
+    assert row_label({"method": "sparse", "scorer": "random"}) == "sparse/random"
+    assert row_label({"method": "sparse", "scorer": "random", "reselect_every": 10, "reselect_growth_batches": 1}) \
+        == "sparse/random reselect/10"
+    assert row_label({"method": "sparse", "scorer": "random", "reselect_every": 10, "reselect_growth_batches": 4}) \
+        == "sparse/random reselect/10 growth×4"
 
 
 def test_shipped_reselect_config_compares_growth_over_one_and_four_batches(tmp_path):

@@ -56,7 +56,7 @@ def add_parser(sub):
                      help="share of each module's k swapped at the first re-selection, in (0, 1]; decays "
                      "with a cosine to 0 at the last step")
     dyn.add_argument("--reselect-growth-batches", type=int, metavar="N",
-                     help="micro-batches whose summed gradient ranks the entries to grow (default 1: the step's "
+                     help="micro-batches whose summed gradient ranks the entries to grow (1: the step's "
                      "first); the step's own first, then the next steps'. Costs N forward+backward passes per "
                      "re-selection and, for N > 1, an fp32 buffer the size of the targeted weights meanwhile")
     opt = p.add_argument_group("optimisation")
