@@ -144,6 +144,16 @@ def tiny_raw(**changes):
         ({"train_data": "data/nope.tsv"}, "nope.tsv does not exist"),
         ({"task": "sst3"}, "unknown task 'sst3'"),
         ({"eval_task": "squad-heldout"}, "eval_task 'squad-heldout' is a qa task but task 'sst2' is classification"),
+        ({"runs": [{"id": "a", "method": "lora", "lora_rank": 2, "lr": 1e-3, "reselect_every": 5}]},
+         "reselect_every applies to sparse rows only"),
+        ({"runs": [{"id": "a", "method": "sparse", "scorer": "random", "lr": 1e-3, "reselect_growth_batches": 4}]},
+         "(a): reselect_growth_batches applies only with reselect_every"),
+        ({"runs": [{"id": "a", "method": "sparse", "scorer": "random", "lr": 1e-3, "reselect_every": 5,
+                    "reselect_growth_batches": 0}]}, "reselect_growth_batches must be a whole number of micro-batches"),
+        ({"runs": [{"id": "a", "method": "sparse", "scorer": "random", "lr": 1e-3, "reselect_every": 2.5}]},
+         "reselect_every must be a whole number, got 2.5"),
+        ({"runs": [{"id": "a", "method": "sparse", "scorer": "random", "lr": 1e-3, "reselect_every": 5,
+                    "reselect_fraction": 2}]}, "reselect_fraction must be in (0, 1]"),
     ],
 )
 def test_bad_config_is_named(changes, message):
@@ -219,6 +229,40 @@ def test_resume_refuses_another_machine_or_other_training_rows(tmp_path, tiny_mo
     with pytest.raises(ConfigError, match="training rows differ"):
         prepare_train_file(cfg, cfg.model, train_file, keep_same=True)
     assert train_file.read_bytes() == written
+
+
+def test_reselect_knobs_of_a_sparse_row_reach_its_train_config_and_unset_ones_stay_out_of_its_spec(tmp_path):
+    from sparseft.bench.grid import worker_spec
+    from sparseft.bench.worker import train_config
+
+    runs = [{"id": "fixed", "method": "sparse", "scorer": "random", "lr": 1e-3},
+            {"id": "moving", "method": "sparse", "scorer": "random", "lr": 1e-3, "reselect_every": 10,
+             "reselect_fraction": 0.2, "reselect_growth_batches": 4}]
+    cfg = parse_bench_config(tiny_raw(runs=runs), base_dir=TINY.parent)
+    fixed, moving = (worker_spec(cfg, run, "tiny", tmp_path / "train.jsonl", tmp_path / run.id) for run in cfg.runs)
+    # A row without re-selection has the spec it had before the knobs existed (so --resume keeps it).
+    assert not any(key.startswith("reselect") for key in fixed["run"])
+    assert not train_config(fixed, "cpu").reselecting
+    moved = train_config(moving, "cpu")
+    assert (moved.reselect_every, moved.reselect_fraction, moved.reselect_growth_batches) == (10, 0.2, 4)
+    # and the report tells the rows apart
+    from sparseft.bench.results import row_label
+
+    assert row_label({"method": "sparse", "scorer": "random"}) == "sparse/random"
+    assert row_label({"method": "sparse", "scorer": "random", "reselect_every": 10, "reselect_growth_batches": 1}) \
+        == "sparse/random reselect/10"
+    assert row_label({"method": "sparse", "scorer": "random", "reselect_every": 10, "reselect_growth_batches": 4}) \
+        == "sparse/random reselect/10 growth×4"
+
+
+def test_shipped_reselect_config_compares_growth_over_one_and_four_batches(tmp_path):
+    (tmp_path / "sst2").mkdir()
+    for name in ("train.tsv", "dev.tsv"):
+        (tmp_path / "sst2" / name).write_text("sentence\tlabel\ngood .\t1\n")
+    cfg = load_bench_config(ROOT / "examples" / "bench" / "smollm2_sst2_reselect.yaml", data_root=str(tmp_path))
+    rows = {(r.lr, r.reselect_every, r.reselect_growth_batches) for r in cfg.runs}
+    assert rows == {(1e-3, None, None), (1e-3, 10, 1), (1e-3, 10, 4)}
+    assert cfg.validation_task and cfg.seeds and all(r.method == "sparse" and r.scorer == "combined" for r in cfg.runs)
 
 
 def test_shipped_real_config_parses(tmp_path):

@@ -78,6 +78,42 @@ def test_reselection_under_two_gloo_processes_matches_one_process(tiny_model_wit
 
 
 @pytest.mark.slow  # two fresh torchrun processes
+def test_growth_over_several_batches_under_two_gloo_processes_matches_one_process(tiny_model_with_tokenizer_dir, tmp_path):
+    """2 processes × 2 growth batches each (their step's micro-batch, then the next step's), summed
+    over processes, rank the same 4 micro-batches as 1 process with grad_accum 2 and 4 growth batches."""
+    data = write_train_file(tmp_path / "train.jsonl", n=16)
+    settings = dict(density=0.1, scorer="random", steps=4, lr=1e-2, max_length=64, value_dtype="float32", seed=0,
+                    batch_size=2, reselect_every=2, reselect_fraction=0.5)
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in settings.items()]
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "sparseft", "train",
+         "--model", str(tiny_model_with_tokenizer_dir), "--data", str(data), *flags, "--reselect-growth-batches", "2",
+         "--no-progress", "--out", str(tmp_path / "ddp")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+
+    single = run_training(
+        TrainConfig.from_dict(dict(model=str(tiny_model_with_tokenizer_dir), data=str(data), out=str(tmp_path / "single"),
+                                   grad_accum=2, reselect_growth_batches=4, progress=False, **settings)),
+        model=make_tiny_llama(), tokenizer=make_tiny_tokenizer(),
+    )
+    one_batch = run_training(
+        TrainConfig.from_dict(dict(model=str(tiny_model_with_tokenizer_dir), data=str(data), out=str(tmp_path / "one"),
+                                   grad_accum=2, progress=False, **settings)),
+        model=make_tiny_llama(), tokenizer=make_tiny_tokenizer(),
+    )
+    a = SparseModel.from_pretrained(make_tiny_llama(), tmp_path / "ddp").sparse_layers()
+    b = SparseModel.from_pretrained(make_tiny_llama(), single.out).sparse_layers()
+    c = SparseModel.from_pretrained(make_tiny_llama(), one_batch.out).sparse_layers()
+    for name in a:
+        assert torch.equal(a[name].indices, b[name].indices), name
+        torch.testing.assert_close(a[name].values, b[name].values, rtol=1e-4, atol=1e-6)
+    assert any(not torch.equal(a[name].indices, c[name].indices) for name in a)  # the 4 batches decided
+
+
+@pytest.mark.slow  # two fresh torchrun processes
 def test_two_gloo_processes_train_masks_with_an_empty_module(tiny_model_with_tokenizer_dir, tmp_path):
     """A module with k=0 (here from --masks) has nothing to train: DDP must not wait for its gradient
     (it used to fail with 'Expected to have finished reduction in the prior iteration')."""

@@ -7,14 +7,17 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import make_tiny_llama
+from conftest import make_tiny_llama, make_tiny_tokenizer
 from sparseft import SparseConfig, SparseModel, get_sparse_model, select
 from sparseft.cli import main
 from sparseft.delta import SparseLinear
 from sparseft.errors import ConfigError
 from sparseft.training import TrainConfig
 from sparseft.training.checkpoint import load_checkpoint
-from sparseft.training.reselect import ReselectSchedule, growth_candidates, plan_swap, reselect, swap_entries
+from sparseft.training.data import load_examples, make_batches
+from sparseft.training.loop import growth_batches
+from sparseft.training.reselect import (ReselectSchedule, accumulated_growth_candidates, growth_candidates, plan_swap,
+                                        reselect, swap_entries)
 from test_training import quick_config, sha256, train_in_process, train_until_crash, write_train_file
 
 
@@ -187,6 +190,126 @@ def test_resume_with_reselection_gives_the_uninterrupted_diff(train_file, tmp_pa
                                       **{**settings, "reselect_every": 3}))
 
 
+# ---------------------------------------------------------------- growth over several micro-batches
+
+
+def random_batches(count, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [{"input_ids": (ids := torch.randint(0, 128, (2, 12), generator=gen)), "labels": ids.clone()}
+            for _ in range(count)]
+
+
+def direct_growth(masks, values, batches, counts):
+    """The reference: a plain tiny Llama with the entries' values added into its weights, the dense
+    weight gradient of each batch's loss from autograd, summed, ranked by magnitude outside the mask."""
+    model = make_tiny_llama()
+    weights = {name: model.get_submodule(name).weight for name in masks}
+    with torch.no_grad():
+        for name, w in weights.items():
+            w.view(-1)[masks[name]] += values[name]
+    for w in weights.values():
+        w.requires_grad_(True)
+    total = {name: torch.zeros_like(w) for name, w in weights.items()}
+    for batch in batches:
+        grads = torch.autograd.grad(model(**batch).loss, list(weights.values()))
+        for name, g in zip(weights, grads):
+            total[name] += g
+    scores = {}
+    for name, g in total.items():
+        score = g.abs().view(-1).clone()
+        score[masks[name]] = -1.0
+        scores[name] = score
+    return scores
+
+
+def sparse_model_with_values(seed=0):
+    cfg = SparseConfig(density=0.1, scorer="random", seed=seed)
+    masks = select(make_tiny_llama(), cfg)
+    model = get_sparse_model(make_tiny_llama(), cfg, masks)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for layer in model.sparse_layers().values():
+            layer.values.copy_(0.05 * torch.randn(layer.values.shape, generator=gen))
+    return model
+
+
+def test_growth_over_several_batches_takes_the_largest_summed_dense_gradients():
+    model = sparse_model_with_values()
+    layers = model.sparse_layers()
+    masks = {n: layer.indices.clone() for n, layer in layers.items()}
+    values = {n: layer.values.detach().clone() for n, layer in layers.items()}
+    counts = {n: 5 for n in layers}
+    batches = random_batches(3)
+
+    grown = accumulated_growth_candidates(layers, counts, [lambda b=b: model(**b).loss for b in batches])
+
+    reference = direct_growth(masks, values, batches, counts)
+    for name, indices in grown.items():
+        assert indices.numel() == 5 and not torch.isin(indices, masks[name]).any()
+        best = torch.sort(reference[name], descending=True).values[:5]
+        # the chosen entries are the 5 largest |sum of the batches' dW| (up to float rounding of near-ties)
+        torch.testing.assert_close(torch.sort(reference[name][indices], descending=True).values, best)
+    assert set(grown) == set(layers)
+    assert all(p.grad is None for p in model.parameters())  # no gradient left behind
+    # the sum is what decides: the first batch alone picks other entries somewhere
+    first_only = growth_candidates(layers, counts, lambda: model(**batches[0]).loss)
+    assert any(not torch.equal(first_only[n], grown[n]) for n in grown)
+
+
+def test_growth_over_one_batch_is_the_one_pass_result():
+    model = sparse_model_with_values()
+    layers, batch = model.sparse_layers(), random_batches(1)[0]
+    counts = {n: 4 for n in layers}
+    one_pass = growth_candidates(layers, counts, lambda: model(**batch).loss)
+    summed = accumulated_growth_candidates(layers, counts, [lambda: model(**batch).loss])
+    assert {n: t.tolist() for n, t in one_pass.items()} == {n: t.tolist() for n, t in summed.items()}
+
+
+def test_growth_batches_are_the_steps_own_then_the_next_steps_in_data_order(train_file):
+    examples = load_examples(train_file, make_tiny_tokenizer(), max_length=64)
+
+    def at(step):
+        return make_batches(examples, 2, 0, seed=3, step=step, grad_accum=2)
+
+    chosen = growth_batches(at(5), 5, lambda ahead: at(5 + ahead))
+    expected = at(5) + at(6) + at(7)[:1]
+    assert len(chosen) == 5
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(chosen, expected))
+    assert [torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(growth_batches(at(5), 1, at), at(5)[:1])] == [True]
+    assert len(growth_batches(at(5), 2, lambda ahead: pytest.fail("no batch beyond the step's own is needed"))) == 2
+
+
+def test_training_with_growth_over_several_batches_moves_the_mask_differently_and_repeats(train_file, tmp_path):
+    settings = dict(steps=6, reselect_every=2, reselect_fraction=0.5, grad_accum=2, batch_size=2)
+    one = train_in_process(quick_config(train_file, tmp_path / "one", **settings))
+    default = train_in_process(quick_config(train_file, tmp_path / "default", reselect_growth_batches=1, **settings))
+    four = train_in_process(quick_config(train_file, tmp_path / "four", reselect_growth_batches=4, **settings))
+    again = train_in_process(quick_config(train_file, tmp_path / "again", reselect_growth_batches=4, **settings))
+    assert sha256(one.out / "sparse_delta.safetensors") == sha256(default.out / "sparse_delta.safetensors")
+    assert sha256(four.out / "sparse_delta.safetensors") == sha256(again.out / "sparse_delta.safetensors")
+    a, b = masks_of(one.out), masks_of(four.out)
+    assert any(not torch.equal(a[n], b[n]) for n in a)  # the summed gradient chose other entries
+    assert {n: m.numel() for n, m in a.items()} == {n: m.numel() for n, m in b.items()}
+    assert four.losses[0] == one.losses[0]  # the first step (before any re-selection) is untouched
+    provenance = json.loads((four.out / "sparse_config.json").read_text())["provenance"]["train_config"]
+    assert provenance["reselect_growth_batches"] == 4
+
+
+def test_resume_with_growth_over_several_batches_gives_the_uninterrupted_diff(train_file, tmp_path, monkeypatch):
+    # 3 growth batches with grad_accum 2: the step's two, then the next step's first
+    settings = dict(steps=6, save_every=3, reselect_every=2, reselect_fraction=0.5, grad_accum=2, batch_size=2,
+                    reselect_growth_batches=3)
+    reference = train_in_process(quick_config(train_file, tmp_path / "ref", **settings))
+    out = tmp_path / "crashed"
+    train_until_crash(monkeypatch, quick_config(train_file, out, **settings), crash_at_call=5)
+    resumed = train_in_process(quick_config(train_file, out, resume="latest", **settings))
+    assert sha256(resumed.out / "sparse_delta.safetensors") == sha256(reference.out / "sparse_delta.safetensors")
+    assert resumed.losses == reference.losses[3:]
+    with pytest.raises(ConfigError, match=r"cannot resume.*reselect_growth_batches: 3 -> None"):
+        train_in_process(quick_config(train_file, out, resume=str(out / "checkpoints" / "step-000003"),
+                                      **{**settings, "reselect_growth_batches": 1}))
+
+
 # ---------------------------------------------------------------- bad values
 
 
@@ -195,6 +318,10 @@ def test_resume_with_reselection_gives_the_uninterrupted_diff(train_file, tmp_pa
     (["--reselect-every", "5", "--reselect-fraction", "0"], "reselect_fraction must be in (0, 1]"),
     (["--reselect-every", "5", "--reselect-fraction", "1.5"], "reselect_fraction must be in (0, 1]"),
     (["--reselect-every", "5", "--method", "lora"], "reselect_every applies to sparse runs only"),
+    (["--reselect-every", "5", "--reselect-growth-batches", "0"], "reselect_growth_batches must be a whole number of "
+                                                                 "micro-batches >= 1, got 0"),
+    (["--reselect-growth-batches", "4"], "reselect_growth_batches applies only with reselect_every"),
+    (["--reselect-every", "0", "--reselect-growth-batches", "4"], "reselect_growth_batches applies only with reselect_every"),
 ])
 def test_bad_reselect_options_are_rejected_before_anything_is_written(flags, message, train_file, tmp_path, capsys):
     out = tmp_path / "out"
@@ -213,3 +340,8 @@ def test_reselect_values_from_yaml_are_checked_too():
     # A numeric string (how PyYAML reads ``1e-1``) is stored as the number it spells.
     assert TrainConfig.from_dict({"reselect_every": 2, "reselect_fraction": "1e-1"}).reselect_fraction == 0.1
     assert not TrainConfig(reselect_every=0).reselecting and TrainConfig(reselect_every=4).reselecting
+    with pytest.raises(ConfigError, match="reselect_growth_batches must be a whole number, got 2.5"):
+        TrainConfig.from_dict({"reselect_every": 2, "reselect_growth_batches": 2.5})
+    with pytest.raises(ConfigError, match="reselect_growth_batches must be a whole number of micro-batches >= 1"):
+        TrainConfig.from_dict({"reselect_every": 2, "reselect_growth_batches": -1})
+    assert TrainConfig.from_dict({"reselect_every": 2, "reselect_growth_batches": "4"}).reselect_growth_batches == 4

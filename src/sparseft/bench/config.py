@@ -49,6 +49,10 @@ class RunSpec:
     num_params: int | None = None  # sparse only; exact budget instead of a density
     lora_rank: int | str | None = None  # lora only: an int, or "match" (rank matching the sparse budget)
     calibration_batches: int | None = None  # sparse data scorers only
+    # sparse only: re-selection during training (TrainConfig's fields of these names; unset: off / defaults)
+    reselect_every: int | None = None
+    reselect_fraction: float | None = None
+    reselect_growth_batches: int | None = None
     seed: int | None = None  # the grid's seed when None; the test stage of a protocol sets one per row
 
     def to_dict(self) -> dict[str, Any]:
@@ -260,7 +264,11 @@ def check_run(run: RunSpec, at: str) -> None:
 
 
 # The RunSpec fields that belong to some method (the rest, id / method / lr, every row has).
-KNOBS = ("scorer", "density", "num_params", "lora_rank", "calibration_batches")
+KNOBS = ("scorer", "density", "num_params", "lora_rank", "calibration_batches", "reselect_every", "reselect_fraction",
+         "reselect_growth_batches")
+# Knobs added after grids were first run: a row's worker spec leaves them out when unset, so --resume
+# still finds its earlier rows equal.
+LATER_KNOBS = ("reselect_every", "reselect_fraction", "reselect_growth_batches")
 
 
 def check_grid_values(cfg: BenchConfig, where: str) -> None:

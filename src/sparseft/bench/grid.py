@@ -23,7 +23,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..methods import get_method
-from .config import BASE_ROW_ID, BenchConfig, RunSpec
+from .config import BASE_ROW_ID, LATER_KNOBS, BenchConfig, RunSpec
 from .results import SCHEMA_VERSION, results_markdown, write_results
 
 RESULTS_NAME = "results.json"
@@ -245,6 +245,9 @@ def worker_spec(cfg: BenchConfig, spec: RunSpec | None, model: str, train_file: 
     run = spec.to_dict() if spec else {"id": BASE_ROW_ID, "method": "base"}
     if run.get("seed", 0) is None:
         del run["seed"]  # the grid's seed: specs stay as they were before rows could carry one (--resume)
+    for knob in LATER_KNOBS:
+        if run.get(knob, 0) is None:
+            del run[knob]  # likewise
     run = get_method(run["method"]).complete_run(run, cfg.density)
     job = {
         "run": run,

@@ -47,13 +47,18 @@ def add_parser(sub):
         "dynamic re-selection (sparse)",
         "Let the mask move during training (RigL-style, Evci et al. 2020): every N steps each module drops the "
         "entries with the smallest |value| and grows, in their place, the entries outside its mask with the largest "
-        "|gradient| on that step's first micro-batch. k per module stays fixed; kept entries keep their values and "
-        "AdamW state, grown ones start at 0. Dropping nonzero values changes the model's output by those values.")
+        "|gradient| on that step's first micro-batch (or summed over --reselect-growth-batches of them). k per module "
+        "stays fixed; kept entries keep their values and AdamW state, grown ones start at 0. Dropping nonzero values "
+        "changes the model's output by those values.")
     dyn.add_argument("--reselect-every", type=int, metavar="N",
                      help="re-select every N optimizer steps (0 or not given: off); e.g. 50 for a 500-step run")
     dyn.add_argument("--reselect-fraction", type=float, metavar="F",
                      help="share of each module's k swapped at the first re-selection, in (0, 1]; decays "
                      "with a cosine to 0 at the last step")
+    dyn.add_argument("--reselect-growth-batches", type=int, metavar="N",
+                     help="micro-batches whose summed gradient ranks the entries to grow (1: the step's "
+                     "first); the step's own first, then the next steps'. Costs N forward+backward passes per "
+                     "re-selection and, for N > 1, an fp32 buffer the size of the targeted weights meanwhile")
     opt = p.add_argument_group("optimisation")
     steps = opt.add_mutually_exclusive_group()
     steps.add_argument("--steps", type=int, help="optimizer steps (not given: as many as --epochs takes)")

@@ -15,11 +15,15 @@ from ..errors import ConfigError
 from .registry import Method, Prepared
 
 
+# A bench row's re-selection knobs: TrainConfig's fields of the same names (sparseft.training.reselect).
+RESELECT_KNOBS = ("reselect_every", "reselect_fraction", "reselect_growth_batches")
+
+
 class SparseMethod(Method):
     name = "sparse"
     artifact_kind = "diff"
     help = "train k chosen weight entries, save a diff"
-    run_knobs = ("scorer", "density", "num_params", "calibration_batches")
+    run_knobs = ("scorer", "density", "num_params", "calibration_batches", *RESELECT_KNOBS)
     not_applicable = frozenset({"lora_rank"})
     reselects = True
     shards_base = True
@@ -69,6 +73,7 @@ class SparseMethod(Method):
             raise ConfigError(f"{at} ({run.id}): density must be in (0, 1], got {run.density!r}")
         if run.num_params is not None and int(run.num_params) <= 0:
             raise ConfigError(f"{at} ({run.id}): num_params must be positive, got {run.num_params!r}")
+        check_reselect_knobs(run, at)
 
     def complete_run(self, run: dict[str, Any], grid_density: float) -> dict[str, Any]:
         if run.get("density") is None and run.get("num_params") is None:
@@ -79,16 +84,43 @@ class SparseMethod(Method):
         fields = dict(scorer=run["scorer"], density=run.get("density"), num_params=run.get("num_params"))
         if run.get("calibration_batches"):
             fields["calibration_batches"] = int(run["calibration_batches"])
+        fields.update({knob: run[knob] for knob in RESELECT_KNOBS if run.get(knob) is not None})
         return fields
 
     def row_facts(self, result, cfg) -> dict[str, Any]:
         from ..audit import inspect_diff
 
         # Share of the targeted entries the diff trains (what the budget became after rounding).
-        return {"density": float(inspect_diff(result.out)["density"])}
+        facts: dict[str, Any] = {"density": float(inspect_diff(result.out)["density"])}
+        if cfg.reselecting:
+            facts.update({knob: getattr(cfg, knob) for knob in RESELECT_KNOBS})
+        return facts
 
     def label(self, row: dict[str, Any]) -> str:
-        return f"sparse/{row.get('scorer')}"
+        label = f"sparse/{row.get('scorer')}"
+        if row.get("reselect_every"):
+            label += f" reselect/{row['reselect_every']}"
+            if row.get("reselect_growth_batches", 1) != 1:
+                label += f" growth×{row['reselect_growth_batches']}"
+        return label
+
+
+def check_reselect_knobs(run, at: str) -> None:
+    """A row's re-selection knobs: their types here, their ranges as TrainConfig checks them."""
+    from ..training.config import TrainConfig, check_reselect_ranges
+
+    for knob, kind, what in (("reselect_every", int, "a whole number"), ("reselect_fraction", (int, float), "a number"),
+                             ("reselect_growth_batches", int, "a whole number")):
+        value = getattr(run, knob)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise ConfigError(f"{at} ({run.id}): {knob} must be {what}, got {value!r}")
+    unset = {knob: getattr(TrainConfig, knob) for knob in RESELECT_KNOBS}  # TrainConfig's defaults
+    given = {knob: getattr(run, knob) for knob in RESELECT_KNOBS if getattr(run, knob) is not None}
+    values = {**unset, **given}
+    try:
+        check_reselect_ranges(values["reselect_every"], float(values["reselect_fraction"]), values["reselect_growth_batches"])
+    except ConfigError as e:
+        raise ConfigError(f"{at} ({run.id}): {e}") from None
 
 
 def select_masks(model: nn.Module, sparse_cfg: SparseConfig, examples, pad_id: int, batch_size: int) -> dict[str, torch.Tensor]:

@@ -51,6 +51,11 @@ class TrainConfig:
             module swaps its smallest-|value| entries for the largest-|gradient| ones outside its
             mask, k fixed; ``reselect_fraction`` of k at the first re-selection, cosine-decayed to 0
             at the end (see ``sparseft.training.reselect``). 0 or None: off (the default).
+        reselect_growth_batches: micro-batches whose summed dense gradient ranks the entries to grow
+            (re-selection only): the step's own micro-batches first, then the next steps' in data
+            order. 1 (the default): the step's first micro-batch. N costs N forward + backward passes
+            per re-selection and, for N > 1, an fp32 buffer the size of the targeted weights while
+            they run.
         steps: optimizer steps; when None, ``epochs`` passes over the data decide.
         batch_size: rows per micro-batch per process; one optimizer step sees
             ``batch_size × grad_accum × world_size`` rows.
@@ -82,6 +87,7 @@ class TrainConfig:
     masks: str | None = None
     reselect_every: int | None = None
     reselect_fraction: float = 0.1
+    reselect_growth_batches: int = 1
     # optimisation
     steps: int | None = None
     epochs: float = 1.0
@@ -147,7 +153,7 @@ class TrainConfig:
     def check_reselection(self) -> None:
         # Types are settled by convert_fields (an int or None, a float); only the ranges are checked here.
         every = self.reselect_every
-        check_reselect_ranges(every, self.reselect_fraction)
+        check_reselect_ranges(every, self.reselect_fraction, self.reselect_growth_batches)
         if every and not get_method(self.method).reselects:
             movers = [name for name in training_methods() if get_method(name).reselects]
             raise ConfigError(f"reselect_every applies to {'/'.join(movers)} runs only (it moves a sparse mask), "
@@ -276,10 +282,15 @@ def parse_scorer_weights(text: str) -> dict[str, float]:
     return weights  # the weights become floats (or a ConfigError naming the part) in SparseConfig
 
 
-def check_reselect_ranges(every: int | None, fraction: float) -> None:
+def check_reselect_ranges(every: int | None, fraction: float, growth_batches: int = 1) -> None:
     """The ranges of the re-selection options (for TrainConfig and the Hugging Face SparseTrainer)."""
     if every is not None and every < 0:
         raise ConfigError(f"reselect_every must be a whole number of steps >= 0 (0 or null: off), got {every!r}")
     if not 0.0 < fraction <= 1.0:
         raise ConfigError(f"reselect_fraction must be in (0, 1] (share of each module's k swapped at the first "
                           f"re-selection), got {fraction!r}")
+    if growth_batches < 1:
+        raise ConfigError(f"reselect_growth_batches must be a whole number of micro-batches >= 1, got {growth_batches!r}")
+    if growth_batches != 1 and not every:
+        raise ConfigError(f"reselect_growth_batches applies only with reselect_every (re-selection on); got "
+                          f"{growth_batches} with re-selection off")

@@ -142,13 +142,16 @@ RESUME_FIELDS = ("method", "seed", "batch_size", "grad_accum", "lr", "weight_dec
                  "quantize")
 
 
-# Recorded only when re-selection is on, so checkpoints written before it existed still resume.
+# Recorded only when re-selection is on, so checkpoints written before it existed still resume; the
+# growth batches likewise only when not the default 1 (what every earlier run used).
 RESELECT_FIELDS = ("reselect_every", "reselect_fraction")
 
 
 def run_info(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     values = cfg.to_dict()
     fields = RESUME_FIELDS + (RESELECT_FIELDS if cfg.reselecting else ())
+    if cfg.reselect_growth_batches != 1:
+        fields += ("reselect_growth_batches",)
     return {**{k: values[k] for k in fields}, "world_size": world_size, "data_sha256": data_sha256(cfg.data)}
 
 

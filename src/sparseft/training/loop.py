@@ -22,7 +22,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as torch_dist
@@ -223,6 +223,19 @@ def growth_loss(model: nn.Module, batch: dict[str, torch.Tensor], dist: Distribu
     return completion_loss_sum(logits, batch["labels"])
 
 
+def growth_batches(step_batches: list[dict[str, torch.Tensor]], count: int,
+                   next_batches: Callable[[int], list[dict[str, torch.Tensor]]]) -> list[dict[str, torch.Tensor]]:
+    """The ``count`` micro-batches whose summed gradient ranks the candidates before a step: the
+    step's own first, then those of the following steps in data order (``next_batches(ahead)``: the
+    micro-batches of the step ``ahead`` steps later). They depend only on the step, so a resumed run
+    draws the same ones."""
+    chosen, ahead = list(step_batches[:count]), 1
+    while len(chosen) < count:
+        chosen += next_batches(ahead)[:count - len(chosen)]
+        ahead += 1
+    return chosen
+
+
 def process_ops(distributed: bool):
     """In-place sum / max / min over processes (None for one process)."""
     if not distributed:
@@ -231,10 +244,14 @@ def process_ops(distributed: bool):
     return tuple((lambda t, o=o: torch_dist.all_reduce(t, op=o)) for o in (op.SUM, op.MAX, op.MIN))
 
 
+LossOf = Callable[[nn.Module], torch.Tensor]
+
+
 def reselect_step(model: nn.Module, optimizer, schedule: ReselectSchedule, step: int,
-                  loss_of: Callable[[nn.Module], torch.Tensor], distributed: bool) -> int:
-    """Re-select with the gradient of ``loss_of(unwrapped model)``, the step's first micro-batch (eval
-    mode: no dropout); returns entries swapped.
+                  loss_of: LossOf | Sequence[LossOf], distributed: bool) -> int:
+    """Re-select with the gradient of ``loss_of(unwrapped model)`` (the loop: of the step's first
+    micro-batch), or of the summed losses of a sequence of them (eval mode: no dropout); returns
+    entries swapped.
 
     The unwrapped model runs the extra pass, so DDP's gradient sync is not involved; the dense
     gradients are summed over processes instead, and the resulting masks checked to agree.
@@ -244,7 +261,8 @@ def reselect_step(model: nn.Module, optimizer, schedule: ReselectSchedule, step:
     was_training = inner.training
     inner.eval()
     try:
-        swapped = reselect(layers, optimizer, schedule, step, lambda: loss_of(inner), total)
+        losses = [loss_of] if callable(loss_of) else list(loss_of)
+        swapped = reselect(layers, optimizer, schedule, step, [lambda f=f: f(inner) for f in losses], total)
     finally:
         inner.train(was_training)
     if distributed:
@@ -352,9 +370,10 @@ def train_loop(
         reselected = {}
         if schedule is not None and schedule.due(step):
             t0 = time.perf_counter()
-            first = batches[0]
+            growth = growth_batches(batches, cfg.reselect_growth_batches, lambda ahead: make_batches(
+                examples, cfg.batch_size, pad_id, cfg.seed, step + ahead, cfg.grad_accum, dist.rank, dist.world_size))
             swapped = reselect_step(model, optimizer, schedule, step,
-                                    lambda m: growth_loss(m, first, dist, cfg.precision), dist.enabled)
+                                    [lambda m, b=b: growth_loss(m, b, dist, cfg.precision) for b in growth], dist.enabled)
             reselected = {"reselected": swapped, "reselect_time_s": time.perf_counter() - t0}
         t0 = time.perf_counter()
         result = train_step(model, batches, optimizer, params, cfg.max_grad_norm, dist, cfg.precision)

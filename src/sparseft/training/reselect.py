@@ -4,9 +4,12 @@ Per targeted module, with its k fixed:
 
 - drop the m entries whose current value has the smallest |value| (they moved the least);
 - grow the m entries outside the current mask with the largest |∂loss/∂W|, the dense weight
-  gradient on the step's first micro-batch (summed over processes), computed one module at a time
-  inside the backward pass and reduced at once to the module's m best candidates, so no dense
-  gradient outlives its module's hook;
+  gradient of the summed loss of one or more micro-batches (summed over processes too). With one
+  micro-batch (the default) it is computed one module at a time inside the backward pass and
+  reduced at once to the module's m best candidates, so no dense gradient outlives its module's
+  hook. With N > 1 each module's gradient is summed into one fp32 buffer over the N backward
+  passes (one buffer per module whatever N is, freed once ranked): the less noisy criterion costs
+  N forward + backward passes and, while they run, a buffer the size of the targeted weights;
 - kept entries keep their value and AdamW moments at their new (re-sorted) positions, grown ones
   start at value 0 with zero moments. Everything is changed in place, so the optimizer, DDP and
   any other holder keep referring to the same tensors.
@@ -19,9 +22,10 @@ the model's function by that value; that is the price of the swap, as in RigL.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -31,6 +35,7 @@ from ..selection.budget import top_k_indices
 from ..sparse_linear import SparseLinear
 
 Reduce = Callable[[torch.Tensor], None]  # in-place sum over processes (None: one process)
+LossFn = Callable[[], torch.Tensor]  # one forward whose gradient ranks the candidates
 
 
 # ---------------------------------------------------------------- how many to swap, and when
@@ -59,7 +64,7 @@ class ReselectSchedule:
         return min(math.floor(k * self.fraction_at(step) + 0.5), k, numel - k)
 
 
-# ---------------------------------------------------------------- grow: the dense gradient, one module at a time
+# ---------------------------------------------------------------- grow: the dense gradient, one module at a time, per pass
 
 
 def dense_weight_grad(grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -78,8 +83,7 @@ def best_outside(grad: torch.Tensor, indices: torch.Tensor, count: int, reduce: 
 
 
 def growth_candidates(
-    layers: dict[str, SparseLinear], counts: dict[str, int], loss_fn: Callable[[], torch.Tensor],
-    reduce: Reduce | None = None,
+    layers: dict[str, SparseLinear], counts: dict[str, int], loss_fn: LossFn, reduce: Reduce | None = None,
 ) -> dict[str, torch.Tensor]:
     """``{module: count best new flat indices}`` from one forward + backward of ``loss_fn()``.
 
@@ -88,6 +92,48 @@ def growth_candidates(
     ``torch.autograd.grad`` drives the backward, so no ``.grad`` of the values is touched.
     """
     chosen: dict[str, torch.Tensor] = {}
+
+    def on_grad_of(name: str, module: SparseLinear, x: torch.Tensor, grad_out: torch.Tensor) -> None:
+        chosen[name] = best_outside(dense_weight_grad(grad_out, x), module.indices, counts[name], reduce)
+
+    with layer_output_hooks(layers, counts, on_grad_of):
+        backward_only(layers, loss_fn)
+    return chosen  # a layer the forward never reached is left as it is
+
+
+def accumulated_growth_candidates(
+    layers: dict[str, SparseLinear], counts: dict[str, int], loss_fns: Sequence[LossFn], reduce: Reduce | None = None,
+) -> dict[str, torch.Tensor]:
+    """Like :func:`growth_candidates`, ranked by |the dense gradient of the summed losses of ``loss_fns``|.
+
+    One forward + backward per loss; each module's dW is added into one fp32 buffer in its hook
+    (``addmm_``: no per-pass dW is kept), then summed over processes and ranked once all ran.
+    """
+    sums: dict[str, torch.Tensor] = {}
+
+    def on_grad_of(name: str, module: SparseLinear, x: torch.Tensor, grad_out: torch.Tensor) -> None:
+        if name not in sums:
+            sums[name] = dense_weight_grad(grad_out, x)
+        else:
+            g2d = grad_out.reshape(-1, grad_out.shape[-1]).float()
+            sums[name].addmm_(g2d.transpose(0, 1), x.reshape(-1, x.shape[-1]).float())
+
+    for loss_fn in loss_fns:
+        with layer_output_hooks(layers, counts, on_grad_of):
+            backward_only(layers, loss_fn)
+    # Ranked in the layers' order, the same on every process, so their all-reduces pair up.
+    return {name: best_outside(sums.pop(name), layers[name].indices, counts[name], reduce)
+            for name in [n for n in layers if n in sums]}
+
+
+GradHook = Callable[[str, SparseLinear, torch.Tensor, torch.Tensor], None]  # (name, layer, input, output gradient)
+
+
+@contextlib.contextmanager
+def layer_output_hooks(layers: dict[str, SparseLinear], counts: dict[str, int], on_grad: GradHook):
+    """While open, every layer with a count > 0 calls ``on_grad`` with its input and output gradient
+    during the backward of one forward pass. The input is the one its autograd function already
+    saved, so nothing is copied; a layer called twice in the pass is an error."""
     called: set[str] = set()
 
     def on_forward(name: str):
@@ -96,23 +142,23 @@ def growth_candidates(
                 raise RuntimeError(f"{name} ran twice in one forward; re-selection expects one call per layer")
             called.add(name)
             x = args[0]
-
-            def on_grad(grad_out: torch.Tensor) -> None:
-                chosen[name] = best_outside(dense_weight_grad(grad_out, x), module.indices, counts[name], reduce)
-
-            output.register_hook(on_grad)
+            output.register_hook(lambda grad_out: on_grad(name, module, x, grad_out))
 
         return hook
 
     active = {n: layer for n, layer in layers.items() if counts.get(n, 0) > 0}
     handles = [layer.register_forward_hook(on_forward(n)) for n, layer in active.items()]
     try:
-        loss = loss_fn()
-        torch.autograd.grad(loss, [layer.values for layer in layers.values() if layer.values.requires_grad], allow_unused=True)
+        yield
     finally:
         for h in handles:
             h.remove()
-    return chosen  # a layer the forward never reached is left as it is
+
+
+def backward_only(layers: dict[str, SparseLinear], loss_fn: LossFn) -> None:
+    """Forward + backward of ``loss_fn()`` through ``torch.autograd.grad``, so no ``.grad`` is touched."""
+    loss = loss_fn()
+    torch.autograd.grad(loss, [layer.values for layer in layers.values() if layer.values.requires_grad], allow_unused=True)
 
 
 # ---------------------------------------------------------------- drop, and carry the state
@@ -175,19 +221,26 @@ def check_same_everywhere(layers: dict[str, SparseLinear], reduce_max: Reduce, r
 
 def reselect(
     layers: dict[str, SparseLinear], optimizer: torch.optim.Optimizer, schedule: ReselectSchedule, step: int,
-    loss_fn: Callable[[], torch.Tensor], reduce: Reduce | None = None,
+    loss_fn: LossFn | Sequence[LossFn], reduce: Reduce | None = None,
 ) -> dict[str, int]:
     """Swap entries in every layer as ``schedule`` says for ``step``; returns ``{module: entries swapped}``.
 
-    ``loss_fn`` runs the forward whose gradient ranks the candidates; call this in eval mode if the
-    model has dropout (the loop does), so the choice does not depend on chance.
+    ``loss_fn`` runs the forward whose gradient ranks the candidates; a sequence of them ranks by the
+    gradient of their summed losses (:func:`accumulated_growth_candidates`). Call this in eval mode if
+    the model has dropout (the loop does), so the choice does not depend on chance.
     """
     if any(layer.merged for layer in layers.values()):
         raise MergeStateError("cannot re-select entries of a merged model; call unmerge() first")
     counts = {n: schedule.count(layer.k, layer.weight.numel(), step) for n, layer in layers.items()}
     if not any(counts.values()):
         return {}
-    grown = growth_candidates(layers, counts, loss_fn, reduce)
+    losses = [loss_fn] if callable(loss_fn) else list(loss_fn)
+    if not losses:
+        raise ValueError("re-selection needs at least one loss to rank the candidates")
+    if len(losses) == 1:  # one module's dense gradient at a time, as long as it is one pass
+        grown = growth_candidates(layers, counts, losses[0], reduce)
+    else:
+        grown = accumulated_growth_candidates(layers, counts, losses, reduce)
     for name, indices in grown.items():
         swap_entries(layers[name], optimizer, indices)
     return {name: int(indices.numel()) for name, indices in grown.items()}
