@@ -154,6 +154,14 @@ def tiny_raw(**changes):
          "reselect_every must be a whole number, got 2.5"),
         ({"runs": [{"id": "a", "method": "sparse", "scorer": "random", "lr": 1e-3, "reselect_every": 5,
                     "reselect_fraction": 2}]}, "reselect_fraction must be in (0, 1]"),
+        ({"runs": [{"id": "f8", "method": "full", "lr": 1e-3, "quantize": "int8"}]},
+         "runs[0] (f8): quantize applies to sparse rows only"),
+        ({"runs": [{"id": "l8", "method": "lora", "lora_rank": 2, "lr": 1e-3, "quantize": "int8"}]},
+         "runs[0] (l8): quantize applies to sparse rows only"),
+        ({"runs": [{"id": "s3", "method": "sparse", "scorer": "random", "lr": 1e-3, "quantize": "int3"}]},
+         "runs[0] (s3): quantize must be one of ('int8', 'int4'), got 'int3'"),
+        ({"runs": [{"id": "h", "method": "full", "lr": 1e-3, "dtype": "float16"}]},
+         "runs[0] (h): dtype must be one of ('float32', 'bfloat16'), got 'float16'"),
     ],
 )
 def test_bad_config_is_named(changes, message):
@@ -263,6 +271,78 @@ def test_shipped_reselect_config_compares_growth_over_one_and_four_batches(tmp_p
     rows = {(r.lr, r.reselect_every, r.reselect_growth_batches) for r in cfg.runs}
     assert rows == {(1e-3, None, None), (1e-3, 10, 1), (1e-3, 10, 4)}
     assert cfg.validation_task and cfg.seeds and all(r.method == "sparse" and r.scorer == "combined" for r in cfg.runs)
+def test_base_weights_are_row_knobs_and_unset_ones_leave_the_worker_spec_as_it_was(tmp_path):
+    from sparseft.bench.grid import worker_spec
+    from sparseft.bench.results import row_label
+
+    runs = [{"id": "sparse", "method": "sparse", "scorer": "random", "lr": 1e-2},
+            {"id": "full-bf16", "method": "full", "lr": 1e-3, "dtype": "bfloat16"}]
+    cfg = parse_bench_config(tiny_raw(runs=runs), base_dir=TINY.parent)
+    plain, bf16 = (worker_spec(cfg, run, "m", tmp_path / "train.jsonl", tmp_path)["run"] for run in cfg.runs)
+    assert "dtype" not in plain and "quantize" not in plain  # --resume still matches specs written before
+    assert bf16["dtype"] == "bfloat16"
+    assert row_label({"method": "sparse", "scorer": "combined", "quantize": "int8", "dtype": "float32"}) == \
+        "sparse/combined (int8 base)"
+    assert row_label({"method": "full", "dtype": "bfloat16"}) == "full (bfloat16 base)"
+    assert row_label({"method": "sparse", "scorer": "random", "quantize": "int4", "dtype": "bfloat16"}) == \
+        "sparse/random (int4 from bfloat16 base)"
+    assert row_label({"method": "sparse", "scorer": "random"}) == "sparse/random"  # rows from before
+
+
+@pytest.mark.slow
+def test_an_int8_row_trains_and_is_scored_over_the_int8_base(tmp_path):
+    pytest.importorskip("torchao")
+    from sparseft import SparseModel
+    from sparseft.bench import run_grid
+    from sparseft.errors import FingerprintMismatchError
+    from sparseft.evaluate import evaluate_records_detailed
+    from sparseft.loading import load_model, load_tokenizer
+    from sparseft.quantize import quantize_base
+    from sparseft.tasks import get_task
+
+    runs = [{"id": "sparse-fp32", "method": "sparse", "scorer": "random", "lr": 1e-2},
+            {"id": "sparse-int8", "method": "sparse", "scorer": "random", "lr": 1e-2, "quantize": "int8"}]
+    cfg = parse_bench_config(tiny_raw(runs=runs, eval_base=False, steps=3), base_dir=TINY.parent)
+    out = tmp_path / "bench"
+    rows = {r["id"]: r for r in run_grid(cfg, out, plots=False)["rows"]}
+    assert [r["status"] for r in rows.values()] == ["ok", "ok"], {k: r["error"] for k, r in rows.items()}
+    fp32, int8 = rows["sparse-fp32"], rows["sparse-int8"]
+    assert (fp32["quantize"], fp32["dtype"]) == (None, "float32")
+    assert (int8["quantize"], int8["dtype"]) == ("int8", "float32")
+    assert "| sparse-int8 | sparse/random (int8 base) |" in (out / "results.md").read_text()
+    assert "| sparse-fp32 | sparse/random |" in (out / "results.md").read_text()
+
+    # The int8 row's diff belongs to the int8 base: the fp32 base refuses it, so the worker cannot
+    # have scored it over that one; over the int8 base (unmerged) it scores exactly what the row says.
+    base_dir = out / "tiny-model"
+    with pytest.raises(FingerprintMismatchError):
+        SparseModel.from_pretrained(load_model(base_dir), int8["artifact_path"])
+    model = SparseModel.from_pretrained(quantize_base(load_model(base_dir), "int8"), int8["artifact_path"])
+    task = get_task(cfg.evaluated_task)
+    metrics, per_example, _, _ = evaluate_records_detailed(
+        model, load_tokenizer(base_dir), task, task.load(cfg.eval_data, cfg.eval_limit), progress=False)
+    assert int8["metrics"] == {k: float(v) for k, v in metrics.items()}
+    metric = int8["primary_metric"]
+    assert int8["per_example"][metric] == [round(x, 6) for x in per_example[metric]]
+
+
+def test_shipped_quantized_base_config_parses(tmp_path):
+    pytest.importorskip("torchao")
+    for name in ("train.tsv", "dev.tsv"):
+        (tmp_path / "sst2").mkdir(exist_ok=True)
+        (tmp_path / "sst2" / name).write_text("sentence\tlabel\ngood .\t1\n")
+    cfg = load_bench_config(ROOT / "examples" / "bench" / "smollm2_sst2_quant.yaml", data_root=str(tmp_path))
+    protocol = load_bench_config(ROOT / "examples" / "bench" / "smollm2_sst2_protocol.yaml", data_root=str(tmp_path))
+    assert [(r.dtype, r.quantize) for r in cfg.runs] == [(None, None), ("bfloat16", None), (None, "int8"),
+                                                          (None, "int4")]
+    # One recipe, that of the protocol's sparse-combined row at lr 1e-3; only the base differs.
+    (combined,) = [r for r in protocol.runs if r.id == "sparse-combined-lr0.001"]
+    recipe = lambda r: (r.method, r.scorer, r.lr, r.density, r.num_params, r.calibration_batches)  # noqa: E731
+    assert {recipe(r) for r in cfg.runs} == {recipe(combined)}
+    shared = ("model", "task", "train_data", "train_limit", "steps", "batch_size", "grad_accum", "max_length",
+              "seed", "density", "target_modules", "eval_task", "eval_data", "eval_limit")
+    assert {k: getattr(cfg, k) for k in shared} == {k: getattr(protocol, k) for k in shared}
+    assert cfg.eval_base
 
 
 def test_shipped_real_config_parses(tmp_path):

@@ -183,6 +183,8 @@ def test_a_selection_field_given_twice_or_a_selection_seed_is_refused(tmp_path):
     ("model: tiny\nselection:\n  scorer: fisher\n  density: 2\n", "run.yaml:line 4: density must be in (0, 1]"),
     ("model: tiny\nscorer_weights: {fisher: lots}\n", "run.yaml:line 2: scorer_weights.fisher must be a number"),
     ("model: tiny\nselection:\n  dens1ty: 0.1\n", "unknown SparseConfig field(s) ['dens1ty']"),
+    ("model: tiny\nscorer: combined\nscorer_weights: {gradient: 1, bogus: 1}\n",
+     "run.yaml:line 3: scorer_weights has an unknown part 'bogus'"),
 ])
 def test_bad_selection_values_name_the_file_and_line(tmp_path, text, message):
     (tmp_path / "run.yaml").write_text(text)
@@ -201,6 +203,33 @@ def test_scorer_weights_from_yaml_reach_the_diffs_recorded_config(tmp_path):
     assert recorded["selection"]["scorer_weights"] == {"gradient": 0.2, "fisher": 0.8}
     assert recorded["provenance"]["train_config"]["scorer_weights"] == {"gradient": 0.2, "fisher": 0.8}
     assert yaml.safe_load((result.out / "train_config.yaml").read_text())["scorer_weights"] == {"gradient": 0.2, "fisher": 0.8}
+
+
+def test_an_unknown_combined_part_is_refused_by_sparse_config_itself():
+    from sparseft import SparseConfig
+
+    with pytest.raises(ConfigError, match=r"unknown part 'bogus'.*allowed parts: \[.*'fisher'.*'gradient'"):
+        SparseConfig(scorer="combined", scorer_weights={"fisher": 1.0, "bogus": 1.0})
+    with pytest.raises(ConfigError, match=r"scorer_weights.fisher must be a finite number >= 0"):
+        SparseConfig(scorer="combined", scorer_weights={"fisher": -1.0})
+    # Only the combined scorer reads the weights; another scorer keeps them as given.
+    assert SparseConfig(scorer="random", scorer_weights={"bogus": 1.0}).scorer_weights == {"bogus": 1.0}
+
+
+def test_cli_train_refuses_an_unknown_scorer_part_before_loading_the_model(tmp_path, monkeypatch, capsys):
+    from sparseft.cli import main
+    from sparseft.training import job
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad scorer_weights were refused")
+
+    monkeypatch.setattr(job, "load_model", no_load)
+    data = write_rows(tmp_path / "train.jsonl")
+    code = main(["train", "--model", str(tmp_path / "no-such-model"), "--data", str(data), "--out",
+                 str(tmp_path / "run"), "--scorer-weights", "bogus=1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "scorer_weights has an unknown part 'bogus'" in err and "'fisher'" in err
+    assert not (tmp_path / "run").exists()
 
 
 def test_scorer_weights_flag(tmp_path):

@@ -130,6 +130,11 @@ class SparseConfig:
             raise ConfigError(f"value_dtype must be one of {VALUE_DTYPES}, got {self.value_dtype!r}")
         if self.calibration_batches < 1:
             raise ConfigError(f"calibration_batches must be >= 1, got {self.calibration_batches!r}")
+        if self.scorer == "combined":
+            # Here, not at selection: a bad part is reported before a model is loaded or data is read.
+            from .selection.scorers import combined_parts
+
+            combined_parts(self.scorer_weights)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -2,7 +2,8 @@
 
 Everything that must be equal for a fair comparison (model, task, data, seed, steps, batch size,
 sequence length) is a grid-level field; a row may only choose its method and that method's own
-knobs (scorer, density / budget, LoRA rank, learning rate).
+knobs (scorer, density / budget, LoRA rank, learning rate), and the base it trains over (dtype;
+quantize for sparse rows).
 
 Example (``examples/bench/tiny.yaml`` is a complete one)::
 
@@ -16,6 +17,7 @@ Example (``examples/bench/tiny.yaml`` is a complete one)::
       - {id: full, method: full, lr: 2.0e-5}
       - {id: lora-matched, method: lora, lora_rank: match, lr: 1.0e-3}
       - {id: sparse-random, method: sparse, scorer: random, lr: 2.0e-3}
+      - {id: sparse-random-int8, method: sparse, scorer: random, lr: 2.0e-3, quantize: int8}
 """
 
 from __future__ import annotations
@@ -31,9 +33,11 @@ import yaml
 
 from ..errors import ConfigError
 from ..hfdata import PREFIX as HF_PREFIX
-from ..methods import METHODS, get_method, training_methods
+from ..methods import METHODS, Method, get_method, training_methods
+from ..quantize import QUANT_SCHEMES, quant_config
 
 BASE_ROW_ID = "base"
+BASE_DTYPES = ("float32", "bfloat16")  # what a row's dtype may say (float16 trains poorly on CPU)
 ROW_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -54,6 +58,10 @@ class RunSpec:
     reselect_fraction: float | None = None
     reselect_growth_batches: int | None = None
     seed: int | None = None  # the grid's seed when None; the test stage of a protocol sets one per row
+    # The base the row trains over, and is scored over: loaded in dtype (any method; float32 when None),
+    # weight-only quantized as quantize says (sparse only). The base row stays the fp32 base.
+    dtype: str | None = None
+    quantize: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -260,10 +268,30 @@ def check_run(run: RunSpec, at: str) -> None:
         if getattr(run, knob) is not None and knob not in method.run_knobs:
             users = [m.name for m in METHODS.values() if knob in m.run_knobs]
             raise ConfigError(f"{at} ({run.id}): {knob} applies to {'/'.join(users)} rows only")
+    check_base_weights(run, method, at)
     method.check_run(run, at)
 
 
-# The RunSpec fields that belong to some method (the rest, id / method / lr, every row has).
+def check_base_weights(run: RunSpec, method: Method, at: str) -> None:
+    """A row's ``dtype`` (any method) and ``quantize`` (methods that train over a quantized base)."""
+    if run.dtype is not None and run.dtype not in BASE_DTYPES:
+        raise ConfigError(f"{at} ({run.id}): dtype must be one of {BASE_DTYPES}, got {run.dtype!r}")
+    if run.quantize is None:
+        return
+    if not method.quantizes_base:
+        able = [name for name in training_methods() if get_method(name).quantizes_base]
+        raise ConfigError(f"{at} ({run.id}): quantize applies to {'/'.join(able)} rows only (a diff over the "
+                          f"quantized base), not method {run.method!r}")
+    if run.quantize not in QUANT_SCHEMES:
+        raise ConfigError(f"{at} ({run.id}): quantize must be one of {QUANT_SCHEMES}, got {run.quantize!r}")
+    try:
+        quant_config(run.quantize)  # torchao is missing: say so now, not after the rows before this one ran
+    except ConfigError as e:
+        raise ConfigError(f"{at} ({run.id}): {e}") from None
+
+
+# The RunSpec fields that belong to some method (the rest, id / method / lr / seed / dtype, every row has;
+# quantize, which follows Method.quantizes_base, is checked by check_base_weights).
 KNOBS = ("scorer", "density", "num_params", "lora_rank", "calibration_batches", "reselect_every", "reselect_fraction",
          "reselect_growth_batches")
 # Knobs added after grids were first run: a row's worker spec leaves them out when unset, so --resume

@@ -243,11 +243,9 @@ def row_id_of(spec: RunSpec | None) -> str:
 def worker_spec(cfg: BenchConfig, spec: RunSpec | None, model: str, train_file: Path, row_dir: Path) -> dict[str, Any]:
     """Everything one worker process needs, as plain JSON."""
     run = spec.to_dict() if spec else {"id": BASE_ROW_ID, "method": "base"}
-    if run.get("seed", 0) is None:
-        del run["seed"]  # the grid's seed: specs stay as they were before rows could carry one (--resume)
-    for knob in LATER_KNOBS:
-        if run.get(knob, 0) is None:
-            del run[knob]  # likewise
+    for key in ("seed", "dtype", "quantize", *LATER_KNOBS):
+        if key in run and run[key] is None:
+            del run[key]  # unset: specs stay as they were before rows could carry these (--resume)
     run = get_method(run["method"]).complete_run(run, cfg.density)
     job = {
         "run": run,

@@ -124,9 +124,21 @@ def fmt_num(x: float | None, digits: int = 2) -> str:
 
 
 def row_label(row: dict[str, Any]) -> str:
-    """Method and its knob, e.g. ``sparse/fisher``, ``lora r=2``, ``full``."""
+    """Method and its knob, e.g. ``sparse/fisher``, ``lora r=2``, ``full``, and the base it trained
+    over when that is not the fp32 one: ``sparse/combined (int8 base)``, ``full (bfloat16 base)``."""
     method = METHODS.get(row.get("method"))
-    return method.label(row) if method else str(row.get("method"))
+    label = method.label(row) if method else str(row.get("method"))
+    base = base_weights(row)
+    return f"{label} ({base} base)" if base else label
+
+
+def base_weights(row: dict[str, Any]) -> str:
+    """``int8`` / ``int4`` / ``bfloat16`` / ``int8 from bfloat16``; empty for the fp32 base (and rows
+    written before rows could choose their base)."""
+    dtype = row.get("dtype") if row.get("dtype") not in (None, "float32") else None
+    if row.get("quantize") and dtype:
+        return f"{row['quantize']} from {dtype}"
+    return row.get("quantize") or dtype or ""
 
 
 def results_table(results: dict[str, Any]) -> str:

@@ -33,6 +33,8 @@ def empty_row(job: dict[str, Any]) -> dict[str, Any]:
         "total_params": None, "trainable_params": None if method.trains else 0,
         "trainable_pct": None if method.trains else 0.0,
         "seed": job["seed"], "device": None, "versions": versions(), "row_wall_s": None,
+        # The base this row trained over and was scored over (the base row: the fp32 base).
+        "dtype": base_dtype(job), "quantize": run.get("quantize"),
     }
     if method.trains:
         row.update({
@@ -46,6 +48,10 @@ def empty_row(job: dict[str, Any]) -> dict[str, Any]:
             "artifact_kind": method.artifact_kind, "artifact_bytes": None, "artifact_path": None,
         })
     return row
+
+
+def base_dtype(job: dict[str, Any]) -> str:
+    return job["run"].get("dtype") or "float32"
 
 
 def versions() -> dict[str, str]:
@@ -80,7 +86,7 @@ def train_config(job: dict[str, Any], device: str):
         model=job["model"], data=job["train_file"], out=str(Path(job["row_dir"]) / "artifact"),
         method=run["method"], steps=job["steps"], lr=float(run["lr"]), batch_size=job["batch_size"],
         grad_accum=job["grad_accum"], max_length=job["max_length"], seed=job["seed"],
-        device=device, progress=False,
+        device=device, progress=False, dtype=base_dtype(job), quantize=run.get("quantize"),
     )
     if job.get("target_modules"):
         fields["target_modules"] = job["target_modules"]
@@ -152,8 +158,10 @@ def evaluate_row(job: dict[str, Any], row: dict[str, Any], device: str) -> None:
 
 
 def load_for_eval(job: dict[str, Any], row: dict[str, Any]):
-    """The model to evaluate; a diff or adapter is merged in, so every row evaluates at the base's speed."""
-    return row_method(job).load_for_eval(job["model"], row.get("artifact_path"))
+    """The model to evaluate: the row's artifact over the same base it trained over (dtype, quantization);
+    merged in, so every row evaluates at the base's speed, except over a quantized base (unmerged)."""
+    return row_method(job).load_for_eval(job["model"], row.get("artifact_path"), dtype=base_dtype(job),
+                                         quantize=job["run"].get("quantize"))
 
 
 # ---------------------------------------------------------------- entry point

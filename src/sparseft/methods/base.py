@@ -4,17 +4,15 @@ from __future__ import annotations
 
 from torch import nn
 
-from .registry import Method
+from .registry import Method, load_base
 
 
 class BaseMethod(Method):
     name = "base"
     artifact_kind = None  # trains nothing, so `sparseft train` and bench rows cannot choose it
 
-    def load_for_eval(self, base: str, artifact: str | None) -> nn.Module:
-        from ..loading import load_model
-
-        return load_model(base)
+    def load_for_eval(self, base: str, artifact: str | None, dtype: str = "float32", quantize: str | None = None) -> nn.Module:
+        return load_base(base, dtype, quantize)
 
     def label(self, row) -> str:
         return "base"

@@ -26,7 +26,7 @@ class FullMethod(Method):
 
         save_model_dir(model, tokenizer, path)
 
-    def load_for_eval(self, base: str, artifact: str | None) -> nn.Module:
+    def load_for_eval(self, base: str, artifact: str | None, dtype: str = "float32", quantize: str | None = None) -> nn.Module:
         from ..loading import load_model
 
-        return load_model(artifact)  # the checkpoint is a complete model directory
+        return load_model(artifact, dtype=dtype)  # the checkpoint is a complete model directory, saved in dtype

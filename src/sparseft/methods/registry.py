@@ -85,11 +85,12 @@ class Method:
         artifact that records no base fingerprint with a warning instead of refusing it, where the method checks one."""
         raise ConfigError(f"method {self.name!r} has no artifact to attach to a base")
 
-    def load_for_eval(self, base: str, artifact: str | None) -> nn.Module:
-        """The model a benchmark row scores, merged, so every row evaluates at the base's speed."""
-        from ..loading import load_model
-
-        return self.attach(load_model(base), artifact).merge_and_unload()
+    def load_for_eval(self, base: str, artifact: str | None, dtype: str = "float32", quantize: str | None = None) -> nn.Module:
+        """The model a benchmark row scores: the artifact on the base it was trained over (loaded in
+        ``dtype``, quantized as ``quantize`` says), merged, so every row evaluates at the base's speed;
+        over a quantized base it stays unmerged (nothing can be written into codes)."""
+        model = self.attach(load_base(base, dtype, quantize), artifact)
+        return model if quantize else model.merge_and_unload()
 
     # ------------------------------------------------------------ benchmarks
 
@@ -111,6 +112,19 @@ class Method:
     def label(self, row: dict[str, Any]) -> str:
         """Method and its knob for a report row, e.g. ``sparse/fisher``, ``lora r=2``, ``full``."""
         return self.name
+
+
+def load_base(base: str, dtype: str = "float32", quantize: str | None = None) -> nn.Module:
+    """The base model as a run trained over it: loaded in ``dtype``, then weight-only quantized when
+    ``quantize`` is ``int8`` / ``int4`` (deterministic, so a diff's base fingerprint matches again)."""
+    from ..loading import load_model
+
+    model = load_model(base, dtype=dtype)
+    if quantize:
+        from ..quantize import quantize_base
+
+        model = quantize_base(model, quantize)
+    return model
 
 
 METHODS: dict[str, Method] = {}

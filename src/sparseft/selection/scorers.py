@@ -72,9 +72,10 @@ def combined_parts(scorer_weights: dict[str, float]) -> dict[str, float]:
     for name, w in scorer_weights.items():
         if name == "combined" or name not in SCORERS:
             parts = sorted(n for n in SCORERS if n != "combined")
-            raise ConfigError(f"scorer_weights: {name!r} is not a scorer that can be combined; choose from {parts}")
+            raise ConfigError(f"scorer_weights has an unknown part {name!r} (not a scorer that can be combined); "
+                              f"allowed parts: {parts}")
         if not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
-            raise ConfigError(f"scorer_weights[{name!r}] must be a finite number >= 0, got {w!r}")
+            raise ConfigError(f"scorer_weights.{name} must be a finite number >= 0, got {w!r}")
     parts = {name: float(w) for name, w in scorer_weights.items() if w > 0}
     if not parts:
         raise ConfigError(f"scorer_weights needs at least one weight > 0, got {scorer_weights!r}")
