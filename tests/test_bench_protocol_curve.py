@@ -17,7 +17,12 @@ from sparseft.bench.results import schema_problems
 from sparseft.errors import ConfigError
 
 from test_bench import TINY
-from test_bench_protocol import PROTOCOL, protocol_config
+from test_bench_protocol import protocol_config
+
+
+def curve_config(**changes):
+    """The tiny protocol (which has validation_every: 2) without a curve, then ``changes``."""
+    return protocol_config(**{"validation_every": None, **changes})
 
 
 # ---------------------------------------------------------------- config
@@ -45,7 +50,7 @@ from test_bench_protocol import PROTOCOL, protocol_config
 )
 def test_malformed_curve_keys_are_refused_naming_the_key(changes, message):
     with pytest.raises(ConfigError) as err:
-        protocol_config(**changes)
+        curve_config(**changes)
     assert message in str(err.value) and "grid.yaml" in str(err.value)
 
 
@@ -58,7 +63,7 @@ def test_a_curve_needs_the_validation_split():
 def test_the_curve_is_in_validation_stage_specs_only(tmp_path):
     runs = [{"id": "full", "method": "full", "lr": 1e-3},
             {"id": "lora", "method": "lora", "lora_rank": 2, "lr": 1e-2, "validation_every": 1, "curve_limit": 5}]
-    cfg = protocol_config(validation_every=2, validation_limit=20, runs=runs)
+    cfg = curve_config(validation_every=2, validation_limit=20, runs=runs)
     spec = lambda grid, run: worker_spec(grid, run, "m", tmp_path / "t.jsonl", tmp_path)  # noqa: E731
     validation = for_validation(cfg)
     assert spec(validation, validation.runs[0])["curve"] == {"every": 2, "limit": 20}  # the grid's, validation_limit
@@ -69,7 +74,7 @@ def test_the_curve_is_in_validation_stage_specs_only(tmp_path):
     assert test.validation_every is None and all(r.validation_every is None for r in test.runs)
     for grid, run in ((test, test.runs[0]), (cfg, cfg.runs[1])):
         assert "curve" not in spec(grid, run)
-    plain, curved = protocol_config(), protocol_config(validation_every=2)
+    plain, curved = curve_config(), curve_config(validation_every=2)
     without = spec(for_validation(plain), plain.runs[0])
     assert "curve" not in without
     assert without == {k: v for k, v in spec(for_validation(curved), curved.runs[0]).items() if k != "curve"}
@@ -81,7 +86,7 @@ def test_the_curve_is_in_validation_stage_specs_only(tmp_path):
 @pytest.fixture(scope="module")
 def validation_grid(tmp_path_factory):
     """The tiny protocol's validation stage, 5 steps with a point every 2: ``(cfg, model dir, train file, out)``."""
-    cfg = for_validation(protocol_config(steps=5, validation_every=2, validation_limit=16))
+    cfg = for_validation(curve_config(steps=5, validation_every=2, validation_limit=16))
     out = tmp_path_factory.mktemp("curve")
     model = prepare_model(cfg, out)
     train_file, _, _ = prepare_train_file(cfg, model, out / "train.jsonl")
@@ -184,7 +189,7 @@ def chosen_validation(curves: dict[str, list[float]]) -> dict:
 
 
 def test_the_summary_says_per_method_whether_the_best_point_was_the_last_step(tmp_path):
-    cfg = protocol_config(validation_every=2)
+    cfg = curve_config(validation_every=2)
     validation = chosen_validation({"full": [0.5, 0.6], "lora-matched": [0.7, 0.6], "sparse-combined-lr0.001": [0.5, 0.5],
                                     "sparse-combined-lr0.03": [0.6, 0.8]})
     chosen = best_rows(cfg, validation)
@@ -214,7 +219,7 @@ def test_the_summary_says_per_method_whether_the_best_point_was_the_last_step(tm
 
 
 def test_without_curves_the_summary_and_tables_are_as_before():
-    cfg = protocol_config()
+    cfg = curve_config()
     validation = {"protocol": {"stage": "validation"}, "rows": [
         {"id": r.id, "method": r.method, "status": "ok", "primary_metric": "accuracy", "metrics": {"accuracy": 0.5}}
         for r in cfg.runs]}
