@@ -224,3 +224,5 @@ def test_shipped_protocol_configs_parse_and_keep_three_disjoint_splits(tmp_path)
         assert cfg.evaluated_task not in (cfg.task, cfg.validation_task)
         assert {r.method for r in cfg.runs} == {"full", "lora", "sparse"}
         assert all(len([r for r in cfg.runs if r.method == m]) >= 3 for m in ("full", "lora", "sparse"))
+        # A validation curve of 4 points (every 10 of 40 steps) on fewer examples than the row's score.
+        assert (cfg.steps, cfg.validation_every) == (40, 10) and cfg.curve_limit < cfg.validation_limit
