@@ -100,12 +100,12 @@ def keep_threads():
     torch.set_num_threads(threads)
 
 
-def run_row(validation_grid, row_id: str, curve: bool, tag: str) -> dict:
+def row_job(validation_grid, row_id: str, tag: str) -> dict:
     cfg, model, train_file, out = validation_grid
-    run = next(r for r in cfg.runs if r.id == row_id)
-    job = worker_spec(cfg, run, model, train_file, out / tag / row_id)
-    if not curve:
-        del job["curve"]
+    return worker_spec(cfg, next(r for r in cfg.runs if r.id == row_id), model, train_file, out / tag / row_id)
+
+
+def run_row(job: dict) -> dict:
     row = worker.run_job(job)
     assert row["status"] == "ok", row["error"]
     return row
@@ -119,19 +119,20 @@ def test_a_row_records_its_curve_and_the_last_point_is_its_final_score(validatio
                                                                         monkeypatch):
     """The live model (SparseLinear / unmerged LoRA / all weights, still training) scores like the artifact
     it becomes: the same metric at the last step, and the same label log-likelihoods within float tolerance."""
-    cfg = validation_grid[0]
     live_scores = {}
     score = worker.ValidationCurve.score
 
     def score_and_keep(self, model):  # the curve's own evaluation, plus the label log-likelihoods at each point
         metrics = score(self, model)
+        assert model.training  # handed back to training in train mode
         model.eval()
         live_scores[len(live_scores)] = self.task.label_scores(model, self.tokenizer, self.records)
         model.train()
         return metrics
 
     monkeypatch.setattr(worker.ValidationCurve, "score", score_and_keep)
-    row = run_row(validation_grid, row_id, curve=True, tag="with")
+    job = row_job(validation_grid, row_id, "with")
+    row = run_row(job)
     curve = row["validation_curve"]
     assert [point["step"] for point in curve] == [2, 4, 5]  # every 2 steps, and the last
     assert all(set(point) == {"step", "accuracy"} for point in curve)
@@ -140,10 +141,9 @@ def test_a_row_records_its_curve_and_the_last_point_is_its_final_score(validatio
     best = max(point["accuracy"] for point in curve)
     assert row["curve_best_step"] == next(point["step"] for point in curve if point["accuracy"] == best)
 
-    artifact = worker.load_for_eval({"model": validation_grid[1], "run": {"method": row["method"]}}, row)
-    curve_task = worker.ValidationCurve(worker_spec(cfg, next(r for r in cfg.runs if r.id == row_id), validation_grid[1],
-                                                    validation_grid[2], validation_grid[3]), "cpu")
-    saved_scores = curve_task.task.label_scores(artifact, curve_task.tokenizer, curve_task.records)
+    artifact = worker.load_for_eval(job, row)
+    curve = worker.ValidationCurve(job, "cpu")  # its task, tokenizer and examples
+    saved_scores = curve.task.label_scores(artifact, curve.tokenizer, curve.records)
     # Sparse diffs store bf16 values: the saved model differs from the live one by that rounding only
     # (about 1e-4 here), far less than training moved the scores between the first and the last point.
     first, last = live_scores[0], live_scores[2]
@@ -151,7 +151,9 @@ def test_a_row_records_its_curve_and_the_last_point_is_its_final_score(validatio
     assert not torch.allclose(first, saved_scores, atol=1e-2)
 
     # Scoring the curve changes nothing in training: the same losses as the row without a curve.
-    plain = run_row(validation_grid, row_id, curve=False, tag="without")
+    plain_job = row_job(validation_grid, row_id, "without")
+    del plain_job["curve"]
+    plain = run_row(plain_job)
     assert plain["losses"] == row["losses"] and "validation_curve" not in plain
     rows = [{**r, "row_wall_s": 1.0} for r in (row, plain)]  # the grid times the worker's process
     assert schema_problems(results_of(rows), require_complete=True) == []
@@ -182,16 +184,16 @@ def chosen_validation(curves: dict[str, list[float]]) -> dict:
     for row_id, values in curves.items():
         curve = [{"step": 2 * (i + 1), "accuracy": v} for i, v in enumerate(values)]
         best = max(values)
-        rows.append({"id": row_id, "method": methods.get(row_id, "sparse"), "status": "ok", "primary_metric": "accuracy",
-                     "metrics": {"accuracy": values[-1]}, "validation_curve": curve,
+        rows.append({"id": row_id, "method": methods.get(row_id, "sparse"), "status": "ok",
+                     "primary_metric": "accuracy", "metrics": {"accuracy": values[-1]}, "validation_curve": curve,
                      "curve_best_step": next(p["step"] for p in curve if p["accuracy"] == best)})
     return {"protocol": {"stage": "validation"}, "rows": rows}
 
 
 def test_the_summary_says_per_method_whether_the_best_point_was_the_last_step(tmp_path):
     cfg = curve_config(validation_every=2)
-    validation = chosen_validation({"full": [0.5, 0.6], "lora-matched": [0.7, 0.6], "sparse-combined-lr0.001": [0.5, 0.5],
-                                    "sparse-combined-lr0.03": [0.6, 0.8]})
+    validation = chosen_validation({"full": [0.5, 0.6], "lora-matched": [0.7, 0.6],
+                                    "sparse-combined-lr0.001": [0.5, 0.5], "sparse-combined-lr0.03": [0.6, 0.8]})
     chosen = best_rows(cfg, validation)
     assert {m: (c["curve_best_step"], c["curve_last_step"]) for m, c in chosen.items()} == {
         "full": (4, 4), "lora": (2, 4), "sparse": (4, 4)}

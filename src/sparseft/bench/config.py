@@ -266,7 +266,7 @@ def check_curve_values(cfg: BenchConfig, where: str) -> None:
         has_curve = curved if holder is cfg else (holder.validation_every or cfg.validation_every) is not None
         if holder.curve_limit is not None and not has_curve:
             raise ConfigError(f"{at}: curve_limit without validation_every: there is no curve to limit")
-        if holder.curve_limit is not None and cfg.validation_limit is not None and holder.curve_limit > cfg.validation_limit:
+        if holder.curve_limit is not None and holder.curve_limit > (cfg.validation_limit or holder.curve_limit):
             raise ConfigError(f"{at}: curve_limit ({holder.curve_limit}) is more than validation_limit "
                               f"({cfg.validation_limit}): a curve point scores at most the examples a row is scored on")
 

@@ -157,8 +157,8 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
     methods = {}
     for method, rows in by_method.items():
         mean, std = mean_std([float(r["metrics"][metric]) for r in rows])
-        methods[method] = {"mean": mean, "std": std, "seeds": [r["seed"] for r in rows], "rows": [r["id"] for r in rows],
-                           **best_step_facts(chosen.get(method) or {})}
+        methods[method] = {"mean": mean, "std": std, "seeds": [r["seed"] for r in rows],
+                           "rows": [r["id"] for r in rows], **best_step_facts(chosen.get(method) or {})}
     comparisons = {}
     for a, b in COMPARISONS:
         scores_a, scores_b = per_example(by_method.get(a, []), metric), per_example(by_method.get(b, []), metric)
@@ -205,8 +205,8 @@ def protocol_tables(results: dict[str, Any]) -> list[tuple[list[str], list[list[
     for method, pick in protocol.get("chosen_on_validation", {}).items():
         stats = summary["methods"].get(method)
         shown = f"{100 * stats['mean']:.2f} ± {100 * stats['std']:.2f}" if stats else "– (no ok row)"
-        methods.append([method, f"`{pick['row']}` ({100 * pick['value']:.2f})", shown, str(len(stats["seeds"]) if stats else 0)]
-                       + ([curve_cell(stats)] if curves else []))
+        cells = [method, f"`{pick['row']}` ({100 * pick['value']:.2f})", shown, str(len(stats["seeds"]) if stats else 0)]
+        methods.append(cells + ([curve_cell(stats)] if curves else []))
     intervals = []
     for name, ci in summary["paired_bootstrap"].items():
         excludes = ci["low"] > 0 or ci["high"] < 0
