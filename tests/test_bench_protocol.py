@@ -184,6 +184,10 @@ def test_tiny_protocol_chooses_on_validation_and_runs_the_test_stage_with_two_se
     cfg = load_bench_config(PROTOCOL)
     assert {r["id"] for r in validation["rows"]} == {r.id for r in cfg.runs}
     assert validation["config"]["eval_data"] == cfg.validation_data
+    # Every validation row scored the model it was training every validation_every steps; test rows did not.
+    assert all([p["step"] for p in r["validation_curve"]] == [2, 4] for r in validation["rows"])
+    assert not any("validation_curve" in r for r in test["rows"])
+    assert (out / "validation" / "plots" / "validation_curves.png").is_file()
 
     # Each method's chosen row is its best on validation (the first on a tie), never a test score.
     for method, pick in test["protocol"]["chosen_on_validation"].items():
@@ -197,6 +201,9 @@ def test_tiny_protocol_chooses_on_validation_and_runs_the_test_stage_with_two_se
     summary = test["protocol"]["summary"]
     assert set(summary["methods"]) == {"full", "lora", "sparse"} and set(summary["paired_bootstrap"]) == {
         "sparse-lora", "sparse-full"}
+    for method, stats in summary["methods"].items():
+        pick = test["protocol"]["chosen_on_validation"][method]
+        assert stats["best_at_last_step"] == (pick["curve_best_step"] == 4)
     assert "Protocol: chosen on validation, scored on test" in (out / "test" / "results.md").read_text()
     # Both stages trained the one tiny model built from every split's text.
     assert validation["model"]["path"] == test["model"]["path"] == str((out / "tiny-model").resolve())
@@ -217,3 +224,5 @@ def test_shipped_protocol_configs_parse_and_keep_three_disjoint_splits(tmp_path)
         assert cfg.evaluated_task not in (cfg.task, cfg.validation_task)
         assert {r.method for r in cfg.runs} == {"full", "lora", "sparse"}
         assert all(len([r for r in cfg.runs if r.method == m]) >= 3 for m in ("full", "lora", "sparse"))
+        # A validation curve of 4 points (every 10 of 40 steps) on fewer examples than the row's score.
+        assert (cfg.steps, cfg.validation_every) == (40, 10) and cfg.curve_limit < cfg.validation_limit

@@ -62,6 +62,8 @@ class RunSpec:
     # weight-only quantized as quantize says (sparse only). The base row stays the fp32 base.
     dtype: str | None = None
     quantize: str | None = None
+    validation_every: int | None = None  # the grid's validation_every when None (any training method)
+    curve_limit: int | None = None  # the grid's curve_limit when None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -100,6 +102,11 @@ class BenchConfig:
     validation_data: str | None = None
     validation_limit: int | None = None
     seeds: list[int] | None = None
+    # The validation curve: in the validation stage each row also scores the model being trained on the
+    # first ``curve_limit`` validation examples (default: validation_limit) every ``validation_every``
+    # steps and at its last step, so a report can tell whether ``steps`` was long enough. Off when None.
+    validation_every: int | None = None
+    curve_limit: int | None = None
     source: str = ""  # the YAML file this came from (filled by load_bench_config)
 
     def to_dict(self) -> dict[str, Any]:
@@ -111,6 +118,26 @@ class BenchConfig:
 
     def row_ids(self) -> list[str]:
         return ([BASE_ROW_ID] if self.eval_base else []) + [r.id for r in self.runs]
+
+    @property
+    def scores_validation_split(self) -> bool:
+        """Whether the rows are scored on the validation split (the protocol's validation stage)."""
+        return self.validation_task is not None and (self.evaluated_task, self.eval_data) == (
+            self.validation_task, self.validation_data)
+
+
+def row_curve(cfg: BenchConfig, run: RunSpec | None) -> dict[str, int | None] | None:
+    """``{"every": N, "limit": M}``: the validation curve a row records, or None (no curve).
+
+    Only where the rows are scored on the validation split: a curve scored on the test split would let
+    the test examples decide how long to train. ``limit`` None means every example of the split.
+    """
+    if run is None or not cfg.scores_validation_split:
+        return None
+    every = run.validation_every or cfg.validation_every
+    if every is None:
+        return None
+    return {"every": every, "limit": run.curve_limit or cfg.curve_limit or cfg.eval_limit}
 
 
 def only_rows(cfg: BenchConfig, row_ids: list[str]) -> BenchConfig:
@@ -169,6 +196,7 @@ def parse_bench_config(
     cfg = BenchConfig(**fields, source=where)
     check_grid_values(cfg, where)
     check_protocol_values(cfg, where)
+    check_curve_values(cfg, where)
     return cfg
 
 
@@ -220,6 +248,35 @@ def check_protocol_values(cfg: BenchConfig, where: str) -> None:
             raise ConfigError(f"{where}: seeds must be a non-empty list of integers, got {seeds!r}")
         if len(set(seeds)) != len(seeds):
             raise ConfigError(f"{where}: seeds repeat a seed: {seeds!r}")
+
+
+def positive_int_or_none(value: Any) -> bool:
+    return value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
+
+
+def check_curve_values(cfg: BenchConfig, where: str) -> None:
+    """validation_every / curve_limit, at the top and on each row: positive integers, a curve only with a
+    validation split to score it on, at most ``steps`` apart and no more examples than the validation."""
+    places = [(where, cfg)] + [(f"{where}: runs[{i}] ({run.id})", run) for i, run in enumerate(cfg.runs)]
+    for at, holder in places:
+        for key in ("validation_every", "curve_limit"):
+            if not positive_int_or_none(getattr(holder, key)):
+                raise ConfigError(f"{at}: {key} must be a positive integer or absent, got {getattr(holder, key)!r}")
+    curved = cfg.validation_every is not None or any(run.validation_every for run in cfg.runs)
+    for at, holder in places:
+        if holder.validation_every is not None and cfg.validation_task is None:
+            raise ConfigError(f"{at}: validation_every needs the validation split (validation_task and "
+                              "validation_data): the curve is scored on it")
+        if holder.validation_every is not None and holder.validation_every > cfg.steps:
+            raise ConfigError(f"{at}: validation_every ({holder.validation_every}) is more than steps ({cfg.steps}): "
+                              "the curve would have its last step only")
+        # A row's curve_limit needs that row's curve; the grid's, some row's.
+        has_curve = curved if holder is cfg else (holder.validation_every or cfg.validation_every) is not None
+        if holder.curve_limit is not None and not has_curve:
+            raise ConfigError(f"{at}: curve_limit without validation_every: there is no curve to limit")
+        if holder.curve_limit is not None and holder.curve_limit > (cfg.validation_limit or holder.curve_limit):
+            raise ConfigError(f"{at}: curve_limit ({holder.curve_limit}) is more than validation_limit "
+                              f"({cfg.validation_limit}): a curve point scores at most the examples a row is scored on")
 
 
 def resolve_path(value: str, base_dir: Path | None, data_root: str) -> str:

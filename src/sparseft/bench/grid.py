@@ -23,7 +23,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..methods import get_method
-from .config import BASE_ROW_ID, LATER_KNOBS, BenchConfig, RunSpec
+from .config import BASE_ROW_ID, LATER_KNOBS, BenchConfig, RunSpec, row_curve
 from .results import SCHEMA_VERSION, results_markdown, write_results
 
 RESULTS_NAME = "results.json"
@@ -246,6 +246,8 @@ def worker_spec(cfg: BenchConfig, spec: RunSpec | None, model: str, train_file: 
     for key in ("seed", "dtype", "quantize", *LATER_KNOBS):
         if key in run and run[key] is None:
             del run[key]  # unset: specs stay as they were before rows could carry these (--resume)
+    for key in ("validation_every", "curve_limit"):  # resolved into job["curve"] below
+        run.pop(key, None)
     run = get_method(run["method"]).complete_run(run, cfg.density)
     job = {
         "run": run,
@@ -268,6 +270,9 @@ def worker_spec(cfg: BenchConfig, spec: RunSpec | None, model: str, train_file: 
     }
     if spec is not None and spec.seed is not None:
         job["seed"] = spec.seed  # a seeded row of a protocol's test stage
+    curve = row_curve(cfg, spec)
+    if curve is not None:  # only then: a row without a curve keeps the spec it had before curves (--resume)
+        job["curve"] = curve
     return job
 
 

@@ -3,7 +3,9 @@
 - ``metric_vs_params.png``: task metric against trainable parameters (log x), one marker per method;
 - ``cost_bars.png``: median step time and peak memory, one bar per row;
 - ``storage_tenants.png``: bytes on disk for N tenants: one base + N diffs, one base + N LoRA
-  adapters, N full copies.
+  adapters, N full copies;
+- ``validation_curves.png`` (rows with ``validation_every`` only): the validation metric against the
+  step, one line per row (in a protocol's test stage, per chosen row), its best point marked.
 
 Every point is a row of results.json (labelled by its id), so a picture can be traced to its numbers.
 """
@@ -28,6 +30,8 @@ METHOD_STYLE = {
     "sparse": dict(color="#d62728", marker="o"),
 }
 TENANTS = [1, 10, 100, 1000, 10000]
+LINESTYLES = ["-", "--", ":", "-."]
+CURVES_PNG = "validation_curves.png"
 
 
 def training_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -148,6 +152,36 @@ def plot_storage(results: dict[str, Any], path: Path) -> Path:
     return save(fig, path)
 
 
+def curve_series(results: dict[str, Any]) -> list[tuple[str, str, list[dict[str, Any]]]]:
+    """``[(row id, method, curve)]``: every ok row's validation curve, or in a test stage the chosen rows'."""
+    protocol = results.get("protocol") or {}
+    if protocol.get("stage") == "test":
+        picks = protocol.get("chosen_on_validation") or {}
+        return [(pick["row"], method, pick["validation_curve"]) for method, pick in picks.items()
+                if pick.get("validation_curve")]
+    return [(r["id"], r["method"], r["validation_curve"]) for r in ok_rows(results) if r.get("validation_curve")]
+
+
+def plot_validation_curves(results: dict[str, Any], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    metric, seen = None, {}
+    for row_id, method, curve in curve_series(results):
+        metric = next(k for k in curve[0] if k != "step")
+        steps, values = [p["step"] for p in curve], [p[metric] for p in curve]
+        style = METHOD_STYLE.get(method, {})
+        seen[method] = seen.get(method, -1) + 1  # rows of one method share its colour: tell them apart by line
+        ax.plot(steps, values, label=row_id, color=style.get("color"), marker=style.get("marker"), markersize=4,
+                linestyle=LINESTYLES[seen[method] % len(LINESTYLES)], alpha=0.8)
+        best = max(range(len(values)), key=values.__getitem__)  # the earliest best, as curve_best_step
+        ax.scatter([steps[best]], [values[best]], s=90, facecolors="none", edgecolors=style.get("color", "black"))
+    ax.set_xlabel("training step")
+    ax.set_ylabel(f"validation {metric}")
+    ax.set_title("validation curves (ringed: each row's best point)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    return save(fig, path)
+
+
 def save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
@@ -157,7 +191,7 @@ def save(fig, path: Path) -> Path:
 
 
 def write_plots(results: dict[str, Any], out: str | Path) -> list[Path]:
-    """All three plots into ``out/plots/``; a plot without data to show is skipped."""
+    """The plots into ``out/plots/``; a plot without data to show is skipped."""
     folder = Path(out) / "plots"
     written = []
     if training_rows(results):
@@ -165,6 +199,8 @@ def write_plots(results: dict[str, Any], out: str | Path) -> list[Path]:
         written.append(plot_cost_bars(results, folder / "cost_bars.png"))
     if storage_series(results):
         written.append(plot_storage(results, folder / "storage_tenants.png"))
+    if curve_series(results):
+        written.append(plot_validation_curves(results, folder / CURVES_PNG))
     return written
 
 

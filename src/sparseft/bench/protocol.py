@@ -11,6 +11,9 @@ One config, two stages (``sparseft bench CONFIG --stage validation|test --out DI
   sparse − full, a paired bootstrap interval over test examples (``bench.stats``).
 
 The learning rate, and for sparse the scorer, is thus never chosen on the examples it is scored on.
+With ``validation_every``, each validation row also records its validation curve (the metric of the
+model being trained, every N steps and at the last); the test stage then says per method whether the
+chosen row's best point was its last step, i.e. whether ``steps`` may have been too short.
 A tiny model (``model: {tiny: ...}``) is built once into ``DIR/tiny-model`` from every split's text,
 so both stages train the same model.
 """
@@ -67,7 +70,7 @@ def best_rows(cfg: BenchConfig, validation: dict[str, Any]) -> dict[str, dict[st
         value = float(row["metrics"][metric])
         if spec.method not in chosen or value > chosen[spec.method]["value"]:
             chosen[spec.method] = {"row": spec.id, "metric": metric, "value": value, "lr": spec.lr,
-                                   "scorer": spec.scorer}
+                                   "scorer": spec.scorer, **curve_facts(row)}
     missing = sorted({run.method for run in cfg.runs} - set(chosen))
     if missing:
         raise ConfigError(f"no ok validation row for method(s) {', '.join(missing)}: run or --resume the validation "
@@ -75,15 +78,25 @@ def best_rows(cfg: BenchConfig, validation: dict[str, Any]) -> dict[str, dict[st
     return chosen
 
 
+def curve_facts(row: dict[str, Any]) -> dict[str, Any]:
+    """A validation row's curve and its best step, when it recorded one (else nothing)."""
+    if not row.get("validation_curve"):
+        return {}
+    return {"validation_curve": row["validation_curve"], "curve_best_step": row["curve_best_step"],
+            "curve_last_step": row["validation_curve"][-1]["step"]}
+
+
 def for_test(cfg: BenchConfig, chosen: dict[str, dict[str, Any]]) -> BenchConfig:
-    """The chosen row of each method, once per seed, scored on the test split."""
+    """The chosen row of each method, once per seed, scored on the test split (no curves: those are
+    scored on validation, and only in the validation stage)."""
     specs = {run.id: run for run in cfg.runs}
     runs = [
-        dataclasses.replace(specs[pick["row"]], id=f"{pick['row']}-seed{seed}", seed=seed)
+        dataclasses.replace(specs[pick["row"]], id=f"{pick['row']}-seed{seed}", seed=seed, validation_every=None,
+                            curve_limit=None)
         for pick in chosen.values()
         for seed in cfg.seeds or []
     ]
-    return dataclasses.replace(cfg, name=f"{cfg.name}-test", runs=runs)
+    return dataclasses.replace(cfg, name=f"{cfg.name}-test", runs=runs, validation_every=None, curve_limit=None)
 
 
 def run_stage(
@@ -140,16 +153,36 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
     for row in results["rows"]:
         if row.get("status") == "ok" and get_method(row["method"]).trains:  # the base row trains nothing
             by_method.setdefault(row["method"], []).append(row)
+    chosen = (results.get("protocol") or {}).get("chosen_on_validation") or {}
     methods = {}
     for method, rows in by_method.items():
         mean, std = mean_std([float(r["metrics"][metric]) for r in rows])
-        methods[method] = {"mean": mean, "std": std, "seeds": [r["seed"] for r in rows], "rows": [r["id"] for r in rows]}
+        methods[method] = {"mean": mean, "std": std, "seeds": [r["seed"] for r in rows],
+                           "rows": [r["id"] for r in rows], **best_step_facts(chosen.get(method) or {})}
     comparisons = {}
     for a, b in COMPARISONS:
         scores_a, scores_b = per_example(by_method.get(a, []), metric), per_example(by_method.get(b, []), metric)
         if scores_a is not None and scores_b is not None and len(scores_a) == len(scores_b):
             comparisons[f"{a}-{b}"] = paired_bootstrap(scores_a, scores_b).to_dict()
     return {"metric": metric, "methods": methods, "paired_bootstrap": comparisons}
+
+
+def best_step_facts(pick: dict[str, Any]) -> dict[str, Any]:
+    """Where the chosen row's validation curve peaked, and whether that was its last step (then longer
+    training might still have helped); nothing when it recorded no curve."""
+    if pick.get("curve_best_step") is None:
+        return {}
+    return {"curve_best_step": pick["curve_best_step"], "curve_last_step": pick["curve_last_step"],
+            "best_at_last_step": pick["curve_best_step"] == pick["curve_last_step"]}
+
+
+def curve_cell(stats: dict[str, Any] | None) -> str:
+    """The method table's validation-curve cell."""
+    if not stats or "curve_best_step" not in stats:
+        return "–"
+    if stats["best_at_last_step"]:
+        return f"best at last step ({stats['curve_last_step']}): lengthen `steps`"
+    return f"best at step {stats['curve_best_step']} of {stats['curve_last_step']}"
 
 
 def per_example(rows: list[dict[str, Any]], metric: str) -> list[float] | None:
@@ -166,18 +199,22 @@ def protocol_tables(results: dict[str, Any]) -> list[tuple[list[str], list[list[
     if protocol.get("stage") != "test" or not summary:
         return []
     metric = summary["metric"]
+    # The curve column only when some chosen row recorded a curve: tables of runs without one stay as they were.
+    curves = any("curve_best_step" in stats for stats in summary["methods"].values())
     methods = []
     for method, pick in protocol.get("chosen_on_validation", {}).items():
         stats = summary["methods"].get(method)
         shown = f"{100 * stats['mean']:.2f} ± {100 * stats['std']:.2f}" if stats else "– (no ok row)"
-        methods.append([method, f"`{pick['row']}` ({100 * pick['value']:.2f})", shown, str(len(stats["seeds"]) if stats else 0)])
+        cells = [method, f"`{pick['row']}` ({100 * pick['value']:.2f})", shown, str(len(stats["seeds"]) if stats else 0)]
+        methods.append(cells + ([curve_cell(stats)] if curves else []))
     intervals = []
     for name, ci in summary["paired_bootstrap"].items():
         excludes = ci["low"] > 0 or ci["high"] < 0
         intervals.append([name.replace("-", " − "), f"{100 * ci['mean']:+.2f}",
                           f"[{100 * ci['low']:+.2f}, {100 * ci['high']:+.2f}]", str(ci["examples"]), "yes" if excludes else "no"])
     return [
-        (["method", f"chosen row (validation {metric})", f"test {metric}: mean ± std over seeds", "seeds"], methods),
+        (["method", f"chosen row (validation {metric})", f"test {metric}: mean ± std over seeds", "seeds"]
+         + (["validation curve"] if curves else []), methods),
         ([f"difference ({metric}, points)", "mean", f"{100 * CONFIDENCE:.0f}% paired bootstrap interval", "examples",
           "excludes 0?"], intervals),
     ]
@@ -200,7 +237,7 @@ def protocol_markdown(results: dict[str, Any]) -> str:
     if protocol.get("stage") == "validation":
         return (f"Validation stage: rows scored on `{protocol.get('validation_task')}` "
                 f"(`{protocol.get('validation_data')}`), not on the test split; `--stage test` runs the best row "
-                "of each method with every seed.\n")
+                "of each method with every seed.\n" + curve_note(results))
     tables = protocol_tables(results)
     if not tables:
         return ""
@@ -209,6 +246,17 @@ def protocol_markdown(results: dict[str, Any]) -> str:
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(cells) + " |" for cells in rows] + [""]
     return "\n".join(lines + [INTERVAL_NOTE, ""])
+
+
+def curve_note(results: dict[str, Any]) -> str:
+    """A validation stage with curves: which rows were still best at their last step."""
+    curved = [r for r in results.get("rows", []) if r.get("status") == "ok" and r.get("validation_curve")]
+    if not curved:
+        return ""
+    at_last = [r["id"] for r in curved if r["curve_best_step"] == r["validation_curve"][-1]["step"]]
+    listed = ", ".join(f"`{row_id}`" for row_id in at_last) or "none"
+    return (f"\nValidation curves ({len(curved)} rows, `validation_curve` in results.json): best at the last step "
+            f"(lengthen `steps`?): {listed}.\n")
 
 
 def protocol_blocks(results: dict[str, Any]) -> list:

@@ -18,13 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .plots import TENANTS, base_model_bytes, write_plots
+from .plots import CURVES_PNG, TENANTS, base_model_bytes, curve_series, write_plots
 from .results import fmt_bytes, fmt_count, ok_rows, read_results, row_label, row_trains
 
 PLOT_CAPTIONS = {
     "metric_vs_params.png": "Task metric vs trainable parameters (log x)",
     "cost_bars.png": "Median step time and peak memory per row",
     "storage_tenants.png": "Storage for N tenants: N diffs vs N LoRA adapters vs N full copies",
+    CURVES_PNG: "Validation metric vs training step (ringed: each row's best point)",
 }
 
 
@@ -293,7 +294,8 @@ def seconds(value: float) -> str:
 
 def plot_blocks(results_path: Path, results: dict[str, Any], out_path: Path) -> list[Block]:
     folder = results_path.parent / "plots"
-    if not all((folder / name).is_file() for name in PLOT_CAPTIONS):
+    expected = [name for name in PLOT_CAPTIONS if name != CURVES_PNG or curve_series(results)]
+    if not all((folder / name).is_file() for name in expected):
         write_plots(results, results_path.parent)
     blocks = [Block("h2", "Plots")]
     for name, caption in PLOT_CAPTIONS.items():

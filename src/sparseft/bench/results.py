@@ -30,6 +30,8 @@ TRAINING_FIELDS = (
     "peak_memory_bytes", "peak_memory_kind", "optimizer_state_bytes",
     "artifact_kind", "artifact_bytes", "artifact_path",
 )
+# Fields of a row that recorded a validation curve (``validation_every``, the protocol's validation stage).
+CURVE_FIELDS = ("validation_curve", "curve_best_step", "curve_examples", "curve_wall_s")
 # Fields legitimately null on some methods (e.g. a full row has no scorer) are each method's
 # ``not_applicable`` (sparseft.methods).
 TOP_LEVEL_FIELDS = ("schema_version", "name", "config", "command", "machine", "model", "task", "started_at", "rows")
@@ -77,6 +79,7 @@ def row_problems(row: Any, where: str, require_complete: bool) -> list[str]:
     where = f"{where} ({row.get('id', '?')})"
     method = METHODS.get(row.get("method"))
     expected = COMMON_FIELDS + (TRAINING_FIELDS if method and method.trains else ())
+    expected += CURVE_FIELDS if "validation_curve" in row else ()
     problems = [f"{where}: missing field {k!r}" for k in expected if k not in row]
     if not require_complete or row.get("status") != "ok":
         return problems

@@ -47,6 +47,8 @@ def empty_row(job: dict[str, Any]) -> dict[str, Any]:
             "peak_memory_bytes": None, "peak_memory_kind": None, "optimizer_state_bytes": None,
             "artifact_kind": method.artifact_kind, "artifact_bytes": None, "artifact_path": None,
         })
+    if method.trains and job.get("curve"):  # only rows with a curve have its fields: others stay as they were
+        row.update({"validation_curve": None, "curve_best_step": None, "curve_examples": None, "curve_wall_s": None})
     return row
 
 
@@ -95,17 +97,21 @@ def train_config(job: dict[str, Any], device: str):
 
 
 def train_row(job: dict[str, Any], row: dict[str, Any], device: str):
-    """Train and fill the cost fields of ``row``; returns the TrainResult."""
+    """Train and fill the cost fields of ``row`` (and its validation curve, when the job has one);
+    returns the TrainResult. Time spent scoring the curve is apart, in ``curve_wall_s``."""
     import torch
 
     from ..training import run_training
 
     cfg = train_config(job, device)
+    curve = ValidationCurve(job, device) if job.get("curve") else None
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    result = run_training(cfg)
-    row["train_wall_s"] = round(time.perf_counter() - started, 3)
+    result = run_training(cfg, on_step=curve)
+    row["train_wall_s"] = round(time.perf_counter() - started - result.on_step_s, 3)
+    if curve is not None:
+        row.update(curve.row_fields(result.on_step_s))
     row.update({
         "loop_wall_s": round(result.wall_time_s, 3),
         "median_step_s": result.median_step_s,
@@ -125,6 +131,70 @@ def train_row(job: dict[str, Any], row: dict[str, Any], device: str):
     })
     row.update(row_method(job).row_facts(result, cfg))
     return result
+
+
+class ValidationCurve:
+    """The ``on_step`` hook of a row with a curve: every ``every`` steps and at the last, the model being
+    trained is scored on the first ``limit`` examples of the row's eval split (in the validation stage,
+    the validation split) by the evaluator ``evaluate_row`` uses, then handed back to training as it was.
+    """
+
+    def __init__(self, job: dict[str, Any], device: str):
+        from ..loading import load_tokenizer
+        from ..tasks import get_task
+
+        self.every, self.last_step = int(job["curve"]["every"]), int(job["steps"])
+        self.task = get_task(job["eval_task"])
+        self.records = self.task.load(job["eval_data"], job["curve"]["limit"])  # bad data fails before training
+        self.tokenizer = load_tokenizer(job["model"])
+        self.batch_size = job.get("eval_batch_size") or 8
+        self.cuda_devices = [torch_device_index(device)] if device.startswith("cuda") else []
+        self.points: list[dict[str, Any]] = []
+
+    def __call__(self, step: int, model) -> None:
+        if step % self.every == 0 or step == self.last_step:
+            metrics = self.score(model)
+            metric = primary_metric_of(self.task, metrics)
+            self.points.append({"step": step, metric: round(float(metrics[metric]), 6)})
+
+    def score(self, model) -> dict[str, float]:
+        """Metrics of the live model in eval mode without gradients; the RNG is forked so that training
+        draws the same random numbers as without a curve."""
+        import torch
+
+        from ..evaluate import evaluate_records_detailed
+
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=self.cuda_devices):
+                metrics, _, _, _ = evaluate_records_detailed(
+                    model, self.tokenizer, self.task, self.records, batch_size=self.batch_size, progress=False)
+        finally:
+            model.train(was_training)
+        return metrics
+
+    def row_fields(self, wall_s: float) -> dict[str, Any]:
+        return {"validation_curve": self.points, "curve_best_step": best_step(self.points),
+                "curve_examples": len(self.records), "curve_wall_s": round(wall_s, 3)}
+
+
+def best_step(points: list[dict[str, Any]]) -> int | None:
+    """The step of a curve's best point; the earliest of equal ones (the steps after it bought nothing)."""
+    if not points:
+        return None
+    return max(points, key=point_value)["step"]
+
+
+def point_value(point: dict[str, Any]) -> float:
+    """The metric of a curve point ``{"step": s, "<metric>": v}``."""
+    return next(float(v) for k, v in point.items() if k != "step")
+
+
+def torch_device_index(device: str) -> int:
+    import torch
+
+    return torch.device(device).index if torch.device(device).index is not None else torch.cuda.current_device()
 
 
 def count_lines(path: str) -> int:
@@ -149,12 +219,17 @@ def evaluate_row(job: dict[str, Any], row: dict[str, Any], device: str) -> None:
     row["eval_wall_s"] = round(wall_s, 3)
     row["metrics"] = {k: float(v) for k, v in metrics.items()}
     row["eval_examples"] = count
-    row["primary_metric"] = task.primary_metric or next(iter(metrics))
+    row["primary_metric"] = primary_metric_of(task, metrics)
     # The primary metric of every example, in the eval split's order: paired bootstrap intervals need them.
     row["per_example"] = {row["primary_metric"]: [round(x, 6) for x in per_example[row["primary_metric"]]]
                           } if row["primary_metric"] in per_example else None
     if not row_method(job).trains:
         row["total_params"] = sum(p.numel() for p in model.parameters())
+
+
+def primary_metric_of(task, metrics: dict[str, float]) -> str:
+    """The task's headline metric (the first one it reports when it names none)."""
+    return task.primary_metric or next(iter(metrics))
 
 
 def load_for_eval(job: dict[str, Any], row: dict[str, Any]):

@@ -12,7 +12,7 @@ import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as torch_dist
@@ -59,14 +59,20 @@ class TrainResult:
     optimizer_state_bytes: int
     artifact_bytes: int
     extra: dict[str, Any] = field(default_factory=dict)
+    on_step_s: float = 0.0  # time spent in the ``on_step`` hook (not in ``wall_time_s``)
 
     def to_dict(self) -> dict[str, Any]:
         return {**{k: v for k, v in self.__dict__.items() if k != "out"}, "out": str(self.out)}
 
 
-def run_training(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None) -> TrainResult:
+def run_training(
+    cfg: TrainConfig, model: nn.Module | None = None, tokenizer=None,
+    on_step: Callable[[int, nn.Module], None] | None = None,
+) -> TrainResult:
     """Train as ``cfg`` says and save into ``cfg.out``; usable in-process (pass ``model``/``tokenizer``)
-    or from ``sparseft train`` / ``torchrun -m sparseft train``.
+    or from ``sparseft train`` / ``torchrun -m sparseft train``. ``on_step(steps_done, model)`` is called
+    after every optimizer step with the model being trained (see ``train_loop``), e.g. to score it on
+    held-out examples while it trains.
 
     Example:
         >>> cfg = TrainConfig(model="smollm2-135m", data="train.jsonl", out="runs/a", steps=50)  # doctest: +SKIP
@@ -102,7 +108,7 @@ def run_training(cfg: TrainConfig, model: nn.Module | None = None, tokenizer=Non
             prepare_out_dir(out, cfg, resuming=ckpt is not None)
         trained = shard_sparse_model(model, dist.device, dist.world_size) if cfg.fsdp else wrap_ddp(model, dist)
         stats = train_loop(trained, optimizer, named_params, examples, cfg, pad_token_id(tokenizer), total_steps, dist,
-                           start_step=ckpt.step if ckpt else 0, out=out, masks=masks, run_info=info)
+                           start_step=ckpt.step if ckpt else 0, out=out, masks=masks, run_info=info, on_step=on_step)
         if dist.is_main:
             publish(out, lambda path: save_artifact(cfg, model, tokenizer, path, total_steps), cfg)
             if ckpt is not None:  # an interrupted publish may have left staging copies; this run replaced them
@@ -268,4 +274,5 @@ def make_result(cfg: TrainConfig, out: Path, model: nn.Module, stats: LoopStats,
         optimizer_state_bytes=stats.optimizer_state_bytes,
         artifact_bytes=artifact_bytes(out),
         extra=extra,
+        on_step_s=stats.on_step_s,
     )

@@ -321,7 +321,8 @@ class LoopStats:
     losses: list[float] = field(default_factory=list)
     step_times: list[float] = field(default_factory=list)
     tokens: int = 0
-    wall_time_s: float = 0.0
+    wall_time_s: float = 0.0  # the loop's own time: the ``on_step`` hook's time is apart, in ``on_step_s``
+    on_step_s: float = 0.0
     peak_memory_bytes: int = 0
     optimizer_state_bytes: int = 0
 
@@ -347,9 +348,15 @@ def train_loop(
     out: Path | None = None,
     masks: dict[str, torch.Tensor] | None = None,
     run_info: dict | None = None,
+    on_step: Callable[[int, nn.Module], None] | None = None,
 ) -> LoopStats:
     """Train from ``start_step`` to ``total_steps``; log to ``out/metrics.jsonl`` and checkpoint every
-    ``cfg.save_every`` steps (rank 0 writes; every rank computes the same update)."""
+    ``cfg.save_every`` steps (rank 0 writes; every rank computes the same update).
+
+    ``on_step(steps_done, model)``, when given, runs on every process after each optimizer step with the
+    unwrapped model (in train mode; a hook that evaluates switches modes itself and restores them). Its
+    time is kept out of ``wall_time_s``, so the loop's cost reads the same with or without a hook.
+    """
     params = [p for _, p in named_params]
     warmup = warmup_steps_of(cfg, total_steps)
     schedule = reselect_schedule(cfg, total_steps)
@@ -395,8 +402,12 @@ def train_loop(
             })
         if write and cfg.save_every and done % cfg.save_every == 0 and done < total_steps:
             save_checkpoint(checkpoint_dir(out, done), done, named_params, optimizer, live_masks(model, masks), run_info)
+        if on_step is not None:
+            t0 = time.perf_counter()
+            on_step(done, unwrap(model))
+            stats.on_step_s += time.perf_counter() - t0
     bar.close()
-    stats.wall_time_s = time.perf_counter() - started
+    stats.wall_time_s = time.perf_counter() - started - stats.on_step_s
     stats.peak_memory_bytes = peak_memory_bytes(dist.device)
     stats.optimizer_state_bytes = optimizer_state_bytes(optimizer)
     return stats
