@@ -29,7 +29,8 @@ NF4_SCALE_GROUP = 256  # ... and those scales quantized again to int8, one facto
 
 
 def quant_config(scheme: str):
-    """torchao's weight-only config for ``scheme``: int8 with a scale per output row, or int4 in groups."""
+    """torchao's weight-only config for ``scheme``: int8 with a scale per output row, or int4 in groups
+    (nf4 has none: its scale groups are chosen per layer, see ``to_nf4_weight``)."""
     require_torchao(scheme)
     from torchao.quantization import Int8WeightOnlyConfig, IntxWeightOnlyConfig
     from torchao.quantization.granularity import PerGroup
