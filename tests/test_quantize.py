@@ -7,14 +7,14 @@ import torch
 pytest.importorskip("torchao")
 
 from conftest import make_tiny_llama, make_tiny_tokenizer  # noqa: E402
-from sparseft import SparseModel  # noqa: E402
+from sparseft import SparseConfig, SparseModel, get_sparse_model  # noqa: E402
 from sparseft.diffio import fingerprint, read_diff, stored_tensors  # noqa: E402
 from sparseft.errors import ConfigError, FingerprintMismatchError, MergeStateError  # noqa: E402
 from sparseft.evaluate import evaluate  # noqa: E402
 from sparseft.loading import load_model  # noqa: E402
 from sparseft.methods import get_method  # noqa: E402
 from sparseft.quantize import (NF4_BLOCK, QuantizedLinear, dequantized, linear_layers, quantize_base,  # noqa: E402
-                               to_nf4_weight)
+                               quantize_sparse_model, to_nf4_weight)
 from sparseft.tasks import ROUTING_DATA  # noqa: E402
 from sparseft.training import run_training  # noqa: E402
 from test_tasks import char_tokenizer  # noqa: E402
@@ -89,6 +89,37 @@ def test_backward_through_a_quantized_layer_saves_no_dense_weight(scheme):
     torch.nn.functional.linear(dense_x, dequantized(layer.weight), layer.bias).pow(2).sum().backward()
     torch.testing.assert_close(x.grad, dense_x.grad, rtol=1e-5, atol=1e-5)
     assert not layer.weight.requires_grad
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "nf4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_diff_learns_over_a_quantized_base_as_over_its_dequantized_weights(scheme, dtype):
+    """Loss and the values' gradients through the quantized base match those through plain weights
+    holding what its codes stand for (same entries, same values); torchao's int8 kernel rounds
+    differently in bf16, hence a bf16 tolerance."""
+    config = SparseConfig(density=0.1, scorer="random", seed=0)
+    quantized = quantize_sparse_model(get_sparse_model(make_tiny_llama(dtype=dtype), config), scheme)
+    dense = get_sparse_model(make_tiny_llama(dtype=dtype), config)
+    with torch.no_grad():
+        for name, layer in quantized_layers(quantized).items():
+            dense.get_submodule(name).weight.copy_(dequantized(layer.weight))
+    for layer in dense.sparse_layers().values():
+        layer.set_kernels(layer.backend, "unmerged")
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+    results = []
+    for model in (quantized, dense):
+        for layer in model.sparse_layers().values():
+            with torch.no_grad():
+                layer.values.copy_(torch.randn(layer.k, generator=torch.Generator().manual_seed(layer.k)) * 0.01)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss, {name: layer.values.grad for name, layer in model.sparse_layers().items()}))
+    (q_loss, q_grads), (d_loss, d_grads) = results
+    rtol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(q_loss, d_loss, rtol=rtol, atol=0)
+    assert q_grads.keys() == d_grads.keys()
+    for name in q_grads:
+        torch.testing.assert_close(q_grads[name], d_grads[name], rtol=rtol, atol=rtol * d_grads[name].abs().max().item())
 
 
 @pytest.mark.parametrize("scheme, merge", [("int8", "merge"), ("int8", "merge_and_unload"), ("nf4", "merge")])
