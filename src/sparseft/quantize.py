@@ -16,6 +16,8 @@ keeps one code per byte (torchao 0.18's packed int4 layouts need a GPU kernel li
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -41,8 +43,9 @@ def quant_config(scheme: str):
 
 
 def require_torchao(scheme: str) -> None:
+    """Raise a ``ConfigError`` saying how to install torchao when it is missing."""
     try:
-        import torchao  # noqa: F401
+        importlib.import_module("torchao")
     except ImportError as e:
         raise ConfigError(f"quantize={scheme!r} needs torchao: pip install 'sparseft[quant]' ({e})") from e
 

@@ -79,7 +79,8 @@ def measure(precision: str, args) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--precisions", default=",".join(PRECISIONS), help=f"comma-separated subset of {','.join(PRECISIONS)}")
+    parser.add_argument("--precisions", default=",".join(PRECISIONS),
+                        help=f"comma-separated subset of {','.join(PRECISIONS)}")
     parser.add_argument("--density", type=float, default=0.01)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=4)
