@@ -159,7 +159,7 @@ def tiny_raw(**changes):
         ({"runs": [{"id": "l8", "method": "lora", "lora_rank": 2, "lr": 1e-3, "quantize": "int8"}]},
          "runs[0] (l8): quantize applies to sparse rows only"),
         ({"runs": [{"id": "s3", "method": "sparse", "scorer": "random", "lr": 1e-3, "quantize": "int3"}]},
-         "runs[0] (s3): quantize must be one of ('int8', 'int4'), got 'int3'"),
+         "runs[0] (s3): quantize must be one of ('int8', 'int4', 'nf4'), got 'int3'"),
         ({"runs": [{"id": "h", "method": "full", "lr": 1e-3, "dtype": "float16"}]},
          "runs[0] (h): dtype must be one of ('float32', 'bfloat16'), got 'float16'"),
     ],

@@ -1,4 +1,4 @@
-"""A sparse diff over a weight-only quantized base (torchao int8 / int4): it trains, and the saved diff
+"""A sparse diff over a weight-only quantized base (torchao int8 / int4 / nf4): it trains, and the saved diff
 reloads onto the same quantized base with the same outputs, and onto no other base."""
 
 import pytest
@@ -7,14 +7,20 @@ import torch
 pytest.importorskip("torchao")
 
 from conftest import make_tiny_llama, make_tiny_tokenizer  # noqa: E402
-from sparseft import SparseModel  # noqa: E402
-from sparseft.diffio import read_diff  # noqa: E402
+from sparseft import SparseConfig, SparseModel, get_sparse_model  # noqa: E402
+from sparseft.diffio import fingerprint, read_diff, stored_tensors  # noqa: E402
 from sparseft.errors import ConfigError, FingerprintMismatchError, MergeStateError  # noqa: E402
-from sparseft.quantize import quantize_base  # noqa: E402
+from sparseft.evaluate import evaluate  # noqa: E402
+from sparseft.loading import load_model  # noqa: E402
+from sparseft.methods import get_method  # noqa: E402
+from sparseft.quantize import (NF4_BLOCK, QuantizedLinear, dequantized, linear_layers, quantize_base,  # noqa: E402
+                               quantize_sparse_model, to_nf4_weight)
+from sparseft.tasks import ROUTING_DATA  # noqa: E402
 from sparseft.training import run_training  # noqa: E402
+from test_tasks import char_tokenizer  # noqa: E402
 from test_training import quick_config, write_train_file  # noqa: E402
 
-KINDS = {"int8": "Int8Tensor", "int4": "IntxUnpackedToInt8Tensor"}  # torchao's weight classes
+KINDS = {"int8": "Int8Tensor", "int4": "IntxUnpackedToInt8Tensor", "nf4": "NF4Tensor"}  # torchao's weight classes
 
 
 @pytest.fixture
@@ -27,7 +33,7 @@ def outputs(model, ids):
         return model(input_ids=ids).logits
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("scheme", ["int8", "int4", "nf4"])
 def test_a_diff_over_a_quantized_base_trains_and_reloads_onto_it(scheme, train_file, tmp_path):
     trained = make_tiny_llama()
     result = run_training(quick_config(train_file, tmp_path / "run", steps=8, quantize=scheme), model=trained,
@@ -59,7 +65,7 @@ def test_a_diff_over_a_quantized_base_refuses_other_bases(train_file, tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (dict(quantize="int3"), r"quantize must be one of \['int4', 'int8'\], got 'int3'"),
+    (dict(quantize="int3"), r"quantize must be one of \['int4', 'int8', 'nf4'\], got 'int3'"),
     (dict(quantize="int8", method="lora"), "quantize applies to sparse runs only"),
     (dict(quantize="int8", fsdp=True), "quantize cannot be combined with fsdp"),
 ])
@@ -68,7 +74,7 @@ def test_bad_quantize_settings_are_refused(overrides, message, tmp_path):
         quick_config(tmp_path / "train.jsonl", tmp_path / "out", **overrides)
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("scheme", ["int8", "int4", "nf4"])
 def test_backward_through_a_quantized_layer_saves_no_dense_weight(scheme):
     """Autograd through torchao's linear would keep a dequantized fp32 copy of every weight until
     backward; the quantized base recomputes it in backward instead, with the same grad_x."""
@@ -80,19 +86,147 @@ def test_backward_through_a_quantized_layer_saves_no_dense_weight(scheme):
     assert not [t for t in saved if t.numel() >= layer.weight.numel()]
     y.pow(2).sum().backward()
     dense_x = x.detach().clone().requires_grad_(True)
-    torch.nn.functional.linear(dense_x, layer.weight.dequantize(), layer.bias).pow(2).sum().backward()
+    torch.nn.functional.linear(dense_x, dequantized(layer.weight), layer.bias).pow(2).sum().backward()
     torch.testing.assert_close(x.grad, dense_x.grad, rtol=1e-5, atol=1e-5)
     assert not layer.weight.requires_grad
 
 
-@pytest.mark.parametrize("merge", ["merge", "merge_and_unload"])
-def test_merge_over_a_quantized_base_is_refused_up_front(merge, train_file, tmp_path):
-    run_training(quick_config(train_file, tmp_path / "run", steps=2, quantize="int8"), model=make_tiny_llama(),
+@pytest.mark.parametrize("scheme", ["int8", "int4", "nf4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_diff_learns_over_a_quantized_base_as_over_its_dequantized_weights(scheme, dtype):
+    """Loss and the values' gradients through the quantized base match those through plain weights
+    holding what its codes stand for (same entries, same values); torchao's int8 kernel rounds
+    differently in bf16, hence a bf16 tolerance."""
+    config = SparseConfig(density=0.1, scorer="random", seed=0)
+    quantized = quantize_sparse_model(get_sparse_model(make_tiny_llama(dtype=dtype), config), scheme)
+    dense = get_sparse_model(make_tiny_llama(dtype=dtype), config)
+    with torch.no_grad():
+        for name, layer in quantized_layers(quantized).items():
+            dense.get_submodule(name).weight.copy_(dequantized(layer.weight))
+    for layer in dense.sparse_layers().values():
+        layer.set_kernels(layer.backend, "unmerged")
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+    results = []
+    for model in (quantized, dense):
+        for layer in model.sparse_layers().values():
+            with torch.no_grad():
+                layer.values.copy_(torch.randn(layer.k, generator=torch.Generator().manual_seed(layer.k)) * 0.01)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss, {name: layer.values.grad for name, layer in model.sparse_layers().items()}))
+    (q_loss, q_grads), (d_loss, d_grads) = results
+    rtol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(q_loss, d_loss, rtol=rtol, atol=0)
+    assert q_grads.keys() == d_grads.keys()
+    for name in q_grads:
+        torch.testing.assert_close(q_grads[name], d_grads[name], rtol=rtol, atol=rtol * d_grads[name].abs().max().item())
+
+
+@pytest.mark.parametrize("scheme, merge", [("int8", "merge"), ("int8", "merge_and_unload"), ("nf4", "merge")])
+def test_merge_over_a_quantized_base_is_refused_up_front(scheme, merge, train_file, tmp_path):
+    run_training(quick_config(train_file, tmp_path / "run", steps=2, quantize=scheme), model=make_tiny_llama(),
                  tokenizer=make_tiny_tokenizer())
-    sparse = SparseModel.from_pretrained(quantize_base(make_tiny_llama(), "int8"), tmp_path / "run")
+    sparse = SparseModel.from_pretrained(quantize_base(make_tiny_llama(), scheme), tmp_path / "run")
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
     before = outputs(sparse, ids)
-    with pytest.raises(MergeStateError, match=r"cannot merge .*model\.layers\.0\.\S+: its weight is quantized "
-                                              r"\(Int8Tensor\).*stays unmerged"):
+    with pytest.raises(MergeStateError, match=rf"cannot merge .*model\.layers\.0\.\S+: its weight is quantized "
+                                              rf"\({KINDS[scheme]}\).*stays unmerged"):
         getattr(sparse, merge)()
     assert not sparse.merged and torch.equal(outputs(sparse, ids), before)  # nothing changed
+
+
+# ---------------------------------------------------------------- nf4: two 4-bit codes per byte
+
+
+def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
+    """The 4-bit codes of a packed uint8 tensor, in weight order (high nibble first)."""
+    return torch.stack([packed >> 4, packed & 0xF], dim=-1).flatten()
+
+
+def pack_codes(codes: torch.Tensor) -> torch.Tensor:
+    return (codes[0::2] << 4 | codes[1::2]).to(torch.uint8)
+
+
+def quantized_layers(model) -> dict:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+
+
+def test_nf4_packs_two_codes_per_byte_that_unpack_exactly():
+    weight = torch.randn(96, 64, generator=torch.Generator().manual_seed(0))
+    q = to_nf4_weight(weight)
+    assert q.quantized_data.dtype == torch.uint8 and q.quantized_data.numel() == weight.numel() // 2
+    codes = unpack_codes(q.quantized_data)
+    assert torch.equal(pack_codes(codes), q.quantized_data)
+    # Each code is the nearest of the 16 NF4 levels to the weight over its block's absmax (computed here).
+    blocks = weight.reshape(-1, NF4_BLOCK)
+    scaled = (blocks / blocks.abs().amax(dim=1, keepdim=True)).reshape(-1, 1)
+    assert torch.equal(codes.long(), (scaled - q.nf4).abs().argmin(dim=1))
+    # The dense weight the layer computes with: each code's level times one scale per block, close to its absmax.
+    levels = q.nf4[codes.long()].reshape(-1, NF4_BLOCK)
+    dense = dequantized(q).reshape(-1, NF4_BLOCK)
+    scales = dense.abs().amax(dim=1) / levels.abs().amax(dim=1)
+    torch.testing.assert_close(dense, levels * scales[:, None])
+    torch.testing.assert_close(scales, blocks.abs().amax(dim=1), rtol=0.02, atol=0)
+
+
+def test_nf4_quantization_is_deterministic():
+    first, again, other = (quantized_layers(quantize_base(make_tiny_llama(seed=s), "nf4")) for s in (0, 0, 1))
+    assert len(first) == 2 * 7 + 1  # every linear layer: 7 per decoder layer and the untied head
+    prints = [fingerprint({n: m.weight for n, m in layers.items()}) for layers in (first, again, other)]
+    assert prints[0] == prints[1] != prints[2]
+    for name, layer in first.items():
+        assert all(torch.equal(a, b) for a, b in zip(stored_tensors(layer.weight), stored_tensors(again[name].weight)))
+
+
+def test_an_nf4_base_stores_under_0_3_of_the_fp32_bytes_of_each_linear_weight():
+    model = make_tiny_llama()
+    shapes = {name: layer.weight.shape for name, layer in linear_layers(model).items()}
+    fp32_bytes = {name: layer.weight.numel() * 4 for name, layer in linear_layers(model).items()}
+    quantize_base(model, "nf4")
+    assert quantized_layers(model).keys() == shapes.keys()
+    for name, layer in quantized_layers(model).items():
+        assert type(layer.weight).__name__ == "NF4Tensor" and layer.weight.shape == shapes[name]  # the logical shape
+        stored = sum(t.numel() * t.element_size() for t in stored_tensors(layer.weight))
+        assert stored < 0.3 * fp32_bytes[name], name
+
+
+def test_a_diff_over_an_nf4_base_is_refused_on_the_fp32_and_int4_bases(train_file, tmp_path):
+    run_training(quick_config(train_file, tmp_path / "run", steps=2, quantize="nf4"), model=make_tiny_llama(),
+                 tokenizer=make_tiny_tokenizer())
+    with pytest.raises(FingerprintMismatchError, match=r"\['NF4Tensor'\] weights, but the model's weights are float32"):
+        SparseModel.from_pretrained(make_tiny_llama(), tmp_path / "run")
+    with pytest.raises(FingerprintMismatchError, match="IntxUnpackedToInt8Tensor"):
+        SparseModel.from_pretrained(quantize_base(make_tiny_llama(), "int4"), tmp_path / "run")
+
+
+def test_nf4_refuses_a_layer_it_cannot_block_and_leaves_the_model_as_it_was():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.Linear(96, 5))  # 480 weights: not 64-divisible
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ConfigError, match=r"quantize='nf4': 1 has \(5, 96\) weights, 480 in all, not a multiple "
+                                          r"of the NF4 block of 64"):
+        quantize_base(model, "nf4")
+    assert all(type(m) is torch.nn.Linear for m in model)
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_nf4_over_a_bfloat16_base_trains_reloads_and_evaluates_the_same(train_file, tmp_path):
+    """``--dtype bfloat16 --quantize nf4``: embeddings and norms bf16, linear weights NF4; the diff
+    reloads onto that base loaded the way evaluation loads it, with equal logits and metrics."""
+    base_dir = tmp_path / "tiny"
+    make_tiny_llama().save_pretrained(base_dir)
+    trained = load_model(str(base_dir), dtype="bfloat16")
+    cfg = quick_config(train_file, tmp_path / "run", steps=6, quantize="nf4", dtype="bfloat16")
+    result = run_training(cfg, model=trained, tokenizer=make_tiny_tokenizer())
+    assert result.losses[-1] < result.losses[0]
+    assert trained.get_input_embeddings().weight.dtype == torch.bfloat16
+    q_proj = trained.model.layers[0].self_attn.q_proj
+    assert type(q_proj.weight).__name__ == "NF4Tensor" and q_proj.weight.dtype == torch.bfloat16
+
+    reloaded = get_method("sparse").load_for_eval(str(base_dir), str(tmp_path / "run"), dtype="bfloat16",
+                                                  quantize="nf4")
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(outputs(reloaded, ids), outputs(trained, ids))
+    test_file = str(ROUTING_DATA / "test.jsonl")
+    scores = [evaluate(m, char_tokenizer(chat=True), "routing", test_file, limit=4, progress=False)[0]
+              for m in (reloaded, trained)]
+    assert scores[0] == scores[1]

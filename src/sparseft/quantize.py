@@ -1,10 +1,14 @@
 """A weight-only quantized base under a sparse diff: y = base_q(x) + Δ(x).
 
-The base's linear weights are stored as int8 or int4 codes with scales (torchao's weight-only
+The base's linear weights are stored as int8, int4 or NF4 codes with scales (torchao's weight-only
 schemes; ``pip install 'sparseft[quant]'``); the k values stay fp32 and are never merged into the
 codes: ``SparseLinear`` runs unmerged over a quantized weight. The diff's base fingerprint hashes
 the weights as stored (codes and scales, keyed by their class, see ``diffio.weight_kind``), so a
 diff trained over an int8 base loads only onto that same int8 base.
+
+``nf4`` is QLoRA's 4-bit NormalFloat, two codes per byte (torchao's ``NF4Tensor``, the format
+torchtune's QLoRA trains over): the one 4-bit scheme here that is packed on CPU too. int4 on CPU
+keeps one code per byte (torchao 0.18's packed int4 layouts need a GPU kernel library).
 
     >>> base = quantize_base(load_model("smollm2-135m"), "int8")  # doctest: +SKIP
     >>> sparse = SparseModel.from_pretrained(base, "runs/a")  # doctest: +SKIP
@@ -12,26 +16,62 @@ diff trained over an int8 base loads only onto that same int8 base.
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
 
-QUANT_SCHEMES = ("int8", "int4")
+QUANT_SCHEMES = ("int8", "int4", "nf4")
 INT4_GROUP = 32  # int4 scales: one per 32 input columns of a row (in_features must divide by it)
+NF4_BLOCK = 64  # nf4: one absmax scale per 64 consecutive weights of the flattened matrix (QLoRA's) ...
+NF4_SCALE_GROUP = 256  # ... and those scales quantized again to int8, one factor per 256 of them (QLoRA's)
 
 
 def quant_config(scheme: str):
-    """torchao's weight-only config for ``scheme``: int8 with a scale per output row, or int4 in groups."""
-    try:
-        from torchao.quantization import Int8WeightOnlyConfig, IntxWeightOnlyConfig
-        from torchao.quantization.granularity import PerGroup
-    except ImportError as e:
-        raise ConfigError(f"quantize={scheme!r} needs torchao: pip install 'sparseft[quant]' ({e})") from e
+    """torchao's weight-only config for ``scheme``: int8 with a scale per output row, or int4 in groups
+    (nf4 has none: its scale groups are chosen per layer, see ``to_nf4_weight``)."""
+    require_torchao(scheme)
+    from torchao.quantization import Int8WeightOnlyConfig, IntxWeightOnlyConfig
+    from torchao.quantization.granularity import PerGroup
+
     if scheme == "int8":
         return Int8WeightOnlyConfig()
     return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(INT4_GROUP))
+
+
+def require_torchao(scheme: str) -> None:
+    """Raise a ``ConfigError`` saying how to install torchao when it is missing."""
+    try:
+        importlib.import_module("torchao")
+    except ImportError as e:
+        raise ConfigError(f"quantize={scheme!r} needs torchao: pip install 'sparseft[quant]' ({e})") from e
+
+
+def nf4_scale_group(numel: int) -> int:
+    """How many block scales share one int8 factor: QLoRA's 256 when the layer's block count divides
+    by it, else the largest group below that does (SmolLM2's k_proj has 1728 blocks: groups of 216)."""
+    blocks = numel // NF4_BLOCK
+    return max(size for size in range(1, NF4_SCALE_GROUP + 1) if blocks % size == 0)
+
+
+def to_nf4_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` as torchao's ``NF4Tensor``: same shape and dtype, stored as packed 4-bit codes
+    (uint8, two per byte) + int8 block scales + one factor per scale group; deterministic."""
+    from torchao.quantization import to_nf4
+
+    return to_nf4(weight.detach().contiguous(), NF4_BLOCK, nf4_scale_group(weight.numel()))
+
+
+def dequantized(weight: torch.Tensor) -> torch.Tensor:
+    """The dense weight a quantized one stands for (a transient copy, one layer at a time)."""
+    from torchao.quantization import NF4Tensor
+
+    if isinstance(weight, NF4Tensor):  # its ``dequantize`` is a per-code helper, not this
+        return weight.get_original_weight()
+    return weight.dequantize()
 
 
 def is_quantized(weight: torch.Tensor) -> bool:
@@ -61,7 +101,7 @@ class FrozenQuantizedMatmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        return grad_out @ ctx.weight.dequantize().to(grad_out.dtype), None, None
+        return grad_out @ dequantized(ctx.weight).to(grad_out.dtype), None, None
 
 
 class QuantizedLinear(nn.Linear):
@@ -72,23 +112,42 @@ class QuantizedLinear(nn.Linear):
 
 
 def quantize_base(model: nn.Module, scheme: str) -> nn.Module:
-    """Quantize the ``nn.Linear`` weights of ``model`` in place (weight-only ``scheme``: int8 or int4)
-    and freeze them; returns ``model``. Embeddings and norms stay as they are, and so does a head
-    tied to the embeddings (a quantized copy would be extra memory, not less). Deterministic: the
-    same weights give the same codes, so a reloaded base matches the fingerprint a diff recorded."""
+    """Quantize the ``nn.Linear`` weights of ``model`` in place (weight-only ``scheme``: int8, int4 or
+    nf4) and freeze them; returns ``model``. Embeddings and norms stay as they are (in the model's
+    dtype), and so does a head tied to the embeddings (a quantized copy would be extra memory, not
+    less). Deterministic: the same weights give the same codes, so a reloaded base matches the
+    fingerprint a diff recorded."""
     check_scheme(scheme)
-    config = quant_config(scheme)
-    from torchao.quantization import quantize_
+    require_torchao(scheme)
+    chosen = linear_layers(model)
+    if scheme == "nf4":
+        check_nf4_shapes(chosen)  # every layer before any: a refused model is left as it was
+        for module in chosen.values():
+            module.weight = nn.Parameter(to_nf4_weight(module.weight), requires_grad=False)
+    else:
+        from torchao.quantization import quantize_
 
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    tied = embeddings.weight if embeddings is not None else None
-    chosen = [m for m in model.modules() if type(m) is nn.Linear and m.weight is not tied]
-    quantize_(model, config, filter_fn=lambda module, _name: any(module is m for m in chosen))
-    for module in chosen:
+        modules = list(chosen.values())
+        quantize_(model, quant_config(scheme), filter_fn=lambda module, _name: any(module is m for m in modules))
+    for module in chosen.values():
         module.weight.requires_grad_(False)
         module.__class__ = QuantizedLinear  # same module, same state; only the forward changes
     copy_out_of_shared_storage(model)
     return model
+
+
+def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
+    """The plain ``nn.Linear`` layers to quantize: all but a head tied to the input embeddings."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    tied = embeddings.weight if embeddings is not None else None
+    return {name: m for name, m in model.named_modules() if type(m) is nn.Linear and m.weight is not tied}
+
+
+def check_nf4_shapes(layers: dict[str, nn.Linear]) -> None:
+    for name, module in layers.items():
+        if module.weight.numel() % NF4_BLOCK:
+            raise ConfigError(f"quantize='nf4': {name} has {tuple(module.weight.shape)} weights, "
+                              f"{module.weight.numel()} in all, not a multiple of the NF4 block of {NF4_BLOCK}")
 
 
 def copy_out_of_shared_storage(model: nn.Module) -> None:

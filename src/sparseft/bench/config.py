@@ -34,7 +34,7 @@ import yaml
 from ..errors import ConfigError
 from ..hfdata import PREFIX as HF_PREFIX
 from ..methods import METHODS, Method, get_method, training_methods
-from ..quantize import QUANT_SCHEMES, quant_config
+from ..quantize import QUANT_SCHEMES, require_torchao
 
 BASE_ROW_ID = "base"
 BASE_DTYPES = ("float32", "bfloat16")  # what a row's dtype may say (float16 trains poorly on CPU)
@@ -342,7 +342,7 @@ def check_base_weights(run: RunSpec, method: Method, at: str) -> None:
     if run.quantize not in QUANT_SCHEMES:
         raise ConfigError(f"{at} ({run.id}): quantize must be one of {QUANT_SCHEMES}, got {run.quantize!r}")
     try:
-        quant_config(run.quantize)  # torchao is missing: say so now, not after the rows before this one ran
+        require_torchao(run.quantize)  # torchao is missing: say so now, not after the rows before this one ran
     except ConfigError as e:
         raise ConfigError(f"{at} ({run.id}): {e}") from None
 

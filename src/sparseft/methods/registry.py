@@ -116,7 +116,7 @@ class Method:
 
 def load_base(base: str, dtype: str = "float32", quantize: str | None = None) -> nn.Module:
     """The base model as a run trained over it: loaded in ``dtype``, then weight-only quantized when
-    ``quantize`` is ``int8`` / ``int4`` (deterministic, so a diff's base fingerprint matches again)."""
+    ``quantize`` is ``int8`` / ``int4`` / ``nf4`` (deterministic, so a diff's base fingerprint matches again)."""
     from ..loading import load_model
 
     model = load_model(base, dtype=dtype)

@@ -72,7 +72,7 @@ class TrainConfig:
         fsdp: under torchrun / accelerate launch, shard the frozen base across the processes with FSDP2
             (each holds 1/N of it) instead of replicating it with DDP; sparse runs without
             re-selection only (see ``sparseft.training.sharding``).
-        quantize: ``int8`` or ``int4``: train over a weight-only quantized base (sparse runs; torchao,
+        quantize: ``int8``, ``int4`` or ``nf4``: train over a weight-only quantized base (sparse runs; torchao,
             ``pip install 'sparseft[quant]'``). Entries are selected on the full-precision base, then
             its linear weights are quantized and the diff is fingerprinted against the quantized base
             (see ``sparseft.quantize``).
