@@ -334,7 +334,7 @@ def test_shipped_quantized_base_config_parses(tmp_path):
     cfg = load_bench_config(ROOT / "examples" / "bench" / "smollm2_sst2_quant.yaml", data_root=str(tmp_path))
     protocol = load_bench_config(ROOT / "examples" / "bench" / "smollm2_sst2_protocol.yaml", data_root=str(tmp_path))
     assert [(r.dtype, r.quantize) for r in cfg.runs] == [(None, None), ("bfloat16", None), (None, "int8"),
-                                                          (None, "int4")]
+                                                          (None, "int4"), ("bfloat16", "nf4")]
     # One recipe, that of the protocol's sparse-combined row at lr 1e-3; only the base differs.
     (combined,) = [r for r in protocol.runs if r.id == "sparse-combined-lr0.001"]
     recipe = lambda r: (r.method, r.scorer, r.lr, r.density, r.num_params, r.calibration_batches)  # noqa: E731
