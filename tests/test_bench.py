@@ -14,6 +14,7 @@ import yaml
 
 from sparseft.bench import load_bench_config, read_results, schema_problems
 from sparseft.bench.config import parse_bench_config
+from sparseft.bench.protocol import summarize
 from sparseft.bench.report import build_report, pick_rows, render_html, render_markdown
 from sparseft.bench.results import write_results
 from sparseft.bench.shapes import text_tokenizer
@@ -424,6 +425,48 @@ def test_report_figures_are_computed_from_the_rows_they_cite(tmp_path):
     assert "| 1,000 | 24.0 MB | 29.0 MB | 4.0 GB |" in text
     assert "`sp-bad` (ValueError: boom)" in text
     assert "<strong>Quality.</strong>" in render_html(build_report(results, path, tmp_path / "report.md"))
+
+
+def protocol_results() -> dict:
+    """A protocol test stage by hand: sparse's luckiest seed beats every other row, but its seed mean is below
+    LoRA's and more than a point below full FT's."""
+    results = synthetic_results()
+    template = {r["method"]: r for r in results["rows"] if r["method"] in ("full", "lora") or r["id"] == "sp-fisher"}
+    seeded = {"full": (0.88, 0.90, 0.86), "lora": (0.84, 0.84, 0.84), "sparse": (0.80, 0.91, 0.80)}
+    steps = {"full": (2.0, 2.2, 1.8), "lora": (1.0, 1.1, 0.9), "sparse": (1.0, 5.0, 1.2)}  # seed 0, 0, 2: median step
+    rows = [results["rows"][0]]
+    for method, accs in seeded.items():
+        for seed, acc in enumerate(accs):
+            right = round(acc * 100)
+            rows.append({**template[method], "id": f"{method}-s{seed}", "seed": seed, "metrics": {"accuracy": acc},
+                         "median_step_s": steps[method][seed],
+                         "per_example": {"accuracy": [1.0] * right + [0.0] * (100 - right)}})
+    results["rows"] = rows
+    results["protocol"] = {"stage": "test", "seeds": [0, 1, 2], "validation_results": "v/results.json",
+                           "chosen_on_validation": {m: {"row": m, "value": 0.9} for m in seeded}}
+    results["protocol"]["summary"] = summarize(results)
+    return results
+
+
+def test_protocol_report_judges_quality_on_seed_means_not_the_best_seed(tmp_path):
+    results = protocol_results()
+    path = write_results(results, tmp_path / "results.json")
+    text = render_markdown(build_report(results, path, tmp_path / "report.md"))
+    # Means: sparse (0.80 + 0.91 + 0.80) / 3 = 83.67, full 88.00 ± 2.00, LoRA 84.00 ± 0.00.
+    assert "scores 83.67 ± 6.35 accuracy (mean ± std, 3 seeds) vs 88.00 ± 2.00 (mean ± std, 3 seeds) for full " \
+           "fine-tuning: -4.33 points, 95% paired bootstrap interval [" in text
+    assert "sparse minus LoRA: -0.33 points, 95% paired bootstrap interval [" in text
+    assert "91.0" not in text.split("## Side by side")[0]  # the lucky seed is not the headline
+    # Costs come from one named row per method, the seed of median step time: full 2.0 (seed 0), sparse 1.2 (seed 2).
+    assert "Median step 1.20 s vs 2.00 s for full FT" in text and "[row `sparse-s2`, row `full-s0`]" in text
+    targets = next(line for line in text.splitlines() if line.startswith("| sparse mean of"))
+    assert targets.count("**not met**") == 2 and "**not met** (83.67 vs 84.00: -0.33 points" in targets
+    assert "**not met** (-4.33 points" in targets and "met (20,000 B vs 25,000 B" in targets
+    assert "seeds [0, 1, 2] (one row per method and seed)" in text
+    # The same rows without the protocol summary: the old best-row report, which the lucky seed wins.
+    del results["protocol"]
+    plain = render_markdown(build_report(results, path, tmp_path / "report.md"))
+    assert "scores 91.0 accuracy vs 90.0 for full fine-tuning (+1.0 points)" in plain
 
 
 def test_report_names_rows_the_grid_never_reached(tmp_path):

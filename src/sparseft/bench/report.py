@@ -3,6 +3,7 @@
 It answers four questions from one results.json: how much quality is kept compared with full
 fine-tuning, how much training time and memory is saved, what each tenant costs on disk, and what N
 tasks or tenants would cost. Every figure cites the row id(s) of results.json it comes from.
+A protocol test stage (``protocol.summary``) is judged on its seed means, never on its luckiest seed.
 
 The page is built once as a list of blocks and rendered to Markdown or HTML, so both say the same.
 
@@ -53,6 +54,7 @@ class Picked:
     lora: list[dict[str, Any]]
     sparse: list[dict[str, Any]]
     failed: list[dict[str, Any]]
+    means: SeedMeans | None = None  # a protocol test stage: quality is judged on these, not on single rows
 
     def value(self, row: dict[str, Any]) -> float:
         return float(row["metrics"][self.metric])
@@ -82,6 +84,7 @@ def pick_rows(results: dict[str, Any]) -> Picked:
         lora=by_method("lora"),
         sparse=by_method("sparse"),
         failed=[r for r in results["rows"] if r.get("status") != "ok"],
+        means=seed_means(results),
     )
 
 
@@ -111,19 +114,154 @@ def gain_kept(p: Picked, row: dict[str, Any]) -> str:
     return f"{100 * (p.value(row) - p.value(p.base)) / full_gain:.0f}%"
 
 
+# ---------------------------------------------------------------- seed means of a protocol test stage
+
+
+@dataclass
+class MethodMean:
+    """One method's test metric over seeds (``protocol.summary.methods``) and the row its costs are read from."""
+    mean: float
+    std: float
+    rows: list[str]
+    cost_row: dict[str, Any]
+
+    def shown(self, metric: str = "") -> str:
+        named = f" {metric}" if metric else ""
+        return f"{100 * self.mean:.2f} ± {100 * self.std:.2f}{named} (mean ± std, {len(self.rows)} seeds)"
+
+
+@dataclass
+class SeedMeans:
+    """A protocol test stage's seed statistics, so quality figures compare means rather than the luckiest seed."""
+    methods: dict[str, MethodMean]
+    intervals: dict[str, dict[str, Any]]
+
+    def difference(self, a: str, b: str) -> str:
+        """``a``'s mean minus ``b``'s, in points, with the paired bootstrap interval where one was computed."""
+        diff = f"{100 * (self.methods[a].mean - self.methods[b].mean):+.2f} points"
+        ci = self.intervals.get(f"{a}-{b}")
+        if not ci:
+            return diff + " (no paired interval: rows kept no per-example scores)"
+        return (diff + f", {100 * ci['confidence']:.0f}% paired bootstrap interval "
+                f"[{100 * ci['low']:+.2f}, {100 * ci['high']:+.2f}]")
+
+
+def cost_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The seed whose median step time is the median of the method's seeds (the lower one of an even count):
+    one real row to read time, memory and bytes from, chosen without looking at the metric."""
+    ordered = sorted(rows, key=lambda r: (r["median_step_s"], r.get("seed") or 0))
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def seed_means(results: dict[str, Any]) -> SeedMeans | None:
+    """The seed statistics of ``results["protocol"]["summary"]``; None for a file without one."""
+    summary = (results.get("protocol") or {}).get("summary")
+    if not summary:
+        return None
+    by_id = {r["id"]: r for r in ok_rows(results)}
+    methods = {}
+    for method, stats in summary["methods"].items():
+        rows = [by_id[i] for i in stats.get("rows", []) if i in by_id]
+        if rows:
+            ids = [r["id"] for r in rows]
+            methods[method] = MethodMean(float(stats["mean"]), float(stats["std"]), ids, cost_row(rows))
+    return SeedMeans(methods, summary.get("paired_bootstrap") or {})
+
+
+def mean_gain_kept(p: Picked, m: SeedMeans) -> str:
+    """Share of full FT's mean gain over the base that sparse's mean keeps."""
+    if not (p.base and "full" in m.methods):
+        return "–"
+    full_gain = m.methods["full"].mean - p.value(p.base)
+    if full_gain <= 0:
+        return "– (full FT did not improve on the base)"
+    return f"{100 * (m.methods['sparse'].mean - p.value(p.base)) / full_gain:.0f}%"
+
+
+def means_bottom_line(p: Picked, m: SeedMeans) -> list[str]:
+    """The Bottom line's bullets from seed means; costs from each method's ``cost_row``."""
+    sparse, lora, full = m.methods.get("sparse"), m.methods.get("lora"), m.methods.get("full")
+    if not sparse:
+        return []
+    s = sparse.cost_row
+    base_ids = [p.base["id"]] if p.base else []
+    what = (f"Sparse fine-tuning, {row_label(s)} with {fmt_count(s['trainable_params'])} trained entries "
+            f"({s['trainable_pct']:.2f}% of the model), scores {sparse.shown(p.metric)}")
+    if full:
+        items = [f"**Quality.** {what} vs {full.shown()} for full fine-tuning: {m.difference('sparse', 'full')}; it "
+                 f"keeps {mean_gain_kept(p, m)} of full FT's mean gain over the base "
+                 f"({points(p.value(p.base)) if p.base else '–'}) {cite(*sparse.rows, *full.rows, *base_ids)}."]
+    elif p.base:
+        items = [f"**Quality.** {what} vs {points(p.value(p.base))} for the base; no full fine-tuning row to compare "
+                 f"with {cite(*sparse.rows, *base_ids)}."]
+    else:
+        items = []
+    if lora:
+        items.append(f"**Against LoRA at a similar budget.** {row_label(lora.cost_row)} trains "
+                     f"{fmt_count(lora.cost_row['trainable_params'])} numbers and scores {lora.shown()}; sparse minus LoRA: "
+                     f"{m.difference('sparse', 'lora')} {cite(*sparse.rows, *lora.rows)}.")
+    items.append("**Costs below are single rows:** per method, the seed whose median step time is the median of "
+                 "its seeds (picked without looking at the metric); every seed is in the Side by side table.")
+    if full:
+        f = full.cost_row
+        items.append(
+            f"**Training cost.** Median step {s['median_step_s']:.2f} s vs {f['median_step_s']:.2f} s for full FT "
+            f"({ratio(s['median_step_s'], f['median_step_s'])}); peak memory {fmt_bytes(s['peak_memory_bytes'])} vs "
+            f"{fmt_bytes(f['peak_memory_bytes'])} ({ratio(s['peak_memory_bytes'], f['peak_memory_bytes'])}); optimizer "
+            f"state {fmt_bytes(s['optimizer_state_bytes'])} vs {fmt_bytes(f['optimizer_state_bytes'])} "
+            f"{cite(s['id'], f['id'])}.")
+    storage = [f"a diff is {fmt_bytes(s['artifact_bytes'])} {cite(s['id'])}"]
+    if lora:
+        storage.append(f"a LoRA adapter {fmt_bytes(lora.cost_row['artifact_bytes'])} {cite(lora.cost_row['id'])}")
+    if full:
+        storage.append(f"a full copy {fmt_bytes(full.cost_row['artifact_bytes'])} {cite(full.cost_row['id'])}")
+    return items + ["**Storage per tenant.** " + ", ".join(storage) + "."]
+
+
+def means_target_blocks(p: Picked, m: SeedMeans) -> list[Block]:
+    """The targets checked on seed means (quality) and on each method's cost row (memory, bytes)."""
+    sparse, lora, full = m.methods.get("sparse"), m.methods.get("lora"), m.methods.get("full")
+    if not (sparse and lora):
+        return []
+    s, l = sparse.cost_row, lora.cost_row  # noqa: E741
+    checks = [
+        (sparse.mean >= lora.mean, f"{100 * sparse.mean:.2f} vs {100 * lora.mean:.2f}: {m.difference('sparse', 'lora')}"),
+        (full is not None and sparse.mean >= full.mean - 0.01,
+         m.difference("sparse", "full") if full else "no full row"),
+        (s["peak_memory_bytes"] <= l["peak_memory_bytes"],
+         f"{fmt_bytes(s['peak_memory_bytes'])} vs {fmt_bytes(l['peak_memory_bytes'])} {cite(s['id'], l['id'])}"),
+        (s["artifact_bytes"] <= l["artifact_bytes"],
+         f"{s['artifact_bytes']:,} B vs {l['artifact_bytes']:,} B {cite(s['id'], l['id'])}"),
+    ]
+    methods = [("sparse", sparse), ("lora", lora)] + ([("full", full)] if full else [])
+    label = "; ".join(f"{name} mean of " + ", ".join(f"`{r}`" for r in mm.rows) for name, mm in methods)
+    return [
+        Block("h2", "Targets"),
+        Block("p", f"Quality on the seed means of each method's chosen row ({p.metric} in points, with the paired "
+                   "bootstrap interval of the difference); peak memory and artifact bytes on the cost rows named in "
+                   "the Bottom line."),
+        Block("table", header=["rows", f"{p.metric} ≥ LoRA", "within 1 point of full FT", "peak memory ≤ LoRA",
+                               "artifact bytes ≤ LoRA"],
+              rows=[[label] + [("met" if ok else "**not met**") + f" ({detail})" for ok, detail in checks]]),
+    ]
+
+
 # ---------------------------------------------------------------- sections
 
 
 def header_blocks(results: dict[str, Any], results_path: Path) -> list[Block]:
     cfg, machine, model = results.get("config", {}), results.get("machine", {}), results.get("model", {})
     read_as = f" (as task `{cfg['eval_task']}`)" if cfg.get("eval_task") else ""
+    protocol = results.get("protocol") or {}
+    seeds = (f"seeds {protocol['seeds']} (one row per method and seed)" if protocol.get("summary") and protocol.get("seeds")
+             else f"seed {cfg.get('seed')}")
     return [
         Block("h1", f"Cost report: sparse fine-tuning vs full fine-tuning vs LoRA ({results.get('name')})"),
         Block("p", (
             f"Model `{model.get('name')}` ({fmt_count(model.get('total_params'))} parameters), task "
             f"`{results.get('task', {}).get('name')}`, {cfg.get('train_rows_used', cfg.get('train_limit'))} training rows, "
             f"{cfg.get('steps')} steps of batch {cfg.get('batch_size')}×{cfg.get('grad_accum')} at max length "
-            f"{cfg.get('max_length')}, seed {cfg.get('seed')} — the same for every row. Evaluated on "
+            f"{cfg.get('max_length')}, {seeds} — the same for every row. Evaluated on "
             f"{cfg.get('eval_limit') or 'all'} examples of `{Path(str(cfg.get('eval_data'))).name}`{read_as}. "
             f"Device: {machine.get('device')} ({machine.get('device_name')}, {machine.get('cpu_count')} cores). "
             f"Source: `{results_path.name}` (every figure below cites its row id there)."
@@ -132,6 +270,8 @@ def header_blocks(results: dict[str, Any], results_path: Path) -> list[Block]:
 
 
 def bottom_line_blocks(p: Picked) -> list[Block]:
+    if p.means and "sparse" in p.means.methods:
+        return [Block("h2", "Bottom line"), Block("ul", items=means_bottom_line(p, p.means))]
     items = []
     best = p.best_sparse()
     if best and p.full:
@@ -179,6 +319,8 @@ def bottom_line_blocks(p: Picked) -> list[Block]:
 
 def target_blocks(p: Picked) -> list[Block]:
     """The project's stated targets, checked for every sparse row against its closest LoRA row."""
+    if p.means and "sparse" in p.means.methods:
+        return means_target_blocks(p, p.means)
     if not (p.sparse and p.lora):
         return []
     rows = []
@@ -262,15 +404,14 @@ def rows_not_run(results: dict[str, Any]) -> list[str]:
 
 
 def projection_blocks(p: Picked, results: dict[str, Any]) -> list[Block]:
-    best = p.best_sparse()
-    lora = p.lora_match(best) if best else next(iter(p.lora), None)
-    if not (best or lora or p.full):
+    best, lora, full = projected_rows(p)
+    if not (best or lora or full):
         return []
     base_bytes = base_model_bytes(results)
-    base_src = f"the base's size, from {cite(p.full['id'])}" if p.full else "4 bytes per base parameter"
+    base_src = f"the base's size, from {cite(full['id'])}" if full else "4 bytes per base parameter"
     columns = [(f"sparse diffs {cite(best['id'])}", best, base_bytes) if best else None,
                (f"LoRA adapters {cite(lora['id'])}", lora, base_bytes) if lora else None,
-               (f"full copies {cite(p.full['id'])}", p.full, 0.0) if p.full else None]
+               (f"full copies {cite(full['id'])}", full, 0.0) if full else None]
     columns = [c for c in columns if c]
     storage_rows = [[f"{n:,}"] + [fmt_bytes(shared + n * row["artifact_bytes"]) for _, row, shared in columns] for n in TENANTS]
     time_rows = [[f"{n:,}"] + [hours(n * row["train_wall_s"]) for _, row, _ in columns] for n in TENANTS]
@@ -282,6 +423,16 @@ def projection_blocks(p: Picked, results: dict[str, Any]) -> list[Block]:
         Block("table", header=["N", *[f"storage, {name}" for name, _, _ in columns]], rows=storage_rows),
         Block("table", header=["N", *[f"training time, {name}" for name, _, _ in columns]], rows=time_rows),
     ]
+
+
+def projected_rows(p: Picked) -> tuple[dict[str, Any] | None, ...]:
+    """The sparse, LoRA and full rows the projection multiplies: a protocol's cost rows (not its luckiest seed),
+    else the best sparse row and its LoRA match."""
+    if p.means and "sparse" in p.means.methods:
+        cost = {name: mm.cost_row for name, mm in p.means.methods.items()}
+        return cost["sparse"], cost.get("lora"), cost.get("full")
+    best = p.best_sparse()
+    return best, p.lora_match(best) if best else next(iter(p.lora), None), p.full
 
 
 def hours(seconds: float) -> str:
