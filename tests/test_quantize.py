@@ -51,14 +51,15 @@ def test_a_diff_over_a_quantized_base_trains_and_reloads_onto_it(scheme, train_f
     assert not torch.equal(outputs(quantize_base(make_tiny_llama(), scheme), ids), outputs(trained, ids))
 
 
-def test_a_diff_over_a_quantized_base_refuses_other_bases(train_file, tmp_path):
-    run_training(quick_config(train_file, tmp_path / "run", steps=2, quantize="int8"), model=make_tiny_llama(),
+@pytest.mark.parametrize("scheme,stored_as", [("int8", "Int8Tensor"), ("nf4", "NF4Tensor")])
+def test_a_diff_over_a_quantized_base_refuses_other_bases(train_file, tmp_path, scheme, stored_as):
+    run_training(quick_config(train_file, tmp_path / "run", steps=2, quantize=scheme), model=make_tiny_llama(),
                  tokenizer=make_tiny_tokenizer())
-    with pytest.raises(FingerprintMismatchError, match=r"\['Int8Tensor'\] weights, but the model's weights are float32"):
+    with pytest.raises(FingerprintMismatchError, match=rf"\['{stored_as}'\] weights, but the model's weights are float32"):
         SparseModel.from_pretrained(make_tiny_llama(), tmp_path / "run")
     with pytest.raises(FingerprintMismatchError, match="IntxUnpackedToInt8Tensor"):
         SparseModel.from_pretrained(quantize_base(make_tiny_llama(), "int4"), tmp_path / "run")
-    other = quantize_base(make_tiny_llama(seed=1), "int8")
+    other = quantize_base(make_tiny_llama(seed=1), scheme)
     with pytest.raises(FingerprintMismatchError, match="made for a different base model"):
         SparseModel.from_pretrained(other, tmp_path / "run")
     assert type(other.model.layers[0].self_attn.q_proj).__name__ == "QuantizedLinear"  # not wrapped: left unchanged
@@ -188,15 +189,6 @@ def test_an_nf4_base_stores_under_0_3_of_the_fp32_bytes_of_each_linear_weight():
         assert type(layer.weight).__name__ == "NF4Tensor" and layer.weight.shape == shapes[name]  # the logical shape
         stored = sum(t.numel() * t.element_size() for t in stored_tensors(layer.weight))
         assert stored < 0.3 * fp32_bytes[name], name
-
-
-def test_a_diff_over_an_nf4_base_is_refused_on_the_fp32_and_int4_bases(train_file, tmp_path):
-    run_training(quick_config(train_file, tmp_path / "run", steps=2, quantize="nf4"), model=make_tiny_llama(),
-                 tokenizer=make_tiny_tokenizer())
-    with pytest.raises(FingerprintMismatchError, match=r"\['NF4Tensor'\] weights, but the model's weights are float32"):
-        SparseModel.from_pretrained(make_tiny_llama(), tmp_path / "run")
-    with pytest.raises(FingerprintMismatchError, match="IntxUnpackedToInt8Tensor"):
-        SparseModel.from_pretrained(quantize_base(make_tiny_llama(), "int4"), tmp_path / "run")
 
 
 def test_nf4_refuses_a_layer_it_cannot_block_and_leaves_the_model_as_it_was():
