@@ -93,12 +93,7 @@ def test_removing_a_diff_keeps_the_others_on_their_rows(loaded):
         mixed.slot_of(diff)
     mixed.remove([diffs[0]])
     assert mixed.diffs == diffs[1:]
-    ids = torch.tensor([[1, 10, 20, 30]])
-    mixed.set_rows([diffs[2]])
-    with torch.no_grad():
-        logits = engine.model(input_ids=ids).logits
-    mixed.close()
-    torch.testing.assert_close(logits, merged_logits(paths[2], ids), rtol=0, atol=1e-4)
+    assert_one_row_matches_merged(engine, mixed, diffs[2], paths[2])
 
 
 def test_adding_diffs_at_once_gives_the_slots_slot_of_would(loaded):
@@ -108,12 +103,7 @@ def test_adding_diffs_at_once_gives_the_slots_slot_of_would(loaded):
     mixed.add([diffs[2], diffs[1], diffs[0]])  # the one already held keeps its slot
     assert mixed.diffs == [diffs[1], diffs[2], diffs[0]]
     assert [mixed.slot_of(d) for d in diffs] == [2, 0, 1]
-    ids = torch.tensor([[1, 10, 20, 30]])
-    mixed.set_rows([diffs[0]])
-    with torch.no_grad():
-        logits = engine.model(input_ids=ids).logits
-    mixed.close()
-    torch.testing.assert_close(logits, merged_logits(paths[0], ids), rtol=0, atol=1e-4)
+    assert_one_row_matches_merged(engine, mixed, diffs[0], paths[0])
 
 
 @pytest.mark.parametrize(("dtype", "bytes_per_entry"), [(torch.bfloat16, 6), (torch.float32, 8)])
@@ -124,3 +114,13 @@ def test_loaded_entries_cost_an_int32_index_plus_a_value_in_the_weights_dtype(tm
     mixed.slot_of(diff)
     assert mixed.bytes_held() == bytes_per_entry * diff.num_entries
     mixed.close()
+
+
+def assert_one_row_matches_merged(engine, mixed, diff, path):
+    """One row served through ``mixed`` with ``diff`` gives the logits of that diff merged; closes ``mixed``."""
+    ids = torch.tensor([[1, 10, 20, 30]])
+    mixed.set_rows([diff])
+    with torch.no_grad():
+        logits = engine.model(input_ids=ids).logits
+    mixed.close()
+    torch.testing.assert_close(logits, merged_logits(path, ids), rtol=0, atol=1e-4)
