@@ -334,8 +334,12 @@ def test_shipped_quantized_base_config_parses(tmp_path):
         (tmp_path / "sst2" / name).write_text("sentence\tlabel\ngood .\t1\n")
     cfg = load_bench_config(ROOT / "examples" / "bench" / "smollm2_sst2_quant.yaml", data_root=str(tmp_path))
     protocol = load_bench_config(ROOT / "examples" / "bench" / "smollm2_sst2_protocol.yaml", data_root=str(tmp_path))
-    assert [(r.dtype, r.quantize) for r in cfg.runs] == [(None, None), ("bfloat16", None), (None, "int8"),
-                                                          (None, "int4"), ("bfloat16", "nf4")]
+    bases = [(None, None), ("bfloat16", None), (None, "int8"), (None, "int4"), ("bfloat16", "nf4")]
+    assert [(r.dtype, r.quantize, r.seed) for r in cfg.runs[:5]] == [(*base, None) for base in bases]
+    # Then seeds 1 and 2 of the fp32, bf16 and bf16+nf4 bases, and nf4 over the fp32 rest with 3 seeds.
+    seeded = [(None, None), ("bfloat16", None), ("bfloat16", "nf4")]
+    assert [(r.dtype, r.quantize, r.seed) for r in cfg.runs[5:]] == (
+        [(*base, seed) for base in seeded for seed in (1, 2)] + [(None, "nf4", seed) for seed in (None, 1, 2)])
     # One recipe, that of the protocol's sparse-combined row at lr 1e-3; only the base differs.
     (combined,) = [r for r in protocol.runs if r.id == "sparse-combined-lr0.001"]
     recipe = lambda r: (r.method, r.scorer, r.lr, r.density, r.num_params, r.calibration_batches)  # noqa: E731
