@@ -1,0 +1,51 @@
+"""``python -m sparseft.bench.compare``: named groups of a grid's rows, mean ± std and paired intervals."""
+
+import json
+
+import pytest
+
+from sparseft.bench.compare import compare, main, markdown
+from sparseft.errors import ConfigError
+
+
+def row(row_id: str, seed: int, scores: list[float], status: str = "ok") -> dict:
+    return {"id": row_id, "seed": seed, "status": status, "metrics": {"accuracy": sum(scores) / len(scores)},
+            "per_example": {"accuracy": scores}}
+
+
+def results() -> dict:
+    # Group a is right on examples 0-5 for both seeds; b only on examples 0-3 and 0-1.
+    return {"task": {"primary_metric": "accuracy"}, "rows": [
+        row("a", 0, [1, 1, 1, 1, 1, 1, 0, 0]), row("a-s1", 1, [1, 1, 1, 1, 1, 1, 0, 0]),
+        row("b", 0, [1, 1, 1, 1, 0, 0, 0, 0]), row("b-s1", 1, [1, 1, 0, 0, 0, 0, 0, 0]),
+        row("broken", 0, [0] * 8, status="failed")]}
+
+
+def test_groups_get_mean_std_and_the_paired_interval_of_their_seed_averaged_scores():
+    summary = compare(results(), {"a": ["a", "a-s1"], "b": ["b", "b-s1"]}, [("a", "b")])
+    assert summary["groups"]["a"]["mean"] == pytest.approx(0.75) and summary["groups"]["a"]["std"] == 0
+    assert summary["groups"]["b"]["mean"] == pytest.approx(0.375)
+    assert summary["groups"]["b"]["std"] == pytest.approx(0.1767767, abs=1e-6)
+    interval = summary["pairs"]["a-b"]
+    assert interval["mean"] == pytest.approx(0.375) and interval["examples"] == 8  # per example: 0,0,.5,.5,1,1,0,0
+    assert 0 < interval["low"] < interval["mean"] < interval["high"] <= 0.75
+    table = markdown(summary)
+    assert "| a | 75.00 / 75.00 | 75.00 ± 0.00 | a, a-s1 |" in table and "| a − b | +37.50 |" in table
+
+
+@pytest.mark.parametrize("groups, message", [
+    ({"a": ["a", "missing"]}, "group a: no row 'missing'"),
+    ({"a": ["a", "broken"]}, "group a: row 'broken' did not finish ok"),
+])
+def test_a_group_naming_an_absent_or_failed_row_is_refused(groups, message):
+    with pytest.raises(ConfigError, match=message):
+        compare(results(), groups, [])
+
+
+def test_the_command_prints_the_tables_and_refuses_a_pair_it_has_no_group_for(tmp_path, capsys):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(results()))
+    assert main([str(path), "--group", "a=a,a-s1", "--group", "b=b,b-s1", "--vs", "a:b"]) == 0
+    assert "| a − b | +37.50 |" in capsys.readouterr().out
+    assert main([str(path), "--group", "a=a", "--vs", "a:c"]) == 2
+    assert "--vs 'a:c': expected A:B with A and B among the groups ['a']" in capsys.readouterr().err
