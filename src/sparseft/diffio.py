@@ -47,6 +47,7 @@ from .errors import (
 )
 from .files import read_json_file
 from .hub import CARD_NAME, model_card
+from .quantize import scheme_of_weight_class
 from .targets import find_targets, matches
 
 log = logging.getLogger(__name__)
@@ -176,7 +177,7 @@ def check_base_fingerprint(
     if dtype not in expected_prints:
         raise FingerprintMismatchError(
             f"{where}: the diff records base fingerprints for {sorted(expected_prints)} weights, "
-            f"but the model's weights are {dtype}; load the base in one of those dtypes"
+            f"but the model's weights are {dtype}; {how_to_load(expected_prints)}"
         )
     actual = fingerprint_of(weights)
     expected = expected_prints[dtype]
@@ -186,6 +187,16 @@ def check_base_fingerprint(
             f"(diff expects {dtype} fingerprint {expected[:16]}…, this model has {actual[:16]}…; "
             f"diff base: {base_model or 'unnamed'})"
         )
+
+
+def how_to_load(expected_prints: dict[str, str]) -> str:
+    """What to load instead, said from the weight kinds a diff records fingerprints for: the scheme of a
+    quantized base (``--quantize int8``), else the dtypes of a plain one."""
+    schemes = [scheme for kind in sorted(expected_prints) if (scheme := scheme_of_weight_class(kind))]
+    if schemes:
+        return f"load the base quantized the same way: --quantize {schemes[0]} (Python: quantize_base(model, {schemes[0]!r}))"
+    dtypes = " or ".join(f"--dtype {kind}" for kind in sorted(expected_prints))
+    return f"load the base in one of those dtypes, not quantized ({dtypes}, no --quantize)"
 
 
 # ---------------------------------------------------------------- validation
