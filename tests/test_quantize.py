@@ -260,7 +260,8 @@ def test_eval_quantize_scores_the_diff_unmerged_over_the_base_it_trained_over(ba
     assert torch.equal(outputs(scored[0], ids), outputs(trained, ids))
 
     assert main(eval_argv(base_dir, tmp_path / "run")) == 2  # the fp32 base: refused, naming the flag that fixes it
-    assert "load the base quantized the same way: --quantize int8" in capsys.readouterr().err
+    assert "weights are float32; the diff was trained over a base with float32 non-quantized weights and int8 " \
+           "linear weights; load it with --dtype float32 --quantize int8" in capsys.readouterr().err
 
 
 def test_eval_quantize_refuses_a_lora_adapter_before_loading_the_model(tmp_path, capsys):
@@ -270,3 +271,24 @@ def test_eval_quantize_refuses_a_lora_adapter_before_loading_the_model(tmp_path,
     assert main([*eval_argv(tmp_path / "no-such-model", tmp_path / "lora"), "--quantize", "nf4"]) == 2
     assert "quantize='nf4' (--quantize) applies to the base alone or a sparse diff trained over that quantized " \
            "base, not a lora adapter" in capsys.readouterr().err
+
+
+def test_a_bf16_nf4_diff_on_an_fp32_nf4_base_is_refused_naming_what_differs(train_file, tmp_path):
+    base_dir = tmp_path / "tiny"
+    make_tiny_llama().save_pretrained(base_dir)
+    cfg = quick_config(train_file, tmp_path / "run", steps=2, quantize="nf4", dtype="bfloat16")
+    run_training(cfg, model=load_model(str(base_dir), dtype="bfloat16"), tokenizer=make_tiny_tokenizer())
+    fp32_nf4 = quantize_base(load_model(str(base_dir)), "nf4")
+    with pytest.raises(FingerprintMismatchError, match=(
+            "the diff was trained over a base with bfloat16 non-quantized weights and nf4 linear weights; this base "
+            "has float32 non-quantized weights and nf4 linear weights; load it with --dtype bfloat16 --quantize nf4")):
+        SparseModel.from_pretrained(fp32_nf4, tmp_path / "run")
+
+    # A diff that records no training config cannot say its dtype: the refusal says to check it.
+    config_path = tmp_path / "run" / "sparse_config.json"
+    meta = json.loads(config_path.read_text())
+    del meta["provenance"]["train_config"]
+    config_path.write_text(json.dumps(meta))
+    with pytest.raises(FingerprintMismatchError, match="made for a different base model .*; if it is that model, it "
+                                                       "must also be loaded in the --dtype it was quantized from"):
+        SparseModel.from_pretrained(fp32_nf4, tmp_path / "run")
