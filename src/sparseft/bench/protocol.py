@@ -250,7 +250,9 @@ def protocol_tables(results: dict[str, Any]) -> list[tuple[list[str], list[list[
 PROTOCOL_TITLE = "Protocol: chosen on validation, scored on test"
 INTERVAL_NOTE = ("Intervals resample test examples (the same draw for both methods) over each method's per-example "
                  "scores averaged over its seeds; they cover the test set's sampling, not seed-to-seed variation "
-                 "beyond that average. Rows elsewhere in this file are single seeds.")
+                 "beyond that average. Other tables list single rows, one per seed; what is said of a method "
+                 "as a whole (this section, and the cost report's Bottom line and targets) uses its mean over "
+                 "seeds.")
 
 
 def protocol_intro(results: dict[str, Any]) -> str:
