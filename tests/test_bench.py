@@ -473,6 +473,29 @@ def test_protocol_report_judges_quality_on_seed_means_not_the_best_seed(tmp_path
     assert "scores 91.0 accuracy vs 90.0 for full fine-tuning (+1.0 points)" in plain
 
 
+def side_by_side_line(text: str, row_id: str) -> list[str]:
+    section = text.split("## Side by side")[1]
+    return next(line for line in section.splitlines() if line.startswith(f"| `{row_id}` |")).split(" | ")
+
+
+def test_protocol_side_by_side_compares_rows_with_full_fts_seed_mean(tmp_path):
+    results = protocol_results()
+    path = write_results(results, tmp_path / "results.json")
+    text = render_markdown(build_report(results, path, tmp_path / "report.md"))
+    header = next(line for line in text.split("## Side by side")[1].splitlines() if line.startswith("| row |"))
+    assert header.split(" | ")[5] == "vs full FT mean"
+    # The lucky sparse seed (91.0) against full FT's mean 88.00, not its best seed 90.0; a full seed against it too.
+    assert side_by_side_line(text, "sparse-s1")[5] == "+3.0 points" and side_by_side_line(text, "full-s1")[5] == "+2.0 points"
+    assert ("\"vs full FT mean\" compares each row with full FT's mean over its 3 seeds (88.00; rows `full-s0`, "
+            "`full-s1`, `full-s2`), not with its best seed.") in text
+    # The protocol note no longer claims every other figure is a single seed.
+    assert "single seeds." not in text and "Bottom line and targets) uses its mean over seeds" in text
+
+    del results["protocol"]  # a plain grid: the best full FT row, as before
+    plain = render_markdown(build_report(results, path, tmp_path / "report.md"))
+    assert side_by_side_line(plain, "sparse-s1")[5] == "+1.0 points" and "vs full FT mean" not in plain
+
+
 def test_report_names_rows_the_grid_never_reached(tmp_path):
     results = synthetic_results()
     results["config"]["runs"] = [{"id": r["id"]} for r in results["rows"][1:]] + [{"id": "sp-late"}]

@@ -12,7 +12,8 @@ import yaml
 
 from sparseft.bench.config import load_bench_config, parse_bench_config
 from sparseft.bench.grid import worker_spec
-from sparseft.bench.protocol import best_rows, for_test, for_validation, protocol_markdown, summarize
+from sparseft.bench.protocol import (best_rows, for_test, for_validation, protocol_markdown, require_protocol,
+                                     run_stage, summarize)
 from sparseft.bench.stats import mean_std, paired_bootstrap, seed_averaged
 from sparseft.errors import ConfigError
 
@@ -110,6 +111,21 @@ def test_validation_stage_scores_the_validation_split_and_the_test_stage_seeds_t
     # A row without its own seed keeps the grid's, and its spec the keys it had (so --resume still matches).
     plain = worker_spec(cfg, cfg.runs[0], "m", tmp_path / "t.jsonl", tmp_path)
     assert plain["seed"] == cfg.seed and "seed" not in plain["run"]
+
+
+def test_a_protocol_config_whose_rows_of_one_method_train_over_different_bases_is_refused(tmp_path):
+    runs = protocol_raw()["runs"] + [{"id": "sparse-bf16", "method": "sparse", "scorer": "combined", "lr": 1e-3,
+                                      "dtype": "bfloat16"}]
+    cfg = protocol_config(runs=runs)  # as a plain grid, a side-by-side of bases is fine
+    message = ("the protocol chooses one row per method on validation, but rows of one method train over different "
+               "bases (sparse: sparse-combined-lr0.001 sparse-combined-lr0.03 over float32, sparse-bf16 over bfloat16)")
+    for stage in ("validation", "test"):
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")) as err:
+            run_stage(cfg, stage, tmp_path / "out")
+        assert "grid.yaml" in str(err.value)
+    assert not (tmp_path / "out").exists()  # refused before anything ran or was written
+    one_base_each = runs[:1] + [{**run, "dtype": "bfloat16"} for run in runs[1:3]]  # full fp32, the others bf16
+    require_protocol(protocol_config(runs=one_base_each), "validation")  # bases differing across methods: allowed
 
 
 def validation_results(values: dict[str, float], failed: tuple[str, ...] = ()) -> dict:

@@ -1,6 +1,8 @@
 """A sparse diff over a weight-only quantized base (torchao int8 / int4 / nf4): it trains, and the saved diff
 reloads onto the same quantized base with the same outputs, and onto no other base."""
 
+import json
+
 import pytest
 import torch
 
@@ -8,6 +10,8 @@ pytest.importorskip("torchao")
 
 from conftest import make_tiny_llama, make_tiny_tokenizer  # noqa: E402
 from sparseft import SparseConfig, SparseModel, get_sparse_model  # noqa: E402
+from sparseft import evaluate as evaluate_module  # noqa: E402
+from sparseft.cli import main  # noqa: E402
 from sparseft.diffio import fingerprint, read_diff, stored_tensors  # noqa: E402
 from sparseft.errors import ConfigError, FingerprintMismatchError, MergeStateError  # noqa: E402
 from sparseft.evaluate import evaluate  # noqa: E402
@@ -222,3 +226,69 @@ def test_nf4_over_a_bfloat16_base_trains_reloads_and_evaluates_the_same(train_fi
     scores = [evaluate(m, char_tokenizer(chat=True), "routing", test_file, limit=4, progress=False)[0]
               for m in (reloaded, trained)]
     assert scores[0] == scores[1]
+
+
+@pytest.fixture
+def base_dir(tmp_path):
+    """make_tiny_llama() saved with a tokenizer, as ``sparseft eval --model`` loads it."""
+    path = tmp_path / "tiny"
+    make_tiny_llama().save_pretrained(path)
+    char_tokenizer(chat=True).save_pretrained(path)
+    return path
+
+
+def eval_argv(base_dir, diff) -> list[str]:
+    return ["eval", "--model", str(base_dir), "--diff", str(diff), "--task", "routing",
+            "--data", str(ROUTING_DATA / "test.jsonl"), "--limit", "4"]
+
+
+def test_eval_quantize_scores_the_diff_unmerged_over_the_base_it_trained_over(base_dir, train_file, tmp_path,
+                                                                               capsys, monkeypatch):
+    trained = make_tiny_llama()
+    run_training(quick_config(train_file, tmp_path / "run", steps=4, quantize="int8"), model=trained,
+                 tokenizer=make_tiny_tokenizer())
+    scored = []
+    real = evaluate_module.evaluate_records
+    monkeypatch.setattr(evaluate_module, "evaluate_records", lambda model, *a, **k: scored.append(model) or real(model, *a, **k))
+
+    assert main([*eval_argv(base_dir, tmp_path / "run"), "--quantize", "int8", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["adapter"] == "sparse" and report["extra"]["quantize"] == "int8"
+    q_proj = scored[0].model.layers[0].self_attn.q_proj
+    assert type(q_proj.weight).__name__ == "Int8Tensor" and q_proj.forward_mode == "unmerged"
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(outputs(scored[0], ids), outputs(trained, ids))
+
+    assert main(eval_argv(base_dir, tmp_path / "run")) == 2  # the fp32 base: refused, naming the flag that fixes it
+    assert "weights are float32; the diff was trained over a base with float32 non-quantized weights and int8 " \
+           "linear weights; load it with --dtype float32 --quantize int8" in capsys.readouterr().err
+
+
+def test_eval_quantize_refuses_a_lora_adapter_before_loading_the_model(tmp_path, capsys):
+    from peft import LoraConfig, get_peft_model
+
+    get_peft_model(make_tiny_llama(), LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "lora")
+    assert main([*eval_argv(tmp_path / "no-such-model", tmp_path / "lora"), "--quantize", "nf4"]) == 2
+    assert "quantize='nf4' (--quantize) applies to the base alone or a sparse diff trained over that quantized " \
+           "base, not a lora adapter" in capsys.readouterr().err
+
+
+def test_a_bf16_nf4_diff_on_an_fp32_nf4_base_is_refused_naming_what_differs(train_file, tmp_path):
+    base_dir = tmp_path / "tiny"
+    make_tiny_llama().save_pretrained(base_dir)
+    cfg = quick_config(train_file, tmp_path / "run", steps=2, quantize="nf4", dtype="bfloat16")
+    run_training(cfg, model=load_model(str(base_dir), dtype="bfloat16"), tokenizer=make_tiny_tokenizer())
+    fp32_nf4 = quantize_base(load_model(str(base_dir)), "nf4")
+    with pytest.raises(FingerprintMismatchError, match=(
+            "the diff was trained over a base with bfloat16 non-quantized weights and nf4 linear weights; this base "
+            "has float32 non-quantized weights and nf4 linear weights; load it with --dtype bfloat16 --quantize nf4")):
+        SparseModel.from_pretrained(fp32_nf4, tmp_path / "run")
+
+    # A diff that records no training config cannot say its dtype: the refusal says to check it.
+    config_path = tmp_path / "run" / "sparse_config.json"
+    meta = json.loads(config_path.read_text())
+    del meta["provenance"]["train_config"]
+    config_path.write_text(json.dumps(meta))
+    with pytest.raises(FingerprintMismatchError, match="made for a different base model .*; if it is that model, it "
+                                                       "must also be loaded in the --dtype it was quantized from"):
+        SparseModel.from_pretrained(fp32_nf4, tmp_path / "run")

@@ -551,6 +551,23 @@ def measure_peak_memory() -> tuple[int, int, int]:
     return budget, peak, naive
 
 
+def test_select_memory_naive_mode_holds_fp32_sums_and_squares_of_every_target(monkeypatch):
+    """The naive baseline of ``python -m sparseft.bench.select_memory`` keeps Σg and Σg² of every targeted
+    weight alive at its measured peak, and says how much they are."""
+    from argparse import Namespace
+
+    from sparseft.bench import select_memory
+    from sparseft.bench.shapes import build_llama
+
+    monkeypatch.setattr(select_memory, "SHAPE", "small")
+    args = Namespace(threads=torch.get_num_threads(), batches=1, batch_size=1, seq=8, density=0.01, scorer="combined",
+                     allocation="proportional")  # measure() sets the thread count: keep this process's
+    result = select_memory.measure("naive", args)
+    entries = sum(t.weight.numel() for t in find_targets(build_llama("small", seed=0), SparseConfig().target_modules).values())
+    assert result["statistics_MiB"] == round(2 * 4 * entries / 2**20, 1) > 0
+    assert "statistics_MiB" not in select_memory.measure("activations", args)
+
+
 def test_train_takes_the_mask_file_from_select(tiny_model_with_tokenizer_dir, tmp_path, capsys):
     from sparseft.cli import main
     from sparseft.diffio import read_diff

@@ -47,6 +47,7 @@ from .errors import (
 )
 from .files import read_json_file
 from .hub import CARD_NAME, model_card
+from .quantize import scheme_of_weight_class
 from .targets import find_targets, matches
 
 log = logging.getLogger(__name__)
@@ -158,6 +159,7 @@ def check_base_fingerprint(
     where: str,
     fingerprint_of: Callable[[dict[str, torch.Tensor]], str] = fingerprint,
     allow_unverified_base: bool = False,
+    provenance: dict[str, Any] | None = None,
 ) -> None:
     """``weights`` are the base ``expected_prints`` were recorded for.
 
@@ -165,27 +167,84 @@ def check_base_fingerprint(
     unless ``allow_unverified_base``, which loads it with a logged warning.
     ``check_against_model`` calls it for a whole diff; ``audit.verify`` calls it with a config's fields.
     ``fingerprint_of`` lets a caller whose weights may hold a merged diff (the server) hash the base
-    entries instead of the live ones, or reuse a cached hash."""
+    entries instead of the live ones, or reuse a cached hash. ``provenance`` (the diff's) only words a
+    refusal: the dtype and quantization its training run loaded the base in, where it records them."""
     if not expected_prints:
         message = f"{where}: the diff records no base fingerprint, so nothing shows it was made for this base model"
         if not allow_unverified_base:
             raise UnverifiedBaseError(f"{message}; load it anyway with allow_unverified_base=True (--allow-unverified-base)")
         log.warning("%s; loading it anyway (allow_unverified_base)", message)
         return
-    dtype = weight_kind(next(iter(weights.values())))
+    first = next(iter(weights.values()))
+    dtype, trained = weight_kind(first), trained_over(provenance)
     if dtype not in expected_prints:
         raise FingerprintMismatchError(
             f"{where}: the diff records base fingerprints for {sorted(expected_prints)} weights, "
-            f"but the model's weights are {dtype}; load the base in one of those dtypes"
+            f"but the model's weights are {dtype}; {how_to_load(expected_prints, trained)}"
         )
     actual = fingerprint_of(weights)
     expected = expected_prints[dtype]
     if actual != expected:
         raise FingerprintMismatchError(
-            f"{where}: the diff was made for a different base model "
+            different_dtype_message(dtype, dtype_name(first.dtype), trained, where)
+            or f"{where}: the diff was made for a different base model "
             f"(diff expects {dtype} fingerprint {expected[:16]}…, this model has {actual[:16]}…; "
-            f"diff base: {base_model or 'unnamed'})"
+            f"diff base: {base_model or 'unnamed'}){same_model_hint(dtype, trained)}"
         )
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def trained_over(provenance: dict[str, Any] | None) -> tuple[str | None, str | None]:
+    """``(dtype, quantize)`` the diff's training run loaded its base in, as its provenance records them
+    (``sparseft train`` records its config); None for what it does not record."""
+    config = provenance.get("train_config") if isinstance(provenance, dict) else None
+    if not isinstance(config, dict):
+        return None, None
+    dtype, scheme = config.get("dtype"), config.get("quantize")
+    return (dtype if isinstance(dtype, str) else None), (scheme if isinstance(scheme, str) else None)
+
+
+def described_base(dtype: str | None, scheme: str) -> str:
+    """A quantized base in words: what its other weights are stored in, and its linear weights."""
+    return f"{dtype} non-quantized weights and {scheme} linear weights" if dtype else f"{scheme} linear weights"
+
+
+def load_flags(dtype: str | None, scheme: str) -> str:
+    return f"--dtype {dtype} --quantize {scheme}" if dtype else f"--quantize {scheme}"
+
+
+def how_to_load(expected_prints: dict[str, str], trained: tuple[str | None, str | None] = (None, None)) -> str:
+    """What to load instead, said from the weight kinds a diff records fingerprints for: a quantized base's
+    scheme (with the dtype the run loaded it in, where ``trained`` knows it), else a plain base's dtypes."""
+    schemes = [scheme for kind in sorted(expected_prints) if (scheme := scheme_of_weight_class(kind))]
+    if schemes:
+        scheme = schemes[0]
+        dtype = trained[0] if trained[1] == scheme else None
+        return (f"the diff was trained over a base with {described_base(dtype, scheme)}; load it with "
+                f"{load_flags(dtype, scheme)} (in Python: quantize_base(model, {scheme!r}))")
+    dtypes = " or ".join(f"--dtype {kind}" for kind in sorted(expected_prints))
+    return f"load the base in one of those dtypes, not quantized ({dtypes}, no --quantize)"
+
+
+def different_dtype_message(kind: str, dtype: str, trained: tuple[str | None, str | None], where: str) -> str | None:
+    """The refusal for a quantized base quantized from another dtype than the diff's run used (its weights'
+    class is the same, so the fingerprint alone would only say "a different base"); None otherwise."""
+    scheme = scheme_of_weight_class(kind)
+    trained_dtype, trained_scheme = trained
+    if scheme is None or trained_scheme != scheme or trained_dtype in (None, dtype):
+        return None
+    return (f"{where}: the diff was trained over a base with {described_base(trained_dtype, scheme)}; this base has "
+            f"{described_base(dtype, scheme)}; load it with {load_flags(trained_dtype, scheme)}")
+
+
+def same_model_hint(kind: str, trained: tuple[str | None, str | None]) -> str:
+    """For a quantized base whose dtype the diff does not record: the dtype is one thing to check."""
+    if scheme_of_weight_class(kind) is None or trained[0] is not None:
+        return ""
+    return "; if it is that model, it must also be loaded in the --dtype it was quantized from in training"
 
 
 # ---------------------------------------------------------------- validation
@@ -242,7 +301,7 @@ def check_against_model(
     and the base is the one whose fingerprint the diff records (see ``check_base_fingerprint``)."""
     check_shapes(diff.shapes, weights, where)
     check_base_fingerprint(diff.base_fingerprint, diff.base_model, {n: weights[n] for n in diff.shapes}, where,
-                           fingerprint_of, allow_unverified_base)
+                           fingerprint_of, allow_unverified_base, diff.provenance)
 
 
 def target_weights(model: torch.nn.Module, config: SparseConfig) -> dict[str, torch.Tensor]:

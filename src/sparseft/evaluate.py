@@ -9,8 +9,10 @@ from typing import Any
 
 import torch
 
-from .loading import load_model, load_tokenizer
-from .methods import detect_artifact
+from .errors import ConfigError
+from .loading import load_tokenizer
+from .methods import detect_artifact, get_method, training_methods
+from .methods.registry import load_base
 from .tasks import Task, get_task
 
 
@@ -36,6 +38,22 @@ def attach_diff(model, path: str | os.PathLike | None, allow_unverified_base: bo
         return model, "none"
     method = detect_artifact(path)
     return method.attach(model, path, allow_unverified_base=allow_unverified_base), method.name
+
+
+def check_quantize_applies(diff: str | os.PathLike | None, quantize: str | None) -> None:
+    """Refuse ``quantize`` for an artifact of a method that does not train over a quantized base (a LoRA
+    adapter): what bench rows and ``sparseft train`` refuse too. Checked before any model is loaded."""
+    if not quantize:
+        return
+    from .quantize import check_scheme, require_torchao
+
+    check_scheme(quantize)
+    require_torchao(quantize)
+    method = detect_artifact(diff) if diff is not None else None
+    if method is not None and not method.quantizes_base:
+        able = "/".join(name for name in training_methods() if get_method(name).quantizes_base)
+        raise ConfigError(f"{diff}: quantize={quantize!r} (--quantize) applies to the base alone or a {able} diff "
+                          f"trained over that quantized base, not a {method.name} {method.artifact_kind}")
 
 
 def evaluate(
@@ -95,14 +113,17 @@ def run_eval(
     dtype: str = "float32",
     progress: bool = True,
     allow_unverified_base: bool = False,
+    quantize: str | None = None,
 ) -> EvalResult:
     """Load ``model_name`` (+ ``diff``), evaluate it on ``task_name`` and time it (load time apart).
     ``task_name`` is a registered name, a task file path (``get_task``) or a ``Task``; ``allow_unverified_base``
-    as for ``SparseModel.from_pretrained``."""
+    as for ``SparseModel.from_pretrained``. ``quantize`` (``int8`` / ``int4`` / ``nf4``): the base loaded
+    in ``dtype`` and weight-only quantized as a bench row of that base loads it, the diff unmerged over it."""
     task = get_task(task_name) if isinstance(task_name, str) else task_name
     records = task.load(data, limit)  # bad data fails here, before time goes into loading the model
+    check_quantize_applies(diff, quantize)
     start = time.perf_counter()
-    model, kind = attach_diff(load_model(model_name, dtype=dtype), diff, allow_unverified_base)
+    model, kind = attach_diff(load_base(model_name, dtype, quantize), diff, allow_unverified_base)
     tokenizer = load_tokenizer(model_name)
     load_s = time.perf_counter() - start
     metrics, n, wall = evaluate_records(model, tokenizer, task, records, batch_size, progress)
@@ -114,7 +135,8 @@ def run_eval(
         num_examples=n,
         metrics=metrics,
         wall_time_s=round(wall, 3),
-        extra={"load_time_s": round(load_s, 3), "data": str(data), "threads": torch.get_num_threads()},
+        extra={"load_time_s": round(load_s, 3), "data": str(data), "threads": torch.get_num_threads(),
+               "dtype": dtype, "quantize": quantize},
     )
 
 
@@ -123,10 +145,11 @@ def format_result(result: EvalResult) -> str:
     lines = [f"{'metric':<20} {'value':>8}"]
     lines += [f"{name:<20} {100 * value:>7.2f}%" for name, value in result.metrics.items()]
     with_diff = f" + {result.adapter} {result.diff}" if result.diff else ""
+    quantized = f" ({result.extra['quantize']} from {result.extra.get('dtype')})" if result.extra.get("quantize") else ""
     lines += [
         "",
         f"task {result.task} on {result.num_examples} examples of {result.extra.get('data')}",
-        f"model {result.model}{with_diff}",
+        f"model {result.model}{quantized}{with_diff}",
         f"wall time {result.wall_time_s:.1f} s (model load {result.extra.get('load_time_s', 0):.1f} s apart)",
     ]
     return "\n".join(lines)

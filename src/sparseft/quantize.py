@@ -25,6 +25,8 @@ from torch import nn
 from .errors import ConfigError
 
 QUANT_SCHEMES = ("int8", "int4", "nf4")
+# torchao's class of each scheme's weights: what a diff's base fingerprint is keyed by (diffio.weight_kind)
+WEIGHT_CLASSES = {"int8": "Int8Tensor", "int4": "IntxUnpackedToInt8Tensor", "nf4": "NF4Tensor"}
 INT4_GROUP = 32  # int4 scales: one per 32 input columns of a row (in_features must divide by it)
 NF4_BLOCK = 64  # nf4: one absmax scale per 64 consecutive weights of the flattened matrix (QLoRA's) ...
 NF4_SCALE_GROUP = 256  # ... and those scales quantized again to int8, one factor per 256 of them (QLoRA's)
@@ -79,6 +81,11 @@ def is_quantized(weight: torch.Tensor) -> bool:
     from .diffio import is_wrapper_tensor
 
     return is_wrapper_tensor(weight)
+
+
+def scheme_of_weight_class(kind: str) -> str | None:
+    """The scheme whose weights are stored as the class ``kind`` (``"Int8Tensor"`` → ``"int8"``), else None."""
+    return next((scheme for scheme, name in WEIGHT_CLASSES.items() if name == kind), None)
 
 
 def check_scheme(scheme: str) -> None:

@@ -82,7 +82,8 @@ def model_checks(reading: diffio.DiffReading, model: nn.Module | None) -> list[C
     if weights is None:
         return [res, CheckResult("fingerprint", "skip", "needs every module of the diff in the model")]
     prints = meta.get("base_fingerprint") or {}
-    check = lambda: diffio.check_base_fingerprint(prints, meta.get("base_model", ""), weights, where)  # noqa: E731
+    check = lambda: diffio.check_base_fingerprint(prints, meta.get("base_model", ""), weights, where,  # noqa: E731
+                                                  provenance=meta.get("provenance"))
     return [res, run_check("fingerprint", check)[0]]
 
 

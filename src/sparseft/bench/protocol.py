@@ -46,6 +46,33 @@ def require_protocol(cfg: BenchConfig, stage: str) -> None:
     if missing:
         raise ConfigError(f"{cfg.source}: --stage needs {', '.join(missing)} in the config (the validation split "
                           "and the test seeds)")
+    check_one_base_per_method(cfg)
+
+
+def check_one_base_per_method(cfg: BenchConfig) -> None:
+    """Refuse rows of one method over different bases (``dtype`` / ``quantize``): the test stage keeps one
+    row per method, so choosing among them on validation would silently choose the base too.
+
+    Checked when a stage starts, not when the config loads: as a plain grid (no ``--stage``) such rows
+    are a fine side-by-side of bases, which is what ``smollm2_sst2_quant.yaml`` is."""
+    bases: dict[str, dict[str, list[str]]] = {}
+    for run in cfg.runs:
+        bases.setdefault(run.method, {}).setdefault(run_base(run), []).append(run.id)
+    mixed = {method: by_base for method, by_base in bases.items() if len(by_base) > 1}
+    if not mixed:
+        return
+    detail = "; ".join(
+        f"{method}: " + ", ".join(f"{' '.join(ids)} over {base}" for base, ids in by_base.items())
+        for method, by_base in mixed.items()
+    )
+    raise ConfigError(f"{cfg.source}: the protocol chooses one row per method on validation, but rows of one method "
+                      f"train over different bases ({detail}); give each base its own protocol config")
+
+
+def run_base(run: Any) -> str:
+    """The base a row trains over, in words: ``float32``, ``bfloat16``, ``int8 from float32``."""
+    dtype = run.dtype or "float32"
+    return f"{run.quantize} from {dtype}" if run.quantize else dtype
 
 
 def for_validation(cfg: BenchConfig) -> BenchConfig:
@@ -223,7 +250,9 @@ def protocol_tables(results: dict[str, Any]) -> list[tuple[list[str], list[list[
 PROTOCOL_TITLE = "Protocol: chosen on validation, scored on test"
 INTERVAL_NOTE = ("Intervals resample test examples (the same draw for both methods) over each method's per-example "
                  "scores averaged over its seeds; they cover the test set's sampling, not seed-to-seed variation "
-                 "beyond that average. Rows elsewhere in this file are single seeds.")
+                 "beyond that average. Other tables list single rows, one per seed; what is said of a method "
+                 "as a whole (this section, and the cost report's Bottom line and targets) uses its mean over "
+                 "seeds.")
 
 
 def protocol_intro(results: dict[str, Any]) -> str:

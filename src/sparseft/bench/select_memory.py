@@ -3,7 +3,8 @@
 Each measurement runs in a fresh process so none inherits another's freed heap:
   activations: one forward+backward of one calibration batch (what any gradient scorer must pay)
   select:      sparseft.select with the given scorer over the calibration batches
-  naive:       keep every .grad, then fp32 copies of Σg and Σg² (what selection costs without care)
+  naive:       keep every .grad, then fp32 copies of Σg and Σg² (what selection costs without care;
+               ``statistics_MiB``: the bytes of those copies)
 Peak = growth of the peak resident set (Linux VmHWM, reset via /proc/self/clear_refs) over the RSS
 after the model and batches exist.
 
@@ -49,6 +50,7 @@ def measure(mode: str, args) -> dict:
     Path("/proc/self/clear_refs").write_text("5")
     base = rss("VmRSS")
     start = time.perf_counter()
+    extra = {}
     if mode == "activations":
         for p in model.parameters():
             p.requires_grad_(False)
@@ -63,12 +65,14 @@ def measure(mode: str, args) -> dict:
         for b in batches:
             model(**b).loss.backward()
         targets = find_targets(model, cfg.target_modules)
-        sums = {n: t.weight.grad.clone() for n, t in targets.items()}
-        squares = {n: t.weight.grad.square() for n, t in targets.items()}
-        del sums, squares
+        # Σg and Σg² copies, allocated to be measured: with the kept .grad they are the naive peak.
+        statistics = [{n: t.weight.grad.clone() for n, t in targets.items()},
+                      {n: t.weight.grad.square() for n, t in targets.items()}]
+        extra["statistics_MiB"] = round(sum(g.numel() * g.element_size() for s in statistics for g in s.values()) / 2**20, 1)
     seconds = time.perf_counter() - start
     return {"mode": mode, "seconds": round(seconds, 1), "peak_growth_MiB": round((rss("VmHWM") - base) / 2**20, 1),
-            "model_MiB": round(model_bytes(model) / 2**20, 1), "params": sum(p.numel() for p in model.parameters())}
+            "model_MiB": round(model_bytes(model) / 2**20, 1), "params": sum(p.numel() for p in model.parameters()),
+            **extra}
 
 
 def main() -> None:

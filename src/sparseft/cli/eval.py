@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from .options import add_model_options, add_unverified_base_option
+from .options import add_model_options, add_quantize_option, add_unverified_base_option
 
 
 def add_parser(sub):
@@ -18,6 +18,8 @@ def add_parser(sub):
         "[0, 1] in --json output and percentages in the table.",
     )
     add_model_options(p)
+    add_quantize_option(p, "evaluate over", "a sparse diff trained with the same --quantize and --dtype, applied "
+                        "unmerged; or the base alone")
     p.add_argument(
         "--diff", metavar="DIR",
         help="a sparse diff or a PEFT adapter directory (LoRA, SHiRA, ...; default: the base)",
@@ -62,6 +64,7 @@ def run(args) -> int:
         limit=args.limit,
         batch_size=args.batch_size,
         dtype=args.dtype,
+        quantize=args.quantize,
         progress=True,  # tqdm writes to stderr: --json output on stdout stays clean
         allow_unverified_base=args.allow_unverified_base,
     )

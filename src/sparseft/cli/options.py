@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ..config import DTYPES
+from ..quantize import QUANT_SCHEMES
 
 
 def add_model_options(
@@ -22,6 +23,14 @@ def add_model_options(
                         help=f"{what}: alias (e.g. smollm2-135m), local directory or HF id{why}")
     default = f" (default: {dtype_default})" if dtype_default else ""
     parser.add_argument("--dtype", choices=list(DTYPES), default=dtype_default, help=f"dtype to load the model in{default}")
+
+
+def add_quantize_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup, what: str, which: str) -> None:
+    """``--quantize int8|int4|nf4``: ``what`` (e.g. "train over") a weight-only quantized base, for
+    ``which`` (e.g. "sparse runs"): the one definition ``train`` and ``eval`` share."""
+    parser.add_argument("--quantize", choices=list(QUANT_SCHEMES),
+                        help=f"{what} a weight-only quantized base ({which}; needs sparseft[quant]); nf4: "
+                        "QLoRA's 4-bit NormalFloat, two codes per byte")
 
 
 def add_unverified_base_option(parser: argparse.ArgumentParser, what: str) -> None:

@@ -6,8 +6,7 @@ import json
 import os
 
 from ..config import DTYPES
-from ..quantize import QUANT_SCHEMES
-from .options import TrainConfigDefaults, add_model_options
+from .options import TrainConfigDefaults, add_model_options, add_quantize_option
 
 
 def add_parser(sub):
@@ -83,9 +82,7 @@ def add_parser(sub):
     run.add_argument("--device", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     run.add_argument("--precision", choices=["auto", "bf16", "fp32"],
                      help="auto: bf16 autocast on CUDA, fp32 on CPU")
-    run.add_argument("--quantize", choices=list(QUANT_SCHEMES),
-                     help="train over a weight-only quantized base (sparse runs; needs sparseft[quant]); nf4: "
-                     "QLoRA's 4-bit NormalFloat, two codes per byte")
+    add_quantize_option(run, "train over", "sparse runs")
     run.add_argument("--fsdp", action="store_true",
                      help="under torchrun: shard the frozen base over the processes (FSDP2) instead of replicating it "
                      "(sparse runs, no re-selection)")
