@@ -16,7 +16,7 @@ from sparseft.bench import load_bench_config, read_results, schema_problems
 from sparseft.bench.config import parse_bench_config
 from sparseft.bench.protocol import summarize
 from sparseft.bench.report import build_report, pick_rows, render_html, render_markdown
-from sparseft.bench.results import write_results
+from sparseft.bench.results import results_table, write_results
 from sparseft.bench.shapes import text_tokenizer
 from sparseft.cli import main
 from sparseft.errors import ConfigError, ResultsFormatError
@@ -429,6 +429,32 @@ def test_report_figures_are_computed_from_the_rows_they_cite(tmp_path):
     assert "| 1,000 | 24.0 MB | 29.0 MB | 4.0 GB |" in text
     assert "`sp-bad` (ValueError: boom)" in text
     assert "<strong>Quality.</strong>" in render_html(build_report(results, path, tmp_path / "report.md"))
+
+
+def table_cell(text: str, header_start: str, row_start: str, column: str) -> str:
+    """The cell of ``column`` in the row starting with ``row_start`` of the table whose header starts so."""
+    lines = text.splitlines()
+    header = next(line for line in lines if line.startswith(header_start))
+    row = next(line for line in lines[lines.index(header):] if line.startswith(row_start))
+    return row.split(" | ")[header.split(" | ").index(column)]
+
+
+def test_selection_share_of_the_training_wall_is_shown_and_older_rows_without_it_render(tmp_path):
+    results = synthetic_results()  # its rows predate selection_wall_s, like results.json files written before it
+    rows = {r["id"]: r for r in results["rows"]}
+    rows["sp-fisher"]["selection_wall_s"] = 25.0  # of train_wall_s 100.0
+    rows["lora"]["selection_wall_s"] = None  # a row that chose no entries
+    path = write_results(results, tmp_path / "results.json")
+    assert schema_problems(read_results(path), require_complete=True) == []
+
+    report = render_markdown(build_report(read_results(path), path, tmp_path / "report.md"))
+    cell = lambda row_id: table_cell(report, "| row | method |", f"| `{row_id}` |", "selection s (% of wall)")  # noqa: E731
+    assert cell("sp-fisher") == "25.0 (25%)"
+    assert cell("lora") == cell("sp-random") == cell("base") == "–"
+
+    table = results_table(read_results(path))
+    cell = lambda row_id: table_cell(table, "| row |", f"| {row_id} |", "selection s (% of train)")  # noqa: E731
+    assert cell("sp-fisher") == "25.0 (25%)" and cell("sp-random") == cell("full") == "–"
 
 
 def protocol_results() -> dict:

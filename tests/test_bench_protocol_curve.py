@@ -138,6 +138,11 @@ def test_a_row_records_its_curve_and_the_last_point_is_its_final_score(validatio
     assert all(set(point) == {"step", "accuracy"} for point in curve)
     assert curve[-1]["accuracy"] == pytest.approx(row["metrics"]["accuracy"], abs=1e-6)
     assert row["curve_examples"] == row["eval_examples"] == 16 and row["curve_wall_s"] > 0
+    # Choosing the entries is timed as a part of the training wall; full and LoRA rows choose none.
+    if row["method"] == "sparse":
+        assert 0 < row["selection_wall_s"] < row["train_wall_s"]
+    else:
+        assert row["selection_wall_s"] is None
     best = max(point["accuracy"] for point in curve)
     assert row["curve_best_step"] == next(point["step"] for point in curve if point["accuracy"] == best)
 

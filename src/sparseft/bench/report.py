@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .plots import CURVES_PNG, TENANTS, base_model_bytes, curve_series, write_plots
-from .results import fmt_bytes, fmt_count, ok_rows, read_results, row_label, row_trains
+from .results import fmt_bytes, fmt_count, fmt_selection, ok_rows, read_results, row_label, row_trains
 
 PLOT_CAPTIONS = {
     "metric_vs_params.png": "Task metric vs trainable parameters (log x)",
@@ -372,6 +372,7 @@ def side_by_side_blocks(p: Picked, results: dict[str, Any]) -> list[Block]:
             delta_points(p.value(r), p.value(p.base)) if p.base and trains else "–",
             delta_points(p.value(r), full_value) if full_value is not None and trains else "–",
             seconds(r["train_wall_s"]) if trains else "–",
+            fmt_selection(r),
             f"{r['median_step_s']:.2f} s" if trains else "–",
             f"{r['tokens_per_s']:.0f}" if trains else "–",
             fmt_bytes(r["peak_memory_bytes"]) if trains else "–",
@@ -382,11 +383,13 @@ def side_by_side_blocks(p: Picked, results: dict[str, Any]) -> list[Block]:
         Block("h2", "Side by side"),
         *load_warning(results),
         Block("table", header=["row", "method", "trainable (% of model)", p.metric, "vs base", full_header,
-                               "training wall", "median step", "tokens/s", "peak memory", "optimizer state",
-                               "artifact on disk"], rows=rows),
+                               "training wall", "selection s (% of wall)", "median step", "tokens/s", "peak memory",
+                               "optimizer state", "artifact on disk"], rows=rows),
         *full_note,
-        Block("p", "Training wall time covers the whole run (model load, entry selection for data scorers, "
-                   "training loop, saving); peak memory is that of the row's own process."),
+        Block("p", "Training wall time covers the whole run (model load, entry selection, training loop, saving); "
+                   "the selection column is the part of it spent choosing the entries (calibration passes for data "
+                   "scorers, scoring, allocation; – where none were chosen or the row predates the timing). Peak "
+                   "memory is that of the row's own process."),
     ]
     missing = rows_not_run(results)
     if missing:

@@ -148,7 +148,8 @@ def results_table(results: dict[str, Any]) -> str:
     """The Markdown table of every row (failed rows included, with their error)."""
     metric = results.get("task", {}).get("primary_metric", "metric")
     header = (
-        f"| row | method | trainable | % of model | {metric} | other metrics | train s | median step s | "
+        f"| row | method | trainable | % of model | {metric} | other metrics | train s | selection s (% of train) | "
+        "median step s | "
         "tokens/s | peak mem | optimizer state | artifact | load avg | status |"
     )
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
@@ -161,11 +162,20 @@ def results_table(results: dict[str, Any]) -> str:
         lines.append(
             f"| {row.get('id')} | {row_label(row)} | {fmt_count(row.get('trainable_params'))} | "
             f"{fmt_num(row.get('trainable_pct'), 3)} | {fmt_num(metrics.get(primary), 4)} | {others or '–'} | "
-            f"{fmt_num(row.get('train_wall_s'), 1)} | {fmt_num(row.get('median_step_s'), 3)} | "
+            f"{fmt_num(row.get('train_wall_s'), 1)} | {fmt_selection(row)} | {fmt_num(row.get('median_step_s'), 3)} | "
             f"{fmt_num(row.get('tokens_per_s'), 0)} | {fmt_bytes(row.get('peak_memory_bytes'))} | "
             f"{fmt_bytes(row.get('optimizer_state_bytes'))} | {artifact} | {fmt_load(row.get('load_average'))} | {status} |"
         )
     return "\n".join(lines)
+
+
+def fmt_selection(row: dict[str, Any]) -> str:
+    """Seconds spent choosing the entries and their share of the row's training wall, e.g. ``31.2 (23%)``;
+    "–" for rows that chose none and rows written before selection was timed."""
+    selection, train = row.get("selection_wall_s"), row.get("train_wall_s")
+    if selection is None or not train:
+        return "–"
+    return f"{selection:.1f} ({100 * selection / train:.0f}%)"
 
 
 def fmt_load(load: dict[str, float | None] | None) -> str:

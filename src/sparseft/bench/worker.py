@@ -42,7 +42,7 @@ def empty_row(job: dict[str, Any]) -> dict[str, Any]:
             "lora_rank": run.get("lora_rank") if isinstance(run.get("lora_rank"), int) else None,
             "lr": run["lr"], "steps": job["steps"], "batch_size": job["batch_size"], "grad_accum": job["grad_accum"],
             "max_length": job["max_length"], "train_examples": None,
-            "train_wall_s": None, "loop_wall_s": None, "median_step_s": None, "tokens_per_s": None,
+            "train_wall_s": None, "loop_wall_s": None, "selection_wall_s": None, "median_step_s": None, "tokens_per_s": None,
             "first_loss": None, "final_loss": None, "losses": None,
             "peak_memory_bytes": None, "peak_memory_kind": None, "optimizer_state_bytes": None,
             "artifact_kind": method.artifact_kind, "artifact_bytes": None, "artifact_path": None,
@@ -114,6 +114,8 @@ def train_row(job: dict[str, Any], row: dict[str, Any], device: str):
         row.update(curve.row_fields(result.on_step_s))
     row.update({
         "loop_wall_s": round(result.wall_time_s, 3),
+        # Inside train_wall_s; None for rows that chose no entries (full, LoRA).
+        "selection_wall_s": None if result.selection_wall_s is None else round(result.selection_wall_s, 3),
         "median_step_s": result.median_step_s,
         "tokens_per_s": result.tokens_per_s,
         "losses": [round(x, 5) for x in result.losses],

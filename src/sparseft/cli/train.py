@@ -117,5 +117,7 @@ def run(args) -> int:
         losses = result.losses
         summary.update(first_loss=losses[0] if losses else None, last_loss=losses[-1] if losses else None,
                        tokens_per_s=round(result.tokens_per_s, 1))
+        if result.selection_wall_s is not None:
+            summary["selection_wall_s"] = round(result.selection_wall_s, 2)
         print(json.dumps(summary))
     return 0

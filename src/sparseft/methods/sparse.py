@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ from .registry import Method, Prepared
 
 # A bench row's re-selection knobs: TrainConfig's fields of the same names (sparseft.training.reselect).
 RESELECT_KNOBS = ("reselect_every", "reselect_fraction", "reselect_growth_batches")
+# The ``extra`` fact of a run that selected its entries: seconds spent in ``select_masks``.
+SELECTION_WALL = "selection_wall_s"
 
 
 class SparseMethod(Method):
@@ -40,13 +43,17 @@ class SparseMethod(Method):
             # and the budget actually trained, not this run's selection flags, which chose nothing.
             sparse_cfg = dataclasses.replace(chosen_with, value_dtype=sparse_cfg.value_dtype,
                                              num_params=sum(int(m.numel()) for m in given.values()))
+        facts: dict[str, Any] = {}
         if ckpt is not None and ckpt.masks:
             masks = ckpt.masks  # the entries trained when it was written (re-selection may have moved them)
         elif cfg.masks:
             masks = given
         else:
+            started = time.perf_counter()
             masks = select_masks(model, sparse_cfg, examples, pad_id, cfg.batch_size)
-        return get_sparse_model(model, sparse_cfg, masks), masks, {}
+            # What choosing the entries cost (calibration passes, scoring, allocation): part of the run's wall.
+            facts[SELECTION_WALL] = time.perf_counter() - started
+        return get_sparse_model(model, sparse_cfg, masks), masks, facts
 
     def save(self, model: nn.Module, tokenizer, path: Path, provenance: dict[str, Any]) -> None:
         model.save_pretrained(path, provenance=provenance)

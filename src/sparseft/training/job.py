@@ -25,6 +25,7 @@ from ..files import existing_data
 from ..hub import CARD_NAME
 from ..loading import load_model, load_tokenizer, pad_token_id
 from ..methods import get_method
+from ..methods.sparse import SELECTION_WALL
 from ..quantize import quantize_sparse_model
 from .checkpoint import (
     CHECKPOINTS_DIR,
@@ -60,6 +61,12 @@ class TrainResult:
     artifact_bytes: int
     extra: dict[str, Any] = field(default_factory=dict)
     on_step_s: float = 0.0  # time spent in the ``on_step`` hook (not in ``wall_time_s``)
+
+    @property
+    def selection_wall_s(self) -> float | None:
+        """Seconds spent choosing the trained entries (a sparse run that selected them; else None).
+        Outside ``wall_time_s`` (the loop), inside the run's own wall time."""
+        return self.extra.get(SELECTION_WALL)
 
     def to_dict(self) -> dict[str, Any]:
         return {**{k: v for k, v in self.__dict__.items() if k != "out"}, "out": str(self.out)}
