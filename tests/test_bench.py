@@ -594,3 +594,27 @@ def test_build_llama_is_seeded_and_refuses_an_unknown_shape():
     assert not torch.equal(a.state_dict()[weight], c.state_dict()[weight])
     with pytest.raises(ConfigError, match="'huge'.*tiny"):
         build_llama("huge")
+
+
+def test_select_cost_times_each_phase_of_select_and_leaves_select_as_it_was():
+    from conftest import make_tiny_llama
+    from sparseft import SparseConfig, select
+    from sparseft.bench.select_cost import timed_select
+    from sparseft.selection import gradstats, scorers, selector
+
+    originals = (selector.accumulate_gradients, selector.get_scorer, selector.make_allocator,
+                 gradstats.StatSum.add, gradstats.StatSum.value, scorers.quantile_normalise)
+    model = make_tiny_llama()
+    gen = torch.Generator().manual_seed(0)
+    ids = [torch.randint(0, 128, (2, 10), generator=gen) for _ in range(2)]
+    batches = [{"input_ids": i, "attention_mask": torch.ones_like(i), "labels": i.clone()} for i in ids]
+    cfg = SparseConfig(density=0.05, scorer="combined", calibration_batches=2)
+    masks, cost = timed_select(model, cfg, batches)
+    wall = {phase: c["wall_s"] for phase, c in cost["phases"].items()}
+    assert all(wall[p] > 0 for p in ("passes", "hooks", "scoring", "quantiles", "allocation")), wall
+    assert wall["hooks"] < wall["passes"] and wall["quantiles"] < wall["scoring"]
+    assert wall["passes"] + wall["unpack"] + wall["scoring"] + wall["allocation"] <= cost["wall_s"]
+    assert (selector.accumulate_gradients, selector.get_scorer, selector.make_allocator, gradstats.StatSum.add,
+            gradstats.StatSum.value, scorers.quantile_normalise) == originals
+    plain = select(model, cfg, batches)
+    assert all(torch.equal(masks[n], plain[n]) for n in plain)

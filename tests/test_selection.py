@@ -235,6 +235,66 @@ def test_compact_sum_keeps_eleven_significant_bits_across_scales():
     assert torch.isnan(nan.value()[1])  # not hidden: scoring refuses non-finite sums
 
 
+def searchsorted_quantiles(scores: torch.Tensor) -> torch.Tensor:
+    """``quantile_normalise`` as it was first written (a float sort, then one binary search per entry):
+    the reference the faster version must equal bit for bit, so that the masks stay the same."""
+    flat = scores.reshape(-1).float()
+    ordered, order = torch.sort(flat)
+    counts = torch.searchsorted(ordered, ordered, right=True)
+    quantiles = torch.empty(flat.numel(), dtype=torch.float32)
+    quantiles[order] = counts.to(torch.float32) / flat.numel()
+    return quantiles.view(scores.shape)
+
+
+def quantile_cases() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "distinct": torch.randn(96, 40, generator=gen),
+        "many ties": torch.randint(-4, 5, (3000,), generator=gen).float(),
+        "fp16-rounded squares": torch.randn(64, 48, generator=gen).square().half().float(),
+        "fp16 input": torch.randn(30, 20, generator=gen).half(),
+        "all equal": torch.full((7, 11), 0.25),
+        "single element": torch.tensor([3.0]),
+        "signed zeros, denormals, infinities": torch.tensor(
+            [0.0, -0.0, 1e-45, -1e-45, 2e-39, float("inf"), -float("inf"), 0.0, -0.0, 5.0]),
+    }
+
+
+@pytest.mark.parametrize("case", list(quantile_cases()))
+def test_quantiles_equal_the_binary_search_reference_bit_for_bit(case):
+    scores = quantile_cases()[case]
+    got, want = quantile_normalise(scores), searchsorted_quantiles(scores)
+    assert got.shape == scores.shape and got.dtype == torch.float32
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
+@pytest.mark.parametrize("allocation", ["global", "proportional"])
+def test_combined_masks_are_those_of_the_reference_quantiles(monkeypatch, allocation):
+    from sparseft.selection import scorers
+
+    model, batches = make_tiny_llama(), llama_batches()
+    cfg = SparseConfig(density=0.03, scorer="combined", allocation=allocation, calibration_batches=3)
+    masks = select(model, cfg, batches)
+    monkeypatch.setattr(scorers, "quantile_normalise", searchsorted_quantiles)
+    reference = select(model, cfg, batches)
+    assert masks.keys() == reference.keys() and all(torch.equal(masks[n], reference[n]) for n in masks)
+
+
+def test_combined_refuses_a_nan_part_instead_of_ranking_it(monkeypatch):
+    from sparseft.selection import scorers
+
+    def broken_fisher(ctx):  # what Σg² holds when a calibration pass produced inf - inf
+        out = scorers.fisher_scores(ctx)
+        if ctx.name.endswith("layers.1.mlp.down_proj"):
+            out.view(-1)[3] = float("nan")
+        return out
+
+    monkeypatch.setitem(scorers.SCORERS, "fisher", scorers.Scorer("fisher", broken_fisher, (scorers.GRAD_SQ_SUM,)))
+    with pytest.raises(NonFiniteScoresError, match=r"layers\.1\.mlp\.down_proj: the 'fisher' part of combined: 1 of \d+ "
+                                                   r"scores are NaN.*overflowed"):
+        select(make_tiny_llama(), SparseConfig(density=0.05, scorer="combined"), llama_batches(1))
+
+
 def test_unknown_stat_precision_is_refused():
     with pytest.raises(ConfigError, match="stat_precision"):
         select(make_tiny_llama(), SparseConfig(density=0.03, scorer="random"), stat_precision="fp8")

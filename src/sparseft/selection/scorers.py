@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, NonFiniteScoresError
 
 GRAD_SUM = "grad_sum"
 GRAD_SQ_SUM = "grad_sq_sum"
@@ -143,15 +143,29 @@ def quantile_normalise(scores: torch.Tensor) -> torch.Tensor:
     """q(s) = #{entries of the module with score <= s} / n, in (0, 1]; equal scores get equal q.
 
     Rank-based, so it is robust to the heavy tails of g² and puts parts with different units on one scale.
+    NaN scores cannot be ranked; ``combined_scores`` refuses them before they get here.
     """
     flat = scores.reshape(-1).float()
-    ordered, order = torch.sort(flat)
-    # Queries in sorted order keep the binary searches cache-friendly; int32 counts halve the memory.
-    counts = torch.searchsorted(ordered, ordered, right=True, out_int32=flat.numel() < 2**31)
+    # Sorted as int32 keys in the floats' order: a stable integer sort is PyTorch's radix sort on CPU,
+    # about twice as fast as sorting the floats.
+    ordered, order = torch.sort(float_order_keys(flat), stable=True)
+    # After the sort, #{<= s} is where the run of values equal to s ends: O(n), no binary searches.
+    run_lengths = torch.unique_consecutive(ordered, return_counts=True)[1]
     del ordered
+    count_dtype = torch.int32 if flat.numel() < 2**31 else torch.int64  # int32 counts halve the memory
+    counts = torch.repeat_interleave(torch.cumsum(run_lengths, 0, dtype=count_dtype), run_lengths)
+    del run_lengths
     quantiles = torch.empty(flat.numel(), dtype=torch.float32)
-    quantiles[order] = counts.to(torch.float32) / flat.numel()
+    quantiles[order] = counts.to(torch.float32).div_(flat.numel())
     return quantiles.view(scores.shape)
+
+
+def float_order_keys(flat: torch.Tensor) -> torch.Tensor:
+    """int32 keys that order (and tie) as the fp32 values ``flat`` do: the bits of a non-negative float
+    already order as integers; a negative one's are flipped except the sign. -0.0 becomes +0.0 first
+    (they are equal scores)."""
+    bits = (flat + 0.0).view(torch.int32)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
 @register_scorer("combined", stats=(GRAD_SUM, GRAD_SQ_SUM))
@@ -167,5 +181,14 @@ def combined_scores(ctx: ScoreContext) -> torch.Tensor:
     parts = combined_parts(ctx.scorer_weights)
     total = torch.zeros(ctx.weight.shape, dtype=torch.float32)
     for name, w in parts.items():
-        total.add_(quantile_normalise(get_scorer(name).fn(ctx)), alpha=w)
+        scores = get_scorer(name).fn(ctx)
+        refuse_nan(scores, f"{ctx.name}: the {name!r} part of combined")
+        total.add_(quantile_normalise(scores), alpha=w)
     return total.div_(sum(parts.values()))
+
+
+def refuse_nan(scores: torch.Tensor, what: str) -> None:
+    """NaN has no rank: a quantile would hide broken statistics behind a finite combined score."""
+    nan = torch.isnan(scores)
+    if bool(nan.any()):
+        raise NonFiniteScoresError(f"{what}: {int(nan.sum())} of {scores.numel()} scores are NaN; they cannot be ranked")
