@@ -66,6 +66,7 @@ def test_cli_train_writes_a_loadable_diff_and_the_loss_falls(tiny_model_with_tok
     assert code == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["last_loss"] < summary["first_loss"]
+    assert summary["selection_wall_s"] > 0  # the entries were chosen in this run (the default scorer)
     assert {"sparse_config.json", "sparse_delta.safetensors", "metrics.jsonl", "train_config.yaml", "checkpoints"} <= {
         p.name for p in out.iterdir()}
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000005", "step-000010", "train_config.yaml"]
