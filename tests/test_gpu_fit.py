@@ -47,11 +47,31 @@ def test_sizes_come_from_the_config_alone():
     assert 51 * 2**30 < lower_bound_bytes("70b", "nf4", 0.01) < 53 * 2**30
 
 
-def test_tiny_cpu_mode_tries_the_ladder_down_to_the_first_fit_per_base(tmp_path):
+def test_ladder_skips_what_cannot_fit_tries_downwards_and_stops_at_the_first_fit(monkeypatch):
+    from sparseft.bench import gpu_fit
+
+    tried = []
+
+    def fake_try(args, shape, base, density, timeout_s):
+        tried.append((shape, base, density))
+        status = "fits" if shape == "1b" or base == "nf4" else "oom-step"
+        return gpu_fit.FitResult(shape, base, density, status, parameter_count(shape), peak_gib=1.0)
+
+    monkeypatch.setattr(gpu_fit, "run_isolated", fake_try)
+    monkeypatch.setattr(gpu_fit, "card_bytes", lambda device: 140 * 2**30)
+    args = gpu_fit.parse_args(["--device", "cpu", "--ladder", "70b", "8b", "1b", "--anchors", "65b:nf4:0.001"])
+    results = gpu_fit.run_ladder(args, write=lambda rows: None)
+    assert tried == [("8b", "bf16", 0.01), ("1b", "bf16", 0.01), ("70b", "nf4", 0.01), ("65b", "nf4", 0.001)]
+    assert [(r.shape, r.base, r.status) for r in results][0] == ("70b", "bf16", "skipped")  # 147 GiB > 140: not built
+    best = gpu_fit.largest_fitting(results, 0.01)
+    assert (best["bf16"].shape, best["nf4"].shape) == ("1b", "70b")
+
+
+def test_tiny_cpu_mode_runs_each_base_in_its_own_process(tmp_path):
     out = tmp_path / "fit.md"
     assert main(["--device", "cpu", "--tiny", "--out", str(out)]) == 0
     rows = json.loads(out.with_suffix(".json").read_text())
-    assert [(r["shape"], r["base"], r["status"]) for r in rows] == [("small", "bf16", "fits"), ("small", "nf4", "fits")]
+    assert [(r["shape"], r["base"], r["status"]) for r in rows] == [("tiny", "bf16", "fits"), ("tiny", "nf4", "fits")]
     assert all(r["peak_gib"] > 0 and r["step_s"] > 0 and r["trainable"] > 0 and r["checkpointing"] for r in rows)
     text = out.read_text()
-    assert "Largest that fits at density 0.01: bf16 base: **small**" in text and "nf4 base: **small**" in text
+    assert "Largest that fits at density 0.01: bf16 base: **tiny**" in text and "nf4 base: **tiny**" in text

@@ -370,7 +370,7 @@ def anchor(text: str) -> tuple[str, str, float]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m sparseft.bench.gpu_fit", description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--tiny", action="store_true", help="the tiny shapes, 16 tokens: a smoke test")
+    parser.add_argument("--tiny", action="store_true", help="the tiny shape, 16 tokens: a smoke test")
     parser.add_argument("--ladder", nargs="+", default=list(LADDER), choices=sorted(SHAPES),
                         help="shapes to try, largest first")
     parser.add_argument("--bases", nargs="+", default=list(BASES), choices=BASES)
@@ -388,7 +388,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # shape:base, run by run_isolated
     args = parser.parse_args(argv)
     if args.tiny:
-        args.ladder, args.anchors, args.seq = ["small", "tiny"], [], 16
+        args.ladder, args.anchors, args.seq = ["tiny"], [], 16
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda but CUDA is not available; use --device cpu --tiny for a smoke test")
     return args
