@@ -166,7 +166,9 @@ def wrap_sparse(model, density: float, seed: int = 0):
     config = SparseConfig(density=density, scorer="random", seed=seed)
     device = model.lm_head.weight.device
     gen = torch.Generator(device=device).manual_seed(seed)
-    masks = {name: sample_entries(layer.weight.numel(), max(1, round(density * layer.weight.numel())), gen, device)
+    # Sampled on the device, kept on the CPU: SparseModel copies each layer's indices to the device, and two
+    # device copies of every index (8 bytes per entry) would be a transient that training never needs.
+    masks = {name: sample_entries(layer.weight.numel(), max(1, round(density * layer.weight.numel())), gen, device).cpu()
              for name, layer in find_targets(model, LLAMA_PROJECTIONS).items()}
     return SparseModel(model, config, masks, base_fingerprint={"not computed": "gpu_fit probe"})
 
@@ -332,18 +334,22 @@ def largest_fitting(results: list[FitResult], density: float) -> dict[str, FitRe
 QLORA_CARD_GIB = 48e9 / 2**30  # QLoRA's anchor: a 65B model finetuned on one 48 GB card
 
 
+def billions(params: int) -> str:
+    return f"{params / 1e9:.1f}B" if params >= 10**8 else f"{params / 1e6:.2f}M"
+
+
 def markdown(results: list[FitResult], header: str, density: float) -> str:
     fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
     lines = [header, "", "| shape | params | base | density | result | base GiB | peak GiB | within 48 GB | step s "
              "| trainable | note |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         within = "" if r.status != "fits" else ("yes" if r.peak_gib <= QLORA_CARD_GIB else "no")
-        lines.append(f"| {r.shape} | {r.params / 1e9:.2f}B | {r.base} | {r.density:g} | {r.status} "
+        lines.append(f"| {r.shape} | {billions(r.params)} | {r.base} | {r.density:g} | {r.status} "
                      f"| {fmt(r.base_gib, '.1f')} | {fmt(r.peak_gib, '.1f')} | {within} | {fmt(r.step_s, '.2f')} "
                      f"| {fmt(r.trainable, ',')} | {r.note} |")
     best = largest_fitting(results, density)
     lines += ["", f"Largest that fits at density {density:g}: " + ("; ".join(
-        f"{b} base: **{r.shape}** ({r.params / 1e9:.1f}B, peak {r.peak_gib:.1f} GiB)" for b, r in best.items()) or "none")]
+        f"{b} base: **{r.shape}** ({billions(r.params)}, peak {r.peak_gib:.1f} GiB)" for b, r in best.items()) or "none")]
     return "\n".join(lines) + "\n"
 
 
