@@ -67,6 +67,22 @@ def test_ladder_skips_what_cannot_fit_tries_downwards_and_stops_at_the_first_fit
     assert (best["bf16"].shape, best["nf4"].shape) == ("1b", "70b")
 
 
+def test_a_base_that_cannot_be_built_here_is_tried_once(monkeypatch):
+    from sparseft.bench import gpu_fit
+
+    tried = []
+
+    def fake_try(args, shape, base, density, timeout_s):
+        tried.append((shape, base))
+        status = "skipped" if base == "nf4" else "fits"
+        return gpu_fit.FitResult(shape, base, density, status, parameter_count(shape), note="torchao missing")
+
+    monkeypatch.setattr(gpu_fit, "run_isolated", fake_try)
+    args = gpu_fit.parse_args(["--device", "cpu", "--ladder", "8b", "1b", "--anchors", "65b:nf4:0.001"])
+    gpu_fit.run_ladder(args, write=lambda rows: None)
+    assert tried == [("8b", "bf16"), ("8b", "nf4")]
+
+
 def test_tiny_cpu_mode_runs_each_base_in_its_own_process(tmp_path):
     out = tmp_path / "fit.md"
     assert main(["--device", "cpu", "--tiny", "--out", str(out)]) == 0
@@ -75,3 +91,13 @@ def test_tiny_cpu_mode_runs_each_base_in_its_own_process(tmp_path):
     assert all(r["peak_gib"] > 0 and r["step_s"] > 0 and r["trainable"] > 0 and r["checkpointing"] for r in rows)
     text = out.read_text()
     assert "Largest that fits at density 0.01: bf16 base: **tiny**" in text and "nf4 base: **tiny**" in text
+
+
+def test_nf4_try_without_torchao_is_recorded_as_skipped_with_the_reason(monkeypatch):
+    from sparseft.bench import gpu_fit
+
+    monkeypatch.setattr(gpu_fit, "nf4_missing", lambda: "nf4 needs torchao, which failed here: ImportError")
+    args = gpu_fit.parse_args(["--device", "cpu", "--tiny"])
+    result = gpu_fit.probe(args, "tiny", "nf4", 0.01)
+    assert (result.status, result.note) == ("skipped", "nf4 needs torchao, which failed here: ImportError")
+    assert result.peak_gib is None

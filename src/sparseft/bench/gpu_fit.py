@@ -250,7 +250,9 @@ def probe(args, shape: str, base: str, density: float) -> FitResult:
         result.trainable = sum(p.numel() for p in sparse.sparse_parameters())
         phase = "step"
         result.step_s = train_steps(sparse, device, args.steps, args.batch, args.seq, model.config.vocab_size)
-    except torch.OutOfMemoryError as e:
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not isinstance(e, torch.OutOfMemoryError) and "out of memory" not in str(e):
+            raise  # a bug, not a size: the parent records the try as failed, with this error
         result.status, result.note = f"oom-{phase}", str(e).splitlines()[0][:200]
     result.peak_gib = memory_gib(device, peak=True)
     return result
@@ -307,16 +309,20 @@ def run_ladder(args, write) -> list[FitResult]:
         print(f"{shape} {base}: {result.status} {result.peak_gib} GiB {result.note}", file=sys.stderr, flush=True)
         return result
 
+    unavailable = set()  # base kinds that cannot be built here (nf4 without torchao)
     for base in args.bases:
         for shape, skip in tries(args, base, card):
             if skip:
                 results.append(FitResult(shape, base, args.density, "skipped", parameter_count(shape), note=skip))
                 continue
-            if attempt(shape, base, args.density).status == "fits":
+            status = attempt(shape, base, args.density).status
+            if status == "skipped":
+                unavailable.add(base)
+            if status in ("fits", "skipped"):
                 break
     done = {(r.shape, r.base, r.density) for r in results}
     for shape, base, density in args.anchors:
-        if (shape, base, density) not in done:
+        if (shape, base, density) not in done and base not in unavailable:
             attempt(shape, base, density)
     write(results)
     return results
