@@ -201,8 +201,10 @@ def train_steps(sparse, device: torch.device, steps: int, batch: int, seq: int, 
 def parameter_count(shape: str) -> int:
     """Parameters of ``shape`` from its config alone (nothing built)."""
     c = SHAPES[shape]
-    h, inter, layers, vocab = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
-    return layers * linear_params_per_layer(shape) + layers * 2 * h + h + vocab * h * (1 if c["tie_word_embeddings"] else 2)
+    h, layers, vocab = c["hidden_size"], c["num_hidden_layers"], c["vocab_size"]
+    norms = (2 * layers + 1) * h
+    embeddings = vocab * h * (1 if c["tie_word_embeddings"] else 2)  # input embeddings, and the head unless tied
+    return layers * linear_params_per_layer(shape) + norms + embeddings
 
 
 def linear_params_per_layer(shape: str) -> int:
