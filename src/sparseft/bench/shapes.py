@@ -36,6 +36,19 @@ SHAPES: dict[str, dict[str, Any]] = {
                num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=2048, tie_word_embeddings=True),
     "3b": dict(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
                num_attention_heads=24, num_key_value_heads=8, max_position_embeddings=2048, tie_word_embeddings=True),
+    # Published configs of larger Llamas, for the GPU fit probe (``bench.gpu_fit``): never built whole on a CPU.
+    "8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,  # Llama 3 8B
+               num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=2048, tie_word_embeddings=False),
+    "13b": dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,  # Llama 2 13B
+                num_attention_heads=40, num_key_value_heads=40, max_position_embeddings=2048, tie_word_embeddings=False),
+    "34b": dict(vocab_size=32000, hidden_size=8192, intermediate_size=22016, num_hidden_layers=48,  # Code Llama 34B
+                num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=2048, tie_word_embeddings=False),
+    "65b": dict(vocab_size=32000, hidden_size=8192, intermediate_size=22016, num_hidden_layers=80,  # LLaMA 65B (QLoRA's)
+                num_attention_heads=64, num_key_value_heads=64, max_position_embeddings=2048, tie_word_embeddings=False),
+    "70b": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,  # Llama 3 70B
+                num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=2048, tie_word_embeddings=False),
+    "405b": dict(vocab_size=128256, hidden_size=16384, intermediate_size=53248, num_hidden_layers=126,  # Llama 3.1 405B
+                 num_attention_heads=128, num_key_value_heads=8, max_position_embeddings=2048, tie_word_embeddings=False),
 }
 
 

@@ -27,7 +27,7 @@ BACKENDS = ("auto", "triton", *METHODS)
 # A roofline estimate, not a measurement (docs/kernels.md, "Where it should win"): an SDDMM entry reads
 # ~T activations from memory while a dense dW element costs 2T FLOP, so the kernel wins at low density.
 # 1% is included so the step benchmark exercises the kernel at both of its densities; tune it from
-# bench/gpu_step.py results.
+# the crossover that ``python -m sparseft.bench.sddmm_gpu`` prints on the GPU.
 GPU_SDDMM_MAX_DENSITY = 0.01
 
 
