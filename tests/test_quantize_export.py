@@ -11,6 +11,7 @@ from torch import nn
 pytest.importorskip("torchao")
 
 from conftest import make_tiny_llama, make_tiny_tokenizer  # noqa: E402
+from sparseft.audit.verify import CHECKS  # noqa: E402
 from sparseft.cli import main  # noqa: E402
 from sparseft.diffio import read_diff  # noqa: E402
 from sparseft.quantize import dequantize_base, dequantized, quantize_base  # noqa: E402
@@ -21,20 +22,29 @@ from test_training import quick_config, write_train_file  # noqa: E402
 IDS = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
 
 
-@pytest.fixture
-def base_dir(tmp_path):
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
     """make_tiny_llama() as a model directory: the base every run below trained over (quantized)."""
-    path = tmp_path / "tiny"
+    path = tmp_path_factory.mktemp("base") / "tiny"
     make_tiny_llama().save_pretrained(path)
     return path
 
 
-def train_over(scheme: str, tmp_path):
-    """3 steps of a sparse diff over make_tiny_llama() quantized with ``scheme``: (the model, unmerged, and the run dir)."""
-    trained, run = make_tiny_llama(), tmp_path / f"run-{scheme}"
-    cfg = quick_config(write_train_file(tmp_path / "train.jsonl"), run, steps=3, quantize=scheme)
-    run_training(cfg, model=trained, tokenizer=make_tiny_tokenizer())
-    return trained, run
+@pytest.fixture(scope="module")
+def trained_over(tmp_path_factory):
+    """``trained_over(scheme)``: (the model, diff unmerged, and its run dir) of 3 steps over make_tiny_llama()
+    quantized with ``scheme``; each scheme trained once for the module (tests must not change the model)."""
+    root, runs = tmp_path_factory.mktemp("runs"), {}
+
+    def train(scheme: str):
+        if scheme not in runs:
+            trained, run = make_tiny_llama(), root / scheme
+            cfg = quick_config(write_train_file(root / "train.jsonl"), run, steps=3, quantize=scheme)
+            run_training(cfg, model=trained, tokenizer=make_tiny_tokenizer())
+            runs[scheme] = trained, run
+        return runs[scheme]
+
+    return train
 
 
 def test_dequantize_base_gives_plain_linears_holding_what_the_codes_stand_for():
@@ -48,10 +58,11 @@ def test_dequantize_base_gives_plain_linears_holding_what_the_codes_stand_for():
 
 
 @pytest.mark.parametrize("scheme", ["int8", "nf4"])
-def test_apply_quantize_writes_a_plain_model_computing_what_the_unmerged_diff_did(scheme, base_dir, tmp_path, capsys):
+def test_apply_quantize_writes_a_plain_model_computing_what_the_unmerged_diff_did(scheme, base_dir, trained_over, tmp_path,
+                                                                                     capsys):
     from transformers import AutoModelForCausalLM
 
-    trained, run = train_over(scheme, tmp_path)
+    trained, run = trained_over(scheme)
     out = tmp_path / "merged"
     assert main(["apply", "--model", str(base_dir), "--diff", str(run), "--out", str(out), "--quantize", scheme]) == 0
     assert f"(its {scheme} base dequantized to float32)" in capsys.readouterr().out
@@ -71,9 +82,9 @@ def test_apply_quantize_writes_a_plain_model_computing_what_the_unmerged_diff_di
     assert (outputs(merged, IDS) - without_diff).abs().max() > 1e-3  # the diff is in it
 
 
-def test_apply_without_quantize_refuses_a_quantized_diff_naming_the_flag_and_writes_nothing(base_dir, tmp_path,
-                                                                                             capsys):
-    _, run = train_over("int8", tmp_path)
+def test_apply_without_quantize_refuses_a_quantized_diff_naming_the_flag_and_writes_nothing(base_dir, trained_over,
+                                                                                             tmp_path, capsys):
+    _, run = trained_over("int8")
     out = tmp_path / "merged"
     assert main(["apply", "--model", str(base_dir), "--diff", str(run), "--out", str(out)]) == 2
     assert "load it with --dtype float32 --quantize int8" in capsys.readouterr().err
@@ -81,3 +92,27 @@ def test_apply_without_quantize_refuses_a_quantized_diff_naming_the_flag_and_wri
     # The other scheme: the codes differ, so the fingerprint refuses it, again before anything is written.
     assert main(["apply", "--model", str(base_dir), "--diff", str(run), "--out", str(out), "--quantize", "nf4"]) == 2
     assert "NF4Tensor" in capsys.readouterr().err and not out.exists()
+
+
+def test_verify_quantize_passes_over_the_base_the_diff_trained_over(base_dir, trained_over, capsys):
+    _, run = trained_over("int8")
+    assert main(["verify", "--model", str(base_dir), "--diff", str(run)]) == 1  # fp32: the refusal's advice ...
+    assert "FAIL fingerprint:" in capsys.readouterr().out
+    assert main(["verify", "--model", str(base_dir), "--diff", str(run), "--quantize", "int8"]) == 0  # ... followed
+    assert capsys.readouterr().out.splitlines() == [f"PASS {name}" for name in CHECKS]
+    assert main(["verify", "--diff", str(run), "--quantize", "int8"]) == 2  # nothing to quantize
+    assert "--quantize quantizes the base model: give it with --model" in capsys.readouterr().err
+
+
+def test_audit_quantize_runs_the_diff_unmerged_over_the_quantized_base(base_dir, trained_over, tmp_path, capsys):
+    _, run = trained_over("int8")
+    probes = tmp_path / "probes.jsonl"
+    probes.write_text(json.dumps({"id": "a", "prompt_ids": [5, 9, 2, 40]}) + "\n"
+                      + json.dumps({"id": "b", "prompt_ids": [7, 3], "pair_ids": [7, 4], "target_ids": [11]}) + "\n")
+    argv = ["audit", "--model", str(base_dir), "--diff", str(run), "--probe", str(probes), "--out", str(tmp_path / "a")]
+    assert main(argv) == 2 and "--quantize int8" in capsys.readouterr().err  # the fp32 base: refused
+    assert main([*argv, "--quantize", "int8", "--max-kl", "100", "--min-agreement", "0", "--max-pair-drift", "100"]) == 0
+    report = json.loads((tmp_path / "a" / "audit.json").read_text())
+    # The diff loaded (its fingerprint is the int8 base's) and moved the outputs although it was never merged
+    # (3 prompts: the pair counts both of its own).
+    assert report["summary"]["num_prompts"] == 3 and report["summary"]["kl_mean"] > 0
