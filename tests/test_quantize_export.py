@@ -32,17 +32,17 @@ def base_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained_over(tmp_path_factory):
-    """``trained_over(scheme)``: (the model, diff unmerged, and its run dir) of 3 steps over make_tiny_llama()
-    quantized with ``scheme``; each scheme trained once for the module (tests must not change the model)."""
+    """``trained_over(scheme, dtype)``: (the model, diff unmerged, and its run dir) of 3 steps over make_tiny_llama()
+    in ``dtype`` quantized with ``scheme``; each trained once for the module (tests must not change the model)."""
     root, runs = tmp_path_factory.mktemp("runs"), {}
 
-    def train(scheme: str):
-        if scheme not in runs:
-            trained, run = make_tiny_llama(), root / scheme
-            cfg = quick_config(write_train_file(root / "train.jsonl"), run, steps=3, quantize=scheme)
+    def train(scheme: str, dtype: str = "float32"):
+        if (scheme, dtype) not in runs:
+            trained, run = make_tiny_llama().to(getattr(torch, dtype)), root / f"{scheme}-{dtype}"
+            cfg = quick_config(write_train_file(root / "train.jsonl"), run, steps=3, quantize=scheme, dtype=dtype)
             run_training(cfg, model=trained, tokenizer=make_tiny_tokenizer())
-            runs[scheme] = trained, run
-        return runs[scheme]
+            runs[scheme, dtype] = trained, run
+        return runs[scheme, dtype]
 
     return train
 
@@ -57,29 +57,37 @@ def test_dequantize_base_gives_plain_linears_holding_what_the_codes_stand_for():
     assert not any(type(p.data).__name__ == "NF4Tensor" for p in model.parameters())
 
 
-@pytest.mark.parametrize("scheme", ["int8", "nf4"])
-def test_apply_quantize_writes_a_plain_model_computing_what_the_unmerged_diff_did(scheme, base_dir, trained_over, tmp_path,
-                                                                                     capsys):
+# fp32: the merged model's matmul also takes in Δ, and torchao's int8 linear applies the row scales after its
+# matmul, so only the order of float32 sums differs. bf16: each output rounds to bf16; 2 ulps at the tiny
+# model's logits (|logit| < 0.5; measured: 2.9e-3 int8, 2.0e-3 nf4).
+TOLERANCE = {"float32": dict(rtol=1e-5, atol=1e-5), "bfloat16": dict(rtol=0, atol=2 ** -8)}
+
+
+@pytest.mark.parametrize("scheme, dtype", [("int8", "float32"), ("nf4", "float32"), ("nf4", "bfloat16")])
+def test_apply_quantize_writes_a_plain_model_computing_what_the_unmerged_diff_did(scheme, dtype, base_dir, trained_over,
+                                                                                     tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
-    trained, run = trained_over(scheme)
+    trained, run = trained_over(scheme, dtype)
     out = tmp_path / "merged"
-    assert main(["apply", "--model", str(base_dir), "--diff", str(run), "--out", str(out), "--quantize", scheme]) == 0
-    assert f"(its {scheme} base dequantized to float32)" in capsys.readouterr().out
+    assert main(["apply", "--model", str(base_dir), "--diff", str(run), "--out", str(out), "--quantize", scheme,
+                 "--dtype", dtype]) == 0
+    assert f"(its {scheme} base dequantized to {dtype})" in capsys.readouterr().out
 
-    merged = AutoModelForCausalLM.from_pretrained(out)  # plain transformers, no sparseft, no torchao
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype="auto")  # plain transformers, no sparseft, no torchao
     q_proj = merged.model.layers[0].self_attn.q_proj
-    assert type(q_proj) is nn.Linear and q_proj.weight.dtype == torch.float32
-    # The merged weight is dequantized(W) + Δ (fp32: the values added exactly as the unmerged forward adds them) ...
+    assert type(q_proj) is nn.Linear and q_proj.weight.dtype == getattr(torch, dtype)
+    # The merged weight is dequantized(W) + Δ, Δ rounded once to the dtype ...
     diff, name = read_diff(run), "model.layers.0.self_attn.q_proj"
-    expected = dequantized(quantize_base(make_tiny_llama(), scheme).get_submodule(name).weight).reshape(-1).clone()
-    expected.index_add_(0, diff.masks[name].long(), diff.values[name].float())
+    base = quantize_base(make_tiny_llama().to(getattr(torch, dtype)), scheme)
+    expected = dequantized(base.get_submodule(name).weight).reshape(-1).clone()
+    expected.index_add_(0, diff.masks[name].long(), diff.values[name].to(expected.dtype))
     assert torch.equal(q_proj.weight.reshape(-1), expected)
-    # ... so its logits are those of the diff unmerged over the codes, up to the order of float32 sums
-    # (torchao's int8 linear scales after the matmul; the merged model's matmul also takes in Δ).
-    torch.testing.assert_close(outputs(merged, IDS), outputs(trained, IDS), rtol=1e-5, atol=1e-5)
-    without_diff = outputs(dequantize_base(quantize_base(make_tiny_llama(), scheme)), IDS)
+    # ... so its logits are those of the diff unmerged over the codes, up to float rounding.
+    torch.testing.assert_close(outputs(merged, IDS), outputs(trained, IDS), **TOLERANCE[dtype])
+    without_diff = outputs(dequantize_base(base), IDS)
     assert (outputs(merged, IDS) - without_diff).abs().max() > 1e-3  # the diff is in it
+
 
 
 def test_apply_without_quantize_refuses_a_quantized_diff_naming_the_flag_and_writes_nothing(base_dir, trained_over,
