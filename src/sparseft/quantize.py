@@ -143,6 +143,26 @@ def quantize_base(model: nn.Module, scheme: str) -> nn.Module:
     return model
 
 
+def dequantize_base(model: nn.Module) -> nn.Module:
+    """Turn every quantized linear layer of ``model`` back into a plain ``nn.Linear`` in place, its weight
+    the dense one its codes stand for (``dequantized``, in the dtype it was quantized from); returns
+    ``model``. For export (``sparseft apply --quantize``): a diff trained over the quantized base merges
+    into these weights, so the merged model computes what the diff unmerged over the codes did. These
+    are not the weights ``quantize_base`` started from (quantization rounded them), and a wrapping
+    ``SparseModel``'s base fingerprint, taken over the codes, no longer describes them.
+
+        >>> plain = dequantize_base(quantize_base(make_tiny_llama(), "int8"))  # doctest: +SKIP
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and is_quantized(module.weight):
+            stored = module.weight
+            # One layer at a time: the codes are freed as the dense weight replaces them.
+            module.weight = nn.Parameter(dequantized(stored).to(stored.dtype), requires_grad=False)
+            if type(module) is QuantizedLinear:
+                module.__class__ = nn.Linear  # the plain forward again: a dense weight needs no custom backward
+    return model
+
+
 def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
     """The plain ``nn.Linear`` layers to quantize: all but a head tied to the input embeddings."""
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None

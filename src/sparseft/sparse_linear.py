@@ -247,7 +247,8 @@ def check_not_quantized(layers: dict[str, SparseLinear]) -> None:
         raise MergeStateError(
             f"cannot merge into {quantized[0]}: its weight is quantized ({kind}){more}, and a delta cannot be written "
             "into its codes; over a quantized base the delta stays unmerged (the forward adds it, y = base_q(x) + Δ(x)). "
-            "A merged model needs a diff trained over the full-precision base (then sparseft apply)"
+            "To merge into the dense weights the codes stand for, dequantize them first "
+            "(sparseft.quantize.dequantize_base; sparseft apply --quantize does)"
         )
 
 

@@ -2,7 +2,8 @@
 
 Only one copy of the base is held: the base pass runs on the plain model, then the diff is loaded
 onto it (validated, fingerprint-checked), merged for the fine-tuned pass, and taken out again, so
-the caller's model ends bitwise as it started.
+the caller's model ends bitwise as it started. Over a quantized base (``quantize_base``) the diff stays
+unmerged for that pass (y = base_q(x) + Δ(x)): codes cannot take it, and that is the model it trained as.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import nn
 
 from ..diffio import check_against_model, read_diff, target_weights
 from ..model import SparseModel
+from ..quantize import is_quantized
 from .drift import pair_rows, prompt_rows, run_pass
 from .probes import Probe, default_probe_file, load_probes
 from .report import Thresholds, build_report
@@ -49,7 +51,8 @@ def audit_probes(
     try:
         base = run_pass(model, probes, batch_size)
         sparse = SparseModel.from_pretrained(model, diff_path, allow_unverified_base=allow_unverified_base)
-        sparse.merge()
+        if not any(is_quantized(layer.weight) for layer in sparse.sparse_layers().values()):
+            sparse.merge()  # the plain forward; over codes the layers add the delta themselves
         tuned = run_pass(model, probes, batch_size)
     finally:
         if sparse is not None:

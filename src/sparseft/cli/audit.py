@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .options import add_model_options, add_unverified_base_option
+from .options import add_model_options, add_quantize_option, add_unverified_base_option
 
 
 def add_parser(sub):
@@ -17,6 +17,8 @@ def add_parser(sub):
         "Writes audit.json and audit.md. Exit 0 when every gate passes, 1 when one fails, 2 on bad input.",
     )
     add_model_options(p)
+    add_quantize_option(p, "audit over", "a diff trained with the same --quantize and --dtype, run unmerged over it; "
+                        "the base pass runs over the same quantized base")
     p.add_argument("--diff", required=True, metavar="DIR", help="diff directory")
     p.add_argument("--probe", metavar="FILE.jsonl", help="probe set (default: the set shipped with sparseft)")
     p.add_argument("--max-kl", type=float, default=limits.max_kl,
@@ -51,10 +53,11 @@ def run(args) -> int:
 
     from ..audit.behaviour import audit_diff
     from ..audit.report import Thresholds, write_report
-    from ..loading import load_model, load_tokenizer
+    from ..loading import load_tokenizer
+    from ..methods.registry import load_base
 
     check_inputs(args)
-    model = load_model(args.model, dtype=args.dtype)
+    model = load_base(args.model, dtype=args.dtype, quantize=args.quantize)
     limits = Thresholds(args.max_kl, args.min_agreement, args.max_pair_drift)
     report = audit_diff(model, args.diff, args.probe, load_tokenizer(args.model, required=False), limits,
                         args.batch_size, model_name=str(args.model), allow_unverified_base=args.allow_unverified_base)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from .options import add_model_options
+from .options import add_model_options, add_quantize_option
 
 
 def add_parser(sub):
@@ -17,15 +17,20 @@ def add_parser(sub):
     )
     p.add_argument("--diff", required=True, metavar="DIR", help="diff directory")
     add_model_options(p, required=False, what="base model for the shape and fingerprint checks")
+    add_quantize_option(p, "check against", "a diff trained with the same --quantize and --dtype; needs --model")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
     return p
 
 
 def run(args) -> int:
     from ..audit.verify import failed, format_verification, results_json, verify_diff
-    from ..loading import load_model
+    from ..errors import ConfigError
+    from ..methods.registry import load_base
 
-    model = load_model(args.model, dtype=args.dtype) if args.model else None
+    if args.quantize and not args.model:
+        raise ConfigError("--quantize quantizes the base model: give it with --model (without it only the "
+                          "integrity checks run)")
+    model = load_base(args.model, dtype=args.dtype, quantize=args.quantize) if args.model else None
     results = verify_diff(args.diff, model)
     print(json.dumps(results_json(results), indent=2) if args.json else format_verification(results))
     return 1 if failed(results) else 0
