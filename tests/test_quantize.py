@@ -21,6 +21,7 @@ from sparseft.quantize import (NF4_BLOCK, QuantizedLinear, dequantized, linear_l
                                quantize_sparse_model, to_nf4_weight)
 from sparseft.tasks import ROUTING_DATA  # noqa: E402
 from sparseft.training import run_training  # noqa: E402
+from test_evaluate import model_dir  # noqa: E402,F401 - fixture: the tiny model saved with a tokenizer
 from test_tasks import char_tokenizer  # noqa: E402
 from test_training import quick_config, write_train_file  # noqa: E402
 
@@ -228,21 +229,13 @@ def test_nf4_over_a_bfloat16_base_trains_reloads_and_evaluates_the_same(train_fi
     assert scores[0] == scores[1]
 
 
-@pytest.fixture
-def base_dir(tmp_path):
-    """make_tiny_llama() saved with a tokenizer, as ``sparseft eval --model`` loads it."""
-    path = tmp_path / "tiny"
-    make_tiny_llama().save_pretrained(path)
-    char_tokenizer(chat=True).save_pretrained(path)
-    return path
-
 
 def eval_argv(base_dir, diff) -> list[str]:
     return ["eval", "--model", str(base_dir), "--diff", str(diff), "--task", "routing",
             "--data", str(ROUTING_DATA / "test.jsonl"), "--limit", "4"]
 
 
-def test_eval_quantize_scores_the_diff_unmerged_over_the_base_it_trained_over(base_dir, train_file, tmp_path,
+def test_eval_quantize_scores_the_diff_unmerged_over_the_base_it_trained_over(model_dir, train_file, tmp_path,
                                                                                capsys, monkeypatch):
     trained = make_tiny_llama()
     run_training(quick_config(train_file, tmp_path / "run", steps=4, quantize="int8"), model=trained,
@@ -251,7 +244,7 @@ def test_eval_quantize_scores_the_diff_unmerged_over_the_base_it_trained_over(ba
     real = evaluate_module.evaluate_records
     monkeypatch.setattr(evaluate_module, "evaluate_records", lambda model, *a, **k: scored.append(model) or real(model, *a, **k))
 
-    assert main([*eval_argv(base_dir, tmp_path / "run"), "--quantize", "int8", "--json"]) == 0
+    assert main([*eval_argv(model_dir, tmp_path / "run"), "--quantize", "int8", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["adapter"] == "sparse" and report["extra"]["quantize"] == "int8"
     q_proj = scored[0].model.layers[0].self_attn.q_proj
@@ -259,7 +252,7 @@ def test_eval_quantize_scores_the_diff_unmerged_over_the_base_it_trained_over(ba
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
     assert torch.equal(outputs(scored[0], ids), outputs(trained, ids))
 
-    assert main(eval_argv(base_dir, tmp_path / "run")) == 2  # the fp32 base: refused, naming the flag that fixes it
+    assert main(eval_argv(model_dir, tmp_path / "run")) == 2  # the fp32 base: refused, naming the flag that fixes it
     assert "weights are float32; the diff was trained over a base with float32 non-quantized weights and int8 " \
            "linear weights; load it with --dtype float32 --quantize int8" in capsys.readouterr().err
 
