@@ -49,3 +49,10 @@ def test_the_command_prints_the_tables_and_refuses_a_pair_it_has_no_group_for(tm
     assert "| a − b | +37.50 |" in capsys.readouterr().out
     assert main([str(path), "--group", "a=a", "--vs", "a:c"]) == 2
     assert "--vs 'a:c': expected A:B with A and B among the groups ['a']" in capsys.readouterr().err
+
+
+def test_a_file_that_is_not_a_grids_results_is_refused(tmp_path, capsys):
+    path = tmp_path / "other.json"
+    path.write_text(json.dumps({"rows": []}))
+    assert main([str(path), "--group", "a=a"]) == 2
+    assert "not a grid's results.json: expected 'rows' and 'task.primary_metric'" in capsys.readouterr().err

@@ -60,6 +60,10 @@ def group_rows(results: dict[str, Any], groups: dict[str, list[str]]) -> dict[st
 def compare(results: dict[str, Any], groups: dict[str, list[str]], pairs: list[tuple[str, str]]) -> dict[str, Any]:
     """``{"metric", "groups": {name: {mean, std, values, rows, seeds}}, "pairs": {"A-B": interval}}``;
     values in the metric's own units (accuracy as a fraction)."""
+    if not isinstance(results, dict) or not isinstance(results.get("rows"), list) or \
+            not isinstance(results.get("task"), dict) or "primary_metric" not in results["task"]:
+        raise ConfigError("not a grid's results.json: expected 'rows' and 'task.primary_metric' "
+                          "(what sparseft bench writes)")
     metric = results["task"]["primary_metric"]
     rows = group_rows(results, groups)
     stats = {}
