@@ -272,6 +272,8 @@ def test_shipped_reselect_config_compares_growth_over_one_and_four_batches(tmp_p
     rows = {(r.lr, r.reselect_every, r.reselect_growth_batches) for r in cfg.runs}
     assert rows == {(1e-3, None, None), (1e-3, 10, 1), (1e-3, 10, 4)}
     assert cfg.validation_task and cfg.seeds and all(r.method == "sparse" and r.scorer == "combined" for r in cfg.runs)
+
+
 def test_base_weights_are_row_knobs_and_unset_ones_leave_the_worker_spec_as_it_was(tmp_path):
     from sparseft.bench.grid import worker_spec
     from sparseft.bench.results import row_label
@@ -288,6 +290,32 @@ def test_base_weights_are_row_knobs_and_unset_ones_leave_the_worker_spec_as_it_w
     assert row_label({"method": "sparse", "scorer": "random", "quantize": "int4", "dtype": "bfloat16"}) == \
         "sparse/random (int4 from bfloat16 base)"
     assert row_label({"method": "sparse", "scorer": "random"}) == "sparse/random"  # rows from before
+
+
+def test_quantize_init_is_a_quantized_rows_knob_whose_zero_keeps_earlier_specs(tmp_path):
+    """Rows over a quantized base ran with values starting at 0 before quantize_init existed: a row that
+    says "zero" keeps that worker spec (no key), so --resume still finds it; "correction" is named."""
+    from sparseft.bench.grid import worker_spec
+    from sparseft.bench.results import row_label
+    from sparseft.bench.worker import train_config
+
+    runs = [{"id": "zero", "method": "sparse", "scorer": "random", "lr": 1e-2, "quantize": "int8", "quantize_init": "zero"},
+            {"id": "corr", "method": "sparse", "scorer": "random", "lr": 1e-2, "quantize": "int8",
+             "quantize_init": "correction"},
+            {"id": "unset", "method": "sparse", "scorer": "random", "lr": 1e-2, "quantize": "int8"},
+            {"id": "plain", "method": "sparse", "scorer": "random", "lr": 1e-2}]
+    cfg = parse_bench_config(tiny_raw(runs=runs), base_dir=TINY.parent)
+    zero, corr, unset, plain = (worker_spec(cfg, run, "tiny", tmp_path / "train.jsonl", tmp_path) for run in cfg.runs)
+    assert "quantize_init" not in zero["run"] and "quantize_init" not in plain["run"]
+    assert corr["run"]["quantize_init"] == unset["run"]["quantize_init"] == "correction"  # TrainConfig's default
+    assert [train_config(job, "cpu").quantize_init for job in (zero, corr)] == ["zero", "correction"]
+    assert row_label({"method": "sparse", "scorer": "combined", "quantize": "nf4", "quantize_init": "correction"}) == \
+        "sparse/combined (nf4 base, values from its error)"
+    for bad, message in ((dict(quantize_init="correction"), r"quantize_init applies to rows with quantize"),
+                         (dict(quantize="int8", quantize_init="half"), r"quantize_init must be one of")):
+        row = {"id": "bad", "method": "sparse", "scorer": "random", "lr": 1e-2, **bad}
+        with pytest.raises(ConfigError, match=message):
+            parse_bench_config(tiny_raw(runs=[row]), base_dir=TINY.parent)
 
 
 @pytest.mark.slow
@@ -338,8 +366,12 @@ def test_shipped_quantized_base_config_parses(tmp_path):
     assert [(r.dtype, r.quantize, r.seed) for r in cfg.runs[:5]] == [(*base, None) for base in bases]
     # Then seeds 1 and 2 of the fp32, bf16 and bf16+nf4 bases, and nf4 over the fp32 rest with 3 seeds.
     seeded = [(None, None), ("bfloat16", None), ("bfloat16", "nf4")]
-    assert [(r.dtype, r.quantize, r.seed) for r in cfg.runs[5:]] == (
+    assert [(r.dtype, r.quantize, r.seed) for r in cfg.runs[5:14]] == (
         [(*base, seed) for base in seeded for seed in (1, 2)] + [(None, "nf4", seed) for seed in (None, 1, 2)])
+    # Those ran with values starting at 0; then both 4-bit bases again, values starting at the error.
+    assert {r.quantize_init for r in cfg.runs[:14] if r.quantize} == {"zero"}
+    assert [(r.dtype, r.quantize, r.quantize_init, r.seed) for r in cfg.runs[14:]] == [
+        (dtype, "nf4", "correction", seed) for dtype in (None, "bfloat16") for seed in (None, 1, 2)]
     # One recipe, that of the protocol's sparse-combined row at lr 1e-3; only the base differs.
     (combined,) = [r for r in protocol.runs if r.id == "sparse-combined-lr0.001"]
     recipe = lambda r: (r.method, r.scorer, r.lr, r.density, r.num_params, r.calibration_batches)  # noqa: E731

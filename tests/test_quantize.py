@@ -17,8 +17,8 @@ from sparseft.errors import ConfigError, FingerprintMismatchError, MergeStateErr
 from sparseft.evaluate import evaluate  # noqa: E402
 from sparseft.loading import load_model  # noqa: E402
 from sparseft.methods import get_method  # noqa: E402
-from sparseft.quantize import (NF4_BLOCK, QuantizedLinear, dequantized, linear_layers, quantize_base,  # noqa: E402
-                               quantize_sparse_model, to_nf4_weight)
+from sparseft.quantize import (NF4_BLOCK, QuantizedLinear, dequantized, is_quantized, linear_layers,  # noqa: E402
+                               quantize_base, quantize_sparse_model, to_nf4_weight)
 from sparseft.tasks import ROUTING_DATA  # noqa: E402
 from sparseft.training import run_training  # noqa: E402
 from test_evaluate import model_dir  # noqa: E402,F401 - fixture: the tiny model saved with a tokenizer
@@ -74,10 +74,39 @@ def test_a_diff_over_a_quantized_base_refuses_other_bases(train_file, tmp_path, 
     (dict(quantize="int3"), r"quantize must be one of \['int4', 'int8', 'nf4'\], got 'int3'"),
     (dict(quantize="int8", method="lora"), "quantize applies to sparse runs only"),
     (dict(quantize="int8", fsdp=True), "quantize cannot be combined with fsdp"),
+    (dict(quantize="nf4", quantize_init="lofi"), r"quantize_init must be one of \['correction', 'zero'\], got 'lofi'"),
 ])
 def test_bad_quantize_settings_are_refused(overrides, message, tmp_path):
     with pytest.raises(ConfigError, match=message):
         quick_config(tmp_path / "train.jsonl", tmp_path / "out", **overrides)
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "nf4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_correction_init_starts_the_selected_entries_at_their_full_precision_weights(scheme, dtype):
+    """dequantized(W) + value == W at every selected entry (up to one fp32 rounding of the sum), and
+    init="zero" leaves the values at 0."""
+    config = SparseConfig(density=0.05, scorer="random", seed=0)
+    original = {name: m.weight.detach().clone() for name, m in linear_layers(make_tiny_llama(dtype=dtype)).items()}
+    corrected = quantize_sparse_model(get_sparse_model(make_tiny_llama(dtype=dtype), config), scheme)
+    zero = quantize_sparse_model(get_sparse_model(make_tiny_llama(dtype=dtype), config), scheme, init="zero")
+    for name, layer in corrected.sparse_layers().items():
+        assert is_quantized(layer.weight)
+        rounded = dequantized(layer.weight).reshape(-1)[layer.indices].float()
+        wanted = original[name].reshape(-1)[layer.indices].float()
+        assert not torch.equal(rounded, wanted)  # quantization moved these entries ...
+        torch.testing.assert_close(rounded + layer.values.detach(), wanted, rtol=0, atol=1e-6)  # ... the values undo it
+        assert layer.values.requires_grad
+        assert torch.count_nonzero(zero.get_submodule(name).values) == 0
+
+
+def test_a_run_over_a_quantized_base_records_where_its_values_started(train_file, tmp_path):
+    run_training(quick_config(train_file, tmp_path / "a", steps=1, quantize="int8"), model=make_tiny_llama(),
+                 tokenizer=make_tiny_tokenizer())
+    run_training(quick_config(train_file, tmp_path / "b", steps=1, quantize="int8", quantize_init="zero"),
+                 model=make_tiny_llama(), tokenizer=make_tiny_tokenizer())
+    inits = [read_diff(tmp_path / run).provenance["train_config"]["quantize_init"] for run in ("a", "b")]
+    assert inits == ["correction", "zero"]
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4", "nf4"])
@@ -285,3 +314,31 @@ def test_a_bf16_nf4_diff_on_an_fp32_nf4_base_is_refused_naming_what_differs(trai
     with pytest.raises(FingerprintMismatchError, match="made for a different base model .*; if it is that model, it "
                                                        "must also be loaded in the --dtype it was quantized from"):
         SparseModel.from_pretrained(fp32_nf4, tmp_path / "run")
+
+
+def test_quant_correction_scores_a_diff_as_trained_and_with_its_entries_back_at_full_precision(
+        model_dir, train_file, tmp_path, capsys):
+    from sparseft.bench import quant_correction
+
+    model = load_model(model_dir)
+    run_training(quick_config(train_file, tmp_path / "run", steps=2, quantize="nf4", quantize_init="zero"),
+                 model=load_model(model_dir), tokenizer=make_tiny_tokenizer())
+    diff = read_diff(tmp_path / "run")
+    originals, rounded = quant_correction.rounded_weights(model, "nf4")
+    for add_error, wanted in ((False, rounded), (True, originals)):
+        quant_correction.set_weights(model, rounded, originals, diff, add_error)
+        for name, module in linear_layers(model).items():
+            weight = module.weight.detach().reshape(-1)
+            if name not in diff.masks:  # not a target (the tiny model's untied head): the rounded weight
+                assert torch.equal(weight, rounded[name].reshape(-1))
+                continue
+            indices = diff.masks[name]
+            torch.testing.assert_close(weight[indices], wanted[name].reshape(-1)[indices] + diff.values[name].float())
+
+    argv = ["--model", str(model_dir), "--task", "routing", "--data", str(ROUTING_DATA / "test.jsonl"), "--limit", "8"]
+    assert quant_correction.main([str(tmp_path / "run"), "--quantize", "nf4", *argv]) == 0
+    assert "| run | " in capsys.readouterr().out
+    assert quant_correction.main([str(tmp_path / "run"), str(tmp_path / "run"), "--quantize", "nf4", *argv]) == 0
+    assert "| mean of 2 | " in capsys.readouterr().out
+    assert quant_correction.main([str(tmp_path / "run"), "--quantize", "int8", *argv]) == 2  # not its base
+    assert "trained over nf4 base in float32, not int8 in float32" in capsys.readouterr().err

@@ -34,7 +34,7 @@ import yaml
 from ..errors import ConfigError
 from ..hfdata import PREFIX as HF_PREFIX
 from ..methods import METHODS, Method, get_method, training_methods
-from ..quantize import QUANT_SCHEMES, require_torchao
+from ..quantize import QUANT_INITS, QUANT_SCHEMES, require_torchao
 
 BASE_ROW_ID = "base"
 BASE_DTYPES = ("float32", "bfloat16")  # what a row's dtype may say (float16 trains poorly on CPU)
@@ -62,6 +62,9 @@ class RunSpec:
     # weight-only quantized as quantize says (sparse only). The base row stays the fp32 base.
     dtype: str | None = None
     quantize: str | None = None
+    # With quantize: where the values start, "correction" (when None) or "zero" (how rows ran before
+    # TrainConfig.quantize_init existed; a row saying so keeps its earlier worker spec for --resume).
+    quantize_init: str | None = None
     validation_every: int | None = None  # the grid's validation_every when None (any training method)
     curve_limit: int | None = None  # the grid's curve_limit when None
 
@@ -334,7 +337,12 @@ def check_base_weights(run: RunSpec, method: Method, at: str) -> None:
     if run.dtype is not None and run.dtype not in BASE_DTYPES:
         raise ConfigError(f"{at} ({run.id}): dtype must be one of {BASE_DTYPES}, got {run.dtype!r}")
     if run.quantize is None:
+        if run.quantize_init is not None:
+            raise ConfigError(f"{at} ({run.id}): quantize_init applies to rows with quantize (where the values "
+                              f"start over a quantized base)")
         return
+    if run.quantize_init is not None and run.quantize_init not in QUANT_INITS:
+        raise ConfigError(f"{at} ({run.id}): quantize_init must be one of {QUANT_INITS}, got {run.quantize_init!r}")
     if not method.quantizes_base:
         able = [name for name in training_methods() if get_method(name).quantizes_base]
         raise ConfigError(f"{at} ({run.id}): quantize applies to {'/'.join(able)} rows only (a diff over the "

@@ -240,6 +240,14 @@ def row_id_of(spec: RunSpec | None) -> str:
     return spec.id if spec else BASE_ROW_ID
 
 
+def resolve_quantize_init(run: dict[str, Any]) -> None:
+    """A quantized row's spec names ``quantize_init`` unless it is "zero": rows run before the option
+    existed started at zero and have no such key, so --resume still finds them equal."""
+    init = run.pop("quantize_init", None)
+    if run.get("quantize") and (init or "correction") != "zero":
+        run["quantize_init"] = init or "correction"
+
+
 def worker_spec(cfg: BenchConfig, spec: RunSpec | None, model: str, train_file: Path, row_dir: Path) -> dict[str, Any]:
     """Everything one worker process needs, as plain JSON."""
     run = spec.to_dict() if spec else {"id": BASE_ROW_ID, "method": "base"}
@@ -248,6 +256,7 @@ def worker_spec(cfg: BenchConfig, spec: RunSpec | None, model: str, train_file: 
             del run[key]  # unset: specs stay as they were before rows could carry these (--resume)
     for key in ("validation_every", "curve_limit"):  # resolved into job["curve"] below
         run.pop(key, None)
+    resolve_quantize_init(run)
     run = get_method(run["method"]).complete_run(run, cfg.density)
     job = {
         "run": run,

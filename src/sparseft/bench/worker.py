@@ -34,7 +34,7 @@ def empty_row(job: dict[str, Any]) -> dict[str, Any]:
         "trainable_pct": None if method.trains else 0.0,
         "seed": job["seed"], "device": None, "versions": versions(), "row_wall_s": None,
         # The base this row trained over and was scored over (the base row: the fp32 base).
-        "dtype": base_dtype(job), "quantize": run.get("quantize"),
+        "dtype": base_dtype(job), "quantize": run.get("quantize"), "quantize_init": quantize_init(run),
     }
     if method.trains:
         row.update({
@@ -79,6 +79,11 @@ def setup_device(job: dict[str, Any]) -> str:
 # ---------------------------------------------------------------- training
 
 
+def quantize_init(run: dict[str, Any]) -> str | None:
+    """Where a quantized row's values started (its spec has no key for "zero", see grid.resolve_quantize_init)."""
+    return run.get("quantize_init", "zero") if run.get("quantize") else None
+
+
 def train_config(job: dict[str, Any], device: str):
     """The TrainConfig of this row: the grid's shared data and schedule, the row's method and knobs."""
     from ..training import TrainConfig
@@ -90,6 +95,8 @@ def train_config(job: dict[str, Any], device: str):
         grad_accum=job["grad_accum"], max_length=job["max_length"], seed=job["seed"],
         device=device, progress=False, dtype=base_dtype(job), quantize=run.get("quantize"),
     )
+    if run.get("quantize"):
+        fields["quantize_init"] = quantize_init(run)
     if job.get("target_modules"):
         fields["target_modules"] = job["target_modules"]
     fields.update(row_method(job).train_fields(run, job))

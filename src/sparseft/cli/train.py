@@ -6,6 +6,7 @@ import json
 import os
 
 from ..config import DTYPES
+from ..quantize import QUANT_INITS
 from .options import TrainConfigDefaults, add_model_options, add_quantize_option
 
 
@@ -83,6 +84,10 @@ def add_parser(sub):
     run.add_argument("--precision", choices=["auto", "bf16", "fp32"],
                      help="auto: bf16 autocast on CUDA, fp32 on CPU")
     add_quantize_option(run, "train over", "sparse runs")
+    run.add_argument("--quantize-init", choices=list(QUANT_INITS),
+                     help="with --quantize, where the trained values start: correction = each selected "
+                     "entry's quantization error, so those entries begin at their full-precision weights "
+                     "(docs/training.md); zero = 0")
     run.add_argument("--fsdp", action="store_true",
                      help="under torchrun: shard the frozen base over the processes (FSDP2) instead of replicating it "
                      "(sparse runs, no re-selection)")

@@ -13,7 +13,7 @@ from ..config import SparseConfig, convert_fields
 from ..errors import ConfigError
 from ..files import yaml_key_lines
 from ..methods import get_method, training_methods
-from ..quantize import check_scheme
+from ..quantize import check_quant_init, check_scheme
 from .sharding import check_fsdp_config
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -76,6 +76,9 @@ class TrainConfig:
             ``pip install 'sparseft[quant]'``). Entries are selected on the full-precision base, then
             its linear weights are quantized and the diff is fingerprinted against the quantized base
             (see ``sparseft.quantize``).
+        quantize_init: with ``quantize``, where the values start: ``correction`` (the default) at each
+            selected entry's quantization error, so those entries begin at their full-precision weights;
+            ``zero`` at 0 (as before this option existed). A resumed run takes its values from the checkpoint.
     """
 
     model: str = ""
@@ -117,6 +120,7 @@ class TrainConfig:
     precision: str = "auto"
     fsdp: bool = False
     quantize: str | None = None
+    quantize_init: str = "correction"
 
     def __post_init__(self) -> None:
         if not isinstance(self.selection, SparseConfig):
@@ -147,6 +151,7 @@ class TrainConfig:
         get_method(self.method).validate(self)
         if self.fsdp:
             check_fsdp_config(self.method, self.reselecting)
+        check_quant_init(self.quantize_init)
         if self.quantize is not None:
             self.check_quantize()
 

@@ -105,7 +105,7 @@ def run_training(
         model.to(dist.device)  # before selection, so data scorers run on the accelerator
         model, masks, extra = get_method(cfg.method).prepare(cfg, model, examples, pad_token_id(tokenizer), ckpt)
         if cfg.quantize:
-            model = quantize_sparse_model(model, cfg.quantize)  # selected on the full-precision base
+            model = quantize_sparse_model(model, cfg.quantize, cfg.quantize_init)  # selected on the full-precision base
         model.to(dist.device)
         named_params = trainable_parameters(model)
         optimizer = make_optimizer(named_params, cfg)
