@@ -208,8 +208,8 @@ def quantize_sparse_model(sparse, scheme: str, init: str = "correction"):
     ``init="correction"`` adds each selected entry's quantization error W − dequantized(Q(W)) to its
     value (LoftQ's idea, Li et al. 2023, for a low-rank adapter; here exact at the k entries): the
     entries that matter most for the task then start at their full-precision weights instead of their
-    rounded ones. On SST-2 (135M, nf4) adding it to trained diffs recovered most of the 4-bit loss on
-    held-out sentences (docs/training.md, "Starting at the quantization error"). ``"zero"``: values as they were."""
+    rounded ones; added after training to six nf4 diffs it raised held-out SST-2 accuracy by 0.5-1.0 points on
+    average (docs/training.md, "Starting at the quantization error"). ``"zero"``: the values as they were."""
     from .diffio import fingerprints
 
     check_quant_init(init)
