@@ -43,7 +43,7 @@ class SparseFTLM(HFLM):
 
     Example:
         >>> lm = SparseFTLM(pretrained="HuggingFaceTB/SmolLM2-135M", diff="runs/sst2")  # doctest: +SKIP
-        >>> lm = SparseFTLM(pretrained="HuggingFaceTB/SmolLM2-135M", diff="runs/q4", dtype="bfloat16", quantize="nf4")  # doctest: +SKIP
+        >>> lm = SparseFTLM(pretrained=BASE, diff="runs/q4", dtype="bfloat16", quantize="nf4")  # doctest: +SKIP
     """
 
     def __init__(self, pretrained, diff: str | os.PathLike | None = None, quantize: str | None = None,
