@@ -166,3 +166,30 @@ def test_cli_compose_of_different_modules_needs_the_base(tmp_path, tiny_model_di
     assert "--model BASE" in capsys.readouterr().err and not (tmp_path / "qv").exists()
     assert main(args + ["--model", str(tiny_model_dir)]) == 0
     assert read_diff(tmp_path / "qv").num_entries == 20
+
+
+def test_cli_compose_and_diff_stats_check_diffs_over_a_quantized_base_with_quantize(tmp_path, tiny_model_dir, capsys):
+    pytest.importorskip("torchao")
+    from sparseft.quantize import quantize_base, quantize_sparse_model
+
+    names = sorted(find_targets(make_tiny_llama(), TARGETS))
+    for module, seed in (("q_proj", 1), ("v_proj", 2)):  # different modules: only the base can vouch for both
+        config = SparseConfig(density=0.1, target_modules=TARGETS)
+        sparse = get_sparse_model(make_tiny_llama(), config, {n: torch.arange(5) for n in names if module in n})
+        for layer in sparse.sparse_layers().values():
+            layer.values.data.fill_(0.5)  # not 0: compose drops entries that sum to exactly 0
+        write_diff(quantize_sparse_model(sparse, "int8").to_diff(), tmp_path / module)  # fingerprint over the codes
+    diffs, model = [str(tmp_path / "q_proj"), str(tmp_path / "v_proj")], ["--model", str(tiny_model_dir)]
+    out = tmp_path / "qv"
+    assert main(["compose", *diffs, "--out", str(out), *model]) == 2
+    assert "load it with --quantize int8" in capsys.readouterr().err and not out.exists()
+    assert main(["compose", *diffs, "--out", str(out), "--quantize", "int8"]) == 2  # nothing to quantize
+    assert "give it with --model" in capsys.readouterr().err and not out.exists()
+
+    assert main(["compose", *diffs, "--out", str(out), *model, "--quantize", "int8"]) == 0
+    assert "sign conflicts" in capsys.readouterr().out
+    assert set(read_diff(out).base_fingerprint) == {"Int8Tensor"}
+    loaded = SparseModel.from_pretrained(quantize_base(make_tiny_llama(), "int8"), out)  # loads onto that base
+    assert sum(layer.k for layer in loaded.sparse_layers().values()) == 20
+    assert main(["diff-stats", *diffs, "--json", *model, "--quantize", "int8"]) == 0
+    assert json.loads(capsys.readouterr().out)["jaccard"] == 0

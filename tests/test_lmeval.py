@@ -119,3 +119,29 @@ def test_harness_scores_a_diff_as_sparseft_does(base_dir, diff_dir, local_task, 
     acc, lls = harness("hf", f"pretrained={base_dir},peft={adapter}", local_task)
     torch.testing.assert_close(lls, expected, atol=1e-4, rtol=1e-4)
     assert acc == pytest.approx(expected_acc)
+
+
+def test_harness_scores_a_diff_over_a_quantized_base_unmerged_and_refuses_it_without_quantize(base_dir, local_task,
+                                                                                              tmp_path):
+    pytest.importorskip("torchao")
+    from sparseft.errors import FingerprintMismatchError
+    from sparseft.quantize import quantize_base, quantize_sparse_model
+
+    config = SparseConfig(density=0.2, scorer="random", seed=0, value_dtype="float32")
+    trained = quantize_sparse_model(get_sparse_model(tiny_base(), config), "int8")  # fingerprinted over the codes
+    with torch.no_grad():
+        for p in trained.sparse_parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    diff = trained.save_pretrained(tmp_path / "q8")
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    sparse = SparseModel.from_pretrained(quantize_base(AutoModelForCausalLM.from_pretrained(base_dir), "int8"), diff)
+    expected_acc, expected = by_hand(sparse.base_model, tokenizer)  # unmerged over the int8 base
+    _, base_lls = by_hand(quantize_base(AutoModelForCausalLM.from_pretrained(base_dir), "int8"), tokenizer)
+    assert not torch.allclose(expected, base_lls, atol=1e-2)  # the diff matters, so attaching it is checked
+
+    acc, lls = harness("sparseft", f"pretrained={base_dir},diff={diff},quantize=int8", local_task)
+    torch.testing.assert_close(lls, expected, atol=1e-4, rtol=1e-4)
+    assert acc == pytest.approx(expected_acc)
+
+    with pytest.raises(FingerprintMismatchError, match=r"load it with --quantize int8.*model_args"):
+        harness("sparseft", f"pretrained={base_dir},diff={diff}", local_task)

@@ -25,6 +25,7 @@ from typing import Hashable
 import torch
 
 from .errors import ShapeMismatchError
+from .quantize import is_quantized
 
 # weight name -> (flat indices, values): what MergedEntries writes (the serving registry holds these).
 Entries = dict[str, tuple[torch.Tensor, torch.Tensor]]
@@ -61,6 +62,20 @@ def round_values(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         torch.bfloat16
     """
     return values.detach().to(device=weight.device, dtype=weight.dtype)
+
+
+def delta_values(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``values`` as a server holds them for ``weight``, merged or unmerged alike: rounded by ``round_values``
+    (so adding them unmerged computes the S a merge writes), except over a quantized weight, which no entry
+    is ever merged into: there they stay fp32, as ``SparseModel``'s unmerged forward over the codes keeps them.
+
+    Example:
+        >>> delta_values(torch.tensor([0.1]), torch.zeros(2, dtype=torch.bfloat16)).dtype
+        torch.bfloat16
+    """
+    if is_quantized(weight):
+        return values.detach().to(device=weight.device, dtype=torch.float32)
+    return round_values(values, weight)
 
 
 def add_entries(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from ..config import VALUE_DTYPES
-from .options import add_model_options, add_unverified_base_option
+from .options import add_model_options, add_quantize_option, add_unverified_base_option
 
 # Also used by diff-stats.
 CHECK_EVERY_DIFF = ("check every diff against it; needed when the diffs change different modules, whose recorded "
@@ -34,6 +34,7 @@ def add_parser(sub):
         help="dtype of the stored values (default: the inputs' dtype when they agree, else float32)",
     )
     add_model_options(p, required=False, why=CHECK_EVERY_DIFF)
+    add_quantize_option(p, "check against", "diffs trained with the same --quantize and --dtype; needs --model")
     add_unverified_base_option(p, "check (with --model) a diff")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     return p
@@ -46,7 +47,7 @@ def run(args) -> int:
 
     weights = parse_weights(args.weights, len(args.diffs))
     diffs = [read_diff(resolve_diff(path)) for path in args.diffs]  # the report names them as given
-    base = base_weights_of(args.model, args.dtype)
+    base = base_weights_of(args.model, args.dtype, args.quantize)
     composed, report = compose(diffs, weights, names=args.diffs, value_dtype=args.value_dtype, base_weights=base,
                                allow_unverified_base=args.allow_unverified_base)
     write_diff(composed, args.out)

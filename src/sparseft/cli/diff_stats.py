@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from .compose import CHECK_EVERY_DIFF
-from .options import add_model_options, add_unverified_base_option
+from .options import add_model_options, add_quantize_option, add_unverified_base_option
 
 
 def add_parser(sub):
@@ -22,6 +22,7 @@ def add_parser(sub):
     p.add_argument("a", metavar="A", help="first diff: a directory or a Hub id org/name[@rev]")
     p.add_argument("b", metavar="B", help="second diff: a directory or a Hub id org/name[@rev]")
     add_model_options(p, required=False, why=CHECK_EVERY_DIFF)
+    add_quantize_option(p, "check against", "diffs trained with the same --quantize and --dtype; needs --model")
     add_unverified_base_option(p, "check (with --model) a diff")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return p
@@ -34,7 +35,7 @@ def run(args) -> int:
 
     names = (args.a, args.b)
     a, b = read_diff(resolve_diff(args.a)), read_diff(resolve_diff(args.b))
-    stats = overlap_stats(a, b, names, base_weights=base_weights_of(args.model, args.dtype),
+    stats = overlap_stats(a, b, names, base_weights=base_weights_of(args.model, args.dtype, args.quantize),
                           allow_unverified_base=args.allow_unverified_base)
     print(json.dumps(stats.to_dict(), indent=2) if args.json else format_overlap(stats, names))
     return 0

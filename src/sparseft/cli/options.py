@@ -27,7 +27,8 @@ def add_model_options(
 
 def add_quantize_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup, what: str, which: str) -> None:
     """``--quantize int8|int4|nf4``: ``what`` (e.g. "train over") a weight-only quantized base, for
-    ``which`` (e.g. "sparse runs"): the one definition train, eval, apply, verify and audit share."""
+    ``which`` (e.g. "sparse runs"): the one definition train, eval, apply, verify, audit, serve, compose and
+    diff-stats share."""
     parser.add_argument("--quantize", choices=list(QUANT_SCHEMES),
                         help=f"{what} a weight-only quantized base ({which}; needs sparseft[quant]); nf4: "
                         "QLoRA's 4-bit NormalFloat, two codes per byte")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import ConfigError
-from .options import add_model_options, add_unverified_base_option
+from .options import add_model_options, add_quantize_option, add_unverified_base_option
 
 
 def diff_spec(text: str) -> tuple[str, str]:
@@ -30,6 +30,8 @@ def add_parser(sub):
         "at run time under /admin/diffs; with --registry that state survives restarts. See docs/serving.md.",
     )
     add_model_options(p)
+    add_quantize_option(p, "serve over", "diffs trained with the same --quantize and --dtype, run unmerged: "
+                        "--strategy auto or mixed")
     p.add_argument("--diff", action="append", default=[], type=diff_spec, metavar="NAME=DIR",
                    help="load the diff in DIR (or Hub id org/name[@rev]) under NAME at start-up (repeatable)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, loopback only)")
@@ -45,7 +47,7 @@ def add_parser(sub):
     p.add_argument("--strategy", choices=["auto", "merged", "mixed"], default="auto",
                    help="merged: one request at a time, the diff merged on switch; mixed: continuous batching, each "
                    "row adds its own diff unmerged; auto (default): continuous batching that merges the diff while "
-                   "every running request uses the same one, unmerged otherwise")
+                   "every running request uses the same one, unmerged otherwise (always, over a --quantize base)")
     p.add_argument("--max-batch-size", type=positive_int, default=16,
                    help="most requests decoded together by mixed/auto (default: 16)")
     p.add_argument("--max-batch-tokens", type=positive_int,
@@ -76,11 +78,12 @@ def run(args) -> int:
     from ..hub import resolve_diff
     from ..serve import ServeLimits, build_app
 
+    engine = engine_options(args)
     args.diff = [(name, str(resolve_diff(path))) for name, path in args.diff]  # Hub ids to their local snapshot
     limits = ServeLimits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens,
                          max_prompt_tokens=args.max_prompt_tokens, max_queue=args.max_queue)
     if args.ray:
-        return run_on_ray(args, limits)
+        return run_on_ray(args, limits, engine)
     check_no_ray_flags(args)
     if args.threads:
         import torch
@@ -88,10 +91,18 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     app = build_app(args.model, args.diff, registry_dir=args.registry, served_name=args.served_name,
                     dtype=args.dtype, device=args.device, limits=limits, admin_token=args.admin_token,
-                    strategy=args.strategy, max_batch_size=args.max_batch_size, max_batch_tokens=args.max_batch_tokens,
-                    allow_unverified_base=args.allow_unverified_base)
+                    **engine.as_kwargs())
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
+
+
+def engine_options(args):
+    """The engine flags, checked before any model is loaded (e.g. ``--strategy merged --quantize nf4``)."""
+    from ..serve.server import EngineOptions
+
+    return EngineOptions(strategy=args.strategy, max_batch_size=args.max_batch_size,
+                         max_batch_tokens=args.max_batch_tokens, allow_unverified_base=args.allow_unverified_base,
+                         quantize=args.quantize)
 
 
 def check_no_ray_flags(args) -> None:
@@ -100,19 +111,16 @@ def check_no_ray_flags(args) -> None:
         raise ConfigError(f"{', '.join(given)} only apply with --ray")
 
 
-def run_on_ray(args, limits) -> int:
+def run_on_ray(args, limits, engine) -> int:
     """``sparseft serve --ray``: the same app on Ray Serve, until Ctrl-C."""
     try:
         from ..serve.ray_app import DiffSource, RayOptions, build_ray_app, run_ray
-        from ..serve.server import EngineOptions
 
         import ray.serve  # noqa: F401  (only to fail early, with the fix, when the extra is missing)
     except ImportError as e:
         raise ConfigError(f"--ray needs Ray Serve: pip install 'sparseft[ray]' ({e})") from e
     given = {dest: getattr(args, dest) for dest in RAY_ONLY if dest != "diff_dir" and getattr(args, dest) is not None}
     options = RayOptions(**given, threads=args.threads)
-    engine = EngineOptions(strategy=args.strategy, max_batch_size=args.max_batch_size,
-                           max_batch_tokens=args.max_batch_tokens, allow_unverified_base=args.allow_unverified_base)
     source = DiffSource(named=dict(args.diff), root=args.diff_dir, registry_dir=args.registry)
     app = build_ray_app(args.model, source, served_name=args.served_name, dtype=args.dtype, device=args.device,
                         limits=limits, admin_token=args.admin_token, options=options, engine=engine)

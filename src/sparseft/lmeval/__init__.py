@@ -11,6 +11,12 @@ From the shell, ``python -m sparseft.lmeval`` is the ``lm_eval`` command with ``
 
     python -m sparseft.lmeval --model sparseft --model_args pretrained=BASE,diff=DIFF --tasks sst2
 
+A diff trained over a weight-only quantized base (``sparseft train --quantize nf4``) takes the same
+``quantize`` and ``dtype`` as model arguments: the base is quantized as training did and the diff runs
+unmerged over the codes (nothing can be merged into them):
+
+    python -m sparseft.lmeval --model sparseft --model_args pretrained=BASE,diff=DIFF,dtype=bfloat16,quantize=nf4 ...
+
 Without this module, export the diff as a PEFT adapter and use the harness's ``peft`` argument:
 ``sparseft export --to peft DIFF ADAPTER`` then ``lm_eval --model hf --model_args pretrained=BASE,peft=ADAPTER``.
 """
@@ -22,31 +28,61 @@ import os
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
+from ..errors import FingerprintMismatchError
 from ..model import SparseModel
+from ..quantize import check_scheme, quantize_base, require_torchao
 
 
 @register_model("sparseft")
 class SparseFTLM(HFLM):
     """``HFLM`` whose model is ``pretrained`` with the sparse diff ``diff`` merged in (exactly, in memory).
 
+    ``quantize`` (``int8`` / ``int4`` / ``nf4``): quantize the base weight-only first (a model object is
+    quantized in place), as the diff's training run did; the diff then runs unmerged over the codes.
     Every other argument is ``HFLM``'s (``dtype``, ``batch_size``, ``device``, ...).
 
     Example:
         >>> lm = SparseFTLM(pretrained="HuggingFaceTB/SmolLM2-135M", diff="runs/sst2")  # doctest: +SKIP
+        >>> lm = SparseFTLM(pretrained=BASE, diff="runs/q4", dtype="bfloat16", quantize="nf4")  # doctest: +SKIP
     """
 
-    def __init__(self, pretrained, diff: str | os.PathLike | None = None, **kwargs) -> None:
-        self.sparse_diff = diff
+    def __init__(self, pretrained, diff: str | os.PathLike | None = None, quantize: str | None = None,
+                 **kwargs) -> None:
+        if quantize:  # before the model loads
+            check_scheme(quantize)
+            require_torchao(quantize)
+        self.sparse_diff, self.quantize = diff, quantize or None
         super().__init__(pretrained=pretrained, **kwargs)
-        if not isinstance(pretrained, str) and diff is not None:  # a model object: HFLM did not create it
-            self._model = merge_diff(self._model, diff)
+        if not isinstance(pretrained, str):  # a model object: HFLM did not create it
+            self._model = with_diff(self._model, diff, self.quantize)
 
     def _create_model(self, *args, **kwargs) -> None:
         super()._create_model(*args, **kwargs)
-        if self.sparse_diff is not None:
-            self._model = merge_diff(self._model, self.sparse_diff)
+        self._model = with_diff(self._model, self.sparse_diff, self.quantize)
+
+
+def with_diff(model, diff: str | os.PathLike | None, quantize: str | None = None):
+    """``model`` (quantized with ``quantize`` first, if given) with ``diff``: merged into a full-precision
+    base, unmerged over a quantized one (the plain HF model, its targeted layers wrapped); validated first."""
+    if quantize:
+        model = quantize_base(model, quantize)
+    if diff is None:
+        return model
+    if not quantize:
+        return merge_diff(model, diff)
+    return attach(model, diff).base_model  # the SparseLinear layers live in the HF model itself
 
 
 def merge_diff(model, diff: str | os.PathLike):
     """``model`` with ``diff`` merged into its weights; validated first (a diff of another base is refused)."""
-    return SparseModel.from_pretrained(model, diff).merge_and_unload()
+    return attach(model, diff).merge_and_unload()
+
+
+def attach(model, diff: str | os.PathLike) -> SparseModel:
+    """``SparseModel.from_pretrained``, its refusal saying where lm_eval takes the flags it names."""
+    try:
+        return SparseModel.from_pretrained(model, diff)
+    except FingerprintMismatchError as e:
+        raise FingerprintMismatchError(f"{e} (lm_eval takes --dtype / --quantize as model_args dtype=... and "
+                                       "quantize=..., e.g. --model_args pretrained=BASE,diff=DIFF,dtype=float32,"
+                                       "quantize=int8)") from e

@@ -16,7 +16,8 @@ Which weights a row computes with:
   ``serve.mixed`` (one gather-multiply-index_add over the entries of the diffs in the batch).
 - ``auto``: when every row of the step uses the same diff, that diff is merged (merge-on-switch,
   exact restore, as ``Engine``) and the hooks are idle; with two or more distinct diffs the base is
-  restored and the rows run unmerged as in ``mixed``. The rule is taken anew every step.
+  restored and the rows run unmerged as in ``mixed``. The rule is taken anew every step. Over a
+  quantized base (codes cannot take entries) ``auto`` never merges: it runs as ``mixed``.
 
 Greedy outputs equal the offline ``base + diff`` merged output token for token on fp32 models in
 practice; the two computations round differently (see docs/serving.md for the measured gap).
@@ -220,10 +221,14 @@ class BatchingEngine(Engine):
 
     # ------------------------------------------------------------ weights: merged or mixed
 
+    def _check_base_fits_strategy(self) -> None:
+        pass  # both strategies can leave the weights alone: over a quantized base ``auto`` never merges
+
     def _choose_weights(self, diffs: list[DiffVersion | None]) -> None:
-        """``auto`` merges the one diff when all rows share it; otherwise the base with per-row deltas."""
+        """``auto`` merges the one diff when all rows share it (and the base can take it); otherwise the base
+        with per-row deltas."""
         distinct = {id(d): d for d in diffs}
-        if self.strategy == "auto" and len(distinct) == 1:
+        if self.strategy == "auto" and self.can_merge and len(distinct) == 1:
             self.switch_to(diffs[0])
         elif distinct:
             self.switch_to(None)

@@ -16,6 +16,8 @@ Why this strategy (see docs/serving.md for the measurements):
 - After a successful request the diff stays merged (the next request for it needs no swap). If a
   request fails for any reason the base is restored before the error is reported, so a crash never
   leaves modified weights behind.
+- Over a quantized base (``sparseft.quantize``) nothing can be merged into the codes: this engine is
+  refused there, and the batching engines (``batching.py``) run every diff unmerged.
 """
 
 from __future__ import annotations
@@ -29,14 +31,20 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..delta import MergedEntries, round_values
+from ..delta import MergedEntries, delta_values
 from ..diffio import SparseDiff, check_against_model, fingerprint, target_weights
-from ..errors import ServerBusyError
+from ..errors import ConfigError, ServerBusyError
+from ..quantize import is_quantized
 from .decoding import Completion, SamplingParams, generate
 from .metrics import ServeMetrics
 from .registry import DiffVersion, Entries
 
 log = logging.getLogger(__name__)
+
+MERGED_OVER_QUANTIZED = (
+    "strategy 'merged' writes each diff's entries into the base weights, and a quantized base's codes cannot take "
+    "them; serve it with strategy 'auto' or 'mixed' (--strategy), which run every diff unmerged over a quantized base"
+)
 
 # A job reports through one callback: ("text", str), then ("done", Completion) or ("error", Exception).
 EventSink = Callable[[str, Any], None]
@@ -88,6 +96,9 @@ class Engine:
         self.max_queue = max_queue
         self.weights_lock = threading.Lock()  # held while the weights change or the model runs
         self._weights = {name: m.weight for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+        # Codes and scales cannot take entries: over a quantized base every diff runs unmerged.
+        self.can_merge = not any(is_quantized(w) for w in self._weights.values())
+        self._check_base_fits_strategy()
         self._merged: DiffVersion | None = None
         self._merged_entries = MergedEntries.merge(self._weights, {})  # nothing merged: the base
         self._fingerprints: dict[tuple, str] = {}
@@ -96,6 +107,11 @@ class Engine:
         self._stopping = False
         self._worker: threading.Thread | None = None
         self.swaps = 0
+
+    def _check_base_fits_strategy(self) -> None:
+        """Merge on switch writes every diff into the weights: refused up front over a quantized base."""
+        if not self.can_merge:
+            raise ConfigError(MERGED_OVER_QUANTIZED)
 
     # ------------------------------------------------------------ diff validation (for the registry)
 
@@ -108,8 +124,8 @@ class Engine:
         entries = {}
         for name, indices in diff.masks.items():
             w = weights[name]
-            # Rounded once here, by the rule every merge uses, so switching does no conversions.
-            entries[name] = (indices.to(device=w.device, dtype=torch.long), round_values(diff.values[name], w))
+            # Rounded once here, by the rule every merge uses, so switching does no conversions (fp32 over codes).
+            entries[name] = (indices.to(device=w.device, dtype=torch.long), delta_values(diff.values[name], w))
         return entries
 
     def base_fingerprint(self, weights: dict[str, torch.Tensor]) -> str:

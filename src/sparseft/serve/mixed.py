@@ -10,7 +10,8 @@ merge-on-switch work on the same model unchanged.
 Memory per loaded entry: a 4-byte flat position + the value in the weight's dtype, so 6 B with a
 bf16 base and 8 B with an fp32 base. The value must be in the weight's dtype for the unmerged result
 to compute the same S as merging does (merge adds the value rounded to the weight's dtype); bf16
-values under an fp32 base would round S differently.
+values under an fp32 base would round S differently. Over a quantized base nothing is merged: the values
+stay fp32 (8 B per entry), as ``SparseModel``'s unmerged forward over the codes keeps them.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..delta import MixedEntries, mixed_delta, mixed_plan
+from ..delta import MixedEntries, delta_values, mixed_delta, mixed_plan
 from .registry import DiffVersion
 
 
@@ -157,6 +158,6 @@ def layer_table(layer: nn.Linear, per_slot: list[tuple[torch.Tensor, torch.Tenso
     if not parts:
         return empty_entries(layer)
     flat = torch.cat([p[0] for p in parts]).to(device=weight.device, dtype=index_dtype)
-    values = torch.cat([p[1] for p in parts]).to(device=weight.device, dtype=weight.dtype)
+    values = delta_values(torch.cat([p[1] for p in parts]), weight)
     offsets = torch.tensor([0, *counts], device=weight.device).cumsum(0)
     return MixedEntries(flat, values, offsets, layer.out_features, layer.in_features)

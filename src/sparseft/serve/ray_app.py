@@ -357,7 +357,8 @@ def build_ray_app(
     engine: EngineOptions | None = None,
 ):
     """The Ray Serve application: ``options.replicas`` DiffReplica behind one DiffRouter, each replica's engine
-    run as ``engine`` says (strategy, batch limits, unverified diffs).
+    run as ``engine`` says (strategy, batch limits, unverified diffs, a quantized base: each replica quantizes
+    its own copy of ``model``).
 
     Example:
         >>> app = build_ray_app("smollm2-135m", DiffSource(root="diffs"), options=RayOptions(replicas=2))  # doctest: +SKIP
@@ -378,14 +379,16 @@ def build_ray_app(
 
 
 def app_builder(args: dict[str, Any]):
-    """For ``serve run sparseft.serve.ray_app:app_builder model=DIR diff_dir=DIR replicas=2 strategy=mixed ...``."""
+    """For ``serve run sparseft.serve.ray_app:app_builder model=DIR diff_dir=DIR replicas=2 strategy=mixed ...``
+    (``quantize=nf4``: the replicas serve a quantized base, see ``EngineOptions``)."""
     options = RayOptions(replicas=int(args.get("replicas", 2)),
                          max_diffs_per_replica=int(args.get("max_diffs_per_replica", 4)),
                          replica_cpus=float(args.get("replica_cpus", 1.0)))
     tokens = args.get("max_batch_tokens")
     engine = EngineOptions(strategy=args.get("strategy", "auto"), max_batch_size=int(args.get("max_batch_size", 16)),
                            max_batch_tokens=int(tokens) if tokens is not None else None,
-                           allow_unverified_base=is_true(args.get("allow_unverified_base", False)))
+                           allow_unverified_base=is_true(args.get("allow_unverified_base", False)),
+                           quantize=args.get("quantize") or None)
     source = DiffSource(root=args.get("diff_dir"), registry_dir=args.get("registry"))
     return build_ray_app(args["model"], source, served_name=args.get("served_name"),
                          dtype=args.get("dtype", "float32"), device=args.get("device", "cpu"), options=options,

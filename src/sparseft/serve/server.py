@@ -6,10 +6,12 @@ import os
 from dataclasses import asdict, dataclass
 
 from ..errors import ConfigError, ModelNotFoundError
-from ..loading import load_model, load_tokenizer
+from ..quantize import check_scheme, require_torchao
+from ..loading import load_tokenizer
+from ..methods.registry import load_base
 from .app import ServeLimits, create_app
 from .batching import BatchingEngine
-from .engine import Engine
+from .engine import MERGED_OVER_QUANTIZED, Engine
 from .metrics import ServeMetrics
 from .registry import DiffRegistry
 
@@ -27,15 +29,21 @@ def build_app(
     max_batch_size: int = 16,
     max_batch_tokens: int | None = None,
     allow_unverified_base: bool = False,
+    quantize: str | None = None,
 ):
     """Load the base and its tokenizer, restore the registry, load ``diffs`` (NAME, DIR), return the app.
 
+    ``quantize`` (``int8`` / ``int4`` / ``nf4``): load the base weight-only quantized, as a diff's training run
+    over it did (same ``dtype``); every diff then runs unmerged over the codes (strategy ``auto`` or ``mixed``).
+
     Example:
         >>> app = build_app("smollm2-135m", [("support", "diffs/support")])  # doctest: +SKIP
+        >>> app = build_app("smollm2-135m", [("q4", "runs/q4")], dtype="bfloat16", quantize="nf4")  # doctest: +SKIP
         >>> uvicorn.run(app, host="127.0.0.1", port=8000)  # doctest: +SKIP
     """
     limits = limits or ServeLimits()
-    base = load_model(model, dtype=dtype).to(device)
+    EngineOptions(strategy=strategy, quantize=quantize)  # refuses e.g. 'merged' over a quantized base before loading it
+    base = load_base(model, dtype, quantize).to(device)
     try:
         tokenizer = load_tokenizer(model)
     except ModelNotFoundError as e:  # load_tokenizer already names the path and the cause
@@ -54,13 +62,15 @@ STRATEGIES = ("auto", "merged", "mixed")
 
 @dataclass(frozen=True)
 class EngineOptions:
-    """How an app's engine serves requests: the strategy, its batch limits, and whether diffs that record no
-    base fingerprint load. Given to ``build_app`` as keywords (``**options.as_kwargs()``); a Ray replica gets one."""
+    """How an app's engine serves requests: the strategy, its batch limits, whether diffs that record no
+    base fingerprint load, and the weight-only quantization of the base it serves (None: as loaded). Given to
+    ``build_app`` as keywords (``**options.as_kwargs()``); a Ray replica gets one."""
 
     strategy: str = "auto"
     max_batch_size: int = 16
     max_batch_tokens: int | None = None
     allow_unverified_base: bool = False
+    quantize: str | None = None
 
     def __post_init__(self) -> None:  # checked where the options are given, not later in each replica
         if self.strategy not in STRATEGIES:
@@ -68,6 +78,11 @@ class EngineOptions:
         if self.max_batch_size < 1 or (self.max_batch_tokens is not None and self.max_batch_tokens < 1):
             raise ConfigError("max_batch_size and max_batch_tokens must be >= 1, got "
                               f"{self.max_batch_size} and {self.max_batch_tokens}")
+        if self.quantize is not None:
+            check_scheme(self.quantize)
+            require_torchao(self.quantize)
+            if self.strategy == "merged":
+                raise ConfigError(MERGED_OVER_QUANTIZED)
 
     def as_kwargs(self) -> dict:
         return asdict(self)
