@@ -338,7 +338,8 @@ def test_an_int8_row_trains_and_is_scored_over_the_int8_base(tmp_path):
     fp32, int8 = rows["sparse-fp32"], rows["sparse-int8"]
     assert (fp32["quantize"], fp32["dtype"]) == (None, "float32")
     assert (int8["quantize"], int8["dtype"]) == ("int8", "float32")
-    assert "| sparse-int8 | sparse/random (int8 base) |" in (out / "results.md").read_text()
+    assert "| sparse-int8 | sparse/random (int8 base, values from its error) |" in (out / "results.md").read_text()
+    assert int8["quantize_init"] == "correction" and fp32["quantize_init"] is None
     assert "| sparse-fp32 | sparse/random |" in (out / "results.md").read_text()
 
     # The int8 row's diff belongs to the int8 base: the fp32 base refuses it, so the worker cannot
