@@ -185,6 +185,8 @@ def test_cli_compose_and_diff_stats_check_diffs_over_a_quantized_base_with_quant
     assert "load it with --quantize int8" in capsys.readouterr().err and not out.exists()
     assert main(["compose", *diffs, "--out", str(out), "--quantize", "int8"]) == 2  # nothing to quantize
     assert "give it with --model" in capsys.readouterr().err and not out.exists()
+    assert main(["compose", str(tmp_path / "missing"), *diffs, "--out", str(out), "--quantize", "int8"]) == 2
+    assert "give it with --model" in capsys.readouterr().err  # said before any diff is read
 
     assert main(["compose", *diffs, "--out", str(out), *model, "--quantize", "int8"]) == 0
     assert "sign conflicts" in capsys.readouterr().out

@@ -68,14 +68,18 @@ def linear_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: m.weight for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
+def check_quantize_has_model(model_name: str | None, quantize: str | None) -> None:
+    if quantize and model_name is None:
+        raise ConfigError(f"quantize={quantize!r} (--quantize) quantizes the base model: give it with --model")
+
+
 def base_weights_of(
     model_name: str | None, dtype: str = "float32", quantize: str | None = None,
 ) -> dict[str, torch.Tensor] | None:
     """``linear_weights`` of the named base model (loaded once, weight-only quantized with ``quantize`` as a
     diff's training run over it did: the weights its fingerprint covers), or None without a name."""
+    check_quantize_has_model(model_name, quantize)
     if model_name is None:
-        if quantize:
-            raise ConfigError(f"quantize={quantize!r} (--quantize) quantizes the base model: give it with --model")
         return None
     from .methods.registry import load_base
 
