@@ -28,6 +28,7 @@ QUANT_SCHEMES = ("int8", "int4", "nf4")
 # Where a diff over a quantized base starts: "correction" sets each selected entry's value to its
 # quantization error, so those entries begin at their full-precision weights; "zero" starts at 0.
 QUANT_INITS = ("correction", "zero")
+DEFAULT_QUANT_INIT = "correction"  # TrainConfig's default (docs/training.md, "Starting at the quantization error")
 # torchao's class of each scheme's weights: what a diff's base fingerprint is keyed by (diffio.weight_kind)
 WEIGHT_CLASSES = {"int8": "Int8Tensor", "int4": "IntxUnpackedToInt8Tensor", "nf4": "NF4Tensor"}
 INT4_GROUP = 32  # int4 scales: one per 32 input columns of a row (in_features must divide by it)
@@ -200,7 +201,7 @@ def copy_out_of_shared_storage(model: nn.Module) -> None:
                     module._buffers[name] = buffer.clone()
 
 
-def quantize_sparse_model(sparse, scheme: str, init: str = "correction"):
+def quantize_sparse_model(sparse, scheme: str, init: str = DEFAULT_QUANT_INIT):
     """Quantize the base under a ``SparseModel`` whose entries were selected on its full-precision
     weights (so any scorer works); the layers switch to the unmerged forward and the recorded
     base fingerprint becomes that of the quantized weights, which is what the diff will be loaded onto.

@@ -362,6 +362,8 @@ KNOBS = ("scorer", "density", "num_params", "lora_rank", "calibration_batches", 
 # Knobs added after grids were first run: a row's worker spec leaves them out when unset, so --resume
 # still finds its earlier rows equal.
 LATER_KNOBS = ("reselect_every", "reselect_fraction", "reselect_growth_batches")
+# Where the values of a quantized row started before quantize_init existed: its worker spec has no such key.
+QUANT_INIT_BEFORE_OPTION = "zero"
 
 
 def check_grid_values(cfg: BenchConfig, where: str) -> None:

@@ -23,7 +23,8 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..methods import get_method
-from .config import BASE_ROW_ID, LATER_KNOBS, BenchConfig, RunSpec, row_curve
+from ..quantize import DEFAULT_QUANT_INIT
+from .config import BASE_ROW_ID, LATER_KNOBS, QUANT_INIT_BEFORE_OPTION, BenchConfig, RunSpec, row_curve
 from .results import SCHEMA_VERSION, results_markdown, write_results
 
 RESULTS_NAME = "results.json"
@@ -241,11 +242,11 @@ def row_id_of(spec: RunSpec | None) -> str:
 
 
 def resolve_quantize_init(run: dict[str, Any]) -> None:
-    """A quantized row's spec names ``quantize_init`` unless it is "zero": rows run before the option
-    existed started at zero and have no such key, so --resume still finds them equal."""
-    init = run.pop("quantize_init", None)
-    if run.get("quantize") and (init or "correction") != "zero":
-        run["quantize_init"] = init or "correction"
+    """A quantized row's spec names ``quantize_init`` (TrainConfig's default when unset) unless it is where
+    rows started before the option existed: those have no such key, so --resume still finds them equal."""
+    init = run.pop("quantize_init", None) or DEFAULT_QUANT_INIT
+    if run.get("quantize") and init != QUANT_INIT_BEFORE_OPTION:
+        run["quantize_init"] = init
 
 
 def worker_spec(cfg: BenchConfig, spec: RunSpec | None, model: str, train_file: Path, row_dir: Path) -> dict[str, Any]:

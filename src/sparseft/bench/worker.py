@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..methods import Method, get_method
+from .config import QUANT_INIT_BEFORE_OPTION
 
 
 def row_method(job: dict[str, Any]) -> Method:
@@ -80,8 +81,8 @@ def setup_device(job: dict[str, Any]) -> str:
 
 
 def quantize_init(run: dict[str, Any]) -> str | None:
-    """Where a quantized row's values started (its spec has no key for "zero", see grid.resolve_quantize_init)."""
-    return run.get("quantize_init", "zero") if run.get("quantize") else None
+    """Where a quantized row's values started (no key: as before the option, see grid.resolve_quantize_init)."""
+    return run.get("quantize_init", QUANT_INIT_BEFORE_OPTION) if run.get("quantize") else None
 
 
 def train_config(job: dict[str, Any], device: str):

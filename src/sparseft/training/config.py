@@ -13,7 +13,7 @@ from ..config import SparseConfig, convert_fields
 from ..errors import ConfigError
 from ..files import yaml_key_lines
 from ..methods import get_method, training_methods
-from ..quantize import check_quant_init, check_scheme
+from ..quantize import DEFAULT_QUANT_INIT, check_quant_init, check_scheme
 from .sharding import check_fsdp_config
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -120,7 +120,7 @@ class TrainConfig:
     precision: str = "auto"
     fsdp: bool = False
     quantize: str | None = None
-    quantize_init: str = "correction"
+    quantize_init: str = DEFAULT_QUANT_INIT
 
     def __post_init__(self) -> None:
         if not isinstance(self.selection, SparseConfig):
