@@ -145,3 +145,14 @@ def test_harness_scores_a_diff_over_a_quantized_base_unmerged_and_refuses_it_wit
 
     with pytest.raises(FingerprintMismatchError, match=r"load it with --quantize int8.*model_args"):
         harness("sparseft", f"pretrained={base_dir},diff={diff}", local_task)
+
+
+def test_a_refusal_for_another_base_gets_no_model_args_hint(diff_dir):
+    """The lm_eval hint is for refusals that name flags to pass; no flag turns another base into the right one."""
+    from sparseft.errors import FingerprintMismatchError
+    from sparseft.lmeval import attach
+
+    other = make_tiny_llama(seed=7, vocab_size=len(make_tiny_tokenizer()))
+    with pytest.raises(FingerprintMismatchError, match="different base model") as refused:
+        attach(other, diff_dir)
+    assert "model_args" not in str(refused.value)

@@ -79,10 +79,12 @@ def merge_diff(model, diff: str | os.PathLike):
 
 
 def attach(model, diff: str | os.PathLike) -> SparseModel:
-    """``SparseModel.from_pretrained``, its refusal saying where lm_eval takes the flags it names."""
+    """``SparseModel.from_pretrained``; a refusal that names command-line flags also says where lm_eval
+    takes them (a refusal for another base names none: no flag would help)."""
     try:
         return SparseModel.from_pretrained(model, diff)
     except FingerprintMismatchError as e:
-        raise FingerprintMismatchError(f"{e} (lm_eval takes --dtype / --quantize as model_args dtype=... and "
-                                       "quantize=..., e.g. --model_args pretrained=BASE,diff=DIFF,dtype=float32,"
-                                       "quantize=int8)") from e
+        if "--dtype" not in str(e) and "--quantize" not in str(e):
+            raise
+        raise type(e)(f"{e} (lm_eval takes --dtype / --quantize as model_args dtype=... and quantize=..., e.g. "
+                      "--model_args pretrained=BASE,diff=DIFF,dtype=float32,quantize=int8)") from e
