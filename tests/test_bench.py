@@ -636,7 +636,7 @@ def test_select_cost_times_each_phase_of_select_and_leaves_select_as_it_was():
     from sparseft.selection import gradstats, scorers, selector
 
     originals = (selector.accumulate_gradients, selector.get_scorer, selector.make_allocator,
-                 gradstats.StatSum.add, gradstats.StatSum.value, scorers.quantile_normalise)
+                 gradstats.StatSum.add, gradstats.StatSum.value, scorers.quantile_normalise, scorers.top_quantiles)
     model = make_tiny_llama()
     gen = torch.Generator().manual_seed(0)
     ids = [torch.randint(0, 128, (2, 10), generator=gen) for _ in range(2)]
@@ -648,6 +648,6 @@ def test_select_cost_times_each_phase_of_select_and_leaves_select_as_it_was():
     assert wall["hooks"] < wall["passes"] and wall["quantiles"] < wall["scoring"]
     assert wall["passes"] + wall["unpack"] + wall["scoring"] + wall["allocation"] <= cost["wall_s"]
     assert (selector.accumulate_gradients, selector.get_scorer, selector.make_allocator, gradstats.StatSum.add,
-            gradstats.StatSum.value, scorers.quantile_normalise) == originals
+            gradstats.StatSum.value, scorers.quantile_normalise, scorers.top_quantiles) == originals
     plain = select(model, cfg, batches)
     assert all(torch.equal(masks[n], plain[n]) for n in plain)

@@ -276,8 +276,48 @@ def test_combined_masks_are_those_of_the_reference_quantiles(monkeypatch, alloca
     cfg = SparseConfig(density=0.03, scorer="combined", allocation=allocation, calibration_batches=3)
     masks = select(model, cfg, batches)
     monkeypatch.setattr(scorers, "quantile_normalise", searchsorted_quantiles)
+    monkeypatch.setattr(scorers, "pruned_combined", lambda *args: None)  # every module ranked in full
     reference = select(model, cfg, batches)
     assert masks.keys() == reference.keys() and all(torch.equal(masks[n], reference[n]) for n in masks)
+
+
+def combined_context(shape, keep, weights, kind, seed=0):
+    """Σg and Σg² of 4 batches whose per-entry scale varies a lot, as real gradients' does; ``kind``
+    "ties" rounds them onto a coarse grid, "opposed" makes the parts rank entries in opposite orders."""
+    from sparseft.selection.scorers import ScoreContext
+
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn((4, *shape), generator=gen) * torch.rand(shape, generator=gen).pow(3)
+    if kind == "ties":
+        g = (g * 4).round() / 4
+    grad_sum, grad_sq_sum = g.sum(0), g.square().sum(0)
+    if kind == "opposed":
+        grad_sq_sum = 1.0 / (1e-3 + grad_sum.abs())
+    return ScoreContext(name="m", weight=torch.randn(shape, generator=gen), seed=0, grad_sum=grad_sum,
+                        grad_sq_sum=grad_sq_sum, num_batches=4, scorer_weights=weights, keep=keep)
+
+
+@pytest.mark.parametrize("kind", ["distinct", "ties", "opposed"])
+@pytest.mark.parametrize("weights", [{"gradient": 0.5, "fisher": 0.5}, {"gradient": 0.3, "fisher": 0.7},
+                                     {"gradient": 1.0, "fisher": 3.0, "magnitude": 0.5}])
+@pytest.mark.parametrize("density", [0.001, 0.01, 0.2])
+def test_combined_with_a_fixed_budget_picks_the_entries_of_the_full_ranking(kind, weights, density):
+    """With ``keep`` set, combined ranks only the top of each part; the allocator must still choose
+    the very entries (ties towards the lower index included) that ranking whole modules chooses."""
+    import dataclasses
+
+    from sparseft.selection import scorers
+
+    ctx = combined_context((300, 200), max(1, round(density * 60_000)), weights, kind)
+    full = scorers.combined_scores(dataclasses.replace(ctx, keep=None))
+    fast = scorers.combined_scores(ctx)
+    assert torch.equal(top_k_indices(fast, ctx.keep), top_k_indices(full, ctx.keep))
+    scored = fast != 0
+    assert torch.equal(fast[scored].view(torch.int32), full[scored].view(torch.int32))  # the same bits
+    if density == 0.2 or kind == "opposed":
+        assert bool(scored.all())  # pruning cannot pay there: the whole module was ranked
+    elif "magnitude" not in weights:  # |W| is unrelated to the gradients: its top rarely meets theirs
+        assert int(scored.sum()) < 0.2 * fast.numel()
 
 
 def test_combined_refuses_a_nan_part_instead_of_ranking_it(monkeypatch):

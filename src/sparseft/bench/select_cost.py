@@ -9,7 +9,7 @@ stream), then ``select`` runs ``--repeats`` times with its phases timed (wall an
   hooks       of which: folding each gradient into the sums (``StatSum.add``)
   unpack      compact sums back to fp32 (``StatSum.value``)
   scoring     the scorer, module by module (for ``combined``: its parts and their quantiles)
-  quantiles   of which: ``quantile_normalise``
+  quantiles   of which: ranking the parts (``quantile_normalise``; ``top_quantiles`` under a fixed budget)
   allocation  picking each module's entries from its scores (``allocator.add``)
 
 With ``--train-steps N`` a sparse run of N steps then trains on the chosen entries (a mask file, so it
@@ -86,6 +86,7 @@ def timing_phases(clock: PhaseClock) -> Iterator[None]:
         stack.enter_context(patched(gradstats.StatSum, "add", clock.wrap("hooks", gradstats.StatSum.add)))
         stack.enter_context(patched(gradstats.StatSum, "value", clock.wrap("unpack", gradstats.StatSum.value)))
         stack.enter_context(patched(scorers, "quantile_normalise", clock.wrap("quantiles", scorers.quantile_normalise)))
+        stack.enter_context(patched(scorers, "top_quantiles", clock.wrap("quantiles", scorers.top_quantiles)))
         yield
 
 

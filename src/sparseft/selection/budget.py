@@ -104,6 +104,9 @@ class ModuleTopK:
     def k_total(self) -> int:
         return sum(self.budgets.values())
 
+    def fixed_budget(self, name: str) -> int | None:
+        return self.budgets[name]
+
     def add(self, name: str, scores: torch.Tensor) -> None:
         self.chosen[name] = top_k_indices(scores, self.budgets[name], name)
 
@@ -129,6 +132,10 @@ class GlobalTopK:
     @property
     def k_total(self) -> int:
         return self.k
+
+    def fixed_budget(self, name: str) -> int | None:
+        """None: a module's share of the global top-k is only known once every module is scored."""
+        return None
 
     def add(self, name: str, scores: torch.Tensor) -> None:
         flat = scores.reshape(-1).float()

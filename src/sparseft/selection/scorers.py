@@ -34,6 +34,9 @@ class ScoreContext:
     grad_sq_sum: torch.Tensor | None = None  # Σ g² over calibration batches (fp32, CPU)
     num_batches: int = 0
     scorer_weights: dict[str, float] = field(default_factory=dict)  # parts of the combined score
+    # The module's own budget when the allocation fixes one (``proportional``, ``per_module``): a scorer
+    # may then give exact scores only to entries that can reach its top ``keep`` (see ``combined``).
+    keep: int | None = None
 
 
 @dataclass(frozen=True)
@@ -177,14 +180,82 @@ def combined_scores(ctx: ScoreContext) -> torch.Tensor:
     information (empirical Fisher Σg²/B). An entry scores high only if it ranks high in both: it
     is both consistently pushed by the task and informative. Because the parts are normalised per
     module, ``allocation="global"`` behaves close to ``proportional`` with this scorer.
+
+    With a fixed budget (``ctx.keep``) only the entries that can reach the top ``keep`` are scored
+    (``pruned_combined``); every other entry reads 0, below every real score, so the allocator picks
+    the same entries, ties included, without sorting whole modules.
     """
     parts = combined_parts(ctx.scorer_weights)
-    total = torch.zeros(ctx.weight.shape, dtype=torch.float32)
-    for name, w in parts.items():
-        scores = get_scorer(name).fn(ctx)
+    part_scores = {}
+    for name in parts:
+        scores = get_scorer(name).fn(ctx).reshape(-1).float()
         refuse_nan(scores, f"{ctx.name}: the {name!r} part of combined")
-        total.add_(quantile_normalise(scores), alpha=w)
-    return total.div_(sum(parts.values()))
+        part_scores[name] = scores
+    if ctx.keep is not None:
+        pruned = pruned_combined(part_scores, parts, ctx.keep)
+        if pruned is not None:
+            return pruned.view(ctx.weight.shape)
+    # popped: each part's scores are freed once ranked
+    return weighted_quantiles(lambda name: quantile_normalise(part_scores.pop(name)), parts).view(ctx.weight.shape)
+
+
+def weighted_quantiles(quantile: Callable[[str], torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+    """Σ_i w_i · q_i / Σ_i w_i over ``quantile(part)``, always in the same float operations, so entries
+    scored in a subset get the very bits they get when the whole module is scored."""
+    total = None
+    for name, w in weights.items():
+        q = quantile(name)
+        total = torch.zeros_like(q) if total is None else total
+        total.add_(q, alpha=w)
+    return total.div_(sum(weights.values()))
+
+
+def top_quantiles(flat: torch.Tensor, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of the ``m`` highest scores and their exact quantiles (those of ``quantile_normalise``).
+
+    Every score above one of them is among them, so q(s) = (n - #{> s}) / n is known from the m alone;
+    the last quantile bounds every entry left out (their scores are <= the m-th).
+    """
+    values, positions = torch.topk(flat, m)  # descending
+    greater = m - torch.searchsorted(values.flip(0), values, right=True)
+    return positions, (flat.numel() - greater).to(torch.float32).div_(flat.numel())
+
+
+# Real combined scores carry a few float32 roundings (ulp 6e-8 below 1): a bound is only trusted this far above.
+BOUND_MARGIN = 1e-6
+
+
+def pruned_combined(part_scores: dict[str, torch.Tensor], weights: dict[str, float], keep: int) -> torch.Tensor | None:
+    """Combined scores, exact wherever they can reach the top ``keep`` and 0 elsewhere; None when pruning
+    would not pay (a budget of more than an eighth of the module).
+
+    Only the top m of each part are ranked (m = 4 × keep, doubled until it suffices). An entry outside
+    part i's top m has q_i at most that part's m-th quantile, so its combined score is at most
+    1 - w_i (1 - q_i(m-th)) / Σw. The entries inside every part's top m get exact scores; once the
+    keep-th best of them is above every such bound, they hold the whole top ``keep`` and its ties.
+    """
+    n = next(iter(part_scores.values())).numel()
+    total_weight = sum(weights.values())
+    m = 4 * keep
+    while 0 < keep and 8 * keep <= n and 2 * m < n:
+        hits = torch.zeros(n, dtype=torch.uint8)
+        quantiles, bound = {}, 0.0
+        for name, scores in part_scores.items():
+            positions, q = top_quantiles(scores, m)
+            hits[positions] += 1
+            full = torch.zeros(n, dtype=torch.float32)
+            full[positions] = q
+            quantiles[name] = full
+            bound = max(bound, 1.0 - weights[name] * (1.0 - float(q[-1])) / total_weight)
+        candidates = (hits == len(part_scores)).nonzero().reshape(-1)
+        if candidates.numel() >= keep:
+            exact = weighted_quantiles(lambda name: quantiles[name][candidates], weights)
+            if float(torch.topk(exact, keep, sorted=False).values.min()) > bound + BOUND_MARGIN:
+                out = torch.zeros(n, dtype=torch.float32)
+                out[candidates] = exact
+                return out
+        m *= 2
+    return None
 
 
 def refuse_nan(scores: torch.Tensor, what: str) -> None:

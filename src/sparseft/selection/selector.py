@@ -132,6 +132,7 @@ def select(
                 seed=cfg.seed,
                 num_batches=len(batches),
                 scorer_weights=cfg.scorer_weights,
+                keep=allocator.fixed_budget(name),
                 **module_sums,
             )
             try:
