@@ -26,7 +26,7 @@ def test_groups_get_mean_std_and_the_paired_interval_of_their_seed_averaged_scor
     assert summary["groups"]["a"]["mean"] == pytest.approx(0.75) and summary["groups"]["a"]["std"] == 0
     assert summary["groups"]["b"]["mean"] == pytest.approx(0.375)
     assert summary["groups"]["b"]["std"] == pytest.approx(0.1767767, abs=1e-6)
-    interval = summary["pairs"]["a-b"]
+    interval = summary["pairs"]["a:b"]
     assert interval["mean"] == pytest.approx(0.375) and interval["examples"] == 8  # per example: 0,0,.5,.5,1,1,0,0
     assert 0 < interval["low"] < interval["mean"] < interval["high"] <= 0.75
     table = markdown(summary)
@@ -47,6 +47,9 @@ def test_the_command_prints_the_tables_and_refuses_a_pair_it_has_no_group_for(tm
     path.write_text(json.dumps(results()))
     assert main([str(path), "--group", "a=a,a-s1", "--group", "b=b,b-s1", "--vs", "a:b"]) == 0
     assert "| a − b | +37.50 |" in capsys.readouterr().out
+    # Group names with "-" keep their names in the difference (it once split the pair at the first "-").
+    assert main([str(path), "--group", "nf4-corr=a,a-s1", "--group", "nf4=b,b-s1", "--vs", "nf4-corr:nf4"]) == 0
+    assert "| nf4-corr − nf4 | +37.50 |" in capsys.readouterr().out
     assert main([str(path), "--group", "a=a", "--vs", "a:c"]) == 2
     assert "--vs 'a:c': expected A:B with A and B among the groups ['a']" in capsys.readouterr().err
 

@@ -58,8 +58,9 @@ def group_rows(results: dict[str, Any], groups: dict[str, list[str]]) -> dict[st
 
 
 def compare(results: dict[str, Any], groups: dict[str, list[str]], pairs: list[tuple[str, str]]) -> dict[str, Any]:
-    """``{"metric", "groups": {name: {mean, std, values, rows, seeds}}, "pairs": {"A-B": interval}}``;
-    values in the metric's own units (accuracy as a fraction)."""
+    """``{"metric", "groups": {name: {mean, std, values, rows, seeds}}, "pairs": {"A:B": interval + a, b}}``;
+    values in the metric's own units (accuracy as a fraction). Pairs are keyed as ``--vs`` names them:
+    group names may hold "-" (e.g. ``nf4-corr``), so the key is never split again; the names ride along."""
     if not isinstance(results, dict) or not isinstance(results.get("rows"), list) or \
             not isinstance(results.get("task"), dict) or "primary_metric" not in results["task"]:
         raise ConfigError("not a grid's results.json: expected 'rows' and 'task.primary_metric' "
@@ -80,7 +81,7 @@ def compare(results: dict[str, Any], groups: dict[str, list[str]], pairs: list[t
         if len(scores_a) != len(scores_b):
             raise ConfigError(f"--vs {a}:{b}: the groups scored different numbers of examples "
                               f"({len(scores_a)} and {len(scores_b)})")
-        intervals[f"{a}-{b}"] = paired_bootstrap(scores_a, scores_b).to_dict()
+        intervals[f"{a}:{b}"] = {"a": a, "b": b, **paired_bootstrap(scores_a, scores_b).to_dict()}
     return {"metric": metric, "groups": stats, "pairs": intervals}
 
 
@@ -95,9 +96,8 @@ def markdown(summary: dict[str, Any]) -> str:
                      f"{', '.join(g['rows'])} |")
     if summary["pairs"]:
         lines += ["", f"| difference | mean | 95% paired bootstrap interval | examples |", "| --- | --- | --- | --- |"]
-        for pair, iv in summary["pairs"].items():
-            a, b = pair.split("-", 1)
-            lines.append(f"| {a} − {b} | {scale * iv['mean']:+.2f} | [{scale * iv['low']:+.2f}, "
+        for iv in summary["pairs"].values():
+            lines.append(f"| {iv['a']} − {iv['b']} | {scale * iv['mean']:+.2f} | [{scale * iv['low']:+.2f}, "
                          f"{scale * iv['high']:+.2f}] | {iv['examples']} |")
     return "\n".join(lines) + "\n"
 
