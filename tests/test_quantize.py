@@ -342,3 +342,15 @@ def test_quant_correction_scores_a_diff_as_trained_and_with_its_entries_back_at_
     assert "| mean of 2 | " in capsys.readouterr().out
     assert quant_correction.main([str(tmp_path / "run"), "--quantize", "int8", *argv]) == 2  # not its base
     assert "trained over nf4 base in float32, not int8 in float32" in capsys.readouterr().err
+
+    # Trained from the error, compared as trained with the diff trained from zero (paired by position).
+    run_training(quick_config(train_file, tmp_path / "corr", steps=2, quantize="nf4", quantize_init="correction"),
+                 model=load_model(model_dir), tokenizer=make_tiny_tokenizer())
+    zero, corr = str(tmp_path / "run"), str(tmp_path / "corr")
+    assert quant_correction.main([zero, "--trained-from-error", corr, "--quantize", "nf4", *argv]) == 0
+    out = capsys.readouterr().out
+    assert "| diff | as trained | trained from its entries' error |" in out and "| run / corr | " in out
+    assert quant_correction.main([zero, zero, "--trained-from-error", corr, "--quantize", "nf4", *argv]) == 2
+    assert "names 1 diffs for 2 positional ones" in capsys.readouterr().err
+    assert quant_correction.main([corr, "--trained-from-error", zero, "--quantize", "nf4", *argv]) == 2
+    assert "its values started as quantize_init='correction'; expected 'zero'" in capsys.readouterr().err

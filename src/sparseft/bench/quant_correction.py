@@ -7,7 +7,15 @@ again with each entry's quantization error W − dequantized(Q(W)) added, on hel
 
 Adding the error puts the diff's k entries back at their full-precision weights and leaves the rest
 rounded: what ``quantize_init="correction"`` starts training from, applied here after the fact to diffs
-trained from zero (the evidence that chose that default, docs/training.md). Each variant is merged
+trained from zero (the first evidence for that default, docs/training.md).
+
+With ``--trained-from-error DIFF ...`` (one per positional diff, the same seeds in the same order) the
+second column is those diffs as trained instead, i.e. trained *from* the error (``quantize_init:
+correction``) against trained from zero, on the same held-out examples::
+
+    python -m sparseft.bench.quant_correction --model smollm2-135m --quantize nf4 --task sst2-val \
+        --data ../shared/data/sst2/train.tsv --limit 1000 $R/sparse-nf4/artifact ... \
+        --trained-from-error $R/sparse-nf4-corr/artifact ... Each variant is merged
 into a dense copy of the dequantized base in ``--dtype`` (the same function as the diff unmerged over
 the codes, up to float rounding, and much faster to score on CPU). Prints one Markdown row per diff
 with the paired bootstrap interval of the difference over the scored examples.
@@ -27,6 +35,7 @@ from ..errors import ConfigError
 from ..evaluate import evaluate_records_detailed
 from ..loading import load_model, load_tokenizer
 from ..quantize import QUANT_SCHEMES, dequantized, linear_layers, quantize_base
+from .config import QUANT_INIT_BEFORE_OPTION
 from ..tasks import get_task
 from .stats import paired_bootstrap, seed_averaged
 
@@ -53,11 +62,19 @@ def set_weights(model, rounded, originals, diff, add_error: bool) -> None:
             module.weight.copy_(weight.to(module.weight.dtype))
 
 
-def check_trained_over(path: str, scheme: str, dtype: str) -> None:
-    trained_dtype, trained_scheme = trained_over(read_diff(path).provenance)
+def check_trained_over(path: str, scheme: str, dtype: str, init: str) -> None:
+    """The diff was trained over ``scheme`` in ``dtype`` with its values starting as ``init`` says."""
+    provenance = read_diff(path).provenance
+    trained_dtype, trained_scheme = trained_over(provenance)
     if trained_scheme != scheme or (trained_dtype or "float32") != dtype:
         raise ConfigError(f"{path}: trained over {trained_scheme or 'no quantized'} base in {trained_dtype}, "
                           f"not {scheme} in {dtype}: pass the --quantize and --dtype it trained with")
+    config = provenance.get("train_config") if isinstance(provenance, dict) else None
+    # Runs from before the option started at zero and record no quantize_init.
+    started = (config or {}).get("quantize_init", QUANT_INIT_BEFORE_OPTION)
+    if started != init:
+        raise ConfigError(f"{path}: its values started as quantize_init={started!r}; expected {init!r} here "
+                          "(positional diffs: trained from zero; --trained-from-error: from the error)")
 
 
 def score(model, tokenizer, task, records, rounded, originals, diff, add_error: bool) -> tuple[float, list[float]]:
@@ -81,9 +98,15 @@ def diff_label(path: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    others = args.trained_from_error
     try:
+        if others and len(others) != len(args.diffs):
+            raise ConfigError(f"--trained-from-error names {len(others)} diffs for {len(args.diffs)} positional ones; "
+                              "give one per positional diff, the same seeds in the same order")
         for path in args.diffs:
-            check_trained_over(path, args.quantize, args.dtype)
+            check_trained_over(path, args.quantize, args.dtype, "zero")
+        for path in others or []:
+            check_trained_over(path, args.quantize, args.dtype, "correction")
         task = get_task(args.task)
         records = task.load(args.data, args.limit)
     except (ConfigError, OSError, ValueError) as e:
@@ -93,16 +116,22 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model, dtype=args.dtype), load_tokenizer(args.model)
     originals, rounded = rounded_weights(model, args.quantize)
+    second = "trained from its entries' error" if others else "with its entries' error added"
     print(f"{args.model} ({args.dtype}), {args.quantize} base; {args.task} on {len(records)} examples of {args.data}\n")
-    print("| diff | as trained | with its entries' error added | difference, 95% interval |\n|---|---|---|---|")
+    print(f"| diff | as trained | {second} | difference, 95% interval |\n|---|---|---|---|")
     plain_all, fixed_all = [], []
-    for path in args.diffs:
-        diff = read_diff(path)
-        plain, plain_each = score(model, tokenizer, task, records, rounded, originals, diff, add_error=False)
-        fixed, fixed_each = score(model, tokenizer, task, records, rounded, originals, diff, add_error=True)
+    for i, path in enumerate(args.diffs):
+        plain, plain_each = score(model, tokenizer, task, records, rounded, originals, read_diff(path), add_error=False)
+        if others:
+            fixed, fixed_each = score(model, tokenizer, task, records, rounded, originals, read_diff(others[i]),
+                                      add_error=False)
+        else:
+            fixed, fixed_each = score(model, tokenizer, task, records, rounded, originals, read_diff(path),
+                                      add_error=True)
         plain_all.append(plain_each)
         fixed_all.append(fixed_each)
-        print(row(diff_label(path), plain, fixed, paired_bootstrap(fixed_each, plain_each)), flush=True)
+        label = f"{diff_label(path)} / {diff_label(others[i])}" if others else diff_label(path)
+        print(row(label, plain, fixed, paired_bootstrap(fixed_each, plain_each)), flush=True)
     if len(args.diffs) > 1:  # each example's scores averaged over the diffs (seeds), as the protocol pairs them
         plain_mean, fixed_mean = seed_averaged(plain_all), seed_averaged(fixed_all)
         print(row(f"mean of {len(args.diffs)}", sum(plain_mean) / len(plain_mean), sum(fixed_mean) / len(fixed_mean),
@@ -112,7 +141,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m sparseft.bench.quant_correction", description=__doc__.split("\n\n")[0])
-    p.add_argument("diffs", nargs="+", help="diff directories trained over the --quantize base")
+    p.add_argument("diffs", nargs="+", help="diff directories trained over the --quantize base, values from zero")
+    p.add_argument("--trained-from-error", nargs="+", metavar="DIFF",
+                   help="diffs trained from their entries' error (quantize_init: correction), one per positional "
+                        "diff in the same seed order: compared as trained instead of adding the error")
     p.add_argument("--model", required=True, help="the base the diffs were trained over (alias or directory)")
     p.add_argument("--quantize", required=True, choices=list(QUANT_SCHEMES))
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the run's --dtype")
