@@ -294,7 +294,8 @@ def test_base_weights_are_row_knobs_and_unset_ones_leave_the_worker_spec_as_it_w
 
 def test_quantize_init_is_a_quantized_rows_knob_whose_zero_keeps_earlier_specs(tmp_path):
     """Rows over a quantized base ran with values starting at 0 before quantize_init existed: a row that
-    says "zero" keeps that worker spec (no key), so --resume still finds it; "correction" is named."""
+    says "zero" (or nothing: TrainConfig's default) keeps that worker spec (no key), so --resume still finds
+    it; "correction" is named."""
     from sparseft.bench.grid import worker_spec
     from sparseft.bench.results import row_label
     from sparseft.bench.worker import train_config
@@ -306,9 +307,9 @@ def test_quantize_init_is_a_quantized_rows_knob_whose_zero_keeps_earlier_specs(t
             {"id": "plain", "method": "sparse", "scorer": "random", "lr": 1e-2}]
     cfg = parse_bench_config(tiny_raw(runs=runs), base_dir=TINY.parent)
     zero, corr, unset, plain = (worker_spec(cfg, run, "tiny", tmp_path / "train.jsonl", tmp_path) for run in cfg.runs)
-    assert "quantize_init" not in zero["run"] and "quantize_init" not in plain["run"]
-    assert corr["run"]["quantize_init"] == unset["run"]["quantize_init"] == "correction"  # TrainConfig's default
-    assert [train_config(job, "cpu").quantize_init for job in (zero, corr)] == ["zero", "correction"]
+    assert all("quantize_init" not in job["run"] for job in (zero, unset, plain))
+    assert corr["run"]["quantize_init"] == "correction"
+    assert [train_config(job, "cpu").quantize_init for job in (zero, corr, unset)] == ["zero", "correction", "zero"]
     assert row_label({"method": "sparse", "scorer": "combined", "quantize": "nf4", "quantize_init": "correction"}) == \
         "sparse/combined (nf4 base, values from its error)"
     for bad, message in ((dict(quantize_init="correction"), r"quantize_init applies to rows with quantize"),
@@ -338,8 +339,8 @@ def test_an_int8_row_trains_and_is_scored_over_the_int8_base(tmp_path):
     fp32, int8 = rows["sparse-fp32"], rows["sparse-int8"]
     assert (fp32["quantize"], fp32["dtype"]) == (None, "float32")
     assert (int8["quantize"], int8["dtype"]) == ("int8", "float32")
-    assert "| sparse-int8 | sparse/random (int8 base, values from its error) |" in (out / "results.md").read_text()
-    assert int8["quantize_init"] == "correction" and fp32["quantize_init"] is None
+    assert "| sparse-int8 | sparse/random (int8 base) |" in (out / "results.md").read_text()
+    assert int8["quantize_init"] == "zero" and fp32["quantize_init"] is None
     assert "| sparse-fp32 | sparse/random |" in (out / "results.md").read_text()
 
     # The int8 row's diff belongs to the int8 base: the fp32 base refuses it, so the worker cannot

@@ -88,8 +88,8 @@ def test_correction_init_starts_the_selected_entries_at_their_full_precision_wei
     init="zero" leaves the values at 0."""
     config = SparseConfig(density=0.05, scorer="random", seed=0)
     original = {name: m.weight.detach().clone() for name, m in linear_layers(make_tiny_llama(dtype=dtype)).items()}
-    corrected = quantize_sparse_model(get_sparse_model(make_tiny_llama(dtype=dtype), config), scheme)
-    zero = quantize_sparse_model(get_sparse_model(make_tiny_llama(dtype=dtype), config), scheme, init="zero")
+    corrected = quantize_sparse_model(get_sparse_model(make_tiny_llama(dtype=dtype), config), scheme, init="correction")
+    zero = quantize_sparse_model(get_sparse_model(make_tiny_llama(dtype=dtype), config), scheme)  # the default
     for name, layer in corrected.sparse_layers().items():
         assert is_quantized(layer.weight)
         rounded = dequantized(layer.weight).reshape(-1)[layer.indices].float()
@@ -103,10 +103,10 @@ def test_correction_init_starts_the_selected_entries_at_their_full_precision_wei
 def test_a_run_over_a_quantized_base_records_where_its_values_started(train_file, tmp_path):
     run_training(quick_config(train_file, tmp_path / "a", steps=1, quantize="int8"), model=make_tiny_llama(),
                  tokenizer=make_tiny_tokenizer())
-    run_training(quick_config(train_file, tmp_path / "b", steps=1, quantize="int8", quantize_init="zero"),
+    run_training(quick_config(train_file, tmp_path / "b", steps=1, quantize="int8", quantize_init="correction"),
                  model=make_tiny_llama(), tokenizer=make_tiny_tokenizer())
     inits = [read_diff(tmp_path / run).provenance["train_config"]["quantize_init"] for run in ("a", "b")]
-    assert inits == ["correction", "zero"]
+    assert inits == ["zero", "correction"]
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4", "nf4"])

@@ -85,9 +85,9 @@ def add_parser(sub):
                      help="auto: bf16 autocast on CUDA, fp32 on CPU")
     add_quantize_option(run, "train over", "sparse runs")
     run.add_argument("--quantize-init", choices=list(QUANT_INITS),
-                     help="with --quantize, where the trained values start: correction = each selected "
-                     "entry's quantization error, so those entries begin at their full-precision weights "
-                     "(docs/training.md); zero = 0")
+                     help="with --quantize, where the trained values start: zero = 0; correction = "
+                     "each selected entry's quantization error, so those entries begin at their full-precision "
+                     "weights (on SST-2 no better once trained: docs/training.md)")
     run.add_argument("--fsdp", action="store_true",
                      help="under torchrun: shard the frozen base over the processes (FSDP2) instead of replicating it "
                      "(sparse runs, no re-selection)")

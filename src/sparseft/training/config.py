@@ -76,9 +76,10 @@ class TrainConfig:
             ``pip install 'sparseft[quant]'``). Entries are selected on the full-precision base, then
             its linear weights are quantized and the diff is fingerprinted against the quantized base
             (see ``sparseft.quantize``).
-        quantize_init: with ``quantize``, where the values start: ``correction`` (the default) at each
-            selected entry's quantization error, so those entries begin at their full-precision weights;
-            ``zero`` at 0 (as before this option existed). A resumed run takes its values from the checkpoint.
+        quantize_init: with ``quantize``, where the values start: ``zero`` (the default) at 0; ``correction``
+            at each selected entry's quantization error, so those entries begin at their full-precision
+            weights (measured no better once trained, docs/training.md). A resumed run takes its values
+            from the checkpoint.
     """
 
     model: str = ""
