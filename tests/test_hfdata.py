@@ -13,7 +13,7 @@ import pytest
 from datasets.packaged_modules.parquet.parquet import Parquet
 
 from sparseft.errors import DataFormatError
-from sparseft.hfdata import DatasetSpec, dataset_sha256, parse_dataset_spec
+from sparseft.hfdata import DatasetSpec, dataset_rows, dataset_sha256, parse_dataset_spec
 from sparseft.tasks import get_task
 from sparseft.tasks.qa import read_squad_rows
 from sparseft.training.data import data_sha256, load_rows
@@ -84,6 +84,26 @@ def test_samsum_and_training_rows_and_their_hash(hf_cache):
     assert data_sha256("hf:tickets:train") == dataset_sha256("tickets:train")
     hf_cache("tickets", "other", "train", {"prompt": ["Q: 1+1?"], "completion": [" 3"]})
     assert data_sha256("hf:tickets:other:train") != data_sha256("hf:tickets:default:train")
+
+
+def test_a_revision_pins_the_dataset_commit_and_stays_in_the_name(monkeypatch):
+    assert parse_dataset_spec("hf:rajpurkar/squad@7b6d24c:validation[:50]") == \
+        DatasetSpec("rajpurkar/squad", None, "validation[:50]", revision="7b6d24c")
+    spec = parse_dataset_spec("hf:glue@v2.0:sst2:train")
+    assert (spec.name, spec.revision, spec.config, str(spec)) == ("glue", "v2.0", "sst2", "hf:glue@v2.0:sst2:train")
+    with pytest.raises(DataFormatError, match=r"hf:NAME\[@REVISION\]"):
+        parse_dataset_spec("hf:glue@:train")  # an empty revision is a typo, not the default branch
+
+    asked = []
+
+    def load_dataset(path, config, split, revision):
+        asked.append((path, config, split, revision))
+        return [{"sentence": "fine .", "label": 1}]
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    assert [row for _, row in dataset_rows("hf:glue@v2.0:sst2:train")] == [{"sentence": "fine .", "label": 1}]
+    assert [where for where, _ in dataset_rows("hf:glue/sst2:train")] == ["hf:glue/sst2:train:row 0"]
+    assert asked == [("glue", "sst2", "train", "v2.0"), ("glue/sst2", None, "train", None)]
 
 
 def test_a_dataset_missing_from_the_offline_cache_is_a_clear_error(hf_cache):

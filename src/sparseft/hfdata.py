@@ -1,8 +1,10 @@
 """Hugging Face dataset names as data sources: ``hf:glue/sst2:validation`` wherever a data file is taken.
 
-A spec is ``[hf:]NAME[:CONFIG]:SPLIT``. ``NAME`` is a dataset on the Hub (``squad``, ``rajpurkar/squad``)
-or ``NAME/CONFIG`` (``glue/sst2``, ``nyu-mll/glue/sst2``); ``SPLIT`` may carry a slice
-(``validation[:200]``). Without the ``hf:`` prefix a string is read as a spec only when no local file
+A spec is ``[hf:]NAME[@REVISION][:CONFIG]:SPLIT``. ``NAME`` is a dataset on the Hub (``squad``,
+``rajpurkar/squad``) or ``NAME/CONFIG`` (``glue/sst2``, ``nyu-mll/glue/sst2``); ``SPLIT`` may carry a slice
+(``validation[:200]``). ``@REVISION`` pins the dataset repository's commit, tag or branch
+(``hf:rajpurkar/squad@7b6d24c:validation``), so a later push to the dataset cannot change what a
+recorded run trained on; without it the default branch loads, as it is that day. Without the ``hf:`` prefix a string is read as a spec only when no local file
 of that name exists, so a file path always means the file.
 
 Loading goes through ``datasets.load_dataset``: online it downloads, offline (``HF_HUB_OFFLINE=1`` /
@@ -12,7 +14,7 @@ the repository is tried first, then the configuration.
 
 Example:
     >>> parse_dataset_spec("hf:glue/sst2:validation[:100]")
-    DatasetSpec(name='glue/sst2', config=None, split='validation[:100]')
+    DatasetSpec(name='glue/sst2', config=None, split='validation[:100]', revision=None)
     >>> rows = list(dataset_rows("glue/sst2:validation"))  # doctest: +SKIP
 """
 
@@ -30,17 +32,20 @@ from .errors import DataFormatError
 
 PREFIX = "hf:"
 SPEC = re.compile(
-    r"^(?P<name>[\w.-]+(?:/[\w.-]+){0,2})(?::(?P<config>[\w.-]+))?:(?P<split>[\w.-]+(?:\[[^\]]*\])?)$"
+    r"^(?P<name>[\w.-]+(?:/[\w.-]+){0,2})(?:@(?P<revision>[\w./-]+?))?(?::(?P<config>[\w.-]+))?"
+    r":(?P<split>[\w.-]+(?:\[[^\]]*\])?)$"
 )
 
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """Where a data set lives on the Hub: ``name`` (maybe ``NAME/CONFIG``), ``config``, ``split``."""
+    """Where a data set lives on the Hub: ``name`` (maybe ``NAME/CONFIG``), ``config``, ``split``, and the
+    ``revision`` of its repository (None: the default branch)."""
 
     name: str
     config: str | None
     split: str
+    revision: str | None = None
 
     def candidates(self) -> list[tuple[str, str | None]]:
         """``(path, config)`` pairs to try with ``load_dataset``, the literal reading first."""
@@ -54,7 +59,8 @@ class DatasetSpec:
         return [(self.name, None)]
 
     def __str__(self) -> str:
-        return f"{PREFIX}{self.name}{':' + self.config if self.config else ''}:{self.split}"
+        revision = f"@{self.revision}" if self.revision else ""
+        return f"{PREFIX}{self.name}{revision}{':' + self.config if self.config else ''}:{self.split}"
 
 
 def parse_dataset_spec(source: str | os.PathLike) -> DatasetSpec | None:
@@ -67,10 +73,11 @@ def parse_dataset_spec(source: str | os.PathLike) -> DatasetSpec | None:
     if match is None:
         if explicit:
             raise DataFormatError(
-                f"{text}: not a Hugging Face dataset spec; expected hf:NAME[:CONFIG]:SPLIT, e.g. hf:glue/sst2:validation"
+                f"{text}: not a Hugging Face dataset spec; expected hf:NAME[@REVISION][:CONFIG]:SPLIT, "
+                "e.g. hf:glue/sst2:validation"
             )
         return None
-    return DatasetSpec(match["name"], match["config"], match["split"])
+    return DatasetSpec(match["name"], match["config"], match["split"], match["revision"])
 
 
 def is_dataset_spec(source: str | os.PathLike) -> bool:
@@ -84,9 +91,10 @@ def load_hf_dataset(spec: DatasetSpec):
     failures = []
     for path, config in spec.candidates():
         try:
-            return datasets.load_dataset(path, config, split=spec.split)
-        except Exception as e:  # datasets raises many types here (not found, offline, bad split)
-            failures.append(f"load_dataset({path!r}, {config!r}, split={spec.split!r}): {type(e).__name__}: {e}")
+            return datasets.load_dataset(path, config, split=spec.split, revision=spec.revision)
+        except Exception as e:  # datasets raises many types here (not found, offline, bad split, bad revision)
+            pinned = f", revision={spec.revision!r}" if spec.revision else ""
+            failures.append(f"load_dataset({path!r}, {config!r}, split={spec.split!r}{pinned}): {type(e).__name__}: {e}")
     offline = " (offline: only data sets already in the local datasets cache can load)" if datasets.config.HF_HUB_OFFLINE else ""
     raise DataFormatError(
         f"{spec}: no local file of that name, and the Hugging Face dataset could not be loaded{offline}; "
