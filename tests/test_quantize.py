@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("torchao")
 
 from conftest import make_tiny_llama, make_tiny_tokenizer  # noqa: E402
-from sparseft import SparseConfig, SparseModel, get_sparse_model  # noqa: E402
+from sparseft import SparseConfig, SparseModel, get_sparse_model, select  # noqa: E402
 from sparseft import evaluate as evaluate_module  # noqa: E402
 from sparseft.cli import main  # noqa: E402
 from sparseft.diffio import fingerprint, read_diff, stored_tensors  # noqa: E402
@@ -354,3 +354,79 @@ def test_quant_correction_scores_a_diff_as_trained_and_with_its_entries_back_at_
     assert "names 1 diffs for 2 positional ones" in capsys.readouterr().err
     assert quant_correction.main([corr, "--trained-from-error", zero, "--quantize", "nf4", *argv]) == 2
     assert "its values started as quantize_init='correction'; expected 'zero'" in capsys.readouterr().err
+
+
+def plain_copy_of(quantized_model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """The tiny model again with every quantized linear weight replaced by its dequantized values."""
+    plain = make_tiny_llama(dtype=dtype)
+    rounded = {name: dequantized(m.weight) for name, m in quantized_model.named_modules()
+               if isinstance(m, QuantizedLinear)}
+    assert rounded
+    with torch.no_grad():
+        for name, module in linear_layers(plain).items():
+            if name in rounded:
+                module.weight.copy_(rounded[name])
+    return plain
+
+
+@pytest.mark.parametrize("scheme", ["int8", "nf4"])
+def test_gradient_statistics_over_a_quantized_base_are_those_of_its_dequantized_weights(scheme):
+    """A quantized weight has no gradient: Σg and Σg² come from grad_outᵀ·x at the layer, and must equal
+    what autograd gives a plain model holding the dequantized weights; selection then picks the same entries."""
+    from sparseft.selection.gradstats import accumulate_gradients
+    from sparseft.targets import find_targets
+    from test_selection import llama_batches
+
+    quantized = quantize_base(make_tiny_llama(), scheme)
+    plain = plain_copy_of(quantized, torch.float32)
+    batches = llama_batches()
+    names = ["q_proj", "down_proj"]
+    flags = [p.requires_grad for p in quantized.parameters()]
+    got = accumulate_gradients(quantized, find_targets(quantized, names), batches, ("grad_sum", "grad_sq_sum"))
+    want = accumulate_gradients(plain, find_targets(plain, names), batches, ("grad_sum", "grad_sq_sum"))
+    assert got.keys() == want.keys()
+    for name in want:
+        for stat in ("grad_sum", "grad_sq_sum"):
+            torch.testing.assert_close(got[name][stat].value(), want[name][stat].value(), rtol=1e-4, atol=1e-7)
+    assert [p.requires_grad for p in quantized.parameters()] == flags  # measuring left nothing behind
+    assert all(p.grad is None for p in quantized.parameters())
+    for scorer in ("combined", "fisher", "magnitude", "taylor"):
+        cfg = SparseConfig(density=0.05, scorer=scorer, calibration_batches=len(batches))
+        over_codes, over_plain = select(quantized, cfg, batches), select(plain, cfg, batches)
+        overlap = sum(len(set(over_codes[n].tolist()) & set(over_plain[n].tolist())) for n in over_plain)
+        assert overlap >= 0.99 * sum(m.numel() for m in over_plain.values()), scorer  # near-ties may swap
+
+
+@pytest.mark.parametrize("scheme", ["int8", "nf4"])
+def test_a_run_can_choose_its_entries_over_the_quantized_base(train_file, tmp_path, scheme):
+    """select_over="quantized": the base is quantized before selection, the entries are those ``select``
+    chooses over the codes, the diff loads onto that quantized base and trains its values."""
+    from sparseft.methods.sparse import select_masks
+    from sparseft.training.data import load_examples
+
+    cfg = quick_config(train_file, tmp_path / "run", steps=2, quantize=scheme, select_over="quantized",
+                       scorer="fisher", calibration_batches=2)
+    result = run_training(cfg, model=make_tiny_llama(), tokenizer=make_tiny_tokenizer())
+    diff = read_diff(tmp_path / "run")
+    assert diff.provenance["train_config"]["select_over"] == "quantized"
+    tokenizer = make_tiny_tokenizer()
+    examples = load_examples(cfg.data, tokenizer, cfg.max_length, cfg.truncation)
+    expected = select_masks(quantize_base(make_tiny_llama(), scheme), cfg.sparse_config(), examples,
+                            tokenizer.pad_token_id, cfg.batch_size)
+    assert diff.masks.keys() == expected.keys() and all(torch.equal(diff.masks[n], expected[n]) for n in expected)
+    # Not the entries chosen over the full-precision weights (the same run, select_over="full").
+    full = run_training(quick_config(train_file, tmp_path / "full", steps=2, quantize=scheme, scorer="fisher",
+                                     calibration_batches=2), model=make_tiny_llama(), tokenizer=make_tiny_tokenizer())
+    assert any(not torch.equal(read_diff(tmp_path / "full").masks[n], diff.masks[n]) for n in expected)
+    sparse = SparseModel.from_pretrained(quantize_base(make_tiny_llama(), scheme), tmp_path / "run")  # fingerprint
+    assert any(bool(layer.values.detach().abs().sum() > 0) for layer in sparse.sparse_layers().values())
+    assert result.losses and full.losses
+
+
+def test_selection_over_the_quantized_base_refuses_the_correction_start(train_file, tmp_path):
+    with pytest.raises(ConfigError, match="quantize_init='correction' needs the full-precision weights"):
+        quick_config(train_file, tmp_path / "run", quantize="int8", select_over="quantized", quantize_init="correction")
+    with pytest.raises(ConfigError, match=r"select_over must be one of \['full', 'quantized'\], got 'codes'"):
+        quick_config(train_file, tmp_path / "run", quantize="int8", select_over="codes")
+    with pytest.raises(ConfigError, match="select_over='quantized' .* needs quantize"):
+        quick_config(train_file, tmp_path / "run", select_over="quantized")

@@ -14,6 +14,11 @@ and rounded once to fp16's 11 significant bits (relative error <= 2**-11 per bat
 keeps the module's largest sum between 2**11 and 2**15, so only entries below ~2**-25 of that largest
 sum lose precision. The scores are therefore those of fp32 up to near-ties: two entries whose sums differ by
 less than about B × 2**-11 relatively may swap order (tests/test_selection.py checks the masks).
+
+Quantized layers. A weight stored as int8/int4/nf4 codes (``sparseft.quantize``) has no gradient of its
+own, so for those layers g = grad_outᵀ · x is formed from the layer's input and output gradient, one
+layer at a time in the backward pass (what autograd forms for a plain weight): the statistics of the
+quantized base, equal to those of a plain model holding its dequantized weights.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import torch
 from torch import nn
 
 from ..errors import DataFormatError
+from ..quantize import is_quantized
 from .scorers import GRAD_SQ_SUM, GRAD_SUM
 
 STAT_BYTES = 4  # fp32 accumulators
@@ -137,24 +143,34 @@ def accumulate_gradients(
     """
     sums = {name: {s: StatSum(layer.weight.shape, compact) for s in stats} for name, layer in layers.items()}
 
-    def fold_into(acc: dict[str, StatSum]):
+    def fold(acc: dict[str, StatSum], g: torch.Tensor) -> None:
+        g = g.to(device="cpu", dtype=torch.float32)
+        if GRAD_SUM in acc:
+            acc[GRAD_SUM].add(g)
+        if GRAD_SQ_SUM in acc:
+            if compact:
+                acc[GRAD_SQ_SUM].add(g.square_())  # g is not needed after this
+            else:
+                acc[GRAD_SQ_SUM].data.addcmul_(g, g)
+
+    def fold_weight_grad(acc: dict[str, StatSum]):
         def hook(weight: torch.Tensor) -> None:
-            g = weight.grad.detach().to(device="cpu", dtype=torch.float32)
+            g = weight.grad.detach()
             weight.grad = None  # freed now, not at the end of the backward pass
-            if GRAD_SUM in acc:
-                acc[GRAD_SUM].add(g)
-            if GRAD_SQ_SUM in acc:
-                if compact:
-                    acc[GRAD_SQ_SUM].add(g.square_())  # g is not needed after this
-                else:
-                    acc[GRAD_SQ_SUM].data.addcmul_(g, g)
+            fold(acc, g)
 
         return hook
 
-    weights = [layer.weight for layer in layers.values()]
-    device = weights[0].device
-    with measuring(model, weights), torch.enable_grad():
-        handles = [layer.weight.register_post_accumulate_grad_hook(fold_into(sums[name])) for name, layer in layers.items()]
+    plain = {name: layer for name, layer in layers.items() if not is_quantized(layer.weight)}
+    quantized = {name: layer for name, layer in layers.items() if is_quantized(layer.weight)}
+    device = next(iter(layers.values())).weight.device
+    with measuring(model, [layer.weight for layer in plain.values()]), torch.enable_grad():
+        handles = [layer.weight.register_post_accumulate_grad_hook(fold_weight_grad(sums[name]))
+                   for name, layer in plain.items()]
+        handles += [layer.register_forward_hook(fold_from_activations(lambda g, name=name: fold(sums[name], g)))
+                    for name, layer in quantized.items()]
+        if quantized:  # the graph must reach them even when no parameter requires grad
+            handles.append(model.get_input_embeddings().register_forward_hook(require_grad))
         try:
             for i, batch in enumerate(batches):
                 batch_loss(model, batch, i, device).backward()
@@ -162,3 +178,24 @@ def accumulate_gradients(
             for h in handles:
                 h.remove()
     return sums
+
+
+def fold_from_activations(fold_grad):
+    """A forward hook for a linear layer whose weight has no gradient: when the backward reaches the
+    layer's output, its weight gradient grad_outᵀ · x (fp32) goes to ``fold_grad``, and x is released."""
+    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        x = inputs[0].detach()
+
+        def on_grad(grad_out: torch.Tensor) -> None:
+            g = grad_out.reshape(-1, grad_out.shape[-1]).float().t() @ x.reshape(-1, x.shape[-1]).float()
+            fold_grad(g)
+
+        if output.requires_grad:  # it does whenever the loss depends on this layer (see require_grad)
+            output.register_hook(on_grad)
+
+    return hook
+
+
+def require_grad(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    """The embeddings' output as a leaf that requires grad: the backward then runs through every layer."""
+    return output.detach().requires_grad_()

@@ -28,6 +28,7 @@ from torch import nn
 
 from ..config import SparseConfig
 from ..errors import ConfigError, NonFiniteScoresError
+from ..quantize import dequantized, is_quantized
 from ..targets import find_targets
 from .budget import GlobalTopK, make_allocator
 from .gradstats import COMPACT_STAT_BYTES, STAT_BYTES, accumulate_gradients, take_batches
@@ -128,7 +129,7 @@ def select(
             module_sums = {stat: total.value() for stat, total in sums.pop(name, {}).items()}
             ctx = ScoreContext(
                 name=name,
-                weight=targets[name].weight,
+                weight=dense_weight(targets[name].weight),
                 seed=cfg.seed,
                 num_batches=len(batches),
                 scorer_weights=cfg.scorer_weights,
@@ -138,9 +139,14 @@ def select(
             try:
                 allocator.add(name, scorer.fn(ctx))
             except NonFiniteScoresError as e:
-                raise NonFiniteScoresError(f"{e}; {non_finite_cause(cfg, targets[name].weight, stats)}") from None
+                raise NonFiniteScoresError(f"{e}; {non_finite_cause(cfg, dense_weight(targets[name].weight), stats)}") from None
             del ctx, module_sums
     return allocator.masks()
+
+
+def dense_weight(weight: torch.Tensor) -> torch.Tensor:
+    """What a scorer reads as W: a quantized weight's dequantized values (one module at a time)."""
+    return dequantized(weight) if is_quantized(weight) else weight
 
 
 def non_finite_cause(cfg: SparseConfig, weight: torch.Tensor, stats: tuple[str, ...]) -> str:
