@@ -319,6 +319,30 @@ def test_quantize_init_is_a_quantized_rows_knob_whose_zero_keeps_earlier_specs(t
             parse_bench_config(tiny_raw(runs=[row]), base_dir=TINY.parent)
 
 
+def test_select_over_is_a_quantized_rows_knob_left_out_of_specs_when_unset(tmp_path):
+    from sparseft.bench.grid import worker_spec
+    from sparseft.bench.results import row_label
+    from sparseft.bench.worker import train_config
+
+    runs = [{"id": "over", "method": "sparse", "scorer": "fisher", "lr": 1e-2, "quantize": "nf4", "select_over": "quantized"},
+            {"id": "unset", "method": "sparse", "scorer": "fisher", "lr": 1e-2, "quantize": "nf4"}]
+    cfg = parse_bench_config(tiny_raw(runs=runs), base_dir=TINY.parent)
+    over, unset = (worker_spec(cfg, run, "tiny", tmp_path / "train.jsonl", tmp_path) for run in cfg.runs)
+    assert over["run"]["select_over"] == "quantized" and "select_over" not in unset["run"]  # --resume keeps old rows
+    assert [train_config(job, "cpu").select_over for job in (over, unset)] == ["quantized", "full"]
+    assert row_label({"method": "sparse", "scorer": "fisher", "quantize": "nf4", "select_over": "quantized"}) == \
+        "sparse/fisher (nf4 base, chosen over it)"
+    assert row_label({"method": "sparse", "scorer": "fisher", "quantize": "nf4", "select_over": "quantized",
+                      "quantize_init": "correction"}) == "sparse/fisher (nf4 base, values from its error, chosen over it)"
+    for bad, message in ((dict(select_over="quantized"), r"select_over applies to rows with quantize"),
+                         (dict(quantize="int8", select_over="codes"), r"select_over must be one of"),
+                         (dict(quantize="int8", select_over="quantized", quantize_init="correction"),
+                          r"needs the full-precision weights")):
+        row = {"id": "bad", "method": "sparse", "scorer": "random", "lr": 1e-2, **bad}
+        with pytest.raises(ConfigError, match=message):
+            parse_bench_config(tiny_raw(runs=[row]), base_dir=TINY.parent)
+
+
 @pytest.mark.slow
 def test_an_int8_row_trains_and_is_scored_over_the_int8_base(tmp_path):
     pytest.importorskip("torchao")
@@ -372,8 +396,11 @@ def test_shipped_quantized_base_config_parses(tmp_path):
         [(*base, seed) for base in seeded for seed in (1, 2)] + [(None, "nf4", seed) for seed in (None, 1, 2)])
     # Those ran with values starting at 0; then both 4-bit bases again, values starting at the error.
     assert {r.quantize_init for r in cfg.runs[:14] if r.quantize} == {"zero"}
-    assert [(r.dtype, r.quantize, r.quantize_init, r.seed) for r in cfg.runs[14:]] == [
+    assert [(r.dtype, r.quantize, r.quantize_init, r.seed) for r in cfg.runs[14:20]] == [
         (dtype, "nf4", "correction", seed) for dtype in (None, "bfloat16") for seed in (None, 1, 2)]
+    # Then both again with the entries chosen over the quantized base.
+    assert [(r.dtype, r.quantize, r.select_over, r.quantize_init, r.seed) for r in cfg.runs[20:]] == [
+        (dtype, "nf4", "quantized", None, seed) for dtype in (None, "bfloat16") for seed in (None, 1, 2)]
     # One recipe, that of the protocol's sparse-combined row at lr 1e-3; only the base differs.
     (combined,) = [r for r in protocol.runs if r.id == "sparse-combined-lr0.001"]
     recipe = lambda r: (r.method, r.scorer, r.lr, r.density, r.num_params, r.calibration_batches)  # noqa: E731

@@ -28,6 +28,9 @@ QUANT_SCHEMES = ("int8", "int4", "nf4")
 # Where a diff over a quantized base starts: "correction" sets each selected entry's value to its
 # quantization error, so those entries begin at their full-precision weights; "zero" starts at 0.
 QUANT_INITS = ("correction", "zero")
+# Where the entries are chosen when the base is quantized: over the full-precision weights (then quantized),
+# or over the quantized base itself (its gradients; the full-precision weights are then only loaded).
+SELECT_OVER = ("full", "quantized")
 DEFAULT_QUANT_INIT = "zero"  # TrainConfig's default: trained from the error was not better (docs/training.md,
 # "Starting at the quantization error")
 # torchao's class of each scheme's weights: what a diff's base fingerprint is keyed by (diffio.weight_kind)
@@ -239,3 +242,12 @@ def selected_weights(layers) -> dict[str, torch.Tensor]:
 def check_quant_init(init: str) -> None:
     if init not in QUANT_INITS:
         raise ConfigError(f"quantize_init must be one of {list(QUANT_INITS)}, got {init!r}")
+
+
+def check_select_over(select_over: str, init: str) -> None:
+    if select_over not in SELECT_OVER:
+        raise ConfigError(f"select_over must be one of {list(SELECT_OVER)}, got {select_over!r}")
+    if select_over == "quantized" and init == "correction":
+        raise ConfigError("quantize_init='correction' needs the full-precision weights of the chosen entries, "
+                          "which selection over the quantized base no longer has: use select_over='full' "
+                          "or quantize_init='zero'")

@@ -34,7 +34,7 @@ import yaml
 from ..errors import ConfigError
 from ..hfdata import PREFIX as HF_PREFIX
 from ..methods import METHODS, Method, get_method, training_methods
-from ..quantize import QUANT_INITS, QUANT_SCHEMES, require_torchao
+from ..quantize import QUANT_INITS, QUANT_SCHEMES, check_select_over, require_torchao
 
 BASE_ROW_ID = "base"
 BASE_DTYPES = ("float32", "bfloat16")  # what a row's dtype may say (float16 trains poorly on CPU)
@@ -62,9 +62,11 @@ class RunSpec:
     # weight-only quantized as quantize says (sparse only). The base row stays the fp32 base.
     dtype: str | None = None
     quantize: str | None = None
-    # With quantize: where the values start, "correction" (when None) or "zero" (how rows ran before
-    # TrainConfig.quantize_init existed; a row saying so keeps its earlier worker spec for --resume).
+    # With quantize: where the values start, "zero" (TrainConfig's default, and how rows ran before
+    # TrainConfig.quantize_init existed: such a row keeps its earlier worker spec for --resume) or "correction".
     quantize_init: str | None = None
+    # With quantize: where the entries are chosen, "full" (when None) or "quantized" (TrainConfig.select_over).
+    select_over: str | None = None
     validation_every: int | None = None  # the grid's validation_every when None (any training method)
     curve_limit: int | None = None  # the grid's curve_limit when None
 
@@ -337,12 +339,18 @@ def check_base_weights(run: RunSpec, method: Method, at: str) -> None:
     if run.dtype is not None and run.dtype not in BASE_DTYPES:
         raise ConfigError(f"{at} ({run.id}): dtype must be one of {BASE_DTYPES}, got {run.dtype!r}")
     if run.quantize is None:
-        if run.quantize_init is not None:
-            raise ConfigError(f"{at} ({run.id}): quantize_init applies to rows with quantize (where the values "
-                              f"start over a quantized base)")
+        for knob in ("quantize_init", "select_over"):
+            if getattr(run, knob) is not None:
+                raise ConfigError(f"{at} ({run.id}): {knob} applies to rows with quantize (a diff over a "
+                                  f"quantized base)")
         return
     if run.quantize_init is not None and run.quantize_init not in QUANT_INITS:
         raise ConfigError(f"{at} ({run.id}): quantize_init must be one of {QUANT_INITS}, got {run.quantize_init!r}")
+    if run.select_over is not None:
+        try:
+            check_select_over(run.select_over, run.quantize_init or "zero")
+        except ConfigError as e:
+            raise ConfigError(f"{at} ({run.id}): {e}") from None
     if not method.quantizes_base:
         able = [name for name in training_methods() if get_method(name).quantizes_base]
         raise ConfigError(f"{at} ({run.id}): quantize applies to {'/'.join(able)} rows only (a diff over the "
@@ -361,7 +369,7 @@ KNOBS = ("scorer", "density", "num_params", "lora_rank", "calibration_batches", 
          "reselect_growth_batches")
 # Knobs added after grids were first run: a row's worker spec leaves them out when unset, so --resume
 # still finds its earlier rows equal.
-LATER_KNOBS = ("reselect_every", "reselect_fraction", "reselect_growth_batches")
+LATER_KNOBS = ("reselect_every", "reselect_fraction", "reselect_growth_batches", "select_over")
 # Where the values of a quantized row started before quantize_init existed: its worker spec has no such key.
 QUANT_INIT_BEFORE_OPTION = "zero"
 

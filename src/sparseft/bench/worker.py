@@ -36,6 +36,7 @@ def empty_row(job: dict[str, Any]) -> dict[str, Any]:
         "seed": job["seed"], "device": None, "versions": versions(), "row_wall_s": None,
         # The base this row trained over and was scored over (the base row: the fp32 base).
         "dtype": base_dtype(job), "quantize": run.get("quantize"), "quantize_init": quantize_init(run),
+        "select_over": (run.get("select_over") or "full") if run.get("quantize") else None,
     }
     if method.trains:
         row.update({
@@ -98,6 +99,7 @@ def train_config(job: dict[str, Any], device: str):
     )
     if run.get("quantize"):
         fields["quantize_init"] = quantize_init(run)
+        fields["select_over"] = run.get("select_over") or "full"
     if job.get("target_modules"):
         fields["target_modules"] = job["target_modules"]
     fields.update(row_method(job).train_fields(run, job))

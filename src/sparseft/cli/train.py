@@ -6,7 +6,7 @@ import json
 import os
 
 from ..config import DTYPES
-from ..quantize import QUANT_INITS
+from ..quantize import QUANT_INITS, SELECT_OVER
 from .options import TrainConfigDefaults, add_model_options, add_quantize_option
 
 
@@ -88,6 +88,10 @@ def add_parser(sub):
                      help="with --quantize, where the trained values start: zero = 0; correction = "
                      "each selected entry's quantization error, so those entries begin at their full-precision "
                      "weights (on SST-2 no better once trained: docs/training.md)")
+    run.add_argument("--select-over", choices=list(SELECT_OVER),
+                     help="with --quantize, where the entries are chosen: full = over the full-precision weights, "
+                     "quantized after; quantized = over the quantized base's own gradients (the full-precision "
+                     "weights are only loaded)")
     run.add_argument("--fsdp", action="store_true",
                      help="under torchrun: shard the frozen base over the processes (FSDP2) instead of replicating it "
                      "(sparse runs, no re-selection)")

@@ -13,7 +13,7 @@ from ..config import SparseConfig, convert_fields
 from ..errors import ConfigError
 from ..files import yaml_key_lines
 from ..methods import get_method, training_methods
-from ..quantize import DEFAULT_QUANT_INIT, check_quant_init, check_scheme
+from ..quantize import DEFAULT_QUANT_INIT, check_quant_init, check_scheme, check_select_over
 from .sharding import check_fsdp_config
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -80,6 +80,10 @@ class TrainConfig:
             at each selected entry's quantization error, so those entries begin at their full-precision
             weights (measured no better once trained, docs/training.md). A resumed run takes its values
             from the checkpoint.
+        select_over: with ``quantize``, where the entries are chosen: ``full`` (the default) over the
+            full-precision weights, which are quantized after; ``quantized`` over the quantized base (its
+            gradients, formed at each layer from its input and output gradient), so the full-precision
+            weights are only loaded, never selected on.
     """
 
     model: str = ""
@@ -122,6 +126,7 @@ class TrainConfig:
     fsdp: bool = False
     quantize: str | None = None
     quantize_init: str = DEFAULT_QUANT_INIT
+    select_over: str = "full"
 
     def __post_init__(self) -> None:
         if not isinstance(self.selection, SparseConfig):
@@ -153,6 +158,10 @@ class TrainConfig:
         if self.fsdp:
             check_fsdp_config(self.method, self.reselecting)
         check_quant_init(self.quantize_init)
+        check_select_over(self.select_over, self.quantize_init)
+        if self.select_over == "quantized" and self.quantize is None:
+            raise ConfigError("select_over='quantized' chooses the entries over a quantized base: it needs quantize "
+                              "(--quantize int8|int4|nf4)")
         if self.quantize is not None:
             self.check_quantize()
 
@@ -173,6 +182,10 @@ class TrainConfig:
                               f"not method={self.method!r}")
         if self.fsdp:
             raise ConfigError("quantize cannot be combined with fsdp: FSDP does not shard quantized weights here")
+
+    @property
+    def selects_over_quantized(self) -> bool:
+        return bool(self.quantize) and self.select_over == "quantized"
 
     @property
     def reselecting(self) -> bool:
