@@ -354,6 +354,9 @@ def test_quant_correction_scores_a_diff_as_trained_and_with_its_entries_back_at_
     assert "names 1 diffs for 2 positional ones" in capsys.readouterr().err
     assert quant_correction.main([corr, "--trained-from-error", zero, "--quantize", "nf4", *argv]) == 2
     assert "its values started as quantize_init='correction'; expected 'zero'" in capsys.readouterr().err
+    assert quant_correction.main([zero, "--versus", zero, "--quantize", "nf4", *argv]) == 0
+    assert "| diff | as trained | the --versus diff as trained |" in capsys.readouterr().out
+    assert quant_correction.main([zero, "--versus", corr, "--quantize", "nf4", *argv]) == 2  # from zero only
 
 
 def plain_copy_of(quantized_model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:

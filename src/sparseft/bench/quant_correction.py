@@ -15,7 +15,10 @@ correction``) against trained from zero, on the same held-out examples::
 
     python -m sparseft.bench.quant_correction --model smollm2-135m --quantize nf4 --task sst2-val \
         --data ../shared/data/sst2/train.tsv --limit 1000 $R/sparse-nf4/artifact ... \
-        --trained-from-error $R/sparse-nf4-corr/artifact ... Each variant is merged
+        --trained-from-error $R/sparse-nf4-corr/artifact ...
+
+``--versus DIFF ...`` does the same for any other diffs over that base trained from zero (e.g. with the
+entries chosen over the quantized base, ``select_over: quantized``): the second column is those as trained. Each variant is merged
 into a dense copy of the dequantized base in ``--dtype`` (the same function as the diff unmerged over
 the codes, up to float rounding, and much faster to score on CPU). Prints one Markdown row per diff
 with the paired bootstrap interval of the difference over the scored examples.
@@ -98,14 +101,17 @@ def diff_label(path: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    others = args.trained_from_error
+    option = "--trained-from-error" if args.trained_from_error else "--versus"
+    others = args.trained_from_error or args.versus
     try:
+        if args.trained_from_error and args.versus:
+            raise ConfigError("give --trained-from-error or --versus, not both")
         if others and len(others) != len(args.diffs):
-            raise ConfigError(f"--trained-from-error names {len(others)} diffs for {len(args.diffs)} positional ones; "
+            raise ConfigError(f"{option} names {len(others)} diffs for {len(args.diffs)} positional ones; "
                               "give one per positional diff, the same seeds in the same order")
-        for path in args.diffs:
+        for path in args.diffs + (args.versus or []):
             check_trained_over(path, args.quantize, args.dtype, "zero")
-        for path in others or []:
+        for path in args.trained_from_error or []:
             check_trained_over(path, args.quantize, args.dtype, "correction")
         task = get_task(args.task)
         records = task.load(args.data, args.limit)
@@ -116,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model, dtype=args.dtype), load_tokenizer(args.model)
     originals, rounded = rounded_weights(model, args.quantize)
-    second = "trained from its entries' error" if others else "with its entries' error added"
+    second = ("trained from its entries' error" if args.trained_from_error else "the --versus diff as trained"
+              if others else "with its entries' error added")
     print(f"{args.model} ({args.dtype}), {args.quantize} base; {args.task} on {len(records)} examples of {args.data}\n")
     print(f"| diff | as trained | {second} | difference, 95% interval |\n|---|---|---|---|")
     plain_all, fixed_all = [], []
@@ -145,6 +152,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--trained-from-error", nargs="+", metavar="DIFF",
                    help="diffs trained from their entries' error (quantize_init: correction), one per positional "
                         "diff in the same seed order: compared as trained instead of adding the error")
+    p.add_argument("--versus", nargs="+", metavar="DIFF",
+                   help="other diffs over the same base trained from zero (e.g. select_over: quantized), one per "
+                        "positional diff in the same seed order: compared as trained")
     p.add_argument("--model", required=True, help="the base the diffs were trained over (alias or directory)")
     p.add_argument("--quantize", required=True, choices=list(QUANT_SCHEMES))
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the run's --dtype")
