@@ -182,7 +182,8 @@ def accumulate_gradients(
 
 def fold_from_activations(fold_grad):
     """A forward hook for a linear layer whose weight has no gradient: when the backward reaches the
-    layer's output, its weight gradient grad_outᵀ · x (fp32) goes to ``fold_grad``, and x is released."""
+    layer's output, its weight gradient grad_outᵀ · x (fp32) goes to ``fold_grad``. x is held until the
+    backward is done, as autograd holds a plain layer's input for its weight gradient."""
     def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         x = inputs[0].detach()
 
