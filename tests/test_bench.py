@@ -300,7 +300,8 @@ def test_quantize_init_is_a_quantized_rows_knob_whose_zero_keeps_earlier_specs(t
     from sparseft.bench.results import row_label
     from sparseft.bench.worker import train_config
 
-    runs = [{"id": "zero", "method": "sparse", "scorer": "random", "lr": 1e-2, "quantize": "int8", "quantize_init": "zero"},
+    runs = [{"id": "zero", "method": "sparse", "scorer": "random", "lr": 1e-2, "quantize": "int8",
+             "quantize_init": "zero"},
             {"id": "corr", "method": "sparse", "scorer": "random", "lr": 1e-2, "quantize": "int8",
              "quantize_init": "correction"},
             {"id": "unset", "method": "sparse", "scorer": "random", "lr": 1e-2, "quantize": "int8"},
@@ -324,7 +325,8 @@ def test_select_over_is_a_quantized_rows_knob_left_out_of_specs_when_unset(tmp_p
     from sparseft.bench.results import row_label
     from sparseft.bench.worker import train_config
 
-    runs = [{"id": "over", "method": "sparse", "scorer": "fisher", "lr": 1e-2, "quantize": "nf4", "select_over": "quantized"},
+    runs = [{"id": "over", "method": "sparse", "scorer": "fisher", "lr": 1e-2, "quantize": "nf4",
+             "select_over": "quantized"},
             {"id": "unset", "method": "sparse", "scorer": "fisher", "lr": 1e-2, "quantize": "nf4"}]
     cfg = parse_bench_config(tiny_raw(runs=runs), base_dir=TINY.parent)
     over, unset = (worker_spec(cfg, run, "tiny", tmp_path / "train.jsonl", tmp_path) for run in cfg.runs)
@@ -333,7 +335,8 @@ def test_select_over_is_a_quantized_rows_knob_left_out_of_specs_when_unset(tmp_p
     assert row_label({"method": "sparse", "scorer": "fisher", "quantize": "nf4", "select_over": "quantized"}) == \
         "sparse/fisher (nf4 base, chosen over it)"
     assert row_label({"method": "sparse", "scorer": "fisher", "quantize": "nf4", "select_over": "quantized",
-                      "quantize_init": "correction"}) == "sparse/fisher (nf4 base, values from its error, chosen over it)"
+                      "quantize_init": "correction"}) == \
+        "sparse/fisher (nf4 base, values from its error, chosen over it)"
     for bad, message in ((dict(select_over="quantized"), r"select_over applies to rows with quantize"),
                          (dict(quantize="int8", select_over="codes"), r"select_over must be one of"),
                          (dict(quantize="int8", select_over="quantized", quantize_init="correction"),

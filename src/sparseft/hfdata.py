@@ -4,8 +4,9 @@ A spec is ``[hf:]NAME[@REVISION][:CONFIG]:SPLIT``. ``NAME`` is a dataset on the 
 ``rajpurkar/squad``) or ``NAME/CONFIG`` (``glue/sst2``, ``nyu-mll/glue/sst2``); ``SPLIT`` may carry a slice
 (``validation[:200]``). ``@REVISION`` pins the dataset repository's commit, tag or branch
 (``hf:rajpurkar/squad@7b6d24c:validation``), so a later push to the dataset cannot change what a
-recorded run trained on; without it the default branch loads, as it is that day. Without the ``hf:`` prefix a string is read as a spec only when no local file
-of that name exists, so a file path always means the file.
+recorded run trained on; without it the default branch loads, as it is that day. Without the ``hf:``
+prefix a string is read as a spec only when no local file of that name exists, so a file path always
+means the file.
 
 Loading goes through ``datasets.load_dataset``: online it downloads, offline (``HF_HUB_OFFLINE=1`` /
 ``HF_DATASETS_OFFLINE=1``) it reads the local datasets cache that an earlier online load filled.
@@ -94,7 +95,8 @@ def load_hf_dataset(spec: DatasetSpec):
             return datasets.load_dataset(path, config, split=spec.split, revision=spec.revision)
         except Exception as e:  # datasets raises many types here (not found, offline, bad split, bad revision)
             pinned = f", revision={spec.revision!r}" if spec.revision else ""
-            failures.append(f"load_dataset({path!r}, {config!r}, split={spec.split!r}{pinned}): {type(e).__name__}: {e}")
+            failures.append(f"load_dataset({path!r}, {config!r}, split={spec.split!r}{pinned}): "
+                            f"{type(e).__name__}: {e}")
     offline = " (offline: only data sets already in the local datasets cache can load)" if datasets.config.HF_HUB_OFFLINE else ""
     raise DataFormatError(
         f"{spec}: no local file of that name, and the Hugging Face dataset could not be loaded{offline}; "

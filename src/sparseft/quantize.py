@@ -31,6 +31,7 @@ QUANT_INITS = ("correction", "zero")
 # Where the entries are chosen when the base is quantized: over the full-precision weights (then quantized),
 # or over the quantized base itself (its gradients; the full-precision weights are then only loaded).
 SELECT_OVER = ("full", "quantized")
+DEFAULT_SELECT_OVER = "full"  # TrainConfig's default: over the quantized base chose worse entries (docs/training.md)
 DEFAULT_QUANT_INIT = "zero"  # TrainConfig's default: trained from the error was not better (docs/training.md,
 # "Starting at the quantization error")
 # torchao's class of each scheme's weights: what a diff's base fingerprint is keyed by (diffio.weight_kind)

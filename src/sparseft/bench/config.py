@@ -34,7 +34,7 @@ import yaml
 from ..errors import ConfigError
 from ..hfdata import PREFIX as HF_PREFIX
 from ..methods import METHODS, Method, get_method, training_methods
-from ..quantize import QUANT_INITS, QUANT_SCHEMES, check_select_over, require_torchao
+from ..quantize import DEFAULT_QUANT_INIT, QUANT_SCHEMES, check_quant_init, check_select_over, require_torchao
 
 BASE_ROW_ID = "base"
 BASE_DTYPES = ("float32", "bfloat16")  # what a row's dtype may say (float16 trains poorly on CPU)
@@ -65,7 +65,7 @@ class RunSpec:
     # With quantize: where the values start, "zero" (TrainConfig's default, and how rows ran before
     # TrainConfig.quantize_init existed: such a row keeps its earlier worker spec for --resume) or "correction".
     quantize_init: str | None = None
-    # With quantize: where the entries are chosen, "full" (when None) or "quantized" (TrainConfig.select_over).
+    # With quantize: where the entries are chosen, TrainConfig's default "full" (when None) or "quantized".
     select_over: str | None = None
     validation_every: int | None = None  # the grid's validation_every when None (any training method)
     curve_limit: int | None = None  # the grid's curve_limit when None
@@ -344,13 +344,13 @@ def check_base_weights(run: RunSpec, method: Method, at: str) -> None:
                 raise ConfigError(f"{at} ({run.id}): {knob} applies to rows with quantize (a diff over a "
                                   f"quantized base)")
         return
-    if run.quantize_init is not None and run.quantize_init not in QUANT_INITS:
-        raise ConfigError(f"{at} ({run.id}): quantize_init must be one of {QUANT_INITS}, got {run.quantize_init!r}")
-    if run.select_over is not None:
-        try:
-            check_select_over(run.select_over, run.quantize_init or "zero")
-        except ConfigError as e:
-            raise ConfigError(f"{at} ({run.id}): {e}") from None
+    try:  # the checks TrainConfig makes, before any row runs
+        init = run.quantize_init or DEFAULT_QUANT_INIT
+        check_quant_init(init)
+        if run.select_over is not None:
+            check_select_over(run.select_over, init)
+    except ConfigError as e:
+        raise ConfigError(f"{at} ({run.id}): {e}") from None
     if not method.quantizes_base:
         able = [name for name in training_methods() if get_method(name).quantizes_base]
         raise ConfigError(f"{at} ({run.id}): quantize applies to {'/'.join(able)} rows only (a diff over the "

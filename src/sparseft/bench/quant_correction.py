@@ -7,7 +7,7 @@ again with each entry's quantization error W − dequantized(Q(W)) added, on hel
 
 Adding the error puts the diff's k entries back at their full-precision weights and leaves the rest
 rounded: what ``quantize_init="correction"`` starts training from, applied here after the fact to diffs
-trained from zero (the first evidence for that default, docs/training.md).
+trained from zero (the first evidence looked at for ``quantize_init``, docs/training.md).
 
 With ``--trained-from-error DIFF ...`` (one per positional diff, the same seeds in the same order) the
 second column is those diffs as trained instead, i.e. trained *from* the error (``quantize_init:
@@ -18,10 +18,11 @@ correction``) against trained from zero, on the same held-out examples::
         --trained-from-error $R/sparse-nf4-corr/artifact ...
 
 ``--versus DIFF ...`` does the same for any other diffs over that base trained from zero (e.g. with the
-entries chosen over the quantized base, ``select_over: quantized``): the second column is those as trained. Each variant is merged
-into a dense copy of the dequantized base in ``--dtype`` (the same function as the diff unmerged over
-the codes, up to float rounding, and much faster to score on CPU). Prints one Markdown row per diff
-with the paired bootstrap interval of the difference over the scored examples.
+entries chosen over the quantized base, ``select_over: quantized``): the second column is those as trained.
+
+Each variant is merged into a dense copy of the dequantized base in ``--dtype`` (the same function as the
+diff unmerged over the codes, up to float rounding, and much faster to score on CPU). Prints one Markdown
+row per diff with the paired bootstrap interval of the difference over the scored examples.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ from ..errors import ConfigError
 from ..evaluate import evaluate_records_detailed
 from ..loading import load_model, load_tokenizer
 from ..quantize import QUANT_SCHEMES, dequantized, linear_layers, quantize_base
-from .config import QUANT_INIT_BEFORE_OPTION
 from ..tasks import get_task
+from .config import QUANT_INIT_BEFORE_OPTION
 from .stats import paired_bootstrap, seed_averaged
 
 
@@ -128,13 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| diff | as trained | {second} | difference, 95% interval |\n|---|---|---|---|")
     plain_all, fixed_all = [], []
     for i, path in enumerate(args.diffs):
-        plain, plain_each = score(model, tokenizer, task, records, rounded, originals, read_diff(path), add_error=False)
-        if others:
-            fixed, fixed_each = score(model, tokenizer, task, records, rounded, originals, read_diff(others[i]),
-                                      add_error=False)
-        else:
-            fixed, fixed_each = score(model, tokenizer, task, records, rounded, originals, read_diff(path),
-                                      add_error=True)
+        diff = read_diff(path)
+        plain, plain_each = score(model, tokenizer, task, records, rounded, originals, diff, add_error=False)
+        # The second column: the other diff as trained, or this one with its entries' error added.
+        second_diff, add_error = (read_diff(others[i]), False) if others else (diff, True)
+        fixed, fixed_each = score(model, tokenizer, task, records, rounded, originals, second_diff, add_error)
         plain_all.append(plain_each)
         fixed_all.append(fixed_each)
         label = f"{diff_label(path)} / {diff_label(others[i])}" if others else diff_label(path)

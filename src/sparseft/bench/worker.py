@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..methods import Method, get_method
+from ..quantize import DEFAULT_SELECT_OVER
 from .config import QUANT_INIT_BEFORE_OPTION
 
 
@@ -36,7 +37,7 @@ def empty_row(job: dict[str, Any]) -> dict[str, Any]:
         "seed": job["seed"], "device": None, "versions": versions(), "row_wall_s": None,
         # The base this row trained over and was scored over (the base row: the fp32 base).
         "dtype": base_dtype(job), "quantize": run.get("quantize"), "quantize_init": quantize_init(run),
-        "select_over": (run.get("select_over") or "full") if run.get("quantize") else None,
+        "select_over": select_over(run),
     }
     if method.trains:
         row.update({
@@ -86,6 +87,11 @@ def quantize_init(run: dict[str, Any]) -> str | None:
     return run.get("quantize_init", QUANT_INIT_BEFORE_OPTION) if run.get("quantize") else None
 
 
+def select_over(run: dict[str, Any]) -> str | None:
+    """Where a quantized row's entries were chosen (no key: TrainConfig's default)."""
+    return (run.get("select_over") or DEFAULT_SELECT_OVER) if run.get("quantize") else None
+
+
 def train_config(job: dict[str, Any], device: str):
     """The TrainConfig of this row: the grid's shared data and schedule, the row's method and knobs."""
     from ..training import TrainConfig
@@ -99,7 +105,7 @@ def train_config(job: dict[str, Any], device: str):
     )
     if run.get("quantize"):
         fields["quantize_init"] = quantize_init(run)
-        fields["select_over"] = run.get("select_over") or "full"
+        fields["select_over"] = select_over(run)
     if job.get("target_modules"):
         fields["target_modules"] = job["target_modules"]
     fields.update(row_method(job).train_fields(run, job))

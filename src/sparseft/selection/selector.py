@@ -139,7 +139,7 @@ def select(
             try:
                 allocator.add(name, scorer.fn(ctx))
             except NonFiniteScoresError as e:
-                raise NonFiniteScoresError(f"{e}; {non_finite_cause(cfg, dense_weight(targets[name].weight), stats)}") from None
+                raise NonFiniteScoresError(f"{e}; {non_finite_cause(cfg, ctx.weight, stats)}") from None
             del ctx, module_sums
     return allocator.masks()
 

@@ -13,7 +13,7 @@ from ..config import SparseConfig, convert_fields
 from ..errors import ConfigError
 from ..files import yaml_key_lines
 from ..methods import get_method, training_methods
-from ..quantize import DEFAULT_QUANT_INIT, check_quant_init, check_scheme, check_select_over
+from ..quantize import DEFAULT_QUANT_INIT, DEFAULT_SELECT_OVER, check_quant_init, check_scheme, check_select_over
 from .sharding import check_fsdp_config
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -126,7 +126,7 @@ class TrainConfig:
     fsdp: bool = False
     quantize: str | None = None
     quantize_init: str = DEFAULT_QUANT_INIT
-    select_over: str = "full"
+    select_over: str = DEFAULT_SELECT_OVER
 
     def __post_init__(self) -> None:
         if not isinstance(self.selection, SparseConfig):
