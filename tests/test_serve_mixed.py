@@ -25,8 +25,7 @@ def random_entries(out_features, in_features, sizes, seed=0):
         dense.append(s.view(out_features, in_features))
         flats.append(flat)
         values.append(vals)
-    offsets = torch.tensor([0, *sizes]).cumsum(0)
-    entries = MixedEntries(torch.cat(flats).int(), torch.cat(values), offsets, out_features, in_features)
+    entries = MixedEntries([(f.int(), v) for f, v in zip(flats, values)], out_features, in_features)
     return entries, dense
 
 
@@ -114,6 +113,28 @@ def test_loaded_entries_cost_an_int32_index_plus_a_value_in_the_weights_dtype(tm
     mixed.slot_of(diff)
     assert mixed.bytes_held() == bytes_per_entry * diff.num_entries
     mixed.close()
+
+
+def test_tables_reference_the_registrys_entries_instead_of_copying_them(loaded):
+    engine, diffs, _ = loaded
+    mixed = MixedDiffs(engine.model)
+    mixed.add(diffs)
+    for name, hook in mixed.hooks.items():
+        for slot, diff in enumerate(diffs):
+            flat, values = diff.entries[name]
+            assert flat.dtype == torch.int32  # half of int64's bytes: the tiny model's weights are far below 2**31
+            held_flat, held_values = hook.entries.per_slot[slot]
+            assert held_flat.data_ptr() == flat.data_ptr() and held_values.data_ptr() == values.data_ptr()
+    mixed.close()
+
+
+def test_a_slot_without_entries_on_a_layer_adds_nothing_there():
+    entries, dense = random_entries(3, 4, sizes=[2])
+    entries.per_slot.append(None)  # slot 1: a diff that skips this weight
+    x = torch.randn(2, 4, generator=torch.Generator().manual_seed(2))
+    delta = mixed_delta(x, torch.tensor([1, 0]), entries)
+    assert torch.equal(delta[0], torch.zeros(3))
+    torch.testing.assert_close(delta[1], x[1] @ dense[0].T, rtol=1e-6, atol=1e-6)
 
 
 def assert_one_row_matches_merged(engine, mixed, diff, path):

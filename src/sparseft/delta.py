@@ -78,6 +78,13 @@ def delta_values(values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return round_values(values, weight)
 
 
+def compact_indices(indices: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Flat positions into ``weight`` on its device, int32 when every position fits (half of int64's bytes);
+    ``merge_entries`` and the unmerged paths take either."""
+    dtype = torch.int32 if weight.numel() < 2**31 else torch.long
+    return indices.to(device=weight.device, dtype=dtype)
+
+
 def add_entries(weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """A new tensor W + S (values rounded by ``round_values``); ``weight`` itself is left untouched."""
     flat = weight.detach().reshape(-1).clone()
@@ -100,7 +107,7 @@ def merge_entries(weight: torch.Tensor, indices: torch.Tensor, values: torch.Ten
 
 def restore_entries(weight: torch.Tensor, indices: torch.Tensor, original: torch.Tensor) -> None:
     """Put back the entries ``merge_entries`` returned: ``weight`` is bitwise what it was before."""
-    weight.data.view(-1).index_copy_(0, indices, original)
+    weight.data.view(-1).index_copy_(0, indices.long(), original)  # index_copy_ takes int64 positions only
 
 
 class MergedEntries:
@@ -232,24 +239,36 @@ def delta_matmul(
 
 
 class MixedEntries:
-    """The entries of several diffs on one ``out_features x in_features`` weight, stored compactly.
+    """The entries of several diffs on one ``out_features x in_features`` weight, one (flat, values) pair per
+    diff slot (None where that diff skips the weight).
 
-    Entries are sorted by diff slot: slot ``s`` owns ``flat[offsets[s]:offsets[s + 1]]`` (flat
-    positions ``row * in_features + col``, int32) and the same range of ``values``. Per entry that is
-    4 B of index + 2 B (bf16) or 4 B (fp32) of value; the slot costs nothing per entry (``offsets``
-    is one int64 per diff).
+    ``flat`` holds positions ``row * in_features + col`` (int32 below 2**31 entries, ``compact_indices``),
+    ``values`` the values in the weight's dtype. The pairs are referenced, not copied: the server's table
+    for a layer holds the very tensors its registry loaded, so a loaded entry costs 4 B of index + 2 B (bf16)
+    or 4 B (fp32) of value once, whatever else uses it.
     """
 
-    def __init__(self, flat: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, out_features: int,
+    def __init__(self, per_slot: list[tuple[torch.Tensor, torch.Tensor] | None], out_features: int,
                  in_features: int) -> None:
-        self.flat = flat  # (E,) int32 (int64 for weights of 2**31 entries or more)
-        self.values = values  # (E,)
-        self.offsets = offsets  # (slots + 1,) int64
+        self.per_slot = per_slot  # slot s -> (flat (k_s,), values (k_s,)) or None
         self.out_features, self.in_features = out_features, in_features
 
     @property
-    def bytes_per_entry(self) -> int:
-        return self.flat.element_size() + self.values.element_size()
+    def num_entries(self) -> int:
+        return sum(pair[0].numel() for pair in self.per_slot if pair is not None)
+
+    @property
+    def bytes_held(self) -> int:
+        return sum(t.numel() * t.element_size() for pair in self.per_slot if pair is not None for t in pair)
+
+    def present(self, row_diff: torch.Tensor) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """(each row's place in the list that follows, -1 for the base or a diff without entries on this
+        weight; the (flat, values) of the slots ``row_diff`` uses that have entries here, in slot order)."""
+        slots = row_diff.tolist()
+        wanted = sorted({s for s in slots if s >= 0 and self.per_slot[s] is not None})
+        place = {slot: i for i, slot in enumerate(wanted)}
+        row_local = torch.tensor([place.get(s, -1) for s in slots], dtype=torch.long, device=row_diff.device)
+        return row_local, [self.per_slot[s] for s in wanted]
 
 
 def mixed_pairs(row_diff: torch.Tensor, offsets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -275,14 +294,22 @@ def mixed_plan(row_diff: torch.Tensor, entries: MixedEntries) -> tuple[torch.Ten
     Depends only on which diff each row uses, so a caller decoding step after step with the same
     rows computes it once (``MixedDeltaHook`` does).
     """
-    rows, entry = mixed_pairs(row_diff, entries.offsets)
-    flat = entries.flat.index_select(0, entry).long()
+    row_local, pairs = entries.present(row_diff)
+    device = row_diff.device
+    if not pairs:  # no row's diff has entries on this weight
+        nothing = torch.zeros(0, dtype=torch.int32, device=device)
+        return nothing, torch.zeros(0, device=device), nothing
+    # The present diffs' entries side by side: a transient copy, no larger than the plan built from it.
+    flat_all, values_all = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+    offsets = torch.tensor([0, *(p[0].numel() for p in pairs)], device=device).cumsum(0)
+    rows, entry = mixed_pairs(row_local, offsets)
+    flat = flat_all.index_select(0, entry).long()
     src = rows * entries.in_features + flat % entries.in_features
     dst = rows * entries.out_features + flat // entries.in_features
     # int32 positions when they fit: a kept plan costs 8 B + one value per pair instead of 16 B + one value.
     fits = row_diff.numel() * max(entries.in_features, entries.out_features) < 2**31
     index_dtype = torch.int32 if fits else torch.long
-    return src.to(index_dtype), entries.values.index_select(0, entry), dst.to(index_dtype)
+    return src.to(index_dtype), values_all.index_select(0, entry), dst.to(index_dtype)
 
 
 def mixed_delta(
@@ -296,8 +323,8 @@ def mixed_delta(
     ``plan`` is ``mixed_plan(row_diff, entries)`` when the caller reuses it across steps.
 
     Example:
-        >>> w = MixedEntries(torch.tensor([1, 2], dtype=torch.int32), torch.tensor([1.0, 2.0]),
-        ...                  torch.tensor([0, 1, 2]), out_features=2, in_features=2)
+        >>> one = lambda position, value: (torch.tensor([position], dtype=torch.int32), torch.tensor([value]))
+        >>> w = MixedEntries([one(1, 1.0), one(2, 2.0)], out_features=2, in_features=2)
         >>> mixed_delta(torch.ones(3, 2), torch.tensor([0, 1, -1]), w)  # slot 0 adds W[0,1]=1, slot 1 W[1,0]=2
         tensor([[1., 0.],
                 [0., 2.],

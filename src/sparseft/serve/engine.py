@@ -31,7 +31,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..delta import MergedEntries, delta_values
+from ..delta import MergedEntries, compact_indices, delta_values
 from ..diffio import SparseDiff, check_against_model, fingerprint, target_weights
 from ..errors import ConfigError, ServerBusyError
 from ..quantize import is_quantized
@@ -125,7 +125,7 @@ class Engine:
         for name, indices in diff.masks.items():
             w = weights[name]
             # Rounded once here, by the rule every merge uses, so switching does no conversions (fp32 over codes).
-            entries[name] = (indices.to(device=w.device, dtype=torch.long), delta_values(diff.values[name], w))
+            entries[name] = (compact_indices(indices, w), delta_values(diff.values[name], w))
         return entries
 
     def base_fingerprint(self, weights: dict[str, torch.Tensor]) -> str:

@@ -8,10 +8,12 @@ state dict and ``find_targets`` stay those of the plain model, so diff validatio
 merge-on-switch work on the same model unchanged.
 
 Memory per loaded entry: a 4-byte flat position + the value in the weight's dtype, so 6 B with a
-bf16 base and 8 B with an fp32 base. The value must be in the weight's dtype for the unmerged result
-to compute the same S as merging does (merge adds the value rounded to the weight's dtype); bf16
-values under an fp32 base would round S differently. Over a quantized base nothing is merged: the values
-stay fp32 (8 B per entry), as ``SparseModel``'s unmerged forward over the codes keeps them.
+bf16 base and 8 B with an fp32 base, held once: a layer's table references the tensors the registry
+loaded (``Engine.validated_entries``), which merge-on-switch uses too. The value must be in the
+weight's dtype for the unmerged result to compute the same S as merging does (merge adds the value
+rounded to the weight's dtype); bf16 values under an fp32 base would round S differently. Over a
+quantized base nothing is merged: the values stay fp32 (8 B per entry), as ``SparseModel``'s unmerged
+forward over the codes keeps them.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..delta import MixedEntries, delta_values, mixed_delta, mixed_plan
+from ..delta import MixedEntries, compact_indices, delta_values, mixed_delta, mixed_plan
 from .registry import DiffVersion
 
 
@@ -55,7 +57,7 @@ class MixedDeltaHook:
 
     def __call__(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         slots = self.rows.slots
-        if slots is None or self.entries.flat.numel() == 0:
+        if slots is None or self.entries.num_entries == 0:
             return output
         plan = self._plans.get(self.rows.key)
         if plan is None:
@@ -70,9 +72,7 @@ class MixedDeltaHook:
 
 
 def empty_entries(layer: nn.Linear) -> MixedEntries:
-    device = layer.weight.device
-    return MixedEntries(torch.zeros(0, dtype=torch.int32, device=device), torch.zeros(0, device=device),
-                        torch.zeros(1, dtype=torch.long, device=device), layer.out_features, layer.in_features)
+    return MixedEntries([], layer.out_features, layer.in_features)
 
 
 class MixedDiffs:
@@ -131,8 +131,8 @@ class MixedDiffs:
         self.rows.set(None)
 
     def bytes_held(self) -> int:
-        """Memory of the loaded entries in all layers' tables."""
-        return sum(h.entries.flat.numel() * h.entries.bytes_per_entry for h in self.hooks.values())
+        """Memory of the loaded entries in all layers' tables: the registry's own tensors, not a copy of them."""
+        return sum(h.entries.bytes_held for h in self.hooks.values())
 
     def close(self) -> None:
         for hook in self.hooks.values():
@@ -150,14 +150,9 @@ class MixedDiffs:
 
 
 def layer_table(layer: nn.Linear, per_slot: list[tuple[torch.Tensor, torch.Tensor] | None]) -> MixedEntries:
-    """One layer's ``MixedEntries`` from each slot's (flat indices, values), None where a diff skips the layer."""
+    """One layer's ``MixedEntries`` from each slot's (flat indices, values), None where a diff skips the layer.
+    Entries already in the held form (``Engine.validated_entries``: int32 positions, values by
+    ``delta_values``) are referenced as they are, not copied."""
     weight = layer.weight
-    index_dtype = torch.int32 if weight.numel() < 2**31 else torch.long
-    parts = [p for p in per_slot if p is not None]
-    counts = [0 if p is None else p[0].numel() for p in per_slot]
-    if not parts:
-        return empty_entries(layer)
-    flat = torch.cat([p[0] for p in parts]).to(device=weight.device, dtype=index_dtype)
-    values = delta_values(torch.cat([p[1] for p in parts]), weight)
-    offsets = torch.tensor([0, *counts], device=weight.device).cumsum(0)
-    return MixedEntries(flat, values, offsets, layer.out_features, layer.in_features)
+    held = [None if p is None else (compact_indices(p[0], weight), delta_values(p[1], weight)) for p in per_slot]
+    return MixedEntries(held, layer.out_features, layer.in_features)
