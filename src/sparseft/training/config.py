@@ -24,7 +24,7 @@ LOCATION_FIELDS = ("out", "resume", "progress")
 # not one of them: TrainConfig's one seed seeds selection, data order and initialisation alike.
 SELECTION_FIELDS = tuple(f.name for f in dataclasses.fields(SparseConfig) if f.name != "seed")
 # Where training's selection defaults differ from SparseConfig's: the best measured recipe (docs/training.md).
-TRAIN_SELECTION_DEFAULTS = {"scorer": "combined"}
+TRAIN_SELECTION_DEFAULTS = {"scorer": "combined", "calibration_batches": 2}
 
 
 @dataclass
@@ -44,8 +44,10 @@ class TrainConfig:
             ``target_modules`` also sets where LoRA goes. ``from_dict``, YAML files and CLI flags take
             these fields flat too (``density: 0.05`` or ``selection: {density: 0.05}``); its seed is ``seed``.
             The scorer defaults to ``combined`` here (``SparseConfig`` itself defaults to ``random``): the
-            best measured recipe, ~3 points over random on SST-2 (docs/benchmarks/sst2_smollm2_cpu_sweep.md);
-            the defaults are listed, and tested, in docs/training.md ("Defaults").
+            best measured recipe, ~3 points over random on SST-2 (docs/benchmarks/sst2_smollm2_cpu_sweep.md),
+            calibrated on 2 batches (``SparseConfig``: 8; 1, 2, 4 and 8 scored alike on held-out SST-2,
+            docs/benchmarks/sst2_smollm2_calibration/); the defaults are listed, and tested, in
+            docs/training.md ("Defaults").
         masks: a saved masks/diff file to train exactly those entries (instead of selecting).
         reselect_every / reselect_fraction: dynamic re-selection (sparse runs): every N steps each
             module swaps its smallest-|value| entries for the largest-|gradient| ones outside its
