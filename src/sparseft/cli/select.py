@@ -30,7 +30,7 @@ def add_parser(sub):
                    help="weights of the parts of the combined scorer, e.g. gradient=0.5,fisher=0.5")
     p.add_argument("--allocation", choices=list(ALLOCATIONS), help="how the budget is split over modules")
     p.add_argument("--target-modules", help="comma-separated module names")
-    p.add_argument("--calibration-batches", type=int, help="batches for gradient statistics (default 8)")
+    p.add_argument("--calibration-batches", type=int, help="batches for gradient statistics")
     p.add_argument("--batch-size", type=int, help="rows per calibration batch (as train's micro-batch)")
     p.add_argument("--max-length", type=int,
                    help="tokens per row; longer rows are cut, not rejected as train does: scoring only needs "

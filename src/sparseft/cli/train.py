@@ -40,7 +40,7 @@ def add_parser(sub):
     sel.add_argument("--allocation", choices=["global", "proportional", "per_module"], help="how the budget is split over modules")
     sel.add_argument("--masks", metavar="DIFF_OR_FILE", help="train exactly the entries of this diff dir or mask file (its selection settings are recorded)")
     sel.add_argument("--target-modules", help="comma-separated module names")
-    sel.add_argument("--calibration-batches", type=int, help="batches a data scorer looks at (default 2)")
+    sel.add_argument("--calibration-batches", type=int, help="batches a data scorer looks at")
     sel.add_argument("--scorer-weights", metavar="NAME=W,...",
                      help="weights of the parts of the combined scorer, e.g. gradient=0.5,fisher=0.5")
     sel.add_argument("--value-dtype", choices=list(DTYPES), help="dtype of saved values")
