@@ -129,8 +129,8 @@ def test_tables_reference_the_registrys_entries_instead_of_copying_them(loaded):
 
 
 def test_a_slot_without_entries_on_a_layer_adds_nothing_there():
-    entries, dense = random_entries(3, 4, sizes=[2])
-    entries.per_slot.append(None)  # slot 1: a diff that skips this weight
+    one_slot, dense = random_entries(3, 4, sizes=[2])
+    entries = MixedEntries([*one_slot.per_slot, None], 3, 4)  # slot 1: a diff that skips this weight
     x = torch.randn(2, 4, generator=torch.Generator().manual_seed(2))
     delta = mixed_delta(x, torch.tensor([1, 0]), entries)
     assert torch.equal(delta[0], torch.zeros(3))

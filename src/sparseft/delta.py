@@ -252,10 +252,8 @@ class MixedEntries:
                  in_features: int) -> None:
         self.per_slot = per_slot  # slot s -> (flat (k_s,), values (k_s,)) or None
         self.out_features, self.in_features = out_features, in_features
-
-    @property
-    def num_entries(self) -> int:
-        return sum(pair[0].numel() for pair in self.per_slot if pair is not None)
+        # Counted once: the serving hook reads it on every forward of every targeted layer.
+        self.num_entries = sum(pair[0].numel() for pair in per_slot if pair is not None)
 
     @property
     def bytes_held(self) -> int:
