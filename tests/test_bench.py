@@ -346,6 +346,27 @@ def test_select_over_is_a_quantized_rows_knob_left_out_of_specs_when_unset(tmp_p
             parse_bench_config(tiny_raw(runs=[row]), base_dir=TINY.parent)
 
 
+def test_quantize_skip_is_a_quantized_rows_knob_left_out_of_specs_when_unset(tmp_path):
+    from sparseft.bench.grid import worker_spec
+    from sparseft.bench.results import row_label
+    from sparseft.bench.worker import train_config
+
+    runs = [{"id": "mixed", "method": "sparse", "scorer": "fisher", "lr": 1e-2, "quantize": "nf4",
+             "quantize_skip": ["*.down_proj"]},
+            {"id": "unset", "method": "sparse", "scorer": "fisher", "lr": 1e-2, "quantize": "nf4"}]
+    cfg = parse_bench_config(tiny_raw(runs=runs), base_dir=TINY.parent)
+    mixed, unset = (worker_spec(cfg, run, "tiny", tmp_path / "train.jsonl", tmp_path) for run in cfg.runs)
+    assert mixed["run"]["quantize_skip"] == ["*.down_proj"] and "quantize_skip" not in unset["run"]
+    assert [train_config(job, "cpu").quantize_skip for job in (mixed, unset)] == [["*.down_proj"], []]
+    assert row_label({"method": "sparse", "scorer": "fisher", "quantize": "nf4", "quantize_skip": ["*.down_proj"]}) \
+        == "sparse/fisher (nf4 base, *.down_proj unquantized)"
+    for bad, message in ((dict(quantize_skip=["*.down_proj"]), r"quantize_skip applies to rows with quantize"),
+                         (dict(quantize="nf4", quantize_skip=[""]), r"quantize_skip must be a list of layer-name")):
+        row = {"id": "bad", "method": "sparse", "scorer": "random", "lr": 1e-2, **bad}
+        with pytest.raises(ConfigError, match=message):
+            parse_bench_config(tiny_raw(runs=[row]), base_dir=TINY.parent)
+
+
 @pytest.mark.slow
 def test_an_int8_row_trains_and_is_scored_over_the_int8_base(tmp_path):
     pytest.importorskip("torchao")

@@ -433,3 +433,55 @@ def test_selection_over_the_quantized_base_refuses_the_correction_start(train_fi
         quick_config(train_file, tmp_path / "run", quantize="int8", select_over="codes")
     with pytest.raises(ConfigError, match="select_over='quantized' .* needs quantize"):
         quick_config(train_file, tmp_path / "run", select_over="quantized")
+
+
+# ---------------------------------------------------------------- a mixed base (quantize_skip)
+
+
+def test_quantize_skip_leaves_the_matching_layers_in_their_dtype_and_refuses_a_pattern_that_matches_none():
+    model = make_tiny_llama()
+    plain = {name: m.weight.detach().clone() for name, m in linear_layers(model).items()}
+    quantize_base(model, "nf4", skip=["*.down_proj", "model.layers.0.*"])
+    for name, module in linear_layers(make_tiny_llama()).items():
+        stored = model.get_submodule(name).weight
+        left = name.endswith(".down_proj") or name.startswith("model.layers.0.")
+        assert is_quantized(stored) is not left, name
+        if left:
+            assert type(model.get_submodule(name)) is torch.nn.Linear and torch.equal(stored, plain[name])
+
+    untouched = make_tiny_llama()
+    with pytest.raises(ConfigError, match=r"quantize_skip pattern '\*\.down' matches no linear layer"):
+        quantize_base(untouched, "nf4", skip=["*.down_proj", "*.down"])
+    assert not any(is_quantized(m.weight) for m in linear_layers(untouched).values())  # refused before any layer
+
+
+def test_a_diff_over_a_mixed_base_reloads_only_onto_that_mixed_base(train_file, tmp_path):
+    trained = make_tiny_llama()
+    cfg = quick_config(train_file, tmp_path / "run", steps=6, quantize="nf4", quantize_skip="*.down_proj, *.v_proj")
+    assert cfg.quantize_skip == ["*.down_proj", "*.v_proj"]  # the CLI's comma-separated form
+    result = run_training(cfg, model=trained, tokenizer=make_tiny_tokenizer())
+    assert result.losses[-1] < result.losses[0]
+    layer = trained.model.layers[1]
+    assert not is_quantized(layer.mlp.down_proj.weight) and is_quantized(layer.mlp.up_proj.weight)
+
+    diff = read_diff(tmp_path / "run")
+    assert list(diff.base_fingerprint) == ["NF4Tensor"]  # keyed by its quantized weights, whichever layer is first
+    assert diff.provenance["train_config"]["quantize_skip"] == ["*.down_proj", "*.v_proj"]
+    mixed = quantize_base(make_tiny_llama(), "nf4", skip=["*.down_proj", "*.v_proj"])
+    reloaded = SparseModel.from_pretrained(mixed, tmp_path / "run")
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(outputs(reloaded, ids), outputs(trained, ids))
+    with pytest.raises(FingerprintMismatchError, match=r"left the layers \['\*\.down_proj', '\*\.v_proj'\] "
+                                                       r"unquantized: load the base in Python with quantize_base"):
+        SparseModel.from_pretrained(quantize_base(make_tiny_llama(), "nf4"), tmp_path / "run")
+    with pytest.raises(FingerprintMismatchError, match=r"but for the layers \['\*\.down_proj', '\*\.v_proj'\]"):
+        SparseModel.from_pretrained(make_tiny_llama(), tmp_path / "run")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(quantize_skip=["*.down_proj"]), "quantize_skip names layers to leave unquantized: it needs quantize"),
+    (dict(quantize="nf4", quantize_skip=[3]), "quantize_skip must be a list of layer-name patterns"),
+])
+def test_bad_quantize_skip_settings_are_refused(overrides, message, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        quick_config(tmp_path / "train.jsonl", tmp_path / "out", **overrides)

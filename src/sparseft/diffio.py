@@ -127,6 +127,13 @@ def weight_kind(t: torch.Tensor) -> str:
     return type(t).__name__ if is_wrapper_tensor(t) else str(t.dtype).removeprefix("torch.")
 
 
+def base_kind(weights: dict[str, torch.Tensor]) -> str:
+    """What a base's fingerprint is keyed by: its quantized weights' class where it has any (a mixed base,
+    some layers skipped by ``quantize_skip``, is still that quantized base), else its first weight's dtype."""
+    kinds = [weight_kind(w) for w in weights.values()]
+    return next((kind for kind in kinds if scheme_of_weight_class(kind)), kinds[0])
+
+
 def fingerprint(weights: dict[str, torch.Tensor]) -> str:
     """sha256 over the names, shapes, dtypes and bytes of exactly the targeted weights; a quantized
     weight is hashed as stored (its class and every inner tensor: codes, scales, zero points)."""
@@ -145,7 +152,7 @@ def fingerprints(weights: dict[str, torch.Tensor]) -> dict[str, str]:
     """Fingerprints of the base in its own dtype and, for fp32 bases, as rounded to bf16 too,
     so a diff trained on fp32 weights can be checked against the same base served in bf16.
     A quantized base is keyed by its weights' class (see ``weight_kind``)."""
-    dtype = weight_kind(next(iter(weights.values())))
+    dtype = base_kind(weights)
     prints = {dtype: fingerprint(weights)}
     if dtype == "float32":
         prints["bfloat16"] = fingerprint({n: w.to(torch.bfloat16) for n, w in weights.items()})
@@ -176,11 +183,12 @@ def check_base_fingerprint(
         log.warning("%s; loading it anyway (allow_unverified_base)", message)
         return
     first = next(iter(weights.values()))
-    dtype, trained = weight_kind(first), trained_over(provenance)
+    dtype, trained = base_kind(weights), trained_over(provenance)
+    skip = trained_skip(provenance)
     if dtype not in expected_prints:
         raise FingerprintMismatchError(
             f"{where}: the diff records base fingerprints for {sorted(expected_prints)} weights, "
-            f"but the model's weights are {dtype}; {how_to_load(expected_prints, trained)}"
+            f"but the model's weights are {dtype}; {how_to_load(expected_prints, trained, skip)}"
         )
     actual = fingerprint_of(weights)
     expected = expected_prints[dtype]
@@ -189,7 +197,7 @@ def check_base_fingerprint(
             different_dtype_message(dtype, dtype_name(first.dtype), trained, where)
             or f"{where}: the diff was made for a different base model "
             f"(diff expects {dtype} fingerprint {expected[:16]}…, this model has {actual[:16]}…; "
-            f"diff base: {base_model or 'unnamed'}){same_model_hint(dtype, trained)}"
+            f"diff base: {base_model or 'unnamed'}){same_model_hint(dtype, trained)}{skip_hint(skip)}"
         )
 
 
@@ -207,6 +215,21 @@ def trained_over(provenance: dict[str, Any] | None) -> tuple[str | None, str | N
     return (dtype if isinstance(dtype, str) else None), (scheme if isinstance(scheme, str) else None)
 
 
+def trained_skip(provenance: dict[str, Any] | None) -> list[str]:
+    """The layer patterns the diff's training run left unquantized (``quantize_skip``), as its provenance records."""
+    config = provenance.get("train_config") if isinstance(provenance, dict) else None
+    skip = config.get("quantize_skip") if isinstance(config, dict) else None
+    return [p for p in skip if isinstance(p, str)] if isinstance(skip, list) else []
+
+
+def skip_hint(skip: list[str]) -> str:
+    """For a diff trained over a mixed base: the layers its base left unquantized must be left so again."""
+    if not skip:
+        return ""
+    return (f"; its training run left the layers {skip} unquantized: load the base in Python with "
+            f"quantize_base(model, scheme, skip={skip!r}) (the command line cannot load a mixed base yet)")
+
+
 def described_base(dtype: str | None, scheme: str) -> str:
     """A quantized base in words: what its other weights are stored in, and its linear weights."""
     return f"{dtype} non-quantized weights and {scheme} linear weights" if dtype else f"{scheme} linear weights"
@@ -216,13 +239,19 @@ def load_flags(dtype: str | None, scheme: str) -> str:
     return f"--dtype {dtype} --quantize {scheme}" if dtype else f"--quantize {scheme}"
 
 
-def how_to_load(expected_prints: dict[str, str], trained: tuple[str | None, str | None] = (None, None)) -> str:
+def how_to_load(
+    expected_prints: dict[str, str], trained: tuple[str | None, str | None] = (None, None), skip: list[str] | None = None,
+) -> str:
     """What to load instead, said from the weight kinds a diff records fingerprints for: a quantized base's
     scheme (with the dtype the run loaded it in, where ``trained`` knows it), else a plain base's dtypes."""
     schemes = [scheme for kind in sorted(expected_prints) if (scheme := scheme_of_weight_class(kind))]
     if schemes:
         scheme = schemes[0]
         dtype = trained[0] if trained[1] == scheme else None
+        if skip:
+            return (f"the diff was trained over a base with {described_base(dtype, scheme)} but for the layers "
+                    f"{skip}, left unquantized; in Python: quantize_base(model, {scheme!r}, skip={skip!r}) "
+                    "(the command line cannot load a mixed base yet)")
         return (f"the diff was trained over a base with {described_base(dtype, scheme)}; load it with "
                 f"{load_flags(dtype, scheme)} (in Python: quantize_base(model, {scheme!r}))")
     dtypes = " or ".join(f"--dtype {kind}" for kind in sorted(expected_prints))

@@ -16,7 +16,9 @@ keeps one code per byte (torchao 0.18's packed int4 layouts need a GPU kernel li
 
 from __future__ import annotations
 
+import fnmatch
 import importlib
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -127,15 +129,17 @@ class QuantizedLinear(nn.Linear):
         return FrozenQuantizedMatmul.apply(x, self.weight, self.bias)
 
 
-def quantize_base(model: nn.Module, scheme: str) -> nn.Module:
+def quantize_base(model: nn.Module, scheme: str, skip: Sequence[str] = ()) -> nn.Module:
     """Quantize the ``nn.Linear`` weights of ``model`` in place (weight-only ``scheme``: int8, int4 or
     nf4) and freeze them; returns ``model``. Embeddings and norms stay as they are (in the model's
     dtype), and so does a head tied to the embeddings (a quantized copy would be extra memory, not
-    less). Deterministic: the same weights give the same codes, so a reloaded base matches the
-    fingerprint a diff recorded."""
+    less). ``skip``: patterns (``fnmatch``, e.g. ``"*.down_proj"``, ``"model.layers.[0-3].*"``) of
+    linear layers to leave in the model's dtype too, a mixed base like bitsandbytes' skipped modules;
+    each pattern must match a layer. Deterministic: the same weights give the same codes, so a
+    reloaded base matches the fingerprint a diff recorded."""
     check_scheme(scheme)
     require_torchao(scheme)
-    chosen = linear_layers(model)
+    chosen = linear_layers(model, skip)
     if scheme == "nf4":
         check_nf4_shapes(chosen)  # every layer before any: a refused model is left as it was
         for module in chosen.values():
@@ -172,11 +176,42 @@ def dequantize_base(model: nn.Module) -> nn.Module:
     return model
 
 
-def linear_layers(model: nn.Module) -> dict[str, nn.Linear]:
-    """The plain ``nn.Linear`` layers to quantize: all but a head tied to the input embeddings."""
+def linear_layers(model: nn.Module, skip: Sequence[str] = ()) -> dict[str, nn.Linear]:
+    """The plain ``nn.Linear`` layers to quantize: all but a head tied to the input embeddings and those
+    whose name matches a ``skip`` pattern (a ``SparseLinear``'s wrapped layer goes by the wrapper's name)."""
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     tied = embeddings.weight if embeddings is not None else None
-    return {name: m for name, m in model.named_modules() if type(m) is nn.Linear and m.weight is not tied}
+    layers = {name: m for name, m in model.named_modules() if type(m) is nn.Linear and m.weight is not tied}
+    skip = skip_patterns(skip)
+    check_skip_patterns(skip, [layer_name(name) for name in layers])
+    return {name: m for name, m in layers.items() if not skipped(layer_name(name), skip)}
+
+
+def layer_name(name: str) -> str:
+    """A linear layer's name as a user writes it: ``SparseModel`` wraps it as ``<name>.base_layer``."""
+    return name.removesuffix(".base_layer")
+
+
+def skipped(name: str, skip: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in skip)
+
+
+def skip_patterns(value: object) -> list[str]:
+    """``quantize_skip`` as a list: from YAML a list, from the CLI one comma-separated string."""
+    if isinstance(value, str):
+        value = [p.strip() for p in value.split(",") if p.strip()]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) and p for p in value):
+        raise ConfigError(f"quantize_skip must be a list of layer-name patterns (or one comma-separated string), "
+                          f"got {value!r}")
+    return list(value)
+
+
+def check_skip_patterns(skip: Sequence[str], names: list[str]) -> None:
+    """Each skip pattern names at least one linear layer (a typo would quantize everything)."""
+    for pattern in skip:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            raise ConfigError(f"quantize_skip pattern {pattern!r} matches no linear layer of the model "
+                              f"(fnmatch over names such as {', '.join(names[:3])})")
 
 
 def check_nf4_shapes(layers: dict[str, nn.Linear]) -> None:
@@ -206,7 +241,7 @@ def copy_out_of_shared_storage(model: nn.Module) -> None:
                     module._buffers[name] = buffer.clone()
 
 
-def quantize_sparse_model(sparse, scheme: str, init: str = DEFAULT_QUANT_INIT):
+def quantize_sparse_model(sparse, scheme: str, init: str = DEFAULT_QUANT_INIT, skip: Sequence[str] = ()):
     """Quantize the base under a ``SparseModel`` whose entries were selected on its full-precision
     weights (so any scorer works); the layers switch to the unmerged forward and the recorded
     base fingerprint becomes that of the quantized weights, which is what the diff will be loaded onto.
@@ -224,10 +259,12 @@ def quantize_sparse_model(sparse, scheme: str, init: str = DEFAULT_QUANT_INIT):
         raise ConfigError("quantize the base of an unmerged SparseModel (call unmerge() first)")
     layers = sparse.sparse_layers()
     originals = selected_weights(layers) if init == "correction" else {}
-    quantize_base(sparse.base_model, scheme)
+    quantize_base(sparse.base_model, scheme, skip)
     for name, layer in layers.items():
+        if not is_quantized(layer.weight):
+            continue  # skipped: a plain weight keeps the forward SparseModel gives it, as on reload
         layer.set_kernels(layer.backend, "unmerged")
-        if name in originals and is_quantized(layer.weight):
+        if name in originals:
             with torch.no_grad():  # one layer dequantized at a time
                 rounded = dequantized(layer.weight).reshape(-1)[layer.indices].float()
                 layer.values += originals[name] - rounded

@@ -34,7 +34,9 @@ import yaml
 from ..errors import ConfigError
 from ..hfdata import PREFIX as HF_PREFIX
 from ..methods import METHODS, Method, get_method, training_methods
-from ..quantize import DEFAULT_QUANT_INIT, QUANT_SCHEMES, check_quant_init, check_select_over, require_torchao
+from ..quantize import (
+    DEFAULT_QUANT_INIT, QUANT_SCHEMES, check_quant_init, check_select_over, require_torchao, skip_patterns,
+)
 
 BASE_ROW_ID = "base"
 BASE_DTYPES = ("float32", "bfloat16")  # what a row's dtype may say (float16 trains poorly on CPU)
@@ -67,6 +69,8 @@ class RunSpec:
     quantize_init: str | None = None
     # With quantize: where the entries are chosen, TrainConfig's default "full" (when None) or "quantized".
     select_over: str | None = None
+    # With quantize: fnmatch patterns of linear layers left unquantized (a mixed base; TrainConfig.quantize_skip).
+    quantize_skip: list[str] | None = None
     validation_every: int | None = None  # the grid's validation_every when None (any training method)
     curve_limit: int | None = None  # the grid's curve_limit when None
 
@@ -339,7 +343,7 @@ def check_base_weights(run: RunSpec, method: Method, at: str) -> None:
     if run.dtype is not None and run.dtype not in BASE_DTYPES:
         raise ConfigError(f"{at} ({run.id}): dtype must be one of {BASE_DTYPES}, got {run.dtype!r}")
     if run.quantize is None:
-        for knob in ("quantize_init", "select_over"):
+        for knob in ("quantize_init", "select_over", "quantize_skip"):
             if getattr(run, knob) is not None:
                 raise ConfigError(f"{at} ({run.id}): {knob} applies to rows with quantize (a diff over a "
                                   f"quantized base)")
@@ -349,6 +353,8 @@ def check_base_weights(run: RunSpec, method: Method, at: str) -> None:
         check_quant_init(init)
         if run.select_over is not None:
             check_select_over(run.select_over, init)
+        if run.quantize_skip is not None:
+            run.quantize_skip = skip_patterns(run.quantize_skip)
     except ConfigError as e:
         raise ConfigError(f"{at} ({run.id}): {e}") from None
     if not method.quantizes_base:
@@ -369,7 +375,7 @@ KNOBS = ("scorer", "density", "num_params", "lora_rank", "calibration_batches", 
          "reselect_growth_batches")
 # Knobs added after grids were first run: a row's worker spec leaves them out when unset, so --resume
 # still finds its earlier rows equal.
-LATER_KNOBS = ("reselect_every", "reselect_fraction", "reselect_growth_batches", "select_over")
+LATER_KNOBS = ("reselect_every", "reselect_fraction", "reselect_growth_batches", "select_over", "quantize_skip")
 # Where the values of a quantized row started before quantize_init existed: its worker spec has no such key.
 QUANT_INIT_BEFORE_OPTION = "zero"
 

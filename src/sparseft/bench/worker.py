@@ -37,7 +37,7 @@ def empty_row(job: dict[str, Any]) -> dict[str, Any]:
         "seed": job["seed"], "device": None, "versions": versions(), "row_wall_s": None,
         # The base this row trained over and was scored over (the base row: the fp32 base).
         "dtype": base_dtype(job), "quantize": run.get("quantize"), "quantize_init": quantize_init(run),
-        "select_over": select_over(run),
+        "select_over": select_over(run), "quantize_skip": run.get("quantize_skip"),
     }
     if method.trains:
         row.update({
@@ -106,6 +106,7 @@ def train_config(job: dict[str, Any], device: str):
     if run.get("quantize"):
         fields["quantize_init"] = quantize_init(run)
         fields["select_over"] = select_over(run)
+        fields["quantize_skip"] = run.get("quantize_skip") or []
     if job.get("target_modules"):
         fields["target_modules"] = job["target_modules"]
     fields.update(row_method(job).train_fields(run, job))
@@ -254,7 +255,8 @@ def load_for_eval(job: dict[str, Any], row: dict[str, Any]):
     """The model to evaluate: the row's artifact over the same base it trained over (dtype, quantization);
     merged in, so every row evaluates at the base's speed, except over a quantized base (unmerged)."""
     return row_method(job).load_for_eval(job["model"], row.get("artifact_path"), dtype=base_dtype(job),
-                                         quantize=job["run"].get("quantize"))
+                                         quantize=job["run"].get("quantize"),
+                                         quantize_skip=job["run"].get("quantize_skip") or ())
 
 
 # ---------------------------------------------------------------- entry point

@@ -92,6 +92,9 @@ def add_parser(sub):
                      help="with --quantize, where the entries are chosen: full = over the full-precision weights, "
                      "quantized after; quantized = over the quantized base's own gradients (the full-precision "
                      "weights are only loaded)")
+    run.add_argument("--quantize-skip", metavar="PATTERNS",
+                     help="with --quantize, comma-separated fnmatch patterns of linear layers to leave unquantized, "
+                     "e.g. '*.down_proj' (a mixed base; the diff loads onto it from Python only so far)")
     run.add_argument("--fsdp", action="store_true",
                      help="under torchrun: shard the frozen base over the processes (FSDP2) instead of replicating it "
                      "(sparse runs, no re-selection)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,10 @@ class FullMethod(Method):
 
         save_model_dir(model, tokenizer, path)
 
-    def load_for_eval(self, base: str, artifact: str | None, dtype: str = "float32", quantize: str | None = None) -> nn.Module:
+    def load_for_eval(
+        self, base: str, artifact: str | None, dtype: str = "float32", quantize: str | None = None,
+        quantize_skip: Sequence[str] = (),
+    ) -> nn.Module:
         from ..loading import load_model
 
         return load_model(artifact, dtype=dtype)  # the checkpoint is a complete model directory, saved in dtype

@@ -10,6 +10,7 @@ method's name, so a new method is one new file plus one ``register_method`` line
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -85,11 +86,14 @@ class Method:
         artifact that records no base fingerprint with a warning instead of refusing it, where the method checks one."""
         raise ConfigError(f"method {self.name!r} has no artifact to attach to a base")
 
-    def load_for_eval(self, base: str, artifact: str | None, dtype: str = "float32", quantize: str | None = None) -> nn.Module:
+    def load_for_eval(
+        self, base: str, artifact: str | None, dtype: str = "float32", quantize: str | None = None,
+        quantize_skip: Sequence[str] = (),
+    ) -> nn.Module:
         """The model a benchmark row scores: the artifact on the base it was trained over (loaded in
-        ``dtype``, quantized as ``quantize`` says), merged, so every row evaluates at the base's speed;
+        ``dtype``, quantized as ``quantize`` and ``quantize_skip`` say), merged, so every row evaluates at the base's speed;
         over a quantized base it stays unmerged (nothing can be written into codes)."""
-        model = self.attach(load_base(base, dtype, quantize), artifact)
+        model = self.attach(load_base(base, dtype, quantize, quantize_skip), artifact)
         return model if quantize else model.merge_and_unload()
 
     # ------------------------------------------------------------ benchmarks
@@ -114,16 +118,17 @@ class Method:
         return self.name
 
 
-def load_base(base: str, dtype: str = "float32", quantize: str | None = None) -> nn.Module:
+def load_base(base: str, dtype: str = "float32", quantize: str | None = None, quantize_skip: Sequence[str] = ()) -> nn.Module:
     """The base model as a run trained over it: loaded in ``dtype``, then weight-only quantized when
-    ``quantize`` is ``int8`` / ``int4`` / ``nf4`` (deterministic, so a diff's base fingerprint matches again)."""
+    ``quantize`` is ``int8`` / ``int4`` / ``nf4``, but for the layers ``quantize_skip`` names
+    (deterministic, so a diff's base fingerprint matches again)."""
     from ..loading import load_model
 
     model = load_model(base, dtype=dtype)
     if quantize:
         from ..quantize import quantize_base
 
-        model = quantize_base(model, quantize)
+        model = quantize_base(model, quantize, quantize_skip)
     return model
 
 

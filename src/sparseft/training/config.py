@@ -13,7 +13,9 @@ from ..config import SparseConfig, convert_fields
 from ..errors import ConfigError
 from ..files import yaml_key_lines
 from ..methods import get_method, training_methods
-from ..quantize import DEFAULT_QUANT_INIT, DEFAULT_SELECT_OVER, check_quant_init, check_scheme, check_select_over
+from ..quantize import (
+    DEFAULT_QUANT_INIT, DEFAULT_SELECT_OVER, check_quant_init, check_scheme, check_select_over, skip_patterns,
+)
 from .sharding import check_fsdp_config
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -86,6 +88,9 @@ class TrainConfig:
             full-precision weights, which are quantized after; ``quantized`` over the quantized base (its
             gradients, formed at each layer from its input and output gradient), so the full-precision
             weights are only loaded, never selected on.
+        quantize_skip: with ``quantize``, patterns (``fnmatch``) of linear layers left in ``dtype``, e.g.
+            ``["*.down_proj"]``: a mixed base, recorded with the diff; loading it needs
+            ``quantize_base(model, scheme, skip=...)`` with the same patterns (Python only so far).
     """
 
     model: str = ""
@@ -129,12 +134,14 @@ class TrainConfig:
     quantize: str | None = None
     quantize_init: str = DEFAULT_QUANT_INIT
     select_over: str = DEFAULT_SELECT_OVER
+    quantize_skip: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not isinstance(self.selection, SparseConfig):
             raise ConfigError(f"selection must be a SparseConfig (or a mapping of its fields in from_dict), "
                               f"got {type(self.selection).__name__}")
         convert_fields(self)  # numbers from YAML may be strings (``lr: 1e-3``); store the declared types
+        self.quantize_skip = skip_patterns(self.quantize_skip)
         self.selection = dataclasses.replace(self.selection, seed=self.seed)
         trainable = training_methods()
         checks = [
@@ -166,6 +173,9 @@ class TrainConfig:
                               "(--quantize int8|int4|nf4)")
         if self.quantize is not None:
             self.check_quantize()
+        elif self.quantize_skip:
+            raise ConfigError("quantize_skip names layers to leave unquantized: it needs quantize "
+                              "(--quantize int8|int4|nf4)")
 
     def check_reselection(self) -> None:
         # Types are settled by convert_fields (an int or None, a float); only the ranges are checked here.

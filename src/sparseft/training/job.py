@@ -104,10 +104,11 @@ def run_training(
         torch.manual_seed(cfg.seed)
         model.to(dist.device)  # before selection, so data scorers run on the accelerator
         if cfg.selects_over_quantized:
-            quantize_base(model, cfg.quantize)  # the entries are then chosen over the codes
+            quantize_base(model, cfg.quantize, cfg.quantize_skip)  # the entries are then chosen over the codes
         model, masks, extra = get_method(cfg.method).prepare(cfg, model, examples, pad_token_id(tokenizer), ckpt)
         if cfg.quantize and not cfg.selects_over_quantized:
-            model = quantize_sparse_model(model, cfg.quantize, cfg.quantize_init)  # selected on the full-precision base
+            # selected on the full-precision base
+            model = quantize_sparse_model(model, cfg.quantize, cfg.quantize_init, cfg.quantize_skip)
         model.to(dist.device)
         named_params = trainable_parameters(model)
         optimizer = make_optimizer(named_params, cfg)
@@ -167,6 +168,8 @@ def run_info(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     fields = RESUME_FIELDS + (RESELECT_FIELDS if cfg.reselecting else ())
     if cfg.reselect_growth_batches != 1:
         fields += ("reselect_growth_batches",)
+    if cfg.quantize_skip:
+        fields += ("quantize_skip",)  # a mixed base: only then, so earlier checkpoints still resume
     return {**{k: values[k] for k in fields}, "world_size": world_size, "data_sha256": data_sha256(cfg.data)}
 
 
