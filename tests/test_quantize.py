@@ -478,6 +478,19 @@ def test_a_diff_over_a_mixed_base_reloads_only_onto_that_mixed_base(train_file, 
         SparseModel.from_pretrained(make_tiny_llama(), tmp_path / "run")
 
 
+def test_a_skip_pattern_that_names_no_layer_stops_the_run_before_selection(train_file, tmp_path, monkeypatch):
+    import sparseft.methods.sparse as sparse_method
+
+    def no_selection(*args, **kwargs):
+        raise AssertionError("selection ran")
+
+    monkeypatch.setattr(sparse_method, "select_masks", no_selection)
+    cfg = quick_config(train_file, tmp_path / "run", steps=2, quantize="nf4", quantize_skip=["*.dwn_proj"])
+    with pytest.raises(ConfigError, match=r"quantize_skip pattern '\*\.dwn_proj' matches no linear layer"):
+        run_training(cfg, model=make_tiny_llama(), tokenizer=make_tiny_tokenizer())
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("overrides, message", [
     (dict(quantize_skip=["*.down_proj"]), "quantize_skip names layers to leave unquantized: it needs quantize"),
     (dict(quantize="nf4", quantize_skip=[3]), "quantize_skip must be a list of layer-name patterns"),
