@@ -353,7 +353,7 @@ def test_quantize_skip_is_a_quantized_rows_knob_left_out_of_specs_when_unset(tmp
 
     runs = [{"id": "mixed", "method": "sparse", "scorer": "fisher", "lr": 1e-2, "quantize": "nf4",
              "quantize_skip": ["*.down_proj"]},
-            {"id": "unset", "method": "sparse", "scorer": "fisher", "lr": 1e-2, "quantize": "nf4"}]
+            {"id": "unset", "method": "sparse", "scorer": "fisher", "lr": 1e-2, "quantize": "nf4", "quantize_skip": []}]
     cfg = parse_bench_config(tiny_raw(runs=runs), base_dir=TINY.parent)
     mixed, unset = (worker_spec(cfg, run, "tiny", tmp_path / "train.jsonl", tmp_path) for run in cfg.runs)
     assert mixed["run"]["quantize_skip"] == ["*.down_proj"] and "quantize_skip" not in unset["run"]

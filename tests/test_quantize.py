@@ -18,7 +18,8 @@ from sparseft.evaluate import evaluate  # noqa: E402
 from sparseft.loading import load_model  # noqa: E402
 from sparseft.methods import get_method  # noqa: E402
 from sparseft.quantize import (NF4_BLOCK, QuantizedLinear, dequantized, is_quantized, linear_layers,  # noqa: E402
-                               quantize_base, quantize_sparse_model, to_nf4_weight)
+                               quantize_base, quantize_sparse_model, skip_patterns, to_nf4_weight)
+from sparseft.sparse_linear import SparseLinear  # noqa: E402
 from sparseft.tasks import ROUTING_DATA  # noqa: E402
 from sparseft.training import run_training  # noqa: E402
 from test_evaluate import model_dir  # noqa: E402,F401 - fixture: the tiny model saved with a tokenizer
@@ -457,25 +458,59 @@ def test_quantize_skip_leaves_the_matching_layers_in_their_dtype_and_refuses_a_p
 
 def test_a_diff_over_a_mixed_base_reloads_only_onto_that_mixed_base(train_file, tmp_path):
     trained = make_tiny_llama()
-    cfg = quick_config(train_file, tmp_path / "run", steps=6, quantize="nf4", quantize_skip="*.down_proj, *.v_proj")
-    assert cfg.quantize_skip == ["*.down_proj", "*.v_proj"]  # the CLI's comma-separated form
+    skip = ["model.layers.0.*", "*.down_proj"]  # the first targeted weight is a plain one
+    cfg = quick_config(train_file, tmp_path / "run", steps=6, quantize="nf4", quantize_skip="model.layers.0.*, *.down_proj")
+    assert cfg.quantize_skip == skip  # the CLI's comma-separated form
     result = run_training(cfg, model=trained, tokenizer=make_tiny_tokenizer())
     assert result.losses[-1] < result.losses[0]
     layer = trained.model.layers[1]
     assert not is_quantized(layer.mlp.down_proj.weight) and is_quantized(layer.mlp.up_proj.weight)
+    assert not is_quantized(trained.model.layers[0].self_attn.q_proj.weight)
 
     diff = read_diff(tmp_path / "run")
-    assert list(diff.base_fingerprint) == ["NF4Tensor"]  # keyed by its quantized weights, whichever layer is first
-    assert diff.provenance["train_config"]["quantize_skip"] == ["*.down_proj", "*.v_proj"]
-    mixed = quantize_base(make_tiny_llama(), "nf4", skip=["*.down_proj", "*.v_proj"])
-    reloaded = SparseModel.from_pretrained(mixed, tmp_path / "run")
+    assert list(diff.base_fingerprint) == ["NF4Tensor"]  # keyed by its quantized weights, not the first one's dtype
+    assert diff.provenance["train_config"]["quantize_skip"] == skip
+    reloaded = SparseModel.from_pretrained(quantize_base(make_tiny_llama(), "nf4", skip=skip), tmp_path / "run")
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
     assert torch.equal(outputs(reloaded, ids), outputs(trained, ids))
-    with pytest.raises(FingerprintMismatchError, match=r"left the layers \['\*\.down_proj', '\*\.v_proj'\] "
-                                                       r"unquantized: load the base in Python with quantize_base"):
-        SparseModel.from_pretrained(quantize_base(make_tiny_llama(), "nf4"), tmp_path / "run")
-    with pytest.raises(FingerprintMismatchError, match=r"but for the layers \['\*\.down_proj', '\*\.v_proj'\]"):
+    advice = r"quantize_base\(model, 'nf4', skip=\['model\.layers\.0\.\*', '\*\.down_proj'\]\)"
+    for other in (quantize_base(make_tiny_llama(), "nf4"), quantize_base(make_tiny_llama(), "nf4", skip=skip[:1])):
+        with pytest.raises(FingerprintMismatchError, match=r"different base model .*left the layers .* unquantized: "
+                                                           r"load the base in Python and call " + advice):
+            SparseModel.from_pretrained(other, tmp_path / "run")
+    with pytest.raises(FingerprintMismatchError, match=r"but for the layers .*, left unquantized; .*" + advice):
         SparseModel.from_pretrained(make_tiny_llama(), tmp_path / "run")
+
+
+@pytest.mark.parametrize("init, select_over", [("correction", "full"), ("zero", "quantized")])
+def test_a_mixed_base_run_corrects_and_selects_over_its_quantized_layers_only(train_file, tmp_path, init, select_over):
+    trained = make_tiny_llama()
+    cfg = quick_config(train_file, tmp_path / "run", steps=2, lr=1e-12, quantize="nf4", quantize_skip=["*.down_proj"],
+                       quantize_init=init, select_over=select_over)
+    run_training(cfg, model=trained, tokenizer=make_tiny_tokenizer())
+    layers = {name: m for name, m in trained.named_modules() if isinstance(m, SparseLinear)}
+    plain = [layer for name, layer in layers.items() if name.endswith("down_proj")]
+    assert plain and all(not is_quantized(layer.weight) and layer.k for layer in plain)  # chosen there too
+    if init == "correction":  # values start at the error of quantized entries only; a plain layer's stay at 0
+        assert all(float(layer.values.abs().max()) < 1e-6 for layer in plain)
+        assert any(float(layer.values.abs().max()) > 1e-4 for name, layer in layers.items() if layer not in plain)
+
+
+def test_skip_patterns_keep_commas_inside_brackets_and_drop_repeats():
+    assert skip_patterns("model.layers.[0,1].*, *.down_proj,*.down_proj") == ["model.layers.[0,1].*", "*.down_proj"]
+
+
+@pytest.mark.parametrize("skip, targets, message", [
+    (["lm_head"], None, r"quantize_skip names lm_head, which the diff does not target"),
+    (["*.down_proj"], "q_proj", r"quantize_skip names model\.layers\.0\.mlp\.down_proj, .* which the diff does not"),
+    (["*_proj"], None, r"leaves none of the targeted layers quantized: drop --quantize"),
+])
+def test_skips_the_fingerprint_could_not_check_are_refused(train_file, tmp_path, skip, targets, message):
+    model = make_tiny_llama(tie_word_embeddings=False) if skip == ["lm_head"] else make_tiny_llama()
+    extra = {"target_modules": targets} if targets else {}
+    cfg = quick_config(train_file, tmp_path / "run", steps=2, quantize="nf4", quantize_skip=skip, **extra)
+    with pytest.raises(ConfigError, match=message):
+        run_training(cfg, model=model, tokenizer=make_tiny_tokenizer())
 
 
 def test_a_skip_pattern_that_names_no_layer_stops_the_run_before_selection(train_file, tmp_path, monkeypatch):

@@ -194,10 +194,10 @@ def check_base_fingerprint(
     expected = expected_prints[dtype]
     if actual != expected:
         raise FingerprintMismatchError(
-            different_dtype_message(dtype, dtype_name(first.dtype), trained, where)
+            different_dtype_message(dtype, dtype_name(first.dtype), trained, where, skip)
             or f"{where}: the diff was made for a different base model "
             f"(diff expects {dtype} fingerprint {expected[:16]}…, this model has {actual[:16]}…; "
-            f"diff base: {base_model or 'unnamed'}){same_model_hint(dtype, trained)}{skip_hint(skip)}"
+            f"diff base: {base_model or 'unnamed'}){same_model_hint(dtype, trained)}{skip_hint(dtype, skip)}"
         )
 
 
@@ -222,12 +222,18 @@ def trained_skip(provenance: dict[str, Any] | None) -> list[str]:
     return [p for p in skip if isinstance(p, str)] if isinstance(skip, list) else []
 
 
-def skip_hint(skip: list[str]) -> str:
+def skip_hint(kind: str, skip: list[str]) -> str:
     """For a diff trained over a mixed base: the layers its base left unquantized must be left so again."""
-    if not skip:
+    scheme = scheme_of_weight_class(kind)
+    if not skip or scheme is None:
         return ""
-    return (f"; its training run left the layers {skip} unquantized: load the base in Python with "
-            f"quantize_base(model, scheme, skip={skip!r}) (the command line cannot load a mixed base yet)")
+    return f"; its training run left the layers {skip} unquantized: {mixed_base_advice(scheme, skip)}"
+
+
+def mixed_base_advice(scheme: str, skip: list[str], dtype: str | None = None) -> str:
+    loaded = f" in {dtype}" if dtype else ""
+    return (f"load the base{loaded} in Python and call quantize_base(model, {scheme!r}, skip={skip!r}) "
+            "(the command line cannot load a mixed base yet)")
 
 
 def described_base(dtype: str | None, scheme: str) -> str:
@@ -250,23 +256,26 @@ def how_to_load(
         dtype = trained[0] if trained[1] == scheme else None
         if skip:
             return (f"the diff was trained over a base with {described_base(dtype, scheme)} but for the layers "
-                    f"{skip}, left unquantized; in Python: quantize_base(model, {scheme!r}, skip={skip!r}) "
-                    "(the command line cannot load a mixed base yet)")
+                    f"{skip}, left unquantized; {mixed_base_advice(scheme, skip)}")
         return (f"the diff was trained over a base with {described_base(dtype, scheme)}; load it with "
                 f"{load_flags(dtype, scheme)} (in Python: quantize_base(model, {scheme!r}))")
     dtypes = " or ".join(f"--dtype {kind}" for kind in sorted(expected_prints))
     return f"load the base in one of those dtypes, not quantized ({dtypes}, no --quantize)"
 
 
-def different_dtype_message(kind: str, dtype: str, trained: tuple[str | None, str | None], where: str) -> str | None:
+def different_dtype_message(
+    kind: str, dtype: str, trained: tuple[str | None, str | None], where: str, skip: list[str] | None = None,
+) -> str | None:
     """The refusal for a quantized base quantized from another dtype than the diff's run used (its weights'
     class is the same, so the fingerprint alone would only say "a different base"); None otherwise."""
     scheme = scheme_of_weight_class(kind)
     trained_dtype, trained_scheme = trained
     if scheme is None or trained_scheme != scheme or trained_dtype in (None, dtype):
         return None
+    advice = (mixed_base_advice(scheme, skip, trained_dtype) if skip
+              else f"load it with {load_flags(trained_dtype, scheme)}")
     return (f"{where}: the diff was trained over a base with {described_base(trained_dtype, scheme)}; this base has "
-            f"{described_base(dtype, scheme)}; load it with {load_flags(trained_dtype, scheme)}")
+            f"{described_base(dtype, scheme)}; {advice}")
 
 
 def same_model_hint(kind: str, trained: tuple[str | None, str | None]) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fnmatch
 import importlib
+import re
 from collections.abc import Sequence
 
 import torch
@@ -197,13 +198,14 @@ def skipped(name: str, skip: Sequence[str]) -> bool:
 
 
 def skip_patterns(value: object) -> list[str]:
-    """``quantize_skip`` as a list: from YAML a list, from the CLI one comma-separated string."""
+    """``quantize_skip`` as a list of distinct patterns, in the order given: from YAML or Python a list,
+    from the CLI one comma-separated string (a comma inside ``[...]`` belongs to its pattern)."""
     if isinstance(value, str):
-        value = [p.strip() for p in value.split(",") if p.strip()]
+        value = [p.strip() for p in re.split(r",(?![^\[]*\])", value) if p.strip()]
     if not isinstance(value, (list, tuple)) or not all(isinstance(p, str) and p for p in value):
         raise ConfigError(f"quantize_skip must be a list of layer-name patterns (or one comma-separated string), "
                           f"got {value!r}")
-    return list(value)
+    return list(dict.fromkeys(value))
 
 
 def check_skip_patterns(skip: Sequence[str], names: list[str]) -> None:
@@ -212,6 +214,26 @@ def check_skip_patterns(skip: Sequence[str], names: list[str]) -> None:
         if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
             raise ConfigError(f"quantize_skip pattern {pattern!r} matches no linear layer of the model "
                               f"(fnmatch over names such as {', '.join(names[:3])})")
+
+
+def check_quantize_skip(model: nn.Module, skip: Sequence[str], targets: Sequence[str]) -> None:
+    """A run's skip patterns, before anything is selected or quantized: each names a linear layer, only
+    layers the diff targets (its base fingerprint covers exactly those, so a skipped layer outside them
+    could not be told from a quantized one), and at least one targeted layer stays quantized (else the
+    base would be the plain one under another name)."""
+    from .targets import find_targets
+
+    layers = [layer_name(name) for name in linear_layers(model, skip=())]
+    check_skip_patterns(skip, layers)
+    targeted = [layer_name(name) for name in find_targets(model, list(targets))]
+    outside = [name for name in layers if skipped(name, skip) and name not in targeted]
+    if outside:
+        raise ConfigError(f"quantize_skip names {', '.join(outside[:3])}{' ...' if len(outside) > 3 else ''}, "
+                          f"which the diff does not target (target_modules {list(targets)}): the diff's base "
+                          "fingerprint covers only targeted weights, so a skip there could not be checked on load")
+    if all(skipped(name, skip) for name in targeted):
+        raise ConfigError(f"quantize_skip {list(skip)} leaves none of the targeted layers quantized: drop "
+                          "--quantize for a plain base")
 
 
 def check_nf4_shapes(layers: dict[str, nn.Linear]) -> None:

@@ -354,7 +354,7 @@ def check_base_weights(run: RunSpec, method: Method, at: str) -> None:
         if run.select_over is not None:
             check_select_over(run.select_over, init)
         if run.quantize_skip is not None:
-            run.quantize_skip = skip_patterns(run.quantize_skip)
+            run.quantize_skip = skip_patterns(run.quantize_skip) or None  # [] is unset: specs stay equal (--resume)
     except ConfigError as e:
         raise ConfigError(f"{at} ({run.id}): {e}") from None
     if not method.quantizes_base:

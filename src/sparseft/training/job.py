@@ -26,7 +26,7 @@ from ..hub import CARD_NAME
 from ..loading import load_model, load_tokenizer, pad_token_id
 from ..methods import get_method
 from ..methods.sparse import SELECTION_WALL
-from ..quantize import linear_layers, quantize_base, quantize_sparse_model
+from ..quantize import check_quantize_skip, quantize_base, quantize_sparse_model
 from .checkpoint import (
     CHECKPOINTS_DIR,
     Checkpoint,
@@ -104,7 +104,7 @@ def run_training(
         torch.manual_seed(cfg.seed)
         model.to(dist.device)  # before selection, so data scorers run on the accelerator
         if cfg.quantize_skip:
-            linear_layers(model, cfg.quantize_skip)  # a pattern naming no layer is refused before selection runs
+            check_quantize_skip(model, cfg.quantize_skip, cfg.selection.target_modules)  # before selection runs
         if cfg.selects_over_quantized:
             quantize_base(model, cfg.quantize, cfg.quantize_skip)  # the entries are then chosen over the codes
         model, masks, extra = get_method(cfg.method).prepare(cfg, model, examples, pad_token_id(tokenizer), ckpt)
