@@ -205,20 +205,23 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def recorded_train_config(provenance: dict[str, Any] | None) -> dict[str, Any]:
+    """The training config a diff's provenance records (``sparseft train`` writes it); empty when it has none."""
+    config = provenance.get("train_config") if isinstance(provenance, dict) else None
+    return config if isinstance(config, dict) else {}
+
+
 def trained_over(provenance: dict[str, Any] | None) -> tuple[str | None, str | None]:
     """``(dtype, quantize)`` the diff's training run loaded its base in, as its provenance records them
     (``sparseft train`` records its config); None for what it does not record."""
-    config = provenance.get("train_config") if isinstance(provenance, dict) else None
-    if not isinstance(config, dict):
-        return None, None
+    config = recorded_train_config(provenance)
     dtype, scheme = config.get("dtype"), config.get("quantize")
     return (dtype if isinstance(dtype, str) else None), (scheme if isinstance(scheme, str) else None)
 
 
 def trained_skip(provenance: dict[str, Any] | None) -> list[str]:
     """The layer patterns the diff's training run left unquantized (``quantize_skip``), as its provenance records."""
-    config = provenance.get("train_config") if isinstance(provenance, dict) else None
-    skip = config.get("quantize_skip") if isinstance(config, dict) else None
+    skip = recorded_train_config(provenance).get("quantize_skip")
     return [p for p in skip if isinstance(p, str)] if isinstance(skip, list) else []
 
 

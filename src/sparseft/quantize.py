@@ -211,7 +211,7 @@ def skip_patterns(value: object) -> list[str]:
 def check_skip_patterns(skip: Sequence[str], names: list[str]) -> None:
     """Each skip pattern names at least one linear layer (a typo would quantize everything)."""
     for pattern in skip:
-        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+        if not any(skipped(name, [pattern]) for name in names):
             raise ConfigError(f"quantize_skip pattern {pattern!r} matches no linear layer of the model "
                               f"(fnmatch over names such as {', '.join(names[:3])})")
 
@@ -225,7 +225,7 @@ def check_quantize_skip(model: nn.Module, skip: Sequence[str], targets: Sequence
 
     layers = [layer_name(name) for name in linear_layers(model, skip=())]
     check_skip_patterns(skip, layers)
-    targeted = [layer_name(name) for name in find_targets(model, list(targets))]
+    targeted = {layer_name(name) for name in find_targets(model, list(targets))}
     outside = [name for name in layers if skipped(name, skip) and name not in targeted]
     if outside:
         raise ConfigError(f"quantize_skip names {', '.join(outside[:3])}{' ...' if len(outside) > 3 else ''}, "

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from ..diffio import read_diff, trained_over
+from ..diffio import read_diff, recorded_train_config, trained_over
 from ..errors import ConfigError
 from ..evaluate import evaluate_records_detailed
 from ..loading import load_model, load_tokenizer
@@ -73,9 +73,8 @@ def check_trained_over(path: str, scheme: str, dtype: str, init: str) -> None:
     if trained_scheme != scheme or (trained_dtype or "float32") != dtype:
         raise ConfigError(f"{path}: trained over {trained_scheme or 'no quantized'} base in {trained_dtype}, "
                           f"not {scheme} in {dtype}: pass the --quantize and --dtype it trained with")
-    config = provenance.get("train_config") if isinstance(provenance, dict) else None
     # Runs from before the option started at zero and record no quantize_init.
-    started = (config or {}).get("quantize_init", QUANT_INIT_BEFORE_OPTION)
+    started = recorded_train_config(provenance).get("quantize_init", QUANT_INIT_BEFORE_OPTION)
     if started != init:
         raise ConfigError(f"{path}: its values started as quantize_init={started!r}; expected {init!r} here "
                           "(positional diffs: trained from zero; --trained-from-error: from the error)")
