@@ -476,10 +476,50 @@ def test_a_diff_over_a_mixed_base_reloads_only_onto_that_mixed_base(train_file, 
     advice = r"quantize_base\(model, 'nf4', skip=\['model\.layers\.0\.\*', '\*\.down_proj'\]\)"
     for other in (quantize_base(make_tiny_llama(), "nf4"), quantize_base(make_tiny_llama(), "nf4", skip=skip[:1])):
         with pytest.raises(FingerprintMismatchError, match=r"different base model .*left the layers .* unquantized: "
-                                                           r"load the base in Python and call " + advice):
+                                                           r"load the base with --quantize nf4 in the same command "
+                                                           r"as this diff, .*\(in Python: " + advice):
             SparseModel.from_pretrained(other, tmp_path / "run")
     with pytest.raises(FingerprintMismatchError, match=r"but for the layers .*, left unquantized; .*" + advice):
         SparseModel.from_pretrained(make_tiny_llama(), tmp_path / "run")
+
+
+def test_commands_given_a_mixed_base_diff_and_quantize_rebuild_the_base_it_records(model_dir, train_file, tmp_path,
+                                                                                     capsys, monkeypatch):
+    from sparseft.serve import build_app
+
+    trained = make_tiny_llama()  # the weights model_dir holds
+    run_training(quick_config(train_file, tmp_path / "run", steps=4, quantize="nf4", quantize_skip=["*.down_proj"]),
+                 model=trained, tokenizer=make_tiny_tokenizer())
+    run = str(tmp_path / "run")
+    scored = []
+    real = evaluate_module.evaluate_records
+    monkeypatch.setattr(evaluate_module, "evaluate_records", lambda model, *a, **k: scored.append(model) or real(model, *a, **k))
+    assert main([*eval_argv(model_dir, run), "--quantize", "nf4"]) == 0
+    layer = scored[0].model.layers[1]
+    assert not is_quantized(layer.mlp.down_proj.weight) and is_quantized(layer.mlp.up_proj.weight)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(outputs(scored[0], ids), outputs(trained, ids))
+
+    base = ["--model", str(model_dir), "--quantize", "nf4"]
+    assert main(["verify", "--diff", run, *base]) == 0
+    assert main(["diff-stats", run, run, *base]) == 0
+    assert main(["apply", "--diff", run, "--out", str(tmp_path / "merged"), *base]) == 0
+    app = build_app(str(model_dir), [("mixed", run)], quantize="nf4")  # the diff registers: its base fingerprint matched
+    served = app.state.serve.engine.model.model.layers[1].mlp
+    assert not is_quantized(served.down_proj.weight) and is_quantized(served.up_proj.weight)
+    import sparseft.cli.serve as serve_cli
+
+    engines = []  # Ray's replicas load no diff before their base: the verb hands them the recorded skip
+    monkeypatch.setattr(serve_cli, "run_on_ray", lambda args, limits, engine: engines.append(engine) or 0)
+    assert main(["serve", *base, "--ray", "--diff", f"mixed={run}"]) == 0
+    assert engines[0].quantize_skip == ("*.down_proj",)
+    capsys.readouterr()
+
+    run_training(quick_config(train_file, tmp_path / "all", steps=2, quantize="nf4"), model=make_tiny_llama(),
+                 tokenizer=make_tiny_tokenizer())
+    assert main(["diff-stats", run, str(tmp_path / "all"), *base]) == 2  # one base cannot serve both
+    assert (f"the diffs were trained over different nf4 bases (layers left unquantized: {run}: ['*.down_proj']; "
+            f"{tmp_path / 'all'}: none); one base serves them all") in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("init, select_over", [("correction", "full"), ("zero", "quantized")])

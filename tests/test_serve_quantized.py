@@ -111,6 +111,11 @@ def test_the_ray_app_builder_passes_quantize_to_the_replicas(monkeypatch, tmp_pa
     monkeypatch.setattr(ray_app, "build_ray_app", lambda model, source, **kwargs: built.update(kwargs) or "app")
     ray_app.app_builder({"model": "m", "diff_dir": str(tmp_path), "quantize": "nf4", "strategy": "mixed"})
     assert built["engine"].quantize == "nf4" and built["engine"].as_kwargs()["quantize"] == "nf4"
+    ray_app.app_builder({"model": "m", "diff_dir": str(tmp_path), "quantize": "nf4",
+                         "quantize_skip": "model.layers.[0,1].*, *.down_proj"})
+    assert built["engine"].as_kwargs()["quantize_skip"] == ("model.layers.[0,1].*", "*.down_proj")
+    with pytest.raises(ConfigError, match="quantize_skip .* it needs quantize"):
+        ray_app.app_builder({"model": "m", "diff_dir": str(tmp_path), "quantize_skip": "*.down_proj"})
     with pytest.raises(ConfigError, match="strategy 'merged'"):
         ray_app.app_builder({"model": "m", "diff_dir": str(tmp_path), "quantize": "int8", "strategy": "merged"})
 

@@ -74,16 +74,17 @@ def check_quantize_has_model(model_name: str | None, quantize: str | None) -> No
 
 
 def base_weights_of(
-    model_name: str | None, dtype: str = "float32", quantize: str | None = None,
+    model_name: str | None, dtype: str = "float32", quantize: str | None = None, quantize_skip: Sequence[str] = (),
 ) -> dict[str, torch.Tensor] | None:
-    """``linear_weights`` of the named base model (loaded once, weight-only quantized with ``quantize`` as a
-    diff's training run over it did: the weights its fingerprint covers), or None without a name."""
+    """``linear_weights`` of the named base model (loaded once, weight-only quantized with ``quantize`` but for
+    the layers ``quantize_skip`` names, as a diff's training run over it did: the weights its fingerprint
+    covers), or None without a name."""
     check_quantize_has_model(model_name, quantize)
     if model_name is None:
         return None
     from .methods.registry import load_base
 
-    return linear_weights(load_base(model_name, dtype, quantize))
+    return linear_weights(load_base(model_name, dtype, quantize, quantize_skip))
 
 
 def _short(prints: dict[str, str]) -> str:

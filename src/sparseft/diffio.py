@@ -26,7 +26,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 from safetensors import SafetensorError
@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from .atomic import atomic_dir
 from .config import DTYPES, SparseConfig
 from .errors import (
+    ConfigError,
     DiffCorruptError,
     DiffNotFoundError,
     DtypeMismatchError,
@@ -225,6 +226,39 @@ def trained_skip(provenance: dict[str, Any] | None) -> list[str]:
     return [p for p in skip if isinstance(p, str)] if isinstance(skip, list) else []
 
 
+def recorded_skip(paths: Iterable[str | os.PathLike], quantize: str | None) -> list[str]:
+    """The ``quantize_skip`` a base quantized with ``quantize`` needs for the sparse diffs at ``paths``: the layers
+    their training runs left unquantized, as they record them, so that a command given ``--quantize`` rebuilds
+    the mixed base a diff was trained over. One base serves every diff given, so they must agree. Empty without
+    ``quantize``; a path holding no sparse diff (a PEFT adapter), or a diff trained over another scheme, adds none."""
+    if not quantize:
+        return []
+    recorded: dict[tuple[str, ...], Path] = {}
+    for path in map(Path, paths):
+        provenance = provenance_of(path)
+        if trained_over(provenance)[1] == quantize:
+            recorded.setdefault(tuple(trained_skip(provenance)), path)
+    if len(recorded) > 1:
+        bases = "; ".join(f"{path}: {list(skip) if skip else 'none'}" for skip, path in recorded.items())
+        raise ConfigError(f"the diffs were trained over different {quantize} bases (layers left unquantized: {bases}); "
+                          "one base serves them all, so load them in separate runs")
+    skip = list(next(iter(recorded), ()))
+    if skip:
+        log.info("quantizing the base with %s but for the layers %s, as the diff's training run did", quantize, skip)
+    return skip
+
+
+def provenance_of(path: Path) -> dict[str, Any] | None:
+    """The provenance a sparse diff directory's config records, read leniently: None where there is no such
+    config or it does not parse (loading the diff itself then says what is wrong, in its own words)."""
+    try:
+        meta = json.loads((path / CONFIG_NAME).read_text())
+    except (OSError, ValueError):
+        return None
+    provenance = meta.get("provenance") if isinstance(meta, dict) else None
+    return provenance if isinstance(provenance, dict) else None
+
+
 def skip_hint(kind: str, skip: list[str]) -> str:
     """For a diff trained over a mixed base: the layers its base left unquantized must be left so again."""
     scheme = scheme_of_weight_class(kind)
@@ -235,8 +269,9 @@ def skip_hint(kind: str, skip: list[str]) -> str:
 
 def mixed_base_advice(scheme: str, skip: list[str], dtype: str | None = None) -> str:
     loaded = f" in {dtype}" if dtype else ""
-    return (f"load the base{loaded} in Python and call quantize_base(model, {scheme!r}, skip={skip!r}) "
-            "(the command line cannot load a mixed base yet)")
+    flags = load_flags(dtype, scheme)
+    return (f"load the base with {flags} in the same command as this diff, which rebuilds that base from what "
+            f"the diff records (in Python: quantize_base(model, {scheme!r}, skip={skip!r}) on the base loaded{loaded})")
 
 
 def described_base(dtype: str | None, scheme: str) -> str:
@@ -259,7 +294,7 @@ def how_to_load(
         dtype = trained[0] if trained[1] == scheme else None
         if skip:
             return (f"the diff was trained over a base with {described_base(dtype, scheme)} but for the layers "
-                    f"{skip}, left unquantized; {mixed_base_advice(scheme, skip)}")
+                    f"{skip}, left unquantized; {mixed_base_advice(scheme, skip, dtype)}")
         return (f"the diff was trained over a base with {described_base(dtype, scheme)}; load it with "
                 f"{load_flags(dtype, scheme)} (in Python: quantize_base(model, {scheme!r}))")
     dtypes = " or ".join(f"--dtype {kind}" for kind in sorted(expected_prints))

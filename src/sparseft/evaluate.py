@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from .diffio import recorded_skip
 from .errors import ConfigError
 from .loading import load_tokenizer
 from .methods import detect_artifact, get_method, training_methods
@@ -118,12 +119,14 @@ def run_eval(
     """Load ``model_name`` (+ ``diff``), evaluate it on ``task_name`` and time it (load time apart).
     ``task_name`` is a registered name, a task file path (``get_task``) or a ``Task``; ``allow_unverified_base``
     as for ``SparseModel.from_pretrained``. ``quantize`` (``int8`` / ``int4`` / ``nf4``): the base loaded
-    in ``dtype`` and weight-only quantized as a bench row of that base loads it, the diff unmerged over it."""
+    in ``dtype`` and weight-only quantized as a bench row of that base loads it (but for the layers the diff's
+    training run left unquantized, ``recorded_skip``), the diff unmerged over it."""
     task = get_task(task_name) if isinstance(task_name, str) else task_name
     records = task.load(data, limit)  # bad data fails here, before time goes into loading the model
     check_quantize_applies(diff, quantize)
     start = time.perf_counter()
-    model, kind = attach_diff(load_base(model_name, dtype, quantize), diff, allow_unverified_base)
+    base = load_base(model_name, dtype, quantize, recorded_skip([diff] if diff is not None else [], quantize))
+    model, kind = attach_diff(base, diff, allow_unverified_base)
     tokenizer = load_tokenizer(model_name)
     load_s = time.perf_counter() - start
     metrics, n, wall = evaluate_records(model, tokenizer, task, records, batch_size, progress)

@@ -24,12 +24,13 @@ def add_parser(sub):
 
 
 def run(args) -> int:
+    from ..diffio import recorded_skip
     from ..loading import load_tokenizer, save_model_dir
     from ..methods.registry import load_base
     from ..model import SparseModel
 
     # Quantized as in training, so the diff's fingerprint (taken over the codes) is checked before any merge.
-    base = load_base(args.model, dtype=args.dtype, quantize=args.quantize)
+    base = load_base(args.model, args.dtype, args.quantize, recorded_skip([args.diff], args.quantize))
     sparse = SparseModel.from_pretrained(base, args.diff, allow_unverified_base=args.allow_unverified_base)
     if args.quantize:
         from ..quantize import dequantize_base

@@ -53,11 +53,12 @@ def run(args) -> int:
 
     from ..audit.behaviour import audit_diff
     from ..audit.report import Thresholds, write_report
+    from ..diffio import recorded_skip
     from ..loading import load_tokenizer
     from ..methods.registry import load_base
 
     check_inputs(args)
-    model = load_base(args.model, dtype=args.dtype, quantize=args.quantize)
+    model = load_base(args.model, args.dtype, args.quantize, recorded_skip([args.diff], args.quantize))
     limits = Thresholds(args.max_kl, args.min_agreement, args.max_pair_drift)
     report = audit_diff(model, args.diff, args.probe, load_tokenizer(args.model, required=False), limits,
                         args.batch_size, model_name=str(args.model), allow_unverified_base=args.allow_unverified_base)

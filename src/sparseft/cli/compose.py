@@ -42,13 +42,14 @@ def add_parser(sub):
 
 def run(args) -> int:
     from ..compose import base_weights_of, check_quantize_has_model, compose, format_compose_report, parse_weights
-    from ..diffio import read_diff, write_diff
+    from ..diffio import read_diff, recorded_skip, write_diff
     from ..hub import resolve_diff
 
     weights = parse_weights(args.weights, len(args.diffs))
     check_quantize_has_model(args.model, args.quantize)  # before any diff is read or downloaded
-    diffs = [read_diff(resolve_diff(path)) for path in args.diffs]  # the report names them as given
-    base = base_weights_of(args.model, args.dtype, args.quantize)
+    paths = [resolve_diff(path) for path in args.diffs]
+    diffs = [read_diff(path) for path in paths]  # the report names them as given
+    base = base_weights_of(args.model, args.dtype, args.quantize, recorded_skip(paths, args.quantize))
     composed, report = compose(diffs, weights, names=args.diffs, value_dtype=args.value_dtype, base_weights=base,
                                allow_unverified_base=args.allow_unverified_base)
     write_diff(composed, args.out)

@@ -30,12 +30,13 @@ def add_parser(sub):
 
 def run(args) -> int:
     from ..compose import base_weights_of, format_overlap, overlap_stats
-    from ..diffio import read_diff
+    from ..diffio import read_diff, recorded_skip
     from ..hub import resolve_diff
 
     names = (args.a, args.b)
-    a, b = read_diff(resolve_diff(args.a)), read_diff(resolve_diff(args.b))
-    stats = overlap_stats(a, b, names, base_weights=base_weights_of(args.model, args.dtype, args.quantize),
-                          allow_unverified_base=args.allow_unverified_base)
+    paths = [resolve_diff(args.a), resolve_diff(args.b)]
+    a, b = map(read_diff, paths)
+    base = base_weights_of(args.model, args.dtype, args.quantize, recorded_skip(paths, args.quantize))
+    stats = overlap_stats(a, b, names, base_weights=base, allow_unverified_base=args.allow_unverified_base)
     print(json.dumps(stats.to_dict(), indent=2) if args.json else format_overlap(stats, names))
     return 0

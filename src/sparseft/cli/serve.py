@@ -32,6 +32,9 @@ def add_parser(sub):
     add_model_options(p)
     add_quantize_option(p, "serve over", "diffs trained with the same --quantize and --dtype, run unmerged: "
                         "--strategy auto or mixed")
+    p.add_argument("--quantize-skip", metavar="PATTERNS",
+                   help="with --quantize, comma-separated fnmatch patterns of linear layers left unquantized (a mixed "
+                   "base, as `train --quantize-skip` makes; default: those the --diff diffs' training runs left so)")
     p.add_argument("--diff", action="append", default=[], type=diff_spec, metavar="NAME=DIR",
                    help="load the diff in DIR (or Hub id org/name[@rev]) under NAME at start-up (repeatable)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, loopback only)")
@@ -75,11 +78,16 @@ RAY_ONLY = {"diff_dir": "--diff-dir", "replicas": "--replicas", "max_diffs_per_r
 def run(args) -> int:
     import uvicorn
 
+    from dataclasses import replace
+
+    from ..diffio import recorded_skip
     from ..hub import resolve_diff
     from ..serve import ServeLimits, build_app
 
     engine = engine_options(args)
     args.diff = [(name, str(resolve_diff(path))) for name, path in args.diff]  # Hub ids to their local snapshot
+    if not engine.quantize_skip:  # Ray's replicas load no --diff before their base: they take the skip from here
+        engine = replace(engine, quantize_skip=tuple(recorded_skip([path for _, path in args.diff], args.quantize)))
     limits = ServeLimits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens,
                          max_prompt_tokens=args.max_prompt_tokens, max_queue=args.max_queue)
     if args.ray:
@@ -98,11 +106,13 @@ def run(args) -> int:
 
 def engine_options(args):
     """The engine flags, checked before any model is loaded (e.g. ``--strategy merged --quantize nf4``)."""
+    from ..quantize import skip_patterns
     from ..serve.server import EngineOptions
 
+    skip = tuple(skip_patterns(args.quantize_skip)) if args.quantize_skip else ()
     return EngineOptions(strategy=args.strategy, max_batch_size=args.max_batch_size,
                          max_batch_tokens=args.max_batch_tokens, allow_unverified_base=args.allow_unverified_base,
-                         quantize=args.quantize)
+                         quantize=args.quantize, quantize_skip=skip)
 
 
 def check_no_ray_flags(args) -> None:

@@ -94,7 +94,8 @@ def add_parser(sub):
                      "weights are only loaded)")
     run.add_argument("--quantize-skip", metavar="PATTERNS",
                      help="with --quantize, comma-separated fnmatch patterns of linear layers to leave unquantized, "
-                     "e.g. '*.down_proj' (a mixed base; the diff loads onto it from Python only so far)")
+                     "e.g. '*.down_proj' (a mixed base; other commands given the diff and --quantize rebuild it "
+                     "from what the diff records)")
     run.add_argument("--fsdp", action="store_true",
                      help="under torchrun: shard the frozen base over the processes (FSDP2) instead of replicating it "
                      "(sparse runs, no re-selection)")

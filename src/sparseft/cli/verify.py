@@ -24,13 +24,15 @@ def add_parser(sub):
 
 def run(args) -> int:
     from ..audit.verify import failed, format_verification, results_json, verify_diff
+    from ..diffio import recorded_skip
     from ..errors import ConfigError
     from ..methods.registry import load_base
 
     if args.quantize and not args.model:
         raise ConfigError("--quantize quantizes the base model: give it with --model (without it only the "
                           "integrity checks run)")
-    model = load_base(args.model, dtype=args.dtype, quantize=args.quantize) if args.model else None
+    skip = recorded_skip([args.diff], args.quantize)
+    model = load_base(args.model, args.dtype, args.quantize, skip) if args.model else None
     results = verify_diff(args.diff, model)
     print(json.dumps(results_json(results), indent=2) if args.json else format_verification(results))
     return 1 if failed(results) else 0

@@ -28,7 +28,9 @@ import os
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
+from ..diffio import recorded_skip
 from ..errors import FingerprintMismatchError
+from ..hub import resolve_diff
 from ..model import SparseModel
 from ..quantize import check_scheme, quantize_base, require_torchao
 
@@ -62,10 +64,12 @@ class SparseFTLM(HFLM):
 
 
 def with_diff(model, diff: str | os.PathLike | None, quantize: str | None = None):
-    """``model`` (quantized with ``quantize`` first, if given) with ``diff``: merged into a full-precision
-    base, unmerged over a quantized one (the plain HF model, its targeted layers wrapped); validated first."""
+    """``model`` (quantized with ``quantize`` first, if given, but for the layers the diff's training run left
+    unquantized) with ``diff``: merged into a full-precision base, unmerged over a quantized one (the plain HF
+    model, its targeted layers wrapped); validated first."""
     if quantize:
-        model = quantize_base(model, quantize)
+        diff = resolve_diff(diff) if diff is not None else None  # a Hub id: its snapshot records the skip
+        model = quantize_base(model, quantize, recorded_skip([diff] if diff is not None else [], quantize))
     if diff is None:
         return model
     if not quantize:

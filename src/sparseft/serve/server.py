@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
+from typing import Sequence
 
 from ..errors import ConfigError, ModelNotFoundError
-from ..quantize import check_scheme, require_torchao
+from ..diffio import recorded_skip
+from ..quantize import check_scheme, require_torchao, skip_patterns
 from ..loading import load_tokenizer
 from ..methods.registry import load_base
 from .app import ServeLimits, create_app
@@ -30,11 +32,14 @@ def build_app(
     max_batch_tokens: int | None = None,
     allow_unverified_base: bool = False,
     quantize: str | None = None,
+    quantize_skip: Sequence[str] = (),
 ):
     """Load the base and its tokenizer, restore the registry, load ``diffs`` (NAME, DIR), return the app.
 
     ``quantize`` (``int8`` / ``int4`` / ``nf4``): load the base weight-only quantized, as a diff's training run
     over it did (same ``dtype``); every diff then runs unmerged over the codes (strategy ``auto`` or ``mixed``).
+    ``quantize_skip``: the linear layers left unquantized (a mixed base); by default those the ``diffs``' training
+    runs left so, as the diffs record (``recorded_skip``).
 
     Example:
         >>> app = build_app("smollm2-135m", [("support", "diffs/support")])  # doctest: +SKIP
@@ -42,8 +47,10 @@ def build_app(
         >>> uvicorn.run(app, host="127.0.0.1", port=8000)  # doctest: +SKIP
     """
     limits = limits or ServeLimits()
-    EngineOptions(strategy=strategy, quantize=quantize)  # refuses e.g. 'merged' over a quantized base before loading it
-    base = load_base(model, dtype, quantize).to(device)
+    EngineOptions(strategy=strategy, quantize=quantize, quantize_skip=tuple(quantize_skip))  # e.g. 'merged' over
+    # a quantized base is refused before anything loads
+    skip = quantize_skip or recorded_skip([path for _, path in diffs], quantize)
+    base = load_base(model, dtype, quantize, skip).to(device)
     try:
         tokenizer = load_tokenizer(model)
     except ModelNotFoundError as e:  # load_tokenizer already names the path and the cause
@@ -63,14 +70,16 @@ STRATEGIES = ("auto", "merged", "mixed")
 @dataclass(frozen=True)
 class EngineOptions:
     """How an app's engine serves requests: the strategy, its batch limits, whether diffs that record no
-    base fingerprint load, and the weight-only quantization of the base it serves (None: as loaded). Given to
-    ``build_app`` as keywords (``**options.as_kwargs()``); a Ray replica gets one."""
+    base fingerprint load, and the weight-only quantization of the base it serves (None: as loaded), with the
+    layers it leaves unquantized. Given to ``build_app`` as keywords (``**options.as_kwargs()``); a Ray replica
+    gets one."""
 
     strategy: str = "auto"
     max_batch_size: int = 16
     max_batch_tokens: int | None = None
     allow_unverified_base: bool = False
     quantize: str | None = None
+    quantize_skip: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:  # checked where the options are given, not later in each replica
         if self.strategy not in STRATEGIES:
@@ -83,6 +92,11 @@ class EngineOptions:
             require_torchao(self.quantize)
             if self.strategy == "merged":
                 raise ConfigError(MERGED_OVER_QUANTIZED)
+        if self.quantize_skip:
+            if self.quantize is None:
+                raise ConfigError("quantize_skip (--quantize-skip) names layers to leave unquantized: "
+                                  "it needs quantize")
+            object.__setattr__(self, "quantize_skip", tuple(skip_patterns(list(self.quantize_skip))))
 
     def as_kwargs(self) -> dict:
         return asdict(self)
