@@ -54,8 +54,24 @@ def test_the_command_prints_the_tables_and_refuses_a_pair_it_has_no_group_for(tm
     assert "--vs 'a:c': expected A:B with A and B among the groups ['a']" in capsys.readouterr().err
 
 
+def test_rows_of_two_grids_that_scored_the_same_examples_pair_and_others_are_refused(tmp_path, capsys):
+    rows = results()["rows"]
+    (tmp_path / "old.json").write_text(json.dumps({"task": {"primary_metric": "accuracy"}, "rows": rows[:2]}))
+    (tmp_path / "new.json").write_text(json.dumps({"task": {"primary_metric": "accuracy"}, "rows": rows[2:4]}))
+    files = [str(tmp_path / "old.json"), str(tmp_path / "new.json")]
+    assert main([*files, "--group", "a=a,a-s1", "--group", "b=b,b-s1", "--vs", "a:b"]) == 0
+    assert "| a − b | +37.50 |" in capsys.readouterr().out
+
+    other = {"task": {"primary_metric": "accuracy"}, "config": {"eval_limit": 4}, "rows": rows[2:4]}
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    assert main([files[0], str(tmp_path / "other.json"), "--group", "a=a"]) == 2
+    assert "their rows cannot be paired example by example" in capsys.readouterr().err
+    assert main([files[0], files[0], "--group", "a=a"]) == 2
+    assert f"row 'a' is in both {files[0]} and {files[0]}" in capsys.readouterr().err
+
+
 def test_a_file_that_is_not_a_grids_results_is_refused(tmp_path, capsys):
     path = tmp_path / "other.json"
     path.write_text(json.dumps({"rows": []}))
     assert main([str(path), "--group", "a=a"]) == 2
-    assert "not a grid's results.json: expected 'rows' and 'task.primary_metric'" in capsys.readouterr().err
+    assert f"{path}: not a grid's results.json: expected 'rows' and 'task.primary_metric'" in capsys.readouterr().err

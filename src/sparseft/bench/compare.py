@@ -10,7 +10,8 @@ variant over seeds needs the same statistics over groups that the user names::
 
 prints a markdown table per group (each seed's score, mean ± std) and, per ``--vs A:B``, the paired
 bootstrap interval of A − B over the examples both scored (each group's per-example scores averaged
-over its seeds first, as the protocol does).
+over its seeds first, as the protocol does). Several results files may be given when their grids scored
+the same examples (same eval task, data and limit), e.g. a new variant against an earlier grid's rows.
 """
 
 from __future__ import annotations
@@ -57,14 +58,43 @@ def group_rows(results: dict[str, Any], groups: dict[str, list[str]]) -> dict[st
     return picked
 
 
+def check_results(results: Any, where: str = "") -> None:
+    if not isinstance(results, dict) or not isinstance(results.get("rows"), list) or \
+            not isinstance(results.get("task"), dict) or "primary_metric" not in results["task"]:
+        raise ConfigError(f"{where}not a grid's results.json: expected 'rows' and 'task.primary_metric' "
+                          "(what sparseft bench writes)")
+
+
+def scored_set(results: dict[str, Any]) -> tuple[Any, ...]:
+    """What a grid's rows were scored on: the eval task, its data file and limit, and the metric."""
+    config = results.get("config") if isinstance(results.get("config"), dict) else {}
+    return (results["task"].get("eval_task"), config.get("eval_data"), config.get("eval_limit"),
+            results["task"]["primary_metric"])
+
+
+def merge_results(files: list[tuple[str, Any]]) -> dict[str, Any]:
+    """One results dict from several grids' (``[(path, results)]``) that scored the same examples, so their
+    rows pair example by example; a row id given by two files is refused (a group could not say which)."""
+    for path, results in files:
+        check_results(results, f"{path}: ")
+    (first, reference), *others = files
+    seen = {row.get("id"): first for row in reference["rows"]}
+    for path, results in others:
+        if scored_set(results) != scored_set(reference):
+            raise ConfigError(f"{path} scored (eval task, data, limit, metric) {scored_set(results)}, {first} "
+                              f"{scored_set(reference)}: their rows cannot be paired example by example")
+        for row in results["rows"]:
+            if row.get("id") in seen:
+                raise ConfigError(f"row {row.get('id')!r} is in both {seen[row.get('id')]} and {path}")
+            seen[row.get("id")] = path
+    return {**reference, "rows": [row for _, results in files for row in results["rows"]]}
+
+
 def compare(results: dict[str, Any], groups: dict[str, list[str]], pairs: list[tuple[str, str]]) -> dict[str, Any]:
     """``{"metric", "groups": {name: {mean, std, values, rows, seeds}}, "pairs": {"A:B": interval + a, b}}``;
     values in the metric's own units (accuracy as a fraction). Pairs are keyed as ``--vs`` names them:
     group names may hold "-" (e.g. ``nf4-corr``), so the key is never split again; the names ride along."""
-    if not isinstance(results, dict) or not isinstance(results.get("rows"), list) or \
-            not isinstance(results.get("task"), dict) or "primary_metric" not in results["task"]:
-        raise ConfigError("not a grid's results.json: expected 'rows' and 'task.primary_metric' "
-                          "(what sparseft bench writes)")
+    check_results(results)
     metric = results["task"]["primary_metric"]
     rows = group_rows(results, groups)
     stats = {}
@@ -105,7 +135,8 @@ def markdown(summary: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sparseft.bench.compare", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", type=Path, help="a grid's results.json")
+    parser.add_argument("results", type=Path, nargs="+",
+                        help="a grid's results.json; several when their grids scored the same examples")
     parser.add_argument("--group", action="append", required=True, metavar="NAME=ROW,...",
                         help="a named group of row ids (e.g. the seeds of one variant); repeat per group")
     parser.add_argument("--vs", action="append", default=[], metavar="A:B",
@@ -115,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         groups = dict(parse_group(g) for g in args.group)
         pairs = [parse_pair(p, groups) for p in args.vs]
-        results = json.loads(args.results.read_text())
+        results = merge_results([(str(path), json.loads(path.read_text())) for path in args.results])
         summary = compare(results, groups, pairs)
     except (ConfigError, OSError, json.JSONDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
