@@ -80,7 +80,7 @@ def test_tiny_grid_fills_every_field_and_writes_plots_and_report(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_failing_row_is_recorded_and_the_grid_goes_on(tmp_path):
+def test_a_failing_row_is_recorded_and_the_grid_goes_on_and_a_resume_keeps_the_finished_rows(tmp_path):
     raw = yaml.safe_load(TINY.read_text())
     raw["eval_base"] = False
     raw["row_timeout_s"] = 900
@@ -117,6 +117,19 @@ def test_a_failing_row_is_recorded_and_the_grid_goes_on(tmp_path):
     assert [r["status"] for r in resumed["rows"]] == ["ok", "ok"]
     assert resumed["rows"][1] == fine and resumed["started_at"] == on_disk["started_at"]
     assert len(resumed["resumed_at"]) == 1 and "resumed " in (tmp_path / "results.md").read_text()
+
+    # Earlier rows from another machine (recorded before rows named theirs): refused, unless --any-machine.
+    resumed["machine"]["device_name"] = "Other CPU"
+    resumed["rows"] = [{k: v for k, v in resumed["rows"][1].items() if k != "machine"}]  # broken runs again
+    (tmp_path / "results.json").write_text(json.dumps(resumed))
+    proc = run_cli("bench", str(config), "--out", str(tmp_path), "--no-report", "--resume")
+    assert proc.returncode == 2 and "device_name 'Other CPU'" in proc.stderr and "--any-machine" in proc.stderr
+    proc = run_cli("bench", str(config), "--out", str(tmp_path), "--no-report", "--resume", "--any-machine")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    mixed = json.loads((tmp_path / "results.json").read_text())
+    assert mixed["rows"][1]["machine"]["device_name"] == "Other CPU"
+    assert mixed["rows"][0]["machine"]["device_name"] == mixed["machine"]["device_name"] != "Other CPU"
+    assert "rows ran on 2 machines" in (tmp_path / "results.md").read_text()
 
 
 # ---------------------------------------------------------------- config validation

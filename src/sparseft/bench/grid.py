@@ -25,7 +25,7 @@ from ..errors import ConfigError
 from ..methods import get_method
 from ..quantize import DEFAULT_QUANT_INIT
 from .config import BASE_ROW_ID, LATER_KNOBS, QUANT_INIT_BEFORE_OPTION, BenchConfig, RunSpec, row_curve
-from .results import SCHEMA_VERSION, results_markdown, write_results
+from .results import MACHINE_KEYS, SCHEMA_VERSION, results_markdown, row_machine, write_results
 
 RESULTS_NAME = "results.json"
 MARKDOWN_NAME = "results.md"
@@ -35,12 +35,14 @@ LOG_TAIL_CHARS = 2000
 
 def run_grid(
     cfg: BenchConfig, out: str | os.PathLike, command: str = "", plots: bool = True,
-    resume: bool = False, overwrite: bool = False, protocol: dict[str, Any] | None = None,
+    resume: bool = False, overwrite: bool = False, protocol: dict[str, Any] | None = None, any_machine: bool = False,
 ) -> dict[str, Any]:
     """Run every row of ``cfg`` into ``out``; returns the results (also in ``out/results.json``).
 
     With ``resume``, rows that finished ``ok`` in ``out`` by an earlier run of the same job (same spec,
-    same training file, same machine) are kept as they are and only the others run. Results already in
+    same training file, same machine) are kept as they are and only the others run; ``any_machine`` also
+    keeps those measured on another machine (a grid spread over sessions on a pool of machines): every row
+    records its machine, so times are compared within one (``row_machines``). Results already in
     ``out`` are otherwise refused unless ``overwrite``: hours of measurement are not lost to a typo.
     ``protocol`` is stored as the results' ``protocol`` field (the stage of ``bench.protocol``).
     """
@@ -49,7 +51,7 @@ def run_grid(
         raise ConfigError(f"{out / RESULTS_NAME} holds an earlier run: --resume keeps its finished rows, "
                           "--overwrite starts over, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    earlier = read_earlier_run(cfg, out) if resume else None
+    earlier = read_earlier_run(cfg, out, any_machine) if resume else None
     model = prepare_model(cfg, out)
     train_file, train_rows, skipped = prepare_train_file(cfg, model, out / TRAIN_FILE_NAME, keep_same=resume)
     results = new_results(cfg, command, model, len(train_rows), skipped)
@@ -58,6 +60,8 @@ def run_grid(
     kept = {}
     if earlier is not None:
         kept = reusable_rows(cfg, earlier, model, train_file, out)
+        for row in kept.values():  # rows from before rows recorded their machine ran on the earlier run's
+            row.setdefault("machine", row_machine(earlier.get("machine", {})))
         results["started_at"] = earlier["started_at"]
         results["resumed_at"] = earlier.get("resumed_at", []) + [now()]
     save(results, out)
@@ -78,8 +82,9 @@ def run_grid(
     return results
 
 
-def read_earlier_run(cfg: BenchConfig, out: Path) -> dict[str, Any]:
-    """The results.json a resumed grid continues; it must come from this machine (times are compared)."""
+def read_earlier_run(cfg: BenchConfig, out: Path, any_machine: bool = False) -> dict[str, Any]:
+    """The results.json a resumed grid continues; it must come from this machine (times are compared), unless
+    ``any_machine``."""
     from .results import read_results
 
     path = out / RESULTS_NAME
@@ -88,11 +93,13 @@ def read_earlier_run(cfg: BenchConfig, out: Path) -> dict[str, Any]:
     earlier = read_results(path)
     here = machine_info(cfg)
     before = earlier.get("machine", {})
-    for key in ("device", "device_name", "cpu_count"):
-        if before.get(key) != here[key]:
+    for key in MACHINE_KEYS:
+        if before.get(key) != here[key] and not any_machine:
             raise ConfigError(f"--resume: {path} was measured on another machine ({key} {before.get(key)!r}, "
-                              f"here {here[key]!r}); its times would not compare with new rows. Use a new --out.")
+                              f"here {here[key]!r}); its times would not compare with new rows. Use a new --out, "
+                              "or --any-machine to keep its rows (their scores stand; each row records its machine)")
     return earlier
+
 
 
 def reusable_rows(cfg: BenchConfig, earlier: dict[str, Any], model: str, train_file: Path, out: Path) -> dict[str, Any]:
@@ -312,6 +319,7 @@ def run_row(cfg: BenchConfig, spec: RunSpec | None, model: str, train_file: Path
     row["row_wall_s"] = round(time.perf_counter() - started, 3)
     # Times on a shared machine depend on what else ran: keep the 1-minute load average around the row.
     row["load_average"] = {"start": load_before, "end": load_average()}
+    row["machine"] = row_machine(machine_info(cfg))
     print(f"[bench] {now()} row {row_id}: {row['status']} in {row['row_wall_s']:.0f} s", flush=True)
     return row
 

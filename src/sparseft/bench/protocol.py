@@ -128,15 +128,16 @@ def for_test(cfg: BenchConfig, chosen: dict[str, dict[str, Any]]) -> BenchConfig
 
 def run_stage(
     cfg: BenchConfig, stage: str, out: str | os.PathLike, command: str = "", resume: bool = False,
-    overwrite: bool = False, plots: bool = True,
+    overwrite: bool = False, plots: bool = True, any_machine: bool = False,
 ) -> dict[str, Any]:
-    """Run one stage of ``cfg`` into ``out/<stage>``; returns its results (also in ``results.json``)."""
+    """Run one stage of ``cfg`` into ``out/<stage>``; returns its results (also in ``results.json``).
+    ``resume`` and ``any_machine`` as for ``run_grid``."""
     require_protocol(cfg, stage)
     cfg = with_shared_tiny_model(cfg, Path(out))
     if stage == "validation":
         protocol = {"stage": "validation", "validation_task": cfg.validation_task, "validation_data": cfg.validation_data}
         return run_grid(for_validation(cfg), stage_dir(out, stage), command=command, plots=plots, resume=resume,
-                        overwrite=overwrite, protocol=protocol)
+                        overwrite=overwrite, protocol=protocol, any_machine=any_machine)
     from .results import read_results
 
     validation_path = stage_dir(out, "validation") / RESULTS_NAME
@@ -146,7 +147,7 @@ def run_stage(
     protocol = {"stage": "test", "seeds": list(cfg.seeds or []), "chosen_on_validation": chosen,
                 "validation_results": str(validation_path)}
     results = run_grid(for_test(cfg, chosen), stage_dir(out, stage), command=command, plots=plots, resume=resume,
-                       overwrite=overwrite, protocol=protocol)
+                       overwrite=overwrite, protocol=protocol, any_machine=any_machine)
     results["protocol"]["summary"] = summarize(results)
     save(results, stage_dir(out, stage))
     return results

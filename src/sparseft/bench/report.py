@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .plots import CURVES_PNG, TENANTS, base_model_bytes, curve_series, write_plots
-from .results import fmt_bytes, fmt_count, fmt_selection, ok_rows, read_results, row_label, row_trains
+from .results import fmt_bytes, fmt_count, fmt_selection, ok_rows, read_results, row_label, row_machines, row_trains
 
 PLOT_CAPTIONS = {
     "metric_vs_params.png": "Task metric vs trainable parameters (log x)",
@@ -382,6 +382,7 @@ def side_by_side_blocks(p: Picked, results: dict[str, Any]) -> list[Block]:
     blocks = [
         Block("h2", "Side by side"),
         *load_warning(results),
+        *machines_warning(results),
         Block("table", header=["row", "method", "trainable (% of model)", p.metric, "vs base", full_header,
                                "training wall", "selection s (% of wall)", "median step", "tokens/s", "peak memory",
                                "optimizer state", "artifact on disk"], rows=rows),
@@ -411,6 +412,16 @@ def load_warning(results: dict[str, Any]) -> list[Block]:
     listed = ", ".join(f"`{k}` {v:.1f}" for k, v in loads.items())
     return [Block("p", f"**Caution:** the machine's load average differed between rows ({listed}); training "
                        "times and tokens/s are not comparable across them. Memory, bytes and metrics are.")]
+
+
+def machines_warning(results: dict[str, Any]) -> list[Block]:
+    """A warning when a resumed grid's rows ran on different machines (``--any-machine``)."""
+    machines = row_machines(results)
+    if len(machines) < 2:
+        return []
+    listed = "; ".join(f"{name}: " + ", ".join(f"`{i}`" for i in ids) for name, ids in machines.items())
+    return [Block("p", f"**Caution:** the rows ran on {len(machines)} machines ({listed}); training times, "
+                       "tokens/s and peak memory compare only within one. Scores and bytes compare across them.")]
 
 
 def rows_not_run(results: dict[str, Any]) -> list[str]:

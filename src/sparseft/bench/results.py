@@ -197,6 +197,31 @@ def first_line(text: str | None, limit: int = 120) -> str:
     return line[0][:limit].replace("|", "/")
 
 
+MACHINE_KEYS = ("device", "device_name", "cpu_count")  # what makes two rows' times comparable
+
+
+def row_machine(machine: dict[str, Any]) -> dict[str, Any]:
+    return {key: machine.get(key) for key in MACHINE_KEYS}
+
+
+def row_machines(results: dict[str, Any]) -> dict[str, list[str]]:
+    """Row ids by the machine each ran on (``device_name, N cores``), in order; one key when all ran on one."""
+    by_machine: dict[str, list[str]] = {}
+    for row in results.get("rows", []):
+        machine = row.get("machine") or row_machine(results.get("machine", {}))
+        by_machine.setdefault(f"{machine.get('device_name')}, {machine.get('cpu_count')} cores", []).append(row["id"])
+    return by_machine
+
+
+def machines_line(results: dict[str, Any]) -> list[str]:
+    """For a grid resumed on other machines (``--any-machine``): which rows ran where."""
+    machines = row_machines(results)
+    if len(machines) < 2:
+        return []
+    listed = "; ".join(f"{name}: {', '.join(ids)}" for name, ids in machines.items())
+    return [f"- **rows ran on {len(machines)} machines** ({listed}): compare times only within one machine"]
+
+
 def results_markdown(results: dict[str, Any]) -> str:
     """results.md: the table plus what produced it."""
     machine = results.get("machine", {})
@@ -214,6 +239,7 @@ def results_markdown(results: dict[str, Any]) -> str:
             f"grad-accum {cfg.get('grad_accum')}, max length {cfg.get('max_length')}",
             f"- device: {machine.get('device')} ({machine.get('device_name')}), {machine.get('cpu_count')} CPU cores, "
             f"torch threads {machine.get('torch_threads')}",
+            *machines_line(results),
             f"- command: `{results.get('command')}`",
             f"- started {results.get('started_at')}, "
             + "".join(f"resumed {t}, " for t in results.get("resumed_at", []))

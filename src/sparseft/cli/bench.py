@@ -29,6 +29,10 @@ def add_parser(sub):
                        help="continue a grid cut short in --out: rows that finished ok with the same spec, training "
                        "rows and machine are kept, the others run")
     again.add_argument("--overwrite", action="store_true", help="start over in an --out that holds earlier results")
+    p.add_argument("--any-machine", action="store_true",
+                   help="with --resume: also keep rows measured on another machine (a long grid spread over sessions "
+                   "on different machines); their scores stand, each row records its machine, and results.md names "
+                   "the machines, since times compare only within one")
     p.add_argument("--stage", choices=["validation", "test"], default=None,
                    help="run one stage of the protocol (the config needs validation_task, validation_data and "
                    "seeds): 'validation' scores every row (each lr of each grid) on the validation split into "
@@ -42,6 +46,8 @@ def run(args) -> int:
     from ..bench import load_bench_config, run_grid, write_report
     from ..bench.config import only_rows
 
+    if args.any_machine and not args.resume:
+        raise ConfigError("--any-machine goes with --resume: it says which earlier rows to keep")
     cfg = load_bench_config(args.config, data_root=args.data_root)
     if args.only and args.stage == "test":
         raise ConfigError("--only applies to the validation stage; the test stage runs the chosen rows of every method")
@@ -53,10 +59,12 @@ def run(args) -> int:
     if args.stage:
         from ..bench.protocol import run_stage, stage_dir
 
-        results = run_stage(cfg, args.stage, out, command=command, resume=args.resume, overwrite=args.overwrite)
+        results = run_stage(cfg, args.stage, out, command=command, resume=args.resume, overwrite=args.overwrite,
+                            any_machine=args.any_machine)
         out = str(stage_dir(out, args.stage))
     else:
-        results = run_grid(cfg, out, command=command, resume=args.resume, overwrite=args.overwrite)
+        results = run_grid(cfg, out, command=command, resume=args.resume, overwrite=args.overwrite,
+                           any_machine=args.any_machine)
     if not args.no_report:
         write_report(f"{out}/results.json", html_page=True)
     failed = [r["id"] for r in results["rows"] if r["status"] != "ok"]
