@@ -402,6 +402,7 @@ def test_an_int8_row_trains_and_is_scored_over_the_int8_base(tmp_path):
     assert (int8["quantize"], int8["dtype"]) == ("int8", "float32")
     assert "| sparse-int8 | sparse/random (int8 base) |" in (out / "results.md").read_text()
     assert int8["quantize_init"] == "zero" and fp32["quantize_init"] is None
+    assert 0.25 < int8["base_bytes_vs_fp32"] < 0.9 and "base_bytes_vs_fp32" not in fp32  # int8 codes + scales, fp32 rest
     assert "| sparse-fp32 | sparse/random |" in (out / "results.md").read_text()
 
     # The int8 row's diff belongs to the int8 base: the fp32 base refuses it, so the worker cannot

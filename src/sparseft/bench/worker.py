@@ -50,6 +50,8 @@ def empty_row(job: dict[str, Any]) -> dict[str, Any]:
             "peak_memory_bytes": None, "peak_memory_kind": None, "optimizer_state_bytes": None,
             "artifact_kind": method.artifact_kind, "artifact_bytes": None, "artifact_path": None,
         })
+    if run.get("quantize"):  # the loaded base's bytes as a fraction of fp32's (a quantized base's budget)
+        row["base_bytes_vs_fp32"] = None
     if method.trains and job.get("curve"):  # only rows with a curve have its fields: others stay as they were
         row.update({"validation_curve": None, "curve_best_step": None, "curve_examples": None, "curve_wall_s": None})
     return row
@@ -233,6 +235,10 @@ def evaluate_row(job: dict[str, Any], row: dict[str, Any], device: str) -> None:
     task = get_task(job["eval_task"])
     records = task.load(job["eval_data"], job["eval_limit"])
     model = load_for_eval(job, row).to(device)
+    if job["run"].get("quantize"):
+        from .quant_memory import fp32_bytes, stored_bytes
+
+        row["base_bytes_vs_fp32"] = round(stored_bytes(model) / fp32_bytes(model), 4)
     metrics, per_example, count, wall_s = evaluate_records_detailed(
         model, load_tokenizer(job["model"]), task, records, batch_size=job.get("eval_batch_size") or 8, progress=False)
     row["eval_wall_s"] = round(wall_s, 3)
