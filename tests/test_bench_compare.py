@@ -68,6 +68,7 @@ def test_rows_of_two_grids_that_scored_the_same_examples_pair_and_others_are_ref
     assert "their rows cannot be paired example by example" in capsys.readouterr().err
     assert main([files[0], files[0], "--group", "a=a"]) == 2
     assert f"row 'a' is in both {files[0]} and {files[0]}" in capsys.readouterr().err
+    assert main([*files, files[0], "--group", "b=b,b-s1"]) == 0  # rows no group names may repeat (each grid's base)
 
 
 def test_a_file_that_is_not_a_grids_results_is_refused(tmp_path, capsys):

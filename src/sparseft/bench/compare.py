@@ -72,9 +72,10 @@ def scored_set(results: dict[str, Any]) -> tuple[Any, ...]:
             results["task"]["primary_metric"])
 
 
-def merge_results(files: list[tuple[str, Any]]) -> dict[str, Any]:
+def merge_results(files: list[tuple[str, Any]], wanted: set[str]) -> dict[str, Any]:
     """One results dict from several grids' (``[(path, results)]``) that scored the same examples, so their
-    rows pair example by example; a row id given by two files is refused (a group could not say which)."""
+    rows pair example by example; a ``wanted`` row id (one a group names) in two files is refused: the group
+    could not say which it means. Other rows (e.g. each grid's ``base``) may repeat."""
     for path, results in files:
         check_results(results, f"{path}: ")
     (first, reference), *others = files
@@ -84,7 +85,7 @@ def merge_results(files: list[tuple[str, Any]]) -> dict[str, Any]:
             raise ConfigError(f"{path} scored (eval task, data, limit, metric) {scored_set(results)}, {first} "
                               f"{scored_set(reference)}: their rows cannot be paired example by example")
         for row in results["rows"]:
-            if row.get("id") in seen:
+            if row.get("id") in seen and row.get("id") in wanted:
                 raise ConfigError(f"row {row.get('id')!r} is in both {seen[row.get('id')]} and {path}")
             seen[row.get("id")] = path
     return {**reference, "rows": [row for _, results in files for row in results["rows"]]}
@@ -146,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         groups = dict(parse_group(g) for g in args.group)
         pairs = [parse_pair(p, groups) for p in args.vs]
-        results = merge_results([(str(path), json.loads(path.read_text())) for path in args.results])
+        wanted = {row_id for ids in groups.values() for row_id in ids}
+        results = merge_results([(str(path), json.loads(path.read_text())) for path in args.results], wanted)
         summary = compare(results, groups, pairs)
     except (ConfigError, OSError, json.JSONDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
