@@ -130,6 +130,10 @@ def test_a_failing_row_is_recorded_and_the_grid_goes_on_and_a_resume_keeps_the_f
     assert mixed["rows"][1]["machine"]["device_name"] == "Other CPU"
     assert mixed["rows"][0]["machine"]["device_name"] == mixed["machine"]["device_name"] != "Other CPU"
     assert "rows ran on 2 machines" in (tmp_path / "results.md").read_text()
+    proc = run_cli("bench", str(config), "--out", str(tmp_path), "--no-report", "--resume")  # a kept row's machine
+    assert proc.returncode == 2 and "device_name 'Other CPU'" in proc.stderr
+    proc = run_cli("bench", str(config), "--out", str(tmp_path), "--no-report", "--any-machine")
+    assert proc.returncode == 2 and "--any-machine goes with --resume" in proc.stderr
 
 
 # ---------------------------------------------------------------- config validation
@@ -402,7 +406,8 @@ def test_an_int8_row_trains_and_is_scored_over_the_int8_base(tmp_path):
     assert (int8["quantize"], int8["dtype"]) == ("int8", "float32")
     assert "| sparse-int8 | sparse/random (int8 base) |" in (out / "results.md").read_text()
     assert int8["quantize_init"] == "zero" and fp32["quantize_init"] is None
-    assert 0.25 < int8["base_bytes_vs_fp32"] < 0.9 and "base_bytes_vs_fp32" not in fp32  # int8 codes + scales, fp32 rest
+    assert 0.25 < int8["base_bytes_vs_fp32"] < 0.9  # int8 codes + scales, the rest fp32
+    assert "base_bytes_vs_fp32" not in fp32
     assert "| sparse-fp32 | sparse/random |" in (out / "results.md").read_text()
 
     # The int8 row's diff belongs to the int8 base: the fp32 base refuses it, so the worker cannot

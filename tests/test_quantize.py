@@ -260,6 +260,15 @@ def test_nf4_over_a_bfloat16_base_trains_reloads_and_evaluates_the_same(train_fi
 
 
 
+def record_scored_models(monkeypatch) -> list:
+    """The models ``sparseft eval`` scores, in order (it still scores them)."""
+    scored = []
+    real = evaluate_module.evaluate_records
+    monkeypatch.setattr(evaluate_module, "evaluate_records",
+                        lambda model, *a, **k: scored.append(model) or real(model, *a, **k))
+    return scored
+
+
 def eval_argv(base_dir, diff) -> list[str]:
     return ["eval", "--model", str(base_dir), "--diff", str(diff), "--task", "routing",
             "--data", str(ROUTING_DATA / "test.jsonl"), "--limit", "4"]
@@ -270,9 +279,7 @@ def test_eval_quantize_scores_the_diff_unmerged_over_the_base_it_trained_over(mo
     trained = make_tiny_llama()
     run_training(quick_config(train_file, tmp_path / "run", steps=4, quantize="int8"), model=trained,
                  tokenizer=make_tiny_tokenizer())
-    scored = []
-    real = evaluate_module.evaluate_records
-    monkeypatch.setattr(evaluate_module, "evaluate_records", lambda model, *a, **k: scored.append(model) or real(model, *a, **k))
+    scored = record_scored_models(monkeypatch)
 
     assert main([*eval_argv(model_dir, tmp_path / "run"), "--quantize", "int8", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -477,7 +484,8 @@ def test_a_diff_over_a_mixed_base_reloads_only_onto_that_mixed_base(train_file, 
     for other in (quantize_base(make_tiny_llama(), "nf4"), quantize_base(make_tiny_llama(), "nf4", skip=skip[:1])):
         with pytest.raises(FingerprintMismatchError, match=r"different base model .*left the layers .* unquantized: "
                                                            r"load the base with --quantize nf4 in the same command "
-                                                           r"as this diff, .*\(in Python: " + advice):
+                                                           r"as this diff, .*serve --quantize-skip "
+                                                           r"'model\.layers\.0\.\*,\*\.down_proj'; in Python: " + advice):
             SparseModel.from_pretrained(other, tmp_path / "run")
     with pytest.raises(FingerprintMismatchError, match=r"but for the layers .*, left unquantized; .*" + advice):
         SparseModel.from_pretrained(make_tiny_llama(), tmp_path / "run")
@@ -491,9 +499,7 @@ def test_commands_given_a_mixed_base_diff_and_quantize_rebuild_the_base_it_recor
     run_training(quick_config(train_file, tmp_path / "run", steps=4, quantize="nf4", quantize_skip=["*.down_proj"]),
                  model=trained, tokenizer=make_tiny_tokenizer())
     run = str(tmp_path / "run")
-    scored = []
-    real = evaluate_module.evaluate_records
-    monkeypatch.setattr(evaluate_module, "evaluate_records", lambda model, *a, **k: scored.append(model) or real(model, *a, **k))
+    scored = record_scored_models(monkeypatch)
     assert main([*eval_argv(model_dir, run), "--quantize", "nf4"]) == 0
     layer = scored[0].model.layers[1]
     assert not is_quantized(layer.mlp.down_proj.weight) and is_quantized(layer.mlp.up_proj.weight)
@@ -504,9 +510,15 @@ def test_commands_given_a_mixed_base_diff_and_quantize_rebuild_the_base_it_recor
     assert main(["verify", "--diff", run, *base]) == 0
     assert main(["diff-stats", run, run, *base]) == 0
     assert main(["apply", "--diff", run, "--out", str(tmp_path / "merged"), *base]) == 0
-    app = build_app(str(model_dir), [("mixed", run)], quantize="nf4")  # the diff registers: its base fingerprint matched
+    assert main(["compose", run, run, "--weights", "0.5,0.5", "--out", str(tmp_path / "sum"), *base]) == 0
+    assert main([*eval_argv(model_dir, tmp_path / "sum"), "--quantize", "nf4"]) == 0  # it records its inputs' base
+    app = build_app(str(model_dir), [("mixed", run)], quantize="nf4")  # the diff registers: its fingerprint matched
     served = app.state.serve.engine.model.model.layers[1].mlp
     assert not is_quantized(served.down_proj.weight) and is_quantized(served.up_proj.weight)
+    given = build_app(str(model_dir), quantize="nf4", quantize_skip="*.down_proj, *.up_proj")  # a comma-separated flag
+    layer = given.state.serve.engine.model.model.layers[1].mlp
+    assert not is_quantized(layer.down_proj.weight) and not is_quantized(layer.up_proj.weight)
+    assert is_quantized(layer.gate_proj.weight)
     import sparseft.cli.serve as serve_cli
 
     engines = []  # Ray's replicas load no diff before their base: the verb hands them the recorded skip

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import torch
 
 from .config import DTYPES, SparseConfig
-from .diffio import SparseDiff, check_against_model, fingerprints
+from .diffio import SparseDiff, check_against_model, fingerprints, trained_over, trained_skip
 from .errors import ConfigError, FingerprintMismatchError, ShapeMismatchError
 
 
@@ -177,7 +177,8 @@ def compose(
         base_fingerprint=(
             fingerprints({n: base_weights[n] for n in modules}) if base_weights is not None else dict(first.base_fingerprint)
         ),
-        provenance={"composed_from": [{"diff": n, "weight": w} for n, w in zip(names, weights)]},
+        provenance={"composed_from": [{"diff": n, "weight": w} for n, w in zip(names, weights)],
+                    **base_as_trained(diffs)},
     )
     totals = {key: sum(s[key] for s in per_module.values()) for key in ("union", "shared", "sign_conflicts", "cancelled")}
     report = ComposeReport(
@@ -191,6 +192,19 @@ def compose(
         per_module=per_module,
     )
     return out, report
+
+
+def base_as_trained(diffs: Sequence[SparseDiff]) -> dict[str, Any]:
+    """``{"base_as_trained": {dtype, quantize, quantize_skip}}`` when every input records the same: how the
+    base was loaded for them, so commands given ``--quantize`` rebuild it for the composed diff too (a mixed
+    base's skipped layers, ``recorded_skip``); empty when they record none or differ (their fingerprints,
+    already checked, say the base is one; these facts only word later refusals and rebuild a mixed base)."""
+    facts = [(trained_over(d.provenance), frozenset(trained_skip(d.provenance))) for d in diffs]
+    if facts[0] == ((None, None), frozenset()) or any(f != facts[0] for f in facts):
+        return {}
+    (dtype, quantize), _ = facts[0]
+    skip = trained_skip(diffs[0].provenance)
+    return {"base_as_trained": {"dtype": dtype, "quantize": quantize, "quantize_skip": skip}}
 
 
 def sum_entries(parts: list[tuple[torch.Tensor, torch.Tensor, float]]) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:

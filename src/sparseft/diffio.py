@@ -207,8 +207,11 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def recorded_train_config(provenance: dict[str, Any] | None) -> dict[str, Any]:
-    """The training config a diff's provenance records (``sparseft train`` writes it); empty when it has none."""
-    config = provenance.get("train_config") if isinstance(provenance, dict) else None
+    """The training config a diff's provenance records (``sparseft train`` writes it; a composed diff records
+    its inputs' base fields as ``base_as_trained``); empty when it has none."""
+    if not isinstance(provenance, dict):
+        return {}
+    config = provenance.get("train_config", provenance.get("base_as_trained"))
     return config if isinstance(config, dict) else {}
 
 
@@ -226,23 +229,25 @@ def trained_skip(provenance: dict[str, Any] | None) -> list[str]:
     return [p for p in skip if isinstance(p, str)] if isinstance(skip, list) else []
 
 
-def recorded_skip(paths: Iterable[str | os.PathLike], quantize: str | None) -> list[str]:
+def recorded_skip(paths: Iterable[str | os.PathLike | None], quantize: str | None) -> list[str]:
     """The ``quantize_skip`` a base quantized with ``quantize`` needs for the sparse diffs at ``paths``: the layers
     their training runs left unquantized, as they record them, so that a command given ``--quantize`` rebuilds
     the mixed base a diff was trained over. One base serves every diff given, so they must agree. Empty without
-    ``quantize``; a path holding no sparse diff (a PEFT adapter), or a diff trained over another scheme, adds none."""
+    ``quantize``; None (no diff), a path holding no sparse diff (a PEFT adapter) or a diff trained over another
+    scheme adds none. The same patterns in another order are the same base."""
     if not quantize:
         return []
-    recorded: dict[tuple[str, ...], Path] = {}
-    for path in map(Path, paths):
+    recorded: dict[frozenset[str], tuple[list[str], Path]] = {}
+    for path in (Path(p) for p in paths if p is not None):
         provenance = provenance_of(path)
         if trained_over(provenance)[1] == quantize:
-            recorded.setdefault(tuple(trained_skip(provenance)), path)
+            skip = trained_skip(provenance)
+            recorded.setdefault(frozenset(skip), (skip, path))
     if len(recorded) > 1:
-        bases = "; ".join(f"{path}: {list(skip) if skip else 'none'}" for skip, path in recorded.items())
+        bases = "; ".join(f"{path}: {skip or 'none'}" for skip, path in recorded.values())
         raise ConfigError(f"the diffs were trained over different {quantize} bases (layers left unquantized: {bases}); "
                           "one base serves them all, so load them in separate runs")
-    skip = list(next(iter(recorded), ()))
+    skip = next(iter(recorded.values()), ([], None))[0]
     if skip:
         log.info("quantizing the base with %s but for the layers %s, as the diff's training run did", quantize, skip)
     return skip
@@ -268,10 +273,11 @@ def skip_hint(kind: str, skip: list[str]) -> str:
 
 
 def mixed_base_advice(scheme: str, skip: list[str], dtype: str | None = None) -> str:
-    loaded = f" in {dtype}" if dtype else ""
-    flags = load_flags(dtype, scheme)
-    return (f"load the base with {flags} in the same command as this diff, which rebuilds that base from what "
-            f"the diff records (in Python: quantize_base(model, {scheme!r}, skip={skip!r}) on the base loaded{loaded})")
+    loaded = f" loaded in {dtype}" if dtype else ""
+    patterns = ",".join(skip)
+    return (f"load the base with {load_flags(dtype, scheme)} in the same command as this diff, which rebuilds that "
+            f"base from what the diff records (a server given its diffs later: serve --quantize-skip '{patterns}'; "
+            f"in Python: quantize_base(model, {scheme!r}, skip={skip!r}) on the base{loaded})")
 
 
 def described_base(dtype: str | None, scheme: str) -> str:

@@ -125,7 +125,7 @@ def run_eval(
     records = task.load(data, limit)  # bad data fails here, before time goes into loading the model
     check_quantize_applies(diff, quantize)
     start = time.perf_counter()
-    base = load_base(model_name, dtype, quantize, recorded_skip([diff] if diff is not None else [], quantize))
+    base = load_base(model_name, dtype, quantize, recorded_skip([diff], quantize))
     model, kind = attach_diff(base, diff, allow_unverified_base)
     tokenizer = load_tokenizer(model_name)
     load_s = time.perf_counter() - start

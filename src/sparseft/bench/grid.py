@@ -91,15 +91,18 @@ def read_earlier_run(cfg: BenchConfig, out: Path, any_machine: bool = False) -> 
     if not path.is_file():
         raise ConfigError(f"--resume: {path} does not exist; nothing to resume (run without --resume)")
     earlier = read_results(path)
-    here = machine_info(cfg)
-    before = earlier.get("machine", {})
-    for key in MACHINE_KEYS:
-        if before.get(key) != here[key] and not any_machine:
+    if any_machine:
+        return earlier
+    here = row_machine(machine_info(cfg))
+    # The grid's machine, and each row's: an earlier --any-machine resume may have kept rows of another one.
+    for before in [earlier.get("machine", {})] + [row["machine"] for row in earlier["rows"] if row.get("machine")]:
+        differs = [key for key in MACHINE_KEYS if before.get(key) != here[key]]
+        if differs:
+            key = differs[0]
             raise ConfigError(f"--resume: {path} was measured on another machine ({key} {before.get(key)!r}, "
                               f"here {here[key]!r}); its times would not compare with new rows. Use a new --out, "
                               "or --any-machine to keep its rows (their scores stand; each row records its machine)")
     return earlier
-
 
 
 def reusable_rows(cfg: BenchConfig, earlier: dict[str, Any], model: str, train_file: Path, out: Path) -> dict[str, Any]:

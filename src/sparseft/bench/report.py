@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from .plots import CURVES_PNG, TENANTS, base_model_bytes, curve_series, write_plots
-from .results import fmt_bytes, fmt_count, fmt_selection, ok_rows, read_results, row_label, row_machines, row_trains
+from .results import (fmt_bytes, fmt_count, fmt_selection, machines_listing, ok_rows, read_results, row_label,
+                      row_machines, row_trains)
 
 PLOT_CAPTIONS = {
     "metric_vs_params.png": "Task metric vs trainable parameters (log x)",
@@ -416,11 +417,10 @@ def load_warning(results: dict[str, Any]) -> list[Block]:
 
 def machines_warning(results: dict[str, Any]) -> list[Block]:
     """A warning when a resumed grid's rows ran on different machines (``--any-machine``)."""
-    machines = row_machines(results)
-    if len(machines) < 2:
+    listed = machines_listing(results, quote="`")
+    if listed is None:
         return []
-    listed = "; ".join(f"{name}: " + ", ".join(f"`{i}`" for i in ids) for name, ids in machines.items())
-    return [Block("p", f"**Caution:** the rows ran on {len(machines)} machines ({listed}); training times, "
+    return [Block("p", f"**Caution:** the rows ran on {len(row_machines(results))} machines ({listed}); training times, "
                        "tokens/s and peak memory compare only within one. Scores and bytes compare across them.")]
 
 

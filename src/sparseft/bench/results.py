@@ -213,13 +213,20 @@ def row_machines(results: dict[str, Any]) -> dict[str, list[str]]:
     return by_machine
 
 
-def machines_line(results: dict[str, Any]) -> list[str]:
-    """For a grid resumed on other machines (``--any-machine``): which rows ran where."""
+def machines_listing(results: dict[str, Any], quote: str = "") -> str | None:
+    """For a grid resumed on other machines (``--any-machine``): which rows ran where, e.g.
+    ``AMD EPYC, 2 cores: a, b; Intel(R) Xeon(R), 2 cores: c``; None when every row ran on one machine."""
     machines = row_machines(results)
     if len(machines) < 2:
+        return None
+    return "; ".join(f"{name}: " + ", ".join(f"{quote}{i}{quote}" for i in ids) for name, ids in machines.items())
+
+
+def machines_line(results: dict[str, Any]) -> list[str]:
+    listed = machines_listing(results)
+    if listed is None:
         return []
-    listed = "; ".join(f"{name}: {', '.join(ids)}" for name, ids in machines.items())
-    return [f"- **rows ran on {len(machines)} machines** ({listed}): compare times only within one machine"]
+    return [f"- **rows ran on {len(row_machines(results))} machines** ({listed}): compare times only within one"]
 
 
 def results_markdown(results: dict[str, Any]) -> str:

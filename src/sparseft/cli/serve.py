@@ -83,11 +83,13 @@ def run(args) -> int:
     from ..diffio import recorded_skip
     from ..hub import resolve_diff
     from ..serve import ServeLimits, build_app
+    from ..serve.registry import stored_paths
 
     engine = engine_options(args)
     args.diff = [(name, str(resolve_diff(path))) for name, path in args.diff]  # Hub ids to their local snapshot
     if not engine.quantize_skip:  # Ray's replicas load no --diff before their base: they take the skip from here
-        engine = replace(engine, quantize_skip=tuple(recorded_skip([path for _, path in args.diff], args.quantize)))
+        served = [path for _, path in args.diff] + stored_paths(args.registry)
+        engine = replace(engine, quantize_skip=tuple(recorded_skip(served, args.quantize)))
     limits = ServeLimits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens,
                          max_prompt_tokens=args.max_prompt_tokens, max_queue=args.max_queue)
     if args.ray:
@@ -106,13 +108,11 @@ def run(args) -> int:
 
 def engine_options(args):
     """The engine flags, checked before any model is loaded (e.g. ``--strategy merged --quantize nf4``)."""
-    from ..quantize import skip_patterns
     from ..serve.server import EngineOptions
 
-    skip = tuple(skip_patterns(args.quantize_skip)) if args.quantize_skip else ()
     return EngineOptions(strategy=args.strategy, max_batch_size=args.max_batch_size,
                          max_batch_tokens=args.max_batch_tokens, allow_unverified_base=args.allow_unverified_base,
-                         quantize=args.quantize, quantize_skip=skip)
+                         quantize=args.quantize, quantize_skip=args.quantize_skip or ())
 
 
 def check_no_ray_flags(args) -> None:

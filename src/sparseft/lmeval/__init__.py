@@ -69,7 +69,7 @@ def with_diff(model, diff: str | os.PathLike | None, quantize: str | None = None
     model, its targeted layers wrapped); validated first."""
     if quantize:
         diff = resolve_diff(diff) if diff is not None else None  # a Hub id: its snapshot records the skip
-        model = quantize_base(model, quantize, recorded_skip([diff] if diff is not None else [], quantize))
+        model = quantize_base(model, quantize, recorded_skip([diff], quantize))
     if diff is None:
         return model
     if not quantize:

@@ -30,7 +30,6 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..errors import ConfigError, DiffRegistryError, SparseFTError, UnknownDiffError
-from ..quantize import skip_patterns
 from .app import ServeContext, ServeLimits, as_api_error
 from .protocol import error_body
 from .registry import NAME_PATTERN, REGISTRY_FILE, parse_model_id, read_registry_file
@@ -386,12 +385,11 @@ def app_builder(args: dict[str, Any]):
     options = RayOptions(replicas=int(args.get("replicas", 2)),
                          max_diffs_per_replica=int(args.get("max_diffs_per_replica", 4)),
                          replica_cpus=float(args.get("replica_cpus", 1.0)))
-    tokens, skip = args.get("max_batch_tokens"), args.get("quantize_skip")
+    tokens = args.get("max_batch_tokens")
     engine = EngineOptions(strategy=args.get("strategy", "auto"), max_batch_size=int(args.get("max_batch_size", 16)),
                            max_batch_tokens=int(tokens) if tokens is not None else None,
                            allow_unverified_base=is_true(args.get("allow_unverified_base", False)),
-                           quantize=args.get("quantize") or None,
-                           quantize_skip=tuple(skip_patterns(skip)) if skip else ())
+                           quantize=args.get("quantize") or None, quantize_skip=args.get("quantize_skip") or ())
     source = DiffSource(root=args.get("diff_dir"), registry_dir=args.get("registry"))
     return build_ray_app(args["model"], source, served_name=args.get("served_name"),
                          dtype=args.get("dtype", "float32"), device=args.get("device", "cpu"), options=options,

@@ -334,6 +334,20 @@ class DiffRegistry:
         self._versions.setdefault(name, []).append(loaded)
 
 
+def stored_paths(directory: str | os.PathLike | None) -> list[Path]:
+    """Every version a registry directory stores, as it will restore them (none without a registry.json);
+    read leniently: the restore itself names what is wrong with the file."""
+    file = Path(directory) / REGISTRY_FILE if directory is not None else None
+    if file is None or not file.is_file():
+        return []
+    try:
+        diffs = read_registry_file(file)["diffs"]
+    except DiffRegistryError:
+        return []
+    return [Path(directory) / record["path"] for entry in diffs.values() for record in entry["versions"]
+            if isinstance(record, dict) and isinstance(record.get("path"), str)]
+
+
 def read_registry_file(file: Path) -> dict[str, Any]:
     """Parse and shape-check ``registry.json``; every problem names the file and the field."""
     state = read_json_file(file, DiffRegistryError)

@@ -15,7 +15,7 @@ from .app import ServeLimits, create_app
 from .batching import BatchingEngine
 from .engine import MERGED_OVER_QUANTIZED, Engine
 from .metrics import ServeMetrics
-from .registry import DiffRegistry
+from .registry import DiffRegistry, stored_paths
 
 
 def build_app(
@@ -32,14 +32,15 @@ def build_app(
     max_batch_tokens: int | None = None,
     allow_unverified_base: bool = False,
     quantize: str | None = None,
-    quantize_skip: Sequence[str] = (),
+    quantize_skip: Sequence[str] | str = (),
 ):
     """Load the base and its tokenizer, restore the registry, load ``diffs`` (NAME, DIR), return the app.
 
     ``quantize`` (``int8`` / ``int4`` / ``nf4``): load the base weight-only quantized, as a diff's training run
     over it did (same ``dtype``); every diff then runs unmerged over the codes (strategy ``auto`` or ``mixed``).
-    ``quantize_skip``: the linear layers left unquantized (a mixed base); by default those the ``diffs``' training
-    runs left so, as the diffs record (``recorded_skip``).
+    ``quantize_skip``: the linear layers left unquantized (a mixed base), a list or one comma-separated string;
+    by default those the training runs of ``diffs`` and the registry's stored diffs left so, as they record
+    (``recorded_skip``).
 
     Example:
         >>> app = build_app("smollm2-135m", [("support", "diffs/support")])  # doctest: +SKIP
@@ -47,10 +48,10 @@ def build_app(
         >>> uvicorn.run(app, host="127.0.0.1", port=8000)  # doctest: +SKIP
     """
     limits = limits or ServeLimits()
-    EngineOptions(strategy=strategy, quantize=quantize, quantize_skip=tuple(quantize_skip))  # e.g. 'merged' over
-    # a quantized base is refused before anything loads
-    skip = quantize_skip or recorded_skip([path for _, path in diffs], quantize)
-    base = load_base(model, dtype, quantize, skip).to(device)
+    # Checked before anything loads (e.g. 'merged' over a quantized base); the skip patterns come normalised.
+    options = EngineOptions(strategy=strategy, quantize=quantize, quantize_skip=quantize_skip)
+    served = [path for _, path in diffs] + stored_paths(registry_dir)
+    base = load_base(model, dtype, quantize, options.quantize_skip or recorded_skip(served, quantize)).to(device)
     try:
         tokenizer = load_tokenizer(model)
     except ModelNotFoundError as e:  # load_tokenizer already names the path and the cause
@@ -79,7 +80,7 @@ class EngineOptions:
     max_batch_tokens: int | None = None
     allow_unverified_base: bool = False
     quantize: str | None = None
-    quantize_skip: tuple[str, ...] = ()
+    quantize_skip: tuple[str, ...] | str = ()  # a comma-separated string (the flag) is split here
 
     def __post_init__(self) -> None:  # checked where the options are given, not later in each replica
         if self.strategy not in STRATEGIES:
@@ -96,7 +97,9 @@ class EngineOptions:
             if self.quantize is None:
                 raise ConfigError("quantize_skip (--quantize-skip) names layers to leave unquantized: "
                                   "it needs quantize")
-            object.__setattr__(self, "quantize_skip", tuple(skip_patterns(list(self.quantize_skip))))
+            object.__setattr__(self, "quantize_skip", tuple(skip_patterns(self.quantize_skip)))
+        else:
+            object.__setattr__(self, "quantize_skip", ())
 
     def as_kwargs(self) -> dict:
         return asdict(self)
