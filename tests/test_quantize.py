@@ -484,8 +484,8 @@ def test_a_diff_over_a_mixed_base_reloads_only_onto_that_mixed_base(train_file, 
     for other in (quantize_base(make_tiny_llama(), "nf4"), quantize_base(make_tiny_llama(), "nf4", skip=skip[:1])):
         with pytest.raises(FingerprintMismatchError, match=r"different base model .*left the layers .* unquantized: "
                                                            r"load the base with --quantize nf4 in the same command "
-                                                           r"as this diff, .*serve --quantize-skip "
-                                                           r"'model\.layers\.0\.\*,\*\.down_proj'; in Python: " + advice):
+                                                           r"as this diff, .*serve --quantize-skip 'model\.layers"
+                                                           r"\.0\.\*,\*\.down_proj'; in Python: " + advice):
             SparseModel.from_pretrained(other, tmp_path / "run")
     with pytest.raises(FingerprintMismatchError, match=r"but for the layers .*, left unquantized; .*" + advice):
         SparseModel.from_pretrained(make_tiny_llama(), tmp_path / "run")

@@ -420,7 +420,8 @@ def machines_warning(results: dict[str, Any]) -> list[Block]:
     listed = machines_listing(results, quote="`")
     if listed is None:
         return []
-    return [Block("p", f"**Caution:** the rows ran on {len(row_machines(results))} machines ({listed}); training times, "
+    count = len(row_machines(results))
+    return [Block("p", f"**Caution:** the rows ran on {count} machines ({listed}); training times, "
                        "tokens/s and peak memory compare only within one. Scores and bytes compare across them.")]
 
 
