@@ -76,3 +76,28 @@ def test_a_file_that_is_not_a_grids_results_is_refused(tmp_path, capsys):
     path.write_text(json.dumps({"rows": []}))
     assert main([str(path), "--group", "a=a"]) == 2
     assert f"{path}: not a grid's results.json: expected 'rows' and 'task.primary_metric'" in capsys.readouterr().err
+
+
+def test_grids_pair_by_the_content_of_the_examples_they_scored_not_the_path(tmp_path, capsys):
+    rows = [{**r, "eval_examples_sha256": "ab" * 32} for r in results()["rows"][:4]]
+
+    def grid(name: str, data: str, members: list[dict]) -> str:
+        (tmp_path / name).write_text(json.dumps({"task": {"primary_metric": "accuracy"},
+                                                 "config": {"eval_data": data}, "rows": members}))
+        return str(tmp_path / name)
+
+    # The same examples read from two data roots pair; without hashes the differing paths are refused.
+    old, new = grid("old.json", "/a/sst2/dev.tsv", rows[:2]), grid("new.json", "../data/sst2/dev.tsv", rows[2:])
+    assert main([old, new, "--group", "a=a,a-s1", "--group", "b=b,b-s1", "--vs", "a:b"]) == 0
+    unhashed = grid("unhashed.json", "../data/sst2/dev.tsv", results()["rows"][2:4])
+    assert main([old, unhashed, "--group", "a=a"]) == 2
+    assert "(eval task, data, limit, metric)" in capsys.readouterr().err
+
+    # A changed file at the same path is refused, and so are groups of one grid whose rows scored different sets.
+    changed = grid("changed.json", "/a/sst2/dev.tsv", [{**r, "eval_examples_sha256": "cd" * 32} for r in rows[2:]])
+    assert main([old, changed, "--group", "a=a"]) == 2
+    assert "(eval task, examples, limit, metric)" in capsys.readouterr().err
+    mixed = {"task": {"primary_metric": "accuracy"}, "rows": rows[:2] + [{**r, "eval_examples_sha256": "cd" * 32}
+                                                                          for r in rows[2:]]}
+    with pytest.raises(ConfigError, match="the groups' rows scored different examples"):
+        compare(mixed, {"a": ["a", "a-s1"], "b": ["b", "b-s1"]}, [("a", "b")])

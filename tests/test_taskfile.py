@@ -13,6 +13,7 @@ import pytest
 from sparseft.cli import main
 from sparseft.errors import ConfigError, DataFormatError, TaskFileError
 from sparseft.tasks import classification_from_flags, get_task, load_task_file
+from sparseft.tasks.base import records_sha256
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "tickets"
 
@@ -141,4 +142,7 @@ def test_bench_runs_a_task_file_with_no_python(tmp_path):
     (row,) = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
     assert row["status"] == "ok", row["error"]
     assert row["eval_examples"] == 8 and 0.0 <= row["metrics"]["accuracy"] <= 1.0
+    # What bench.compare pairs grids by: the content of the 8 examples scored, wherever the file lies.
+    assert row["eval_examples_sha256"] == records_sha256(get_task(str(tickets / "task.yaml")).load(
+        tickets / "test.jsonl", 8))
     assert row["artifact_kind"] == "diff"

@@ -11,7 +11,8 @@ variant over seeds needs the same statistics over groups that the user names::
 prints a markdown table per group (each seed's score, mean ± std) and, per ``--vs A:B``, the paired
 bootstrap interval of A − B over the examples both scored (each group's per-example scores averaged
 over its seeds first, as the protocol does). Several results files may be given when their grids scored
-the same examples (same eval task, data and limit), e.g. a new variant against an earlier grid's rows.
+the same examples (same eval task, limit and examples: their content hash where the rows record it,
+else the data file's path), e.g. a new variant against an earlier grid's rows.
 """
 
 from __future__ import annotations
@@ -65,11 +66,19 @@ def check_results(results: Any, where: str = "") -> None:
                           "(what sparseft bench writes)")
 
 
-def scored_set(results: dict[str, Any]) -> tuple[Any, ...]:
-    """What a grid's rows were scored on: the eval task, its data file and limit, and the metric."""
+def examples_hash(rows: list[dict[str, Any]]) -> str | None:
+    """The sha256 of the examples these rows scored, when every finished one records the same (rows since
+    ``eval_examples_sha256``); None when one lacks it or they differ."""
+    hashes = {row.get("eval_examples_sha256") for row in rows if row.get("status", "ok") == "ok"}
+    return hashes.pop() if len(hashes) == 1 and None not in hashes else None
+
+
+def scored_set(results: dict[str, Any], by_content: bool) -> tuple[Any, ...]:
+    """What a grid's rows were scored on: the eval task, its examples (their content hash, or for older
+    grids the data file's path), the limit, and the metric."""
     config = results.get("config") if isinstance(results.get("config"), dict) else {}
-    return (results["task"].get("eval_task"), config.get("eval_data"), config.get("eval_limit"),
-            results["task"]["primary_metric"])
+    examples = examples_hash(results["rows"]) if by_content else config.get("eval_data")
+    return (results["task"].get("eval_task"), examples, config.get("eval_limit"), results["task"]["primary_metric"])
 
 
 def merge_results(files: list[tuple[str, Any]], wanted: set[str]) -> dict[str, Any]:
@@ -81,9 +90,12 @@ def merge_results(files: list[tuple[str, Any]], wanted: set[str]) -> dict[str, A
     (first, reference), *others = files
     seen = {row.get("id"): first for row in reference["rows"]}
     for path, results in others:
-        if scored_set(results) != scored_set(reference):
-            raise ConfigError(f"{path} scored (eval task, data, limit, metric) {scored_set(results)}, {first} "
-                              f"{scored_set(reference)}: their rows cannot be paired example by example")
+        # The same data under another data root is the same examples; a changed file at the same path is not.
+        by_content = examples_hash(results["rows"]) is not None and examples_hash(reference["rows"]) is not None
+        if scored_set(results, by_content) != scored_set(reference, by_content):
+            raise ConfigError(f"{path} scored (eval task, {'examples' if by_content else 'data'}, limit, metric) "
+                              f"{scored_set(results, by_content)}, {first} {scored_set(reference, by_content)}: "
+                              "their rows cannot be paired example by example")
         for row in results["rows"]:
             if row.get("id") in seen and row.get("id") in wanted:
                 raise ConfigError(f"row {row.get('id')!r} is in both {seen[row.get('id')]} and {path}")
@@ -107,6 +119,10 @@ def compare(results: dict[str, Any], groups: dict[str, list[str]], pairs: list[t
     intervals = {}
     for a, b in pairs:
         scores_a, scores_b = per_example(rows[a], metric), per_example(rows[b], metric)
+        hashes = {r.get("eval_examples_sha256") for r in rows[a] + rows[b]} - {None}
+        if len(hashes) > 1:
+            raise ConfigError(f"--vs {a}:{b}: the groups' rows scored different examples (eval_examples_sha256 "
+                              f"{sorted(h[:12] for h in hashes)})")
         if scores_a is None or scores_b is None:
             raise ConfigError(f"--vs {a}:{b}: a row of these groups kept no per-example {metric} scores")
         if len(scores_a) != len(scores_b):

@@ -231,6 +231,7 @@ def evaluate_row(job: dict[str, Any], row: dict[str, Any], device: str) -> None:
     from ..evaluate import evaluate_records_detailed
     from ..loading import load_tokenizer
     from ..tasks import get_task
+    from ..tasks.base import records_sha256
 
     task = get_task(job["eval_task"])
     records = task.load(job["eval_data"], job["eval_limit"])
@@ -244,6 +245,7 @@ def evaluate_row(job: dict[str, Any], row: dict[str, Any], device: str) -> None:
     row["eval_wall_s"] = round(wall_s, 3)
     row["metrics"] = {k: float(v) for k, v in metrics.items()}
     row["eval_examples"] = count
+    row["eval_examples_sha256"] = records_sha256(records)  # lets grids run elsewhere pair (bench.compare)
     row["primary_metric"] = primary_metric_of(task, metrics)
     # The primary metric of every example, in the eval split's order: paired bootstrap intervals need them.
     row["per_example"] = {row["primary_metric"]: [round(x, 6) for x in per_example[row["primary_metric"]]]
