@@ -60,6 +60,31 @@ def test_apply_writes_merged_model(trained_diff, tiny_model_dir, tmp_path):
         torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_outputs_replace_only_what_sparseft_wrote(trained_diff, tiny_model_dir, tmp_path, capsys):
+    """An output directory is replaced whole, so the base model's own directory, a data file or a folder of the
+    user's never is; an earlier output of the same kind is (a merged model records what it was made from)."""
+    _, path = trained_diff
+    merged = tmp_path / "merged"
+    assert main(["apply", "--model", str(tiny_model_dir), "--diff", str(path), "--out", str(merged)]) == 0
+    record = json.loads((merged / "sparseft_merge.json").read_text())
+    assert record["base_model"] == str(tiny_model_dir) and record["diff"] == str(path)
+    assert main(["apply", "--model", str(tiny_model_dir), "--diff", str(path), "--out", str(merged)]) == 0
+
+    before = sorted(p.name for p in tiny_model_dir.iterdir())
+    assert main(["apply", "--model", str(tiny_model_dir), "--diff", str(path), "--out", str(tiny_model_dir)]) == 2
+    assert "holds files sparseft did not write (config.json" in capsys.readouterr().err
+    assert sorted(p.name for p in tiny_model_dir.iterdir()) == before
+    data = tmp_path / "rows.jsonl"
+    data.write_text("{}\n")
+    assert main(["compose", str(path), str(path), "--out", str(data)]) == 2
+    assert f"--out {data}: is a file; expected a directory" in capsys.readouterr().err
+    assert main(["export", "--to", "peft", str(path), str(data / "sub")]) == 2
+    assert f"OUT {data / 'sub'}: cannot be created, {data} is a file" in capsys.readouterr().err
+    assert main(["select", "--model", str(tiny_model_dir), "--scorer", "random", "--out", str(tmp_path)]) == 2
+    assert "is a directory; expected a file path" in capsys.readouterr().err
+    assert data.read_text() == "{}\n"
+
+
 def test_apply_refuses_other_base_with_clear_error(trained_diff, tmp_path, capsys):
     _, path = trained_diff
     other = tmp_path / "other-base"
@@ -173,3 +198,10 @@ def test_audit_compose_and_diff_stats_take_allow_unverified_base(trained_diff, t
     assert main(argv) == 2
     assert "--allow-unverified-base" in capsys.readouterr().err
     assert main(argv + ["--allow-unverified-base"]) == 0
+
+
+def test_a_path_the_file_system_refuses_is_one_error_line_not_a_traceback(trained_diff, capsys):
+    _, path = trained_diff
+    assert main(["compose", str(path), str(path), "--out", "/proc/sparseft-test-out"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("sparseft compose: error: ") and "/proc/" in err and "Traceback" not in err

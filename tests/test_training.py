@@ -253,6 +253,13 @@ def test_yaml_numbers_in_exponent_form_are_numbers(train_file, tmp_path):
     ("lr: .nan", "lr must be a finite number"),
     ("truncation: 'no'", "truncation must be true or false, got 'no'"),
     ("lr: -1e-3", "lr must be > 0"),
+    ("weight_decay: -5", "weight_decay must be >= 0, got -5.0"),
+    ("max_grad_norm: -1", "max_grad_norm must be > 0 (or null: no clipping), got -1.0"),
+    ("min_lr_ratio: 7", "min_lr_ratio must be in [0, 1]"),
+    ("lora_alpha: -3", "lora_alpha must be > 0"),
+    ("seed: 99999999999999999999", "seed must be in [-9223372036854775808, 18446744073709551615]"),
+    ("data: 5", "data must be a string, got 5 (int)"),
+    ("dtype: [x]", "dtype must be a string, got ['x'] (list)"),
 ])
 def test_bad_yaml_values_name_file_line_and_field(tmp_path, line, message):
     config = tmp_path / "run.yaml"
@@ -261,8 +268,31 @@ def test_bad_yaml_values_name_file_line_and_field(tmp_path, line, message):
         TrainConfig.from_yaml(config)
     # A flag given on the command line wins over the file, so the file's bad value no longer matters.
     field = line.split(":")[0]
-    good = {"lr": 1e-3, "batch_size": 8, "steps": 3, "density": 0.5, "truncation": True}[field]
+    good = {"lr": 1e-3, "batch_size": 8, "steps": 3, "density": 0.5, "truncation": True, "weight_decay": 0.0,
+            "max_grad_norm": 1.0, "min_lr_ratio": 0.1, "lora_alpha": 16.0, "seed": 3, "data": "d.jsonl",
+            "dtype": "bfloat16"}[field]
     assert TrainConfig.from_yaml(config, **{field: good}).to_dict()[field] == good
+
+
+def test_config_keys_that_are_not_names_and_masks_for_a_method_without_them_are_refused(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("model: tiny\n1: 2\n")
+    with pytest.raises(ConfigError, match="field names must be strings, got 1 \\(int\\)"):
+        TrainConfig.from_yaml(config)
+    # A full or LoRA run trains no mask: --masks would be ignored without a word.
+    with pytest.raises(ConfigError, match="masks applies to sparse runs only .* not method='full'"):
+        TrainConfig(model="tiny", method="full", masks="d1")
+    assert TrainConfig(model="tiny", data=tmp_path / "d.jsonl").data == str(tmp_path / "d.jsonl")  # a path is a string
+
+
+def test_training_into_the_base_models_directory_is_refused_before_anything_loads(tiny_model_dir, train_file,
+                                                                                    tmp_path):
+    before = sorted(p.name for p in tiny_model_dir.iterdir())
+    with pytest.raises(ConfigError, match="holds files sparseft did not write"):
+        run_training(quick_config(train_file, tiny_model_dir, model=str(tiny_model_dir)))  # no model passed: none loads
+    assert sorted(p.name for p in tiny_model_dir.iterdir()) == before
+    first = train_in_process(quick_config(train_file, tmp_path / "run", steps=1))
+    assert train_in_process(quick_config(train_file, first.out, steps=1)).out == first.out  # an earlier run: replaced
 
 
 def test_sparse_config_yaml_converts_numbers(tmp_path):

@@ -19,7 +19,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .errors import AtomicReplaceError
+from .errors import AtomicReplaceError, ConfigError
+
+# Files by which a directory shows it holds a sparseft output (a diff, a training run, an exported adapter, a
+# merged model): only such a directory, or an empty one, may be replaced whole by a command's --out.
+MERGE_RECORD = "sparseft_merge.json"  # beside a model `sparseft apply` merged: its base and diff
+OUTPUT_MARKERS = ("sparse_config.json", "train_config.yaml", "metrics.jsonl", "checkpoints", "adapter_config.json",
+                  MERGE_RECORD)
 
 
 def umask() -> int:
@@ -53,6 +59,41 @@ def follow_umask(root: Path) -> None:
             if not os.path.islink(path):
                 executable = os.stat(path).st_mode & 0o111
                 os.chmod(path, (0o777 if executable else 0o666) & ~mask)
+
+
+def check_out_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """``path`` when a command may write a directory there: it is absent, empty, or an earlier sparseft output
+    (``OUTPUT_MARKERS``). Anything else would be replaced whole (``replace_dir``), so it is refused: a model
+    directory given as ``--out`` by mistake, a data file, a folder of the user's own."""
+    path = Path(path)
+    check_creatable(path, flag)
+    if os.path.lexists(path) and not path.is_dir():
+        raise ConfigError(f"{flag} {path}: is a file; expected a directory to write into (choose another path)")
+    if path.is_dir():
+        held = sorted(p.name for p in path.iterdir())
+        if held and not any(name in held for name in OUTPUT_MARKERS):
+            shown = ", ".join(held[:5]) + (", ..." if len(held) > 5 else "")
+            raise ConfigError(f"{flag} {path}: exists and holds files sparseft did not write ({shown}); writing "
+                              "there would replace the whole directory: choose another path or remove it")
+    return path
+
+
+def check_out_file(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """``path`` when a command may write a file there (absent, or a file it replaces in one rename)."""
+    path = Path(path)
+    check_creatable(path, flag)
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path}: is a directory; expected a file path (e.g. {path / 'masks.safetensors'})")
+    return path
+
+
+def check_creatable(path: Path, flag: str) -> None:
+    """Refuse a path below a file (``data.jsonl/out``): no directory can be made there."""
+    for parent in path.absolute().parents:
+        if os.path.lexists(parent):
+            if not parent.is_dir():
+                raise ConfigError(f"{flag} {path}: cannot be created, {parent} is a file")
+            return
 
 
 @contextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ ALLOCATIONS = ("global", "proportional", "per_module")
 # The one name -> dtype table: diff values, model loading (--dtype) and the benchmarks all use it.
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 VALUE_DTYPES = tuple(DTYPES)
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.manual_seed takes
 
 
 # ---------------------------------------------------------------- field values from YAML / JSON / flags
@@ -53,8 +55,9 @@ def to_int(name: str, value: Any) -> int:
 
 
 def convert_fields(obj: Any) -> None:
-    """Store every numeric / boolean field of dataclass ``obj`` as its declared type (``int``,
-    ``float``, ``bool``, each possibly ``| None``), or raise a ConfigError naming the field."""
+    """Store every numeric / boolean / string field of dataclass ``obj`` as its declared type (``int``,
+    ``float``, ``bool``, ``str``, each possibly ``| None``), or raise a ConfigError naming the field.
+    A path (``os.PathLike``) given for a string field is stored as its string."""
     for f in dataclasses.fields(obj):
         kinds = {part.strip() for part in str(f.type).split("|")}
         value = getattr(obj, f.name)
@@ -66,6 +69,17 @@ def convert_fields(obj: Any) -> None:
             setattr(obj, f.name, to_int(f.name, value))
         elif "bool" in kinds and not isinstance(value, bool):
             raise ConfigError(f"{f.name} must be true or false, got {value!r}")
+        elif "str" in kinds:
+            setattr(obj, f.name, to_str(f.name, value))
+
+
+def to_str(name: str, value: Any) -> str:
+    """``value`` as a string: a string or a path; anything else (a number, a list) is refused, not stringified."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{name} must be a string, got {value!r} ({type(value).__name__})")
+    return value
 
 
 @dataclass
@@ -108,6 +122,9 @@ class SparseConfig:
         convert_fields(self)
         if isinstance(self.scorer_weights, dict):
             self.scorer_weights = {k: to_float(f"scorer_weights.{k}", v) for k, v in self.scorer_weights.items()}
+        if not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise ConfigError(f"seed must be in [{SEED_RANGE[0]}, {SEED_RANGE[1]}] (what torch.manual_seed takes), "
+                              f"got {self.seed}")
         if self.num_params is None:
             if self.density is None or not (0.0 < self.density <= 1.0):
                 raise ConfigError(f"density must be in (0, 1], got {self.density!r}")
@@ -119,9 +136,6 @@ class SparseConfig:
             raise ConfigError(f"target_modules must be a list of module names, got {self.target_modules!r}")
         if not self.target_modules:
             raise ConfigError("target_modules must name at least one module")
-        for name in ("scorer", "allocation", "value_dtype"):
-            if not isinstance(getattr(self, name), str):
-                raise ConfigError(f"{name} must be a string, got {getattr(self, name)!r}")
         if not isinstance(self.scorer_weights, dict):
             raise ConfigError(f"scorer_weights must map score names to weights, got {self.scorer_weights!r}")
         if self.allocation not in ALLOCATIONS:

@@ -214,13 +214,16 @@ def prompt_prefix(tokenizer, text: str) -> list[int]:
     return prefix
 
 
-def save_model_dir(model, tokenizer, out: str | os.PathLike) -> Path:
-    """``save_pretrained`` into a temporary sibling renamed into place, so a crash leaves no half model."""
+def save_model_dir(model, tokenizer, out: str | os.PathLike, extra: dict[str, str] | None = None) -> Path:
+    """``save_pretrained`` into a temporary sibling renamed into place, so a crash leaves no half model;
+    ``extra`` maps file names to text written beside it (e.g. what the model was made from)."""
     out = Path(out)
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for name, text in (extra or {}).items():
+            (tmp / name).write_text(text)
     return out
 
 

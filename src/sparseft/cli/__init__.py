@@ -50,3 +50,6 @@ def main(argv: list[str] | None = None) -> int:
     except SparseFTError as e:
         print(f"sparseft {args.verb}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the file system said no (a path it cannot create, no permission, disk full): not a bug
+        print(f"sparseft {args.verb}: error: {e}", file=sys.stderr)
+        return 2

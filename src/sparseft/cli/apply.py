@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+
+from ..atomic import MERGE_RECORD
 from .options import add_model_options, add_quantize_option, add_unverified_base_option
 
 
@@ -24,11 +27,13 @@ def add_parser(sub):
 
 
 def run(args) -> int:
+    from ..atomic import check_out_dir
     from ..diffio import recorded_skip
     from ..loading import load_tokenizer, save_model_dir
     from ..methods.registry import load_base
     from ..model import SparseModel
 
+    check_out_dir(args.out)
     # Quantized as in training, so the diff's fingerprint (taken over the codes) is checked before any merge.
     base = load_base(args.model, args.dtype, args.quantize, recorded_skip([args.diff], args.quantize))
     sparse = SparseModel.from_pretrained(base, args.diff, allow_unverified_base=args.allow_unverified_base)
@@ -37,7 +42,10 @@ def run(args) -> int:
 
         dequantize_base(sparse.base_model)  # codes cannot take the entries; their dense weights can
     merged = sparse.merge_and_unload()
-    save_model_dir(merged, load_tokenizer(args.model, required=False), args.out)
+    # What the merged model was made from; it also marks the directory as one apply may replace next time.
+    made_from = {"base_model": str(args.model), "diff": str(args.diff), "dtype": args.dtype, "quantize": args.quantize}
+    save_model_dir(merged, load_tokenizer(args.model, required=False), args.out,
+                   extra={MERGE_RECORD: json.dumps(made_from, indent=2) + "\n"})
     over = f" (its {args.quantize} base dequantized to {args.dtype})" if args.quantize else ""
     print(f"merged {args.diff} into {args.model}{over} -> {args.out}")
     return 0

@@ -41,10 +41,12 @@ def add_parser(sub):
 
 
 def run(args) -> int:
+    from ..atomic import check_out_dir
     from ..compose import base_weights_of, check_quantize_has_model, compose, format_compose_report, parse_weights
     from ..diffio import read_diff, recorded_skip, write_diff
     from ..hub import resolve_diff
 
+    check_out_dir(args.out)
     weights = parse_weights(args.weights, len(args.diffs))
     check_quantize_has_model(args.model, args.quantize)  # before any diff is read or downloaded
     paths = [resolve_diff(path) for path in args.diffs]

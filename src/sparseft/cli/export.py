@@ -29,9 +29,11 @@ def add_parser(sub):
 
 
 def run(args) -> int:
+    from ..atomic import check_out_dir
     from ..diffio import read_diff
     from ..peft_interop import export_shira, format_export_report
 
+    check_out_dir(args.out, "OUT")
     report = export_shira(read_diff(args.diff), args.out, base_model=args.base_model, diff_dir=args.diff)
     print(json.dumps(report.to_dict(), indent=2) if args.json else format_export_report(report, args.out))
     return 0

@@ -28,10 +28,12 @@ def add_parser(sub):
 
 
 def run(args) -> int:
+    from ..atomic import check_out_dir
     from ..diffio import write_diff
     from ..loading import load_model
     from ..peft_interop import import_adapter
 
+    check_out_dir(args.out, "OUT")
     model = load_model(args.model, dtype=args.dtype)
     diff = import_adapter(args.adapter, model, base_model=str(args.model), value_dtype=args.value_dtype, keep_zeros=args.keep_zeros)
     write_diff(diff, args.out)

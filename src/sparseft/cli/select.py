@@ -54,12 +54,14 @@ def make_train_config(args):
 
 
 def run(args) -> int:
+    from ..atomic import check_out_file
     from ..errors import ConfigError
     from ..loading import load_model, load_tokenizer, pad_token_id
     from ..selection import budget_report, format_budget_report, get_scorer, save_masks, select
     from ..targets import find_targets
     from ..training.data import calibration_batches, load_examples
 
+    check_out_file(args.out)
     run_cfg = make_train_config(args)
     cfg = run_cfg.sparse_config()
     batches = None

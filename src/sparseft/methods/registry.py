@@ -36,6 +36,7 @@ class Method:
         help: one line for ``sparseft train --method``.
         run_knobs: the bench RunSpec fields this method reads (another method's rows may not set them).
         not_applicable: bench row fields that stay null for this method (e.g. a full row has no scorer).
+        takes_masks: whether ``masks`` (a mask file of entries to train, from ``sparseft select``) applies.
         reselects: whether ``reselect_every`` (moving a sparse mask during training) applies.
         shards_base / quantizes_base: whether ``fsdp`` / ``quantize`` apply: the prepared model keeps
             its base frozen beside a small replicated trainable part (a SparseModel).
@@ -47,6 +48,7 @@ class Method:
     help: str = ""
     run_knobs: tuple[str, ...] = ()
     not_applicable: frozenset[str] = frozenset()
+    takes_masks: bool = False
     reselects: bool = False
     shards_base: bool = False
     quantizes_base: bool = False

@@ -28,6 +28,7 @@ class SparseMethod(Method):
     help = "train k chosen weight entries, save a diff"
     run_knobs = ("scorer", "density", "num_params", "calibration_batches", *RESELECT_KNOBS)
     not_applicable = frozenset({"lora_rank"})
+    takes_masks = True
     reselects = True
     shards_base = True
     quantizes_base = True

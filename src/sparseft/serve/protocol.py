@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
+from ..config import SEED_RANGE
 from .decoding import Completion
 
 # ------------------------------------------------------------------ requests
@@ -15,8 +16,6 @@ from .decoding import Completion
 # Below this a sampling temperature turns the model's logits into inf/nan probabilities (logits / T
 # overflows float32); 0 asks for greedy decoding, which is what such a temperature means anyway.
 MIN_TEMPERATURE = 1e-3
-# The seeds torch.manual_seed accepts.
-SEED_RANGE = (-(2**63), 2**64 - 1)
 
 
 def encodable(text: str) -> str:

@@ -149,6 +149,12 @@ class TrainConfig:
             (self.steps is None or self.steps >= 1, f"steps must be >= 1, got {self.steps!r}"),
             (self.epochs > 0, f"epochs must be > 0, got {self.epochs!r}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr!r}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay!r}"),
+            # A negative clipping norm flips the gradient's sign (training would climb the loss).
+            (self.max_grad_norm is None or self.max_grad_norm > 0,
+             f"max_grad_norm must be > 0 (or null: no clipping), got {self.max_grad_norm!r}"),
+            (0.0 <= self.min_lr_ratio <= 1.0, f"min_lr_ratio must be in [0, 1] (the final lr as a share of lr), "
+                                              f"got {self.min_lr_ratio!r}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size!r}"),
             (self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum!r}"),
             (self.max_length is None or self.max_length >= 2, f"max_length must be >= 2, got {self.max_length!r}"),
@@ -158,11 +164,17 @@ class TrainConfig:
             (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every!r}"),
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}, got {self.precision!r}"),
             (self.lora_rank >= 1, f"lora_rank must be >= 1, got {self.lora_rank!r}"),
+            (self.lora_alpha is None or self.lora_alpha > 0, f"lora_alpha must be > 0 (or null: 2 × rank), "
+                                                             f"got {self.lora_alpha!r}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
         self.check_reselection()
+        if self.masks and not get_method(self.method).takes_masks:
+            takers = [name for name in training_methods() if get_method(name).takes_masks]
+            raise ConfigError(f"masks applies to {'/'.join(takers)} runs only (the entries to train), "
+                              f"not method={self.method!r}")
         get_method(self.method).validate(self)
         if self.fsdp:
             check_fsdp_config(self.method, self.reselecting)
@@ -229,6 +241,9 @@ class TrainConfig:
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
         """A TrainConfig from its fields, the selection ones flat (``density: 0.05``), nested
         (``selection: {density: 0.05}``) or both (a field may not be given both ways)."""
+        not_names = [k for k in data if not isinstance(k, str)]
+        if not_names:
+            raise ConfigError(f"field names must be strings, got {not_names[0]!r} ({type(not_names[0]).__name__})")
         data = {k.replace("-", "_"): v for k, v in data.items()}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known - set(SELECTION_FIELDS))

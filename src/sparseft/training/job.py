@@ -18,7 +18,7 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
-from ..atomic import atomic_dir, atomic_file, link_into, recover_dir, remove_leftovers
+from ..atomic import atomic_dir, atomic_file, check_out_dir, link_into, recover_dir, remove_leftovers
 from ..diffio import CONFIG_NAME as DIFF_CONFIG_NAME
 from ..errors import ConfigError
 from ..files import existing_data
@@ -89,7 +89,7 @@ def run_training(
     """
     if not cfg.out or not cfg.data:
         raise ConfigError("a training run needs data (--data FILE) and an output directory (--out DIR)")
-    out = Path(cfg.out)
+    out = check_out_dir(cfg.out)  # never the base model's directory or a user's folder: it is replaced whole
     existing_data(cfg.data)  # before the model loads: a typo is reported at once
     dist = setup_distributed(cfg.device)
     try:
