@@ -722,3 +722,15 @@ def test_select_cost_times_each_phase_of_select_and_leaves_select_as_it_was():
             gradstats.StatSum.value, scorers.quantile_normalise, scorers.top_quantiles) == originals
     plain = select(model, cfg, batches)
     assert all(torch.equal(masks[n], plain[n]) for n in plain)
+
+
+def test_a_kept_rows_eval_data_matches_by_content_or_by_normalized_path():
+    from sparseft.bench.grid import same_job
+
+    spec = {"run": {"id": "a", "lr": 1e-3}, "eval_data": "/data/sst2/dev.tsv", "eval_data_sha256": "aa", "row_dir": "x"}
+    assert same_job(spec, {**spec, "eval_data": "/mnt/other-root/sst2/dev.tsv", "row_dir": "y"})  # same data elsewhere
+    assert not same_job(spec, {**spec, "eval_data_sha256": "bb"})  # a changed file at the same path
+    assert not same_job(spec, {**spec, "run": {"id": "a", "lr": 3e-3}})
+    written_before_hashes = {k: v for k, v in spec.items() if k != "eval_data_sha256"}
+    assert same_job({**written_before_hashes, "eval_data": "/data/main/../sst2/dev.tsv"}, spec)
+    assert not same_job(written_before_hashes, {**spec, "eval_data": "/elsewhere/sst2/dev.tsv"})

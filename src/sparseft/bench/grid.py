@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import os
 import platform
@@ -119,9 +120,22 @@ def reusable_rows(cfg: BenchConfig, earlier: dict[str, Any], model: str, train_f
 
 
 def same_job(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Equal worker specs up to where the folder was reached from (a relative or absolute --out)."""
-    paths = ("row_dir", "result_path", "train_file")
-    return {k: v for k, v in a.items() if k not in paths} == {k: v for k, v in b.items() if k not in paths}
+    """Equal worker specs up to where the folder was reached from (a relative or absolute --out) and where
+    the eval data lies: the same content (specs since ``eval_data_sha256``), else the same normalized path
+    (``../shared/data`` from one folder and ``/work/shared/data`` name one file)."""
+    paths = ("row_dir", "result_path", "train_file", "eval_data", "eval_data_sha256")
+    if {k: v for k, v in a.items() if k not in paths} != {k: v for k, v in b.items() if k not in paths}:
+        return False
+    if a.get("eval_data_sha256") and b.get("eval_data_sha256"):
+        return a["eval_data_sha256"] == b["eval_data_sha256"]
+    return os.path.normpath(str(a.get("eval_data"))) == os.path.normpath(str(b.get("eval_data")))
+
+
+@functools.lru_cache(maxsize=8)
+def eval_data_sha256(path: str) -> str:
+    from ..training.data import data_sha256
+
+    return data_sha256(path)
 
 
 def save(results: dict[str, Any], out: Path) -> None:
@@ -275,6 +289,7 @@ def worker_spec(cfg: BenchConfig, spec: RunSpec | None, model: str, train_file: 
         "eval_task": cfg.evaluated_task,
         "train_file": str(train_file),
         "eval_data": cfg.eval_data,
+        "eval_data_sha256": eval_data_sha256(cfg.eval_data),
         "eval_limit": cfg.eval_limit,
         "grid_density": cfg.density,
         "target_modules": cfg.target_modules,
