@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import ConfigError
-from .options import add_model_options, add_quantize_option, add_unverified_base_option
+from .options import add_model_options, add_quantize_option, add_unverified_base_option, positive_int
 
 
 def diff_spec(text: str) -> tuple[str, str]:
@@ -13,12 +13,6 @@ def diff_spec(text: str) -> tuple[str, str]:
     if not eq or not name or not path:
         raise argparse.ArgumentTypeError(f"expected NAME=DIR, got {text!r}")
     return name, path
-
-
-def positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
-    return int(text)
 
 
 def add_parser(sub):
