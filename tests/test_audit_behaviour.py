@@ -187,3 +187,19 @@ def test_text_probes_need_a_tokenizer(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hello"}])
     with pytest.raises(DataFormatError, match="no tokenizer"):
         load_probes(path, vocab_size=128)
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_audit_refuses_a_batch_size_below_one_at_the_flag(tmp_path, capsys, value):
+    # 0 was a ValueError from range(), -1 a RuntimeError from torch.stack over no rows
+    with pytest.raises(SystemExit) as exit_info:
+        main(["audit", "--model", str(tmp_path / "m"), "--diff", str(tmp_path / "d"), "--batch-size", value])
+    assert exit_info.value.code == 2
+    assert f"argument --batch-size: expected a whole number of at least 1, got '{value}'" in capsys.readouterr().err
+
+
+def test_audit_diff_refuses_a_batch_size_below_one_before_reading_anything(tmp_path):
+    from sparseft.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="batch_size must be a whole number of at least 1, got 0"):
+        audit_diff(tiny_base(), tmp_path / "no-such-diff", batch_size=0)

@@ -83,3 +83,30 @@ def test_plot_writes_png_heat_map(diff, tmp_path, capsys):
     assert grid[1][types.index("down_proj")] == pytest.approx(m["density"])
     _, _, means = heat_grid(report, "mean_abs")
     assert means[1][types.index("down_proj")] == pytest.approx(m["mean_abs"])
+
+
+def test_plot_refuses_an_unsupported_extension_or_unwritable_path_at_the_flag(tmp_path, capsys):
+    # was: a ValueError from PIL ("Format 'txt' is not supported") after the report was printed
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    cases = [(tmp_path / "out.txt", "a heat map is written as .png, .pdf, .svg; got '.txt'"),
+             (tmp_path / "out", "a heat map is written as .png, .pdf, .svg; got no extension"),
+             (a_file / "x.png", f"cannot write there, {a_file} is a file, not a folder")]
+    for plot, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["inspect", str(tmp_path / "no-such-diff"), "--plot", str(plot)])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert f"argument --plot: {plot}: {message}" in err, err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.*"))
+
+
+def test_plot_writes_svg_and_plot_heatmap_refuses_a_bad_name(diff, tmp_path):
+    from sparseft.audit.heatmap import plot_heatmap
+    from sparseft.errors import ConfigError
+
+    _, path = diff
+    report = inspect_diff(path)
+    assert plot_heatmap(report, tmp_path / "heat.SVG").read_text().lstrip().startswith("<?xml")
+    with pytest.raises(ConfigError, match=r"heat\.jpeg: a heat map is written as \.png, \.pdf, \.svg"):
+        plot_heatmap(report, tmp_path / "heat.jpeg")

@@ -57,3 +57,19 @@ def test_demo_help():
     with pytest.raises(SystemExit) as info:
         main(["demo", "--help"])
     assert info.value.code == 0
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--epochs", "-1", "epochs must be > 0, got -1.0"),
+    ("--density", "5", "density must be in (0, 1], got 5.0"),
+    ("--scorer", "bogus", "unknown scorer 'bogus'; available: "),
+    ("--lr", "0", "lr must be > 0, got 0.0"),
+])
+def test_demo_checks_its_flags_before_loading_anything(tmp_path, capsys, flag, value, message):
+    # Was: the model loaded and the "before" evaluation ran (~2 min) before the flag was refused.
+    # The model does not exist, so had it been loaded first the error would name it instead.
+    out = tmp_path / "demo"
+    assert main(["demo", "--model", str(tmp_path / "no-such-model"), "--out", str(out), flag, value]) == 2
+    err = capsys.readouterr().err
+    assert f"sparseft demo: error: {message}" in err, err
+    assert not out.exists()

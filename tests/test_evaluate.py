@@ -108,3 +108,24 @@ def test_eval_rejects_bad_data_before_loading_the_model(tmp_path, capsys):
     argv = ["eval", "--model", str(tmp_path / "no-such-model"), "--task", "routing", "--data", str(bad)]
     assert main(argv) == 2
     assert "bad.jsonl:line 1: field 'label'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value", [("--batch-size", "0"), ("--batch-size", "-1"), ("--limit", "0"),
+                                         ("--limit", "-3"), ("--batch-size", "two")])
+def test_eval_refuses_a_count_below_one_at_the_flag(tmp_path, capsys, flag, value):
+    # --batch-size -1 used to score nothing and print accuracy 100%; 0 a ValueError from range()
+    argv = ["eval", "--model", str(tmp_path / "no-such-model"), "--task", "routing", "--data", TEST_FILE, flag, value]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: expected a whole number of at least 1, got '{value}'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field, kwargs", [("batch_size", {"batch_size": 0}), ("batch_size", {"batch_size": -1}),
+                                           ("limit", {"limit": 0})])
+def test_run_eval_refuses_a_count_below_one_before_loading(tmp_path, field, kwargs):
+    from sparseft.errors import ConfigError
+    from sparseft.evaluate import run_eval
+
+    with pytest.raises(ConfigError, match=f"{field} must be a whole number of at least 1, got -?[0-9]"):
+        run_eval(str(tmp_path / "no-such-model"), "routing", TEST_FILE, **kwargs)

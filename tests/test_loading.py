@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from sparseft import loading as models
-from sparseft.errors import ModelNotFoundError
+from sparseft.errors import ConfigError, ModelNotFoundError
 
 
 def smollm2_installed() -> bool:
@@ -108,3 +108,18 @@ def test_tests_write_no_user_cache(temporary_caches):
 
     assert Path(datasets.config.HF_DATASETS_CACHE).is_relative_to(temporary_caches)
     assert Path(huggingface_hub.constants.HF_HUB_CACHE).is_relative_to(temporary_caches)
+
+
+def test_check_device_accepts_the_documented_forms_and_names_the_flag():
+    import torch
+
+    from sparseft.loading import check_device, resolve_device
+
+    assert check_device("cpu") == "cpu" and check_device(" auto ") == "auto"
+    assert resolve_device("auto") == torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    for bad in ["gpu0", "cuda:", "cuda:-1", "CPU", "mps", None]:
+        with pytest.raises(ConfigError, match=r"--device must be auto, cpu, cuda or cuda:N \(N: a GPU index\)"):
+            check_device(bad, "--device")
+    missing = f"cuda:{torch.cuda.device_count()}"
+    with pytest.raises(ConfigError, match=f"--device '{missing}'"):
+        check_device(missing, "--device")

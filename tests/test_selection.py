@@ -684,3 +684,13 @@ def test_train_takes_the_mask_file_from_select(tiny_model_with_tokenizer_dir, tm
     trained = read_diff(diff_dir).masks
     selected = load_masks(masks_path)
     assert set(trained) == set(selected) and all(torch.equal(trained[n], selected[n]) for n in selected)
+
+
+@pytest.mark.parametrize("flag", ["--batch-size", "--calibration-batches", "--num-params"])
+def test_cli_select_refuses_a_count_below_one_at_the_flag(tmp_path, capsys, flag):
+    from sparseft.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["select", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "m.safetensors"), flag, "0"])
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: expected a whole number of at least 1, got '0'" in capsys.readouterr().err

@@ -77,3 +77,51 @@ def test_serve_command_answers_on_loopback(tmp_path):
         proc.terminate()
         proc.wait(timeout=30)
     assert (tmp_path / "registry" / "registry.json").is_file()
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--threads", "-1", "expected a whole number of at least 1"),   # was: RuntimeError from set_num_threads
+    ("--threads", "0", "expected a whole number of at least 1"),
+    ("--max-tokens", "0", "expected a whole number of at least 1"),  # was: a server whose requests all fail
+    ("--max-tokens", "-5", "expected a whole number of at least 1"),
+    ("--max-prompt-tokens", "0", "expected a whole number of at least 1"),  # was: silently "no limit"
+    ("--max-prompt-tokens", "-1", "expected a whole number of at least 1"),
+    ("--max-body-bytes", "-1", "expected a whole number of at least 1"),
+    ("--max-queue", "0", "expected a whole number of at least 1"),
+    ("--replicas", "0", "expected a whole number of at least 1"),
+    ("--port", "99999", "expected a TCP port from 1 to 65535"),  # was: refused by uvicorn after the model loaded
+    ("--port", "0", "expected a TCP port from 1 to 65535"),
+])
+def test_serve_refuses_bad_limits_at_the_flag(capsys, flag, value, expected):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["serve", "--model", "m", flag, value])
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: {expected}, got '{value}'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device", ["gpu0", "cuda:x", "", "cpu:0"])
+def test_serve_refuses_a_bad_device_before_loading_anything(tmp_path, capsys, device):
+    from sparseft.cli import main
+
+    # The model does not exist: had it been loaded first, the error would name the model instead.
+    assert main(["serve", "--model", str(tmp_path / "no-such-model"), "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert f"--device must be auto, cpu, cuda or cuda:N (N: a GPU index), got {device!r}" in err, err
+
+
+def test_build_app_refuses_a_bad_device_or_limit_before_loading(tmp_path):
+    import torch
+
+    from sparseft.errors import ConfigError
+    from sparseft.serve import ServeLimits, build_app
+
+    with pytest.raises(ConfigError, match="device must be auto, cpu, cuda or cuda:N"):
+        build_app(str(tmp_path / "no-such-model"), device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="device 'cuda:1' asks for a GPU, but torch sees no CUDA device"):
+            build_app(str(tmp_path / "no-such-model"), device="cuda:1")
+    for field, value in [("max_tokens", 0), ("max_tokens", -5), ("max_prompt_tokens", 0), ("max_body_bytes", -1),
+                         ("max_queue", 0), ("max_tokens", 2.5)]:
+        with pytest.raises(ConfigError, match=f"{field} must be a whole number"):
+            ServeLimits(**{field: value})
+    assert ServeLimits(max_prompt_tokens=None).max_prompt_tokens is None

@@ -105,3 +105,29 @@ def test_admin_load_of_a_mistyped_config_is_a_json_400(client, tmp_path, fingerp
 
 def test_admin_load_of_a_nul_path_is_400(client):
     assert_openai_400(client.post("/admin/diffs", json={"name": "d", "path": "/tmp/a\u0000b"}))
+
+
+@pytest.mark.parametrize("body, field, message", [
+    ({"model": BASE, "prompt": "w9", "max_tokens": True}, "max_tokens", "valid integer"),  # lax: read as 1
+    ({"model": BASE, "prompt": "w9", "max_tokens": 2.0}, "max_tokens", "valid integer"),
+    ({"model": BASE, "prompt": "w9", "stream": "yes"}, "stream", "valid boolean"),  # lax: read as True
+    ({"model": BASE, "prompt": "w9", "stream": 1}, "stream", "valid boolean"),
+    ({"model": BASE, "prompt": "w9", "temperature": "NaN"}, "temperature", "finite number"),  # was: "<= 2"
+    ({"model": BASE, "prompt": "w9", "top_p": "Infinity"}, "top_p", "finite number"),
+    ({"model": BASE, "prompt": "w9", "temperature": True}, "temperature", "must be a number, not true"),
+    ({"model": BASE, "prompt": "w9", "seed": False}, "seed", "valid integer"),
+    ({"model": BASE, "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": True},
+     "max_completion_tokens", "valid integer"),
+])
+def test_mistyped_fields_are_400_naming_the_field(client, body, field, message):
+    path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    error = assert_openai_400(client.post(path, json=body))
+    assert error["param"] == field and error["message"].startswith(f"invalid request body: {field}: "), error
+    assert message in error["message"], error
+
+
+def test_a_bare_nan_temperature_is_400_too(client):
+    # Python's JSON reader takes the bare token NaN, which some clients write
+    r = client.post("/v1/completions", content='{"model": "%s", "prompt": "w9", "temperature": NaN}' % BASE,
+                    headers={"content-type": "application/json"})
+    assert "temperature: Input should be a finite number" in assert_openai_400(r)["message"]

@@ -54,6 +54,14 @@ def to_int(name: str, value: Any) -> int:
     return int(number)
 
 
+def positive_count(name: str, value: Any) -> int:
+    """``value`` as a whole number of at least 1 (a batch size, a limit), or a ConfigError naming ``name``."""
+    number = to_int(name, value)
+    if number < 1:
+        raise ConfigError(f"{name} must be a whole number of at least 1, got {value!r}")
+    return number
+
+
 def convert_fields(obj: Any) -> None:
     """Store every numeric / boolean / string field of dataclass ``obj`` as its declared type (``int``,
     ``float``, ``bool``, ``str``, each possibly ``| None``), or raise a ConfigError naming the field.

@@ -16,10 +16,11 @@ from typing import Any, Callable
 import torch
 
 from .audit import inspect_diff
-from .config import SparseConfig
+from .config import SparseConfig, positive_count
 from .evaluate import evaluate_records
 from .loading import load_model, load_tokenizer, resolve_model_path
 from .model import SparseModel
+from .selection import get_scorer
 from .tasks import ROUTING_DATA, get_task
 from .training import TrainConfig, run_training
 
@@ -39,6 +40,15 @@ class DemoConfig:
     batch_size: int = 8
     eval_batch_size: int = 16
     seed: int = 0
+
+    def check(self) -> None:
+        """Every setting, before anything loads: a bad --epochs or --scorer used to surface only after the
+        model had loaded and the "before" evaluation had run (minutes)."""
+        get_task(self.task)
+        get_scorer(self.scorer)
+        positive_count("eval_batch_size", self.eval_batch_size)
+        out = Path(self.out)
+        train_config(self, out / "train_rows.jsonl", out / "diff")  # density, epochs, lr, batch size, seed
 
 
 @dataclass
@@ -67,6 +77,7 @@ class DemoReport:
 
 def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> DemoReport:
     """Fine-tune, evaluate before/after, save, apply and exactly revert; returns the measured facts."""
+    cfg.check()
     clock = Stopwatch()
     task = get_task(cfg.task)
     data_dir, out = Path(cfg.data_dir), Path(cfg.out)

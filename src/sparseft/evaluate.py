@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from .config import positive_count
 from .diffio import recorded_skip
 from .errors import ConfigError
 from .loading import load_tokenizer
@@ -121,6 +122,8 @@ def run_eval(
     as for ``SparseModel.from_pretrained``. ``quantize`` (``int8`` / ``int4`` / ``nf4``): the base loaded
     in ``dtype`` and weight-only quantized as a bench row of that base loads it (but for the layers the diff's
     training run left unquantized, ``recorded_skip``), the diff unmerged over it."""
+    batch_size = positive_count("batch_size", batch_size)
+    limit = None if limit is None else positive_count("limit", limit)
     task = get_task(task_name) if isinstance(task_name, str) else task_name
     records = task.load(data, limit)  # bad data fails here, before time goes into loading the model
     check_quantize_applies(diff, quantize)

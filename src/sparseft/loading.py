@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import os
+import re
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -131,6 +132,40 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
     return DTYPES[dtype]
+
+
+DEVICE_FORMS = "auto, cpu, cuda or cuda:N"
+
+
+def check_device(device: str, what: str = "device") -> str:
+    """``device`` (stripped) when a model can be placed there: ``auto`` (CUDA when present), ``cpu``,
+    ``cuda`` or ``cuda:N`` of a GPU torch sees; else a ConfigError naming ``what`` (e.g. the flag).
+
+    The one check of a device string, to run before any model loads: torch refuses ``gpu0`` or a missing
+    GPU only at ``.to(device)``, after the load. ``sparseft serve`` uses it; train's ``device`` should too.
+    """
+    text = device.strip() if isinstance(device, str) else None
+    match = re.fullmatch(r"auto|cpu|cuda(?::(\d+))?", text) if text is not None else None
+    if match is None:
+        raise ConfigError(f"{what} must be {DEVICE_FORMS} (N: a GPU index), got {device!r}")
+    if text.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{what} {device!r} asks for a GPU, but torch sees no CUDA device here; "
+                              "use cpu or auto")
+        index, count = int(match.group(1) or 0), torch.cuda.device_count()
+        if index >= count:
+            raise ConfigError(f"{what} {device!r}: no GPU {index} here; torch sees {count} "
+                              f"(cuda:0 to cuda:{count - 1})")
+    return text
+
+
+def resolve_device(device: str, what: str = "device", local_rank: int = 0) -> torch.device:
+    """The torch device ``device`` names after ``check_device``; ``auto``: ``cuda:local_rank`` when CUDA is
+    present, else the CPU."""
+    device = check_device(device, what)
+    if device == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
 
 
 # What transformers raises for a directory it cannot load: no or invalid config.json, an unknown

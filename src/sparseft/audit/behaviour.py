@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import nn
 
+from ..config import positive_count
 from ..diffio import check_against_model, read_diff, target_weights
 from ..model import SparseModel
 from ..quantize import is_quantized
@@ -82,6 +83,7 @@ def audit_diff(
         >>> report["summary"]["top1_agreement"], report["passed"]  # doctest: +SKIP
         (0.97, True)
     """
+    batch_size = positive_count("batch_size", batch_size)
     probe_path = Path(probe_file) if probe_file else default_probe_file()
     probes = load_probes(probe_path, vocab_size(model), tokenizer)
     prompts, pairs = audit_probes(model, diff_path, probes, batch_size, allow_unverified_base)

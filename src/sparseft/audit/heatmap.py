@@ -6,9 +6,28 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError
 from .inspection import sort_key
 
 PANELS = (("density", "density (entries trained / entries)"), ("mean_abs", "mean |Δ| of trained entries"))
+# What matplotlib writes by itself; other extensions go to PIL, which refuses most (e.g. .txt) only at the end.
+PLOT_FORMATS = ("png", "pdf", "svg")
+
+
+def check_plot_path(out: str | os.PathLike) -> Path:
+    """``out`` as a Path a heat map can be written to: a supported extension, not a folder, and no file in
+    the place of one of its parent folders. Checked before anything is computed or written."""
+    out = Path(out)
+    formats = ", ".join(f".{f}" for f in PLOT_FORMATS)
+    if out.suffix.lower().lstrip(".") not in PLOT_FORMATS:
+        got = f"'{out.suffix}'" if out.suffix else "no extension"
+        raise ConfigError(f"{out}: a heat map is written as {formats}; got {got}")
+    if out.is_dir():
+        raise ConfigError(f"{out} is a folder; give the heat map's file name ({formats})")
+    parent = next(p for p in out.absolute().parents if p.exists())  # the root always exists
+    if not parent.is_dir():
+        raise ConfigError(f"{out}: cannot write there, {parent} is a file, not a folder")
+    return out
 
 
 def heat_grid(report: dict[str, Any], field: str) -> tuple[list[str], list[str], list[list[float]]]:
@@ -40,14 +59,14 @@ def heat_grid(report: dict[str, Any], field: str) -> tuple[list[str], list[str],
 
 
 def plot_heatmap(report: dict[str, Any], out: str | os.PathLike) -> Path:
-    """Write the heat map of ``inspect_diff``'s report to ``out`` (PNG)."""
+    """Write the heat map of ``inspect_diff``'s report to ``out`` (PNG, or PDF / SVG by its extension)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed, safe on CI machines
     import matplotlib.pyplot as plt
     import numpy as np
 
-    out = Path(out)
+    out = check_plot_path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, len(PANELS), figsize=(5.5 * len(PANELS), 2.6 + 0.3 * len(report["layers"])))
     for ax, (field, title) in zip(axes, PANELS):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .options import add_model_options, add_quantize_option, add_unverified_base_option
+from .options import add_model_options, add_quantize_option, add_unverified_base_option, positive_int
 
 
 def add_parser(sub):
@@ -28,7 +28,7 @@ def add_parser(sub):
     p.add_argument("--max-pair-drift", type=float, default=limits.max_pair_drift,
                    help=f"limit on the largest |change| of a pair's log-prob gap, nats (default {limits.max_pair_drift})")
     p.add_argument("--out", metavar="DIR", help="where to write audit.json and audit.md (default: DIFF_DIR-audit)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass (default 8)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="prompts per forward pass (default 8)")
     p.add_argument("--repro", action="store_true",
                    help="also re-run the diff's training from its recorded config and seed on CPU and check that "
                    "the tensor file has the recorded sha256 (or report which modules differ)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from .options import add_model_options, add_quantize_option, add_unverified_base_option
+from .options import add_model_options, add_quantize_option, add_unverified_base_option, positive_int
 
 
 def add_parser(sub):
@@ -34,8 +34,8 @@ def add_parser(sub):
     inline.add_argument("--text-field", metavar="NAME", default="text", help="field of each row holding the text (default: text)")
     inline.add_argument("--label-field", metavar="NAME", default="label", help="field of each row holding the label word (default: label)")
     p.add_argument("--data", required=True, metavar="PATH", help="data file in the task's format, or a Hugging Face dataset hf:NAME[:CONFIG]:SPLIT")
-    p.add_argument("--limit", type=int, metavar="N", help="only the first N examples")
-    p.add_argument("--batch-size", type=int, default=8, help="examples per forward pass (default: 8)")
+    p.add_argument("--limit", type=positive_int, metavar="N", help="only the first N examples")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="examples per forward pass (default: 8)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     add_unverified_base_option(p, "evaluate a sparse diff")
     return p

@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+
+
+def plot_path(text: str) -> str:
+    """argparse ``type=`` of --plot: refuse an extension matplotlib does not write, or a path that cannot be
+    created, before the diff is read."""
+    from ..audit.heatmap import check_plot_path
+    from ..errors import ConfigError
+
+    try:
+        check_plot_path(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def add_parser(sub):
@@ -15,7 +29,8 @@ def add_parser(sub):
     )
     p.add_argument("diff", metavar="DIR", help="diff directory written by save_pretrained / sparseft train")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    p.add_argument("--plot", metavar="FILE.png", help="also write a heat map (layer × module type) to this PNG")
+    p.add_argument("--plot", metavar="FILE.png", type=plot_path,
+                   help="also write a heat map (layer × module type) to this file: .png, .pdf or .svg")
     return p
 
 

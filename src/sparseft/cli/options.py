@@ -9,6 +9,18 @@ from ..config import DTYPES
 from ..quantize import QUANT_SCHEMES
 
 
+def positive_int(text: str) -> int:
+    """argparse ``type=`` for a count that must be at least 1 (batch sizes, limits, threads, queue lengths):
+    0 or a negative number is refused at the flag, before anything loads."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
 def add_model_options(
     parser: argparse.ArgumentParser, required: bool = True, what: str = "base model", dtype_default: str | None = "float32",
     why: str = "",

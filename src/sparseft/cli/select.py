@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from ..config import ALLOCATIONS
-from .options import TrainConfigDefaults, add_model_options
+from .options import TrainConfigDefaults, add_model_options, positive_int
 
 
 def add_parser(sub):
@@ -24,14 +24,14 @@ def add_parser(sub):
                    "as for `sparseft train`); needed by the data-driven scorers")
     p.add_argument("--out", required=True, metavar="MASKS.safetensors", help="where to write the mask file")
     p.add_argument("--density", type=float, help="share of targeted entries to train")
-    p.add_argument("--num-params", type=int, help="exact number of entries to train (instead of --density)")
+    p.add_argument("--num-params", type=positive_int, help="exact number of entries to train (instead of --density)")
     p.add_argument("--scorer", help="random, magnitude, gradient, fisher, taylor, combined")
     p.add_argument("--scorer-weights", metavar="NAME=W,...",
                    help="weights of the parts of the combined scorer, e.g. gradient=0.5,fisher=0.5")
     p.add_argument("--allocation", choices=list(ALLOCATIONS), help="how the budget is split over modules")
     p.add_argument("--target-modules", help="comma-separated module names")
-    p.add_argument("--calibration-batches", type=int, help="batches for gradient statistics")
-    p.add_argument("--batch-size", type=int, help="rows per calibration batch (as train's micro-batch)")
+    p.add_argument("--calibration-batches", type=positive_int, help="batches for gradient statistics")
+    p.add_argument("--batch-size", type=positive_int, help="rows per calibration batch (as train's micro-batch)")
     p.add_argument("--max-length", type=int,
                    help="tokens per row; longer rows are cut, not rejected as train does: scoring only needs "
                    "gradient statistics, and a cut row still gives them")

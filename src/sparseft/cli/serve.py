@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import ConfigError
-from .options import add_model_options, add_quantize_option, add_unverified_base_option
+from .options import add_model_options, add_quantize_option, add_unverified_base_option, positive_int
 
 
 def diff_spec(text: str) -> tuple[str, str]:
@@ -15,10 +15,14 @@ def diff_spec(text: str) -> tuple[str, str]:
     return name, path
 
 
-def positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
-    return int(text)
+def port_number(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = 0
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a TCP port from 1 to 65535, got {text!r}")
+    return port
 
 
 def add_parser(sub):
@@ -38,15 +42,22 @@ def add_parser(sub):
     p.add_argument("--diff", action="append", default=[], type=diff_spec, metavar="NAME=DIR",
                    help="load the diff in DIR (or Hub id org/name[@rev]) under NAME at start-up (repeatable)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port_number, default=8000, help="TCP port to listen on (default: 8000)")
     p.add_argument("--registry", metavar="DIR", help="keep loaded diffs and versions in DIR across restarts")
     p.add_argument("--served-name", help="the base's name in requests (default: the --model argument)")
-    p.add_argument("--device", default="cpu", help="torch device for the model (default: cpu)")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice; 1 helps on busy CPUs)")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413 (default: 1 MiB)")
-    p.add_argument("--max-tokens", type=int, default=512, help="largest max_tokens a request may ask for (default: 512)")
-    p.add_argument("--max-prompt-tokens", type=int, help="longest prompt accepted (default: the model's context)")
-    p.add_argument("--max-queue", type=int, default=256, help="queued requests beyond this get 503 (default: 256)")
+    p.add_argument("--device", default="cpu",
+                   help="torch device for the model: auto (CUDA when present), cpu, cuda or cuda:N (default: cpu)")
+    # Every count below must be >= 1 (positive_int): 0 or less would fail every request, or mean nothing.
+    p.add_argument("--threads", type=positive_int,
+                   help="torch intra-op threads (default: torch's choice; 1 helps on busy CPUs)")
+    p.add_argument("--max-body-bytes", type=positive_int, default=1 << 20,
+                   help="larger request bodies get 413 (default: 1 MiB)")
+    p.add_argument("--max-tokens", type=positive_int, default=512,
+                   help="largest max_tokens a request may ask for (default: 512)")
+    p.add_argument("--max-prompt-tokens", type=positive_int,
+                   help="longest prompt accepted (default, or when over it: the model's context)")
+    p.add_argument("--max-queue", type=positive_int, default=256,
+                   help="queued requests beyond this get 503 (default: 256)")
     p.add_argument("--strategy", choices=["auto", "merged", "mixed"], default="auto",
                    help="merged: one request at a time, the diff merged on switch; mixed: continuous batching, each "
                    "row adds its own diff unmerged; auto (default): continuous batching that merges the diff while "
@@ -62,8 +73,8 @@ def add_parser(sub):
                      help="serve with Ray Serve: --replicas copies of the base, each loading diffs on demand from "
                      "--diff-dir, --registry (read only) or --diff; joins the cluster at RAY_ADDRESS if set")
     # These default to None so that giving one without --ray is an error; RayOptions holds the real defaults.
-    ray.add_argument("--replicas", type=int, help="replicas, each holding the base (default: 2)")
-    ray.add_argument("--max-diffs-per-replica", type=int,
+    ray.add_argument("--replicas", type=positive_int, help="replicas, each holding the base (default: 2)")
+    ray.add_argument("--max-diffs-per-replica", type=positive_int,
                      help="diffs one replica keeps loaded; the least recently used is unloaded beyond it (default: 4)")
     ray.add_argument("--diff-dir", metavar="DIR", help="a directory of diffs: a request for NAME loads DIR/NAME")
     ray.add_argument("--replica-cpus", type=float, help="CPUs Ray reserves per replica (default: 1)")
@@ -83,8 +94,10 @@ def run(args) -> int:
     from ..diffio import recorded_skip
     from ..hub import resolve_diff
     from ..serve import ServeLimits, build_app
+    from ..loading import check_device
     from ..serve.registry import stored_paths
 
+    check_device(args.device, "--device")  # before any diff is fetched or model loaded
     engine = engine_options(args)
     args.diff = [(name, str(resolve_diff(path))) for name, path in args.diff]  # Hub ids to their local snapshot
     if not engine.quantize_skip:  # Ray's replicas load no --diff before their base: they take the skip from here

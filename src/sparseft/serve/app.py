@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..config import positive_count
 from ..errors import ServerBusyError, SparseFTError, UnknownDiffError
 from .decoding import Completion, SamplingParams, encode_chat, encode_text
 from .engine import Engine
@@ -53,8 +54,14 @@ class ServeLimits:
 
     max_body_bytes: int = 1 << 20
     max_tokens: int = 512
-    max_prompt_tokens: int | None = None  # None: the model's context length
+    max_prompt_tokens: int | None = None  # None: the model's context length (0 is refused, not "no limit")
     max_queue: int = 256
+
+    def __post_init__(self) -> None:  # at start-up: a limit of 0 or less would fail every request
+        for name in ("max_body_bytes", "max_tokens", "max_prompt_tokens", "max_queue"):
+            value = getattr(self, name)
+            if value is not None or name != "max_prompt_tokens":
+                setattr(self, name, positive_count(name, value))
 
 
 class AsyncEvents:

@@ -6,7 +6,16 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    field_validator,
+)
 
 from ..config import SEED_RANGE
 from .decoding import Completion
@@ -33,18 +42,30 @@ def encodable(text: str) -> str:
 Text = Annotated[str, AfterValidator(encodable)]
 
 
+def not_a_bool(value: Any) -> Any:
+    """pydantic's lax mode reads ``true`` as the number 1; a client that sends it meant something else."""
+    if isinstance(value, bool):
+        raise ValueError(f"must be a number, not {str(value).lower()}")
+    return value
+
+
+# Lax (a numeric string passes, as before) but never a bool, NaN or an infinity ("must be a finite number").
+Number = Annotated[float, BeforeValidator(not_a_bool)]
+
+
 class SamplingFields(BaseModel):
     """Fields both endpoints share. Unknown OpenAI fields (logprobs, user, ...) are accepted and ignored."""
 
     model_config = ConfigDict(extra="ignore")
 
     model: Text = Field(min_length=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=1, description="one choice per request")
-    stream: bool = False
+    temperature: Number = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: Number = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    # Strict: in lax mode ``"stream": "yes"`` is True and ``"max_tokens": true`` is 1; both get a 400 instead.
+    n: StrictInt = Field(1, ge=1, le=1, description="one choice per request")
+    stream: StrictBool = False
     stop: Text | list[Text] | None = Field(None)
-    seed: int | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
+    seed: StrictInt | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
 
     @field_validator("temperature")
     @classmethod
@@ -60,8 +81,8 @@ class SamplingFields(BaseModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Text | list[int]
-    max_tokens: int = Field(16, ge=1)  # OpenAI's default for /v1/completions
+    prompt: Text | list[StrictInt]
+    max_tokens: StrictInt = Field(16, ge=1)  # OpenAI's default for /v1/completions
 
 
 class TextPart(BaseModel):
@@ -79,8 +100,8 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -94,7 +115,7 @@ class LoadDiffRequest(BaseModel):
 
 class RollbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    version: int | None = Field(None, ge=1)
+    version: StrictInt | None = Field(None, ge=1)
 
 
 # ------------------------------------------------------------------ errors

@@ -55,8 +55,10 @@ class RayOptions:
             raise ConfigError(f"replicas must be >= 1, got {self.replicas}")
         if self.max_diffs_per_replica < 1:
             raise ConfigError(f"max_diffs_per_replica must be >= 1, got {self.max_diffs_per_replica}")
-        if self.replica_cpus < 0:
+        if not self.replica_cpus >= 0:  # NaN too
             raise ConfigError(f"replica_cpus must be >= 0, got {self.replica_cpus}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be >= 1, got {self.threads}")
 
 
 @dataclass

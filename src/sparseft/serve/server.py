@@ -9,7 +9,7 @@ from typing import Sequence
 from ..errors import ConfigError, ModelNotFoundError
 from ..diffio import recorded_skip
 from ..quantize import check_scheme, require_torchao, skip_patterns
-from ..loading import load_tokenizer
+from ..loading import load_tokenizer, resolve_device
 from ..methods.registry import load_base
 from .app import ServeLimits, create_app
 from .batching import BatchingEngine
@@ -24,7 +24,7 @@ def build_app(
     registry_dir: str | os.PathLike | None = None,
     served_name: str | None = None,
     dtype: str = "float32",
-    device: str = "cpu",
+    device: str = "cpu",  # auto, cpu, cuda or cuda:N (check_device)
     limits: ServeLimits | None = None,
     admin_token: str | None = None,
     strategy: str = "auto",
@@ -48,6 +48,7 @@ def build_app(
         >>> uvicorn.run(app, host="127.0.0.1", port=8000)  # doctest: +SKIP
     """
     limits = limits or ServeLimits()
+    device = resolve_device(device)  # 'gpu0' or a missing GPU: refused here, not by torch after the load
     # Checked before anything loads (e.g. 'merged' over a quantized base); the skip patterns come normalised.
     options = EngineOptions(strategy=strategy, quantize=quantize, quantize_skip=quantize_skip)
     served = [path for _, path in diffs] + stored_paths(registry_dir)

@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from ..config import positive_count
 from ..loading import pad_token_id
 
 # transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns); support both.
@@ -19,6 +20,7 @@ CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ e
 
 
 def batches(n: int, batch_size: int) -> Iterator[range]:
+    batch_size = positive_count("batch_size", batch_size)  # 0 would stop range(), a negative one score nothing
     for start in range(0, n, batch_size):
         yield range(start, min(start + batch_size, n))
 
