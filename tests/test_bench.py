@@ -188,6 +188,16 @@ def test_bad_config_is_named(changes, message):
     assert message in str(err.value) and "grid.yaml" in str(err.value)
 
 
+def test_a_bench_file_that_is_not_utf8_or_not_yaml_names_the_file_and_line(tmp_path):
+    path = tmp_path / "b.yaml"
+    path.write_bytes(b"\xff\xfe")
+    with pytest.raises(ConfigError, match=r"b.yaml:line 1: not UTF-8 text \(invalid start byte at byte 0 of the line\)"):
+        load_bench_config(path)
+    path.write_text("model: tiny\nruns: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"b.yaml:line 3: not valid YAML"):
+        load_bench_config(path)
+
+
 def test_only_keeps_the_named_rows_in_config_order():
     from sparseft.bench.config import only_rows
 

@@ -99,6 +99,16 @@ def test_bad_task_files_name_the_key_and_line(tmp_path, text, message):
         load_task_file(write(tmp_path, text))
 
 
+def test_a_task_file_that_is_not_utf8_or_nests_too_deep_names_the_file(tmp_path):
+    path = tmp_path / "task.yaml"
+    path.write_bytes(b"family: qa\ntemplate: 'Q: \xff {q}'\n")
+    with pytest.raises(TaskFileError, match=r"task.yaml:line 2: not UTF-8 text \(invalid start byte at byte 14 of"):
+        load_task_file(path)
+    path.write_text("family: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(TaskFileError, match=r"task.yaml: YAML nested too deeply to read"):
+        load_task_file(path)
+
+
 def test_a_missing_task_file_and_a_bad_row_are_clear(tmp_path):
     with pytest.raises(TaskFileError, match="no such task file"):
         get_task(str(tmp_path / "nope.yaml"))

@@ -29,9 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..errors import ConfigError
+from ..files import read_yaml_file
 from ..hfdata import PREFIX as HF_PREFIX
 from ..methods import METHODS, Method, get_method, training_methods
 from ..quantize import (
@@ -167,10 +166,7 @@ def load_bench_config(path: str | os.PathLike, data_root: str | None = None) -> 
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: bench config not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    raw, _ = read_yaml_file(path, ConfigError)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of bench fields, got {type(raw).__name__}")
     return parse_bench_config(raw, where=str(path), base_dir=path.parent, data_root=data_root)

@@ -21,10 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..errors import DataFormatError, TaskFileError
-from ..files import read_objects, take, text_field, yaml_key_lines
+from ..files import read_objects, read_yaml_file, take, text_field, yaml_key_lines
 from .base import Record
 from .classification import ClassificationTask
 from .qa import QATask
@@ -225,13 +223,7 @@ def load_task_file(path: str | os.PathLike) -> ClassificationTask | QATask | Sum
     path = Path(path)
     if not path.is_file():
         raise TaskFileError(f"{path}: no such task file")
-    text = path.read_text(encoding="utf-8")
-    try:
-        spec = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f":line {mark.line + 1}" if mark is not None else ""
-        raise TaskFileError(f"{path}{at}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    spec, text = read_yaml_file(path, TaskFileError)
     return task_from_spec(spec, Locator(str(path), yaml_key_lines(text)), default_name=path.stem)
 
 
