@@ -56,12 +56,20 @@ def looks_like_task_file(name: str) -> bool:
 def template_fields(template: str, where: str) -> list[str]:
     """The placeholders of ``template`` (``{labels}`` excluded: the task fills it in)."""
     try:
-        names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+        parts = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(template) if f is not None]
     except ValueError as e:
         raise TaskFileError(f"{where}: template is not a valid format string ({e}); write a literal brace as {{{{ or }}}}") from None
+    names = [f for f, _, _ in parts]
     bad = [n for n in names if not n.isidentifier()]
     if bad:
         raise TaskFileError(f"{where}: template placeholder {{{bad[0]}}} must be a plain field name like {{text}}")
+    # A format spec or conversion ({body:d}, {body!r}, {body:>99999999}) fails or blows up only when a prompt
+    # is rendered, mid-evaluation: the fields are text and go in as they are.
+    for name, spec, conv in parts:
+        if spec or conv:
+            shown = "{" + name + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
+            raise TaskFileError(f"{where}: placeholder {shown} may not carry a format spec or conversion; "
+                                f"write {{{name}}}")
     return sorted(set(names) - {"labels"})
 
 
