@@ -180,12 +180,76 @@ def tiny_raw(**changes):
          "runs[0] (s3): quantize must be one of ('int8', 'int4', 'nf4'), got 'int3'"),
         ({"runs": [{"id": "h", "method": "full", "lr": 1e-3, "dtype": "float16"}]},
          "runs[0] (h): dtype must be one of ('float32', 'bfloat16'), got 'float16'"),
+        # Values of the wrong type: a ConfigError naming the field, never a traceback from float() or a dict lookup.
+        ({"density": "abc"}, "grid.yaml: density must be in (0, 1], got 'abc'"),
+        ({"density": [1]}, "grid.yaml: density must be in (0, 1], got [1]"),
+        ({"runs": [{"id": "s", "method": "sparse", "scorer": "random", "lr": 1e-3, "density": "abc"}]},
+         "runs[0] (s): density must be in (0, 1], got 'abc'"),
+        ({"runs": [{"id": "s", "method": "sparse", "scorer": "random", "lr": 1e-3, "num_params": "abc"}]},
+         "runs[0] (s): num_params must be a positive integer, got 'abc'"),
+        ({"runs": [{"id": "s", "method": "sparse", "scorer": "random", "lr": 1e-3, "calibration_batches": "x"}]},
+         "runs[0] (s): calibration_batches must be a positive integer, got 'x'"),
+        ({"row_timeout_s": float("nan")}, "grid.yaml: row_timeout_s must be a positive number of seconds, got nan"),
+        ({"task": ["sst2"]}, "grid.yaml: task must be a name or path (a non-empty string), got ['sst2']"),
+        ({"eval_task": {"a": 1}}, "grid.yaml: eval_task must be a name or path (a non-empty string), got {'a': 1}"),
+        ({"runs": [{"id": "s", "method": "sparse", "scorer": ["random"], "lr": 1e-3}]},
+         "runs[0] (s): unknown scorer ['random']"),
+        ({"runs": [{"id": "f", "method": ["full"], "lr": 1e-3}]}, "runs[0] (f): method must be one of"),
+        ({"runs": [{"id": "f", "method": "full", "lr": 1e-3, 1: 2, "foo": 3}]}, "[0]: unknown field(s) [1, 'foo']"),
+        ({"model": {"tiny": [1]}}, "grid.yaml: model.tiny must be a mapping of sizes like {hidden_size: 32}, got [1]"),
+        ({"model": {"tiny": {"hidden_size": "abc"}}}, "model.tiny.hidden_size must be a positive integer, got 'abc'"),
+        ({"model": {"tiny": {"vocab_size": 10}}}, "model.tiny: unknown field(s) ['vocab_size']"),
+        ({"model": {"tiny": {"hidden_size": 33}}},
+         "model.tiny: not a shape a Llama can have (Class validation error for validator 'validate_architecture': "
+         "ValueError: The hidden size (33) is not a multiple of the number of attention heads (4).)"),
+        ({"seed": "abc"}, "grid.yaml: seed must be an integer, got 'abc'"),
+        ({"runs": [{"id": "f", "method": "full", "lr": float("nan")}]}, "lr must be a positive finite number"),
+        ({"runs": [{"id": "f", "method": "full", "lr": float("inf")}]}, "got inf"),
+        ({"runs": [{"id": "f", "method": "full", "lr": True}]}, "(f): lr must be a positive finite number, got True"),
+        ({"runs": [{"id": "f", "method": "full", "lr": [1e-3, True]}]}, "an lr grid must be a non-empty list"),
+        ({"runs": [{"id": "f", "method": "full", "lr": [float("inf")]}]}, "an lr grid must be a non-empty list"),
+        ({"runs": [{"id": "l", "method": "lora", "lora_rank": True, "lr": 1e-3}]},
+         "runs[0] (l): lora_rank must be a positive integer or 'match', got True"),
+        ({"threads": "many"}, "grid.yaml: threads must be a positive integer or absent, got 'many'"),
+        ({"threads": -3}, "grid.yaml: threads must be a positive integer or absent, got -3"),
+        ({"row_timeout_s": "soon"}, "grid.yaml: row_timeout_s must be a positive number of seconds, got 'soon'"),
+        ({"row_timeout_s": -1}, "grid.yaml: row_timeout_s must be a positive number of seconds, got -1"),
+        ({"eval_base": "maybe"}, "grid.yaml: eval_base must be true or false, got 'maybe'"),
+        ({"target_modules": 5}, "grid.yaml: target_modules must be a non-empty list of module names, got 5"),
+        ({"name": ["a", "b"]}, "grid.yaml: name ['a', 'b'] must be letters, digits, '-', '_' or '.'"),
+        ({"name": "../../escape"}, "grid.yaml: name '../../escape' must be letters, digits, '-', '_' or '.' (it names "
+                                   "the output folder runs/bench-<name>)"),
+        ({"steps": True}, "grid.yaml: steps must be a positive integer, got True"),
+        ({"train_limit": True}, "grid.yaml: train_limit must be a positive integer or absent, got True"),
+        ({"validation_limit": True}, "grid.yaml: validation_limit must be a positive integer or absent, got True"),
     ],
 )
 def test_bad_config_is_named(changes, message):
     with pytest.raises(ConfigError) as err:
         parse_bench_config(tiny_raw(**changes), where="grid.yaml", base_dir=TINY.parent)
     assert message in str(err.value) and "grid.yaml" in str(err.value)
+
+
+def test_a_bad_top_level_field_of_a_bench_file_names_its_line(tmp_path):
+    raw = {**tiny_raw(), 1: 2, "foo": 3}
+    with pytest.raises(ConfigError, match=r"grid.yaml: unknown field\(s\) \[1, 'foo'\]"):
+        parse_bench_config(raw, where="grid.yaml", base_dir=TINY.parent)
+    path = tmp_path / "b.yaml"
+    raw = tiny_raw(train_data=str(TINY.parent / "data" / "train.tsv"), eval_data=str(TINY.parent / "data" / "dev.tsv"))
+    path.write_text(yaml.safe_dump({**raw, "density": "abc"}, sort_keys=False))
+    line = path.read_text().splitlines().index("density: abc") + 1
+    with pytest.raises(ConfigError, match=rf"b.yaml:line {line}: density must be in \(0, 1\], got 'abc'"):
+        load_bench_config(path)
+
+
+def test_a_bench_file_that_is_not_utf8_or_not_yaml_names_the_file_and_line(tmp_path):
+    path = tmp_path / "b.yaml"
+    path.write_bytes(b"\xff\xfe")
+    with pytest.raises(ConfigError, match=r"b.yaml:line 1: not UTF-8 text \(invalid start byte at byte 0 of the line\)"):
+        load_bench_config(path)
+    path.write_text("model: tiny\nruns: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"b.yaml:line 3: not valid YAML"):
+        load_bench_config(path)
 
 
 def test_only_keeps_the_named_rows_in_config_order():

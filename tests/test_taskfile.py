@@ -89,6 +89,14 @@ def test_qa_and_summarization_task_files(tmp_path):
         ("family: qa\ntemplate: 'no placeholder'\n", r"line 2: key 'template' has no \{field\} placeholder"),
         ("family: qa\ntemplate: '{a b}'\n", "must be a plain field name"),
         ("family: qa\n", "missing key 'template'"),
+        ("family: qa\ntemplate: 'Ticket: {body:d}'\n",
+         r"task.yaml:line 2: key 'template': placeholder \{body:d\} may not carry a format spec or conversion; "
+         r"write \{body\}"),
+        ("family: qa\n\ntemplate: 'Ticket: {body!x}'\n", r"line 3: key 'template': placeholder \{body!x\} may not"),
+        ("family: qa\ntemplate: 'Ticket: {body!r:>9}'\n", r"placeholder \{body!r:>9\} may not carry"),
+        ("family: qa\ntemplate: 'Ticket: {body:{labels}}'\n", r"placeholder \{body:\{labels\}\} may not carry"),
+        ("family: classification\nlabels: [a, b]\ntemplate: '{labels:>99999999999} {body}'\n",
+         r"line 3: key 'template': placeholder \{labels:>99999999999\} may not carry"),
         ("family: summarization\ntemplate: '{x}'\nmax_new_tokens: 0\n", r"line 3: key 'max_new_tokens' must be a positive integer"),
         ("- a list\n", "expected a mapping of task keys"),
         ("family: [unclosed\n", r"task.yaml:line \d+: not valid YAML"),
@@ -97,6 +105,16 @@ def test_qa_and_summarization_task_files(tmp_path):
 def test_bad_task_files_name_the_key_and_line(tmp_path, text, message):
     with pytest.raises(TaskFileError, match=message):
         load_task_file(write(tmp_path, text))
+
+
+def test_a_task_file_that_is_not_utf8_or_nests_too_deep_names_the_file(tmp_path):
+    path = tmp_path / "task.yaml"
+    path.write_bytes(b"family: qa\ntemplate: 'Q: \xff {q}'\n")
+    with pytest.raises(TaskFileError, match=r"task.yaml:line 2: not UTF-8 text \(invalid start byte at byte 14 of"):
+        load_task_file(path)
+    path.write_text("family: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(TaskFileError, match=r"task.yaml: YAML nested too deeply to read"):
+        load_task_file(path)
 
 
 def test_a_missing_task_file_and_a_bad_row_are_clear(tmp_path):

@@ -101,6 +101,42 @@ def test_csv_errors_name_the_line(tmp_path):
         load_rows(path)
 
 
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("bad.csv", b"prompt,completion\na,b\nc,d \xff\n",
+         r"bad.csv:line 3: not UTF-8 text \(invalid start byte at byte 4 of the line\)"),
+        ("big.csv", b"prompt,completion\na," + b"b" * 200_000 + b"\n",
+         r"big.csv:line 2: unreadable CSV row \(field larger than"),
+        ("deep.jsonl", b'{"prompt": "a", "completion": "b"}\n{"prompt": ' + b"[" * 100_000 + b"]" * 100_000
+         + b', "completion": "b"}\n', r"deep.jsonl:line 2: JSON nested too deeply to read"),
+        ("deep.csv", b'prompt,completion,messages\na,b,"' + b"[" * 50_000 + b"]" * 50_000 + b'"\n',
+         r"deep.csv:line 2: field 'messages' is JSON nested too deeply to read"),
+        ("x.parquet", b"garbage", r"x.parquet: not a readable .parquet file \(Parquet file size is 7 bytes"),
+        ("x.arrow", b"garbage", r"x.arrow: not a readable .arrow file"),
+    ],
+)
+def test_unreadable_files_name_the_file_and_what_was_expected(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(DataFormatError, match=message):
+        load_rows(tmp_path / name)
+
+
+def test_a_directory_that_is_not_a_saved_dataset_is_refused(tmp_path):
+    import datasets
+
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.jsonl").write_text(json.dumps(ROWS[0]) + "\n")
+    with pytest.raises(DataFormatError, match=r"notes: a data directory must be one written by datasets' save_to_disk, "
+                                              r"with state.json or dataset_dict.json; found neither"):
+        load_rows(tmp_path / "notes")
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "saved"))
+    for arrow in (tmp_path / "saved").glob("*.arrow"):
+        arrow.write_bytes(b"junk")
+    with pytest.raises(DataFormatError, match=r"saved: not a readable datasets save_to_disk directory"):
+        load_rows(tmp_path / "saved")
+
+
 def test_too_long_rejected_unless_truncation(tiny_tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "x" * 40, "completion": " y"}])
     with pytest.raises(DataFormatError, match=r"d.jsonl:line 1: example is 43 tokens, longer than max_length=16"):

@@ -52,6 +52,8 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, Any]]]:
                 obj = json.loads(line.rstrip("\r\n"))  # a column at the end stays on this line
             except json.JSONDecodeError as e:
                 raise DataFormatError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+            except RecursionError:
+                raise DataFormatError(f"{where}: JSON nested too deeply to read") from None
             if not isinstance(obj, dict):
                 raise DataFormatError(f"{where}: expected a JSON object, got {type(obj).__name__}")
             yield where, obj
@@ -80,6 +82,34 @@ def take(records: list, limit: int | None) -> list:
     if limit is not None and limit < 1:
         raise ConfigError(f"limit must be a positive number of examples, got {limit}")
     return records if limit is None else records[:limit]
+
+
+def read_text_file(path: str | os.PathLike, error: type[Exception]) -> str:
+    """The text of the UTF-8 file ``path``; a byte that is not UTF-8 raises ``error`` naming the file and
+    its line, as :func:`read_jsonl` does, so every reader of a text file refuses it the same way."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_start = data.rfind(b"\n", 0, e.start) + 1
+        line = data.count(b"\n", 0, e.start) + 1
+        at = f"{e.reason} at byte {e.start - line_start} of the line"
+        raise error(f"{path}:line {line}: not UTF-8 text ({at})") from None
+
+
+def read_yaml_file(path: str | os.PathLike, error: type[Exception]) -> tuple[Any, str]:
+    """``(value, text)`` of the YAML file ``path`` (the text for :func:`yaml_key_lines`). Text that is not
+    UTF-8, not YAML (reported with its line) or nested too deeply for the parser raises ``error`` naming
+    the file: the one rule for bench configs, task files and train configs."""
+    text = read_text_file(path, error)
+    try:
+        return yaml.safe_load(text), text
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f":line {mark.line + 1}" if mark is not None else ""
+        raise error(f"{path}{at}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    except RecursionError:
+        raise error(f"{path}: YAML nested too deeply to read") from None
 
 
 def read_json_file(path: Path, error: type[Exception]) -> Any:

@@ -23,15 +23,15 @@ Example (``examples/bench/tiny.yaml`` is a complete one)::
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..errors import ConfigError
+from ..files import read_yaml_file, yaml_key_lines
 from ..hfdata import PREFIX as HF_PREFIX
 from ..methods import METHODS, Method, get_method, training_methods
 from ..quantize import (
@@ -167,26 +167,36 @@ def load_bench_config(path: str | os.PathLike, data_root: str | None = None) -> 
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: bench config not found")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    raw, text = read_yaml_file(path, ConfigError)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of bench fields, got {type(raw).__name__}")
-    return parse_bench_config(raw, where=str(path), base_dir=path.parent, data_root=data_root)
+    try:
+        return parse_bench_config(raw, where=str(path), base_dir=path.parent, data_root=data_root)
+    except ConfigError as e:
+        # A message about a top-level field starts with its name (``model.tiny ...`` for a part): point at
+        # its line, as a train config does (``FILE:line N: <field> ...``).
+        rest = str(e).removeprefix(f"{path}: ")
+        name = rest.split(" ", 1)[0].split(".", 1)[0]
+        line = yaml_key_lines(text).get(name)
+        if line is None or rest == str(e):
+            raise
+        raise ConfigError(f"{path}:line {line}: {rest}") from None
 
 
 def parse_bench_config(
     raw: dict[str, Any], where: str = "<bench config>", base_dir: Path | None = None, data_root: str | None = None
 ) -> BenchConfig:
     known = {f.name for f in dataclasses.fields(BenchConfig)} - {"source"}
-    unknown = sorted(set(raw) - known)
+    unknown = sorted(set(raw) - known, key=str)  # YAML keys need not be strings (`1: 2`)
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {unknown}; known fields: {sorted(known)}")
     for required in ("model", "task", "train_data", "eval_data", "runs"):
         if required not in raw:
             raise ConfigError(f"{where}: missing required field {required!r}")
     fields = dict(raw)
+    for key in ("task", "eval_task", "validation_task", "train_data", "eval_data", "validation_data"):
+        if fields.get(key) is not None and (not isinstance(fields[key], str) or not fields[key].strip()):
+            raise ConfigError(f"{where}: {key} must be a name or path (a non-empty string), got {fields[key]!r}")
     # A data root is the user's, given from where they stand: relative to the working directory, not the file.
     root = str(Path(data_root or os.environ.get("SPARSEFT_DATA") or "../shared/data").expanduser().absolute())
     for key in ("train_data", "eval_data"):  # hf:NAME[:CONFIG]:SPLIT names a Hugging Face dataset, not a path
@@ -203,6 +213,7 @@ def parse_bench_config(
         fields["model"] = resolve_path(fields["model"], base_dir, root)
     fields["runs"] = parse_runs(expand_lr_grids(fields["runs"], where), where)
     cfg = BenchConfig(**fields, source=where)
+    check_field_types(cfg, where)
     check_grid_values(cfg, where)
     check_protocol_values(cfg, where)
     check_curve_values(cfg, where)
@@ -223,7 +234,7 @@ def expand_lr_grids(raw_runs: Any, where: str) -> Any:
         if not (isinstance(item, dict) and isinstance(item.get("lr"), list)):
             expanded.append(item)
             continue
-        if not item["lr"] or not all(isinstance(lr, (int, float)) and lr > 0 for lr in item["lr"]):
+        if not item["lr"] or not all(finite_number(lr) and lr > 0 for lr in item["lr"]):
             raise ConfigError(f"{where}: runs[{i}] ({item.get('id')}): an lr grid must be a non-empty list of "
                               f"positive numbers, got {item['lr']!r}")
         expanded += [{**item, "id": lr_row_id(str(item.get("id")), float(lr)), "lr": float(lr)} for lr in item["lr"]]
@@ -249,7 +260,7 @@ def check_protocol_values(cfg: BenchConfig, where: str) -> None:
                               "differ from the training rows and the scored eval split")
         if not Path(cfg.validation_data).exists():
             raise ConfigError(f"{where}: validation_data {cfg.validation_data} does not exist")
-    if cfg.validation_limit is not None and (not isinstance(cfg.validation_limit, int) or cfg.validation_limit < 1):
+    if not positive_int_or_none(cfg.validation_limit):
         raise ConfigError(f"{where}: validation_limit must be a positive integer or absent, got {cfg.validation_limit!r}")
     if cfg.seeds is not None:
         seeds = cfg.seeds
@@ -305,7 +316,7 @@ def parse_runs(raw_runs: Any, where: str) -> list[RunSpec]:
         at = f"{where}: runs[{i}]"
         if not isinstance(item, dict):
             raise ConfigError(f"{at}: expected a mapping, got {type(item).__name__}")
-        unknown = sorted(set(item) - known)
+        unknown = sorted(set(item) - known, key=str)
         if unknown:
             raise ConfigError(f"{at}: unknown field(s) {unknown}; known fields: {sorted(known)}")
         for required in ("id", "method", "lr"):
@@ -323,10 +334,10 @@ def parse_runs(raw_runs: Any, where: str) -> list[RunSpec]:
 def check_run(run: RunSpec, at: str) -> None:
     if not isinstance(run.id, str) or not ROW_ID_PATTERN.match(run.id):
         raise ConfigError(f"{at}: id {run.id!r} must be letters, digits, '-', '_' or '.'")
-    if run.method not in training_methods():
+    if not isinstance(run.method, str) or run.method not in training_methods():
         raise ConfigError(f"{at} ({run.id}): method must be one of {tuple(training_methods())}, got {run.method!r}")
-    if not isinstance(run.lr, (int, float)) or run.lr <= 0:
-        raise ConfigError(f"{at} ({run.id}): lr must be a positive number, got {run.lr!r}")
+    if not finite_number(run.lr) or run.lr <= 0:
+        raise ConfigError(f"{at} ({run.id}): lr must be a positive finite number, got {run.lr!r}")
     if run.seed is not None and (not isinstance(run.seed, int) or isinstance(run.seed, bool)):
         raise ConfigError(f"{at} ({run.id}): seed must be an integer, got {run.seed!r}")
     method = get_method(run.method)
@@ -380,16 +391,41 @@ LATER_KNOBS = ("reselect_every", "reselect_fraction", "reselect_growth_batches",
 QUANT_INIT_BEFORE_OPTION = "zero"
 
 
+def finite_number(value: Any) -> bool:
+    """An int or float that is finite: YAML's ``true``, ``.nan`` and ``.inf`` are not learning rates or budgets."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_field_types(cfg: BenchConfig, where: str) -> None:
+    """The grid fields no other check looks at: seed, threads, row_timeout_s, eval_base, target_modules,
+    and the grid's name, which names the default output folder."""
+    if not isinstance(cfg.name, str) or not ROW_ID_PATTERN.match(cfg.name):
+        raise ConfigError(f"{where}: name {cfg.name!r} must be letters, digits, '-', '_' or '.' (it names the "
+                          "output folder runs/bench-<name>)")
+    if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
+        raise ConfigError(f"{where}: seed must be an integer, got {cfg.seed!r}")
+    if not positive_int_or_none(cfg.threads):
+        raise ConfigError(f"{where}: threads must be a positive integer or absent, got {cfg.threads!r}")
+    if not finite_number(cfg.row_timeout_s) or cfg.row_timeout_s <= 0:
+        raise ConfigError(f"{where}: row_timeout_s must be a positive number of seconds, got {cfg.row_timeout_s!r}")
+    if not isinstance(cfg.eval_base, bool):
+        raise ConfigError(f"{where}: eval_base must be true or false, got {cfg.eval_base!r}")
+    modules = cfg.target_modules
+    if modules is not None and (not isinstance(modules, list) or not modules
+                                or not all(isinstance(m, str) and m.strip() for m in modules)):
+        raise ConfigError(f"{where}: target_modules must be a non-empty list of module names, got {modules!r}")
+
+
 def check_grid_values(cfg: BenchConfig, where: str) -> None:
     for name in ("steps", "batch_size", "grad_accum", "max_length"):
         value = getattr(cfg, name)
-        if not isinstance(value, int) or value < 1:
+        if value is None or not positive_int_or_none(value):
             raise ConfigError(f"{where}: {name} must be a positive integer, got {value!r}")
     for name in ("train_limit", "eval_limit"):
         value = getattr(cfg, name)
-        if value is not None and (not isinstance(value, int) or value < 1):
+        if not positive_int_or_none(value):
             raise ConfigError(f"{where}: {name} must be a positive integer or absent, got {value!r}")
-    if not 0 < float(cfg.density) <= 1:
+    if not finite_number(cfg.density) or not 0 < cfg.density <= 1:
         raise ConfigError(f"{where}: density must be in (0, 1], got {cfg.density!r}")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"{where}: device must be auto, cpu or cuda, got {cfg.device!r}")
@@ -398,9 +434,40 @@ def check_grid_values(cfg: BenchConfig, where: str) -> None:
         raise ConfigError(f"{where}: model must be an alias/path or a mapping {{tiny: {{...}}}}")
     if isinstance(cfg.model, dict) and set(cfg.model) != {"tiny"}:
         raise ConfigError(f"{where}: a model mapping must have the single key 'tiny' (a tiny random model)")
+    if isinstance(cfg.model, dict):
+        check_tiny_shape(cfg.model["tiny"], where)
     for key in ("train_data", "eval_data"):
         if not getattr(cfg, key).startswith(HF_PREFIX) and not Path(getattr(cfg, key)).exists():
             raise ConfigError(f"{where}: {key} {getattr(cfg, key)} does not exist (set SPARSEFT_DATA or --data-root?)")
+
+
+# What `model: {tiny: {...}}` may set: the sizes of the tiny Llama (its vocabulary comes from the task's text).
+TINY_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "max_position_embeddings")
+
+
+def check_tiny_shape(shape: Any, where: str) -> None:
+    """``model: {tiny: {hidden_size: 32, ...}}``: known sizes, positive integers, a Llama that can be built."""
+    from .shapes import llama_config
+
+    at = f"{where}: model.tiny"
+    if shape is None:
+        return
+    if not isinstance(shape, dict):
+        raise ConfigError(f"{at} must be a mapping of sizes like {{hidden_size: 32}}, got {shape!r}")
+    known = (*TINY_SIZES, "tie_word_embeddings")
+    unknown = sorted(set(shape) - set(known), key=str)
+    if unknown:
+        raise ConfigError(f"{at}: unknown field(s) {unknown}; known fields: {list(known)}")
+    for key, value in shape.items():
+        if key in TINY_SIZES and (value is None or not positive_int_or_none(value)):
+            raise ConfigError(f"{at}.{key} must be a positive integer, got {value!r}")
+        if key == "tie_word_embeddings" and not isinstance(value, bool):
+            raise ConfigError(f"{at}.{key} must be true or false, got {value!r}")
+    try:
+        llama_config("tiny", **shape)
+    except Exception as e:  # the config's own consistency checks (e.g. heads that do not divide hidden_size)
+        raise ConfigError(f"{at}: not a shape a Llama can have ({' '.join(str(e).split())})") from None
 
 
 def check_tasks(cfg: BenchConfig, where: str) -> None:

@@ -50,7 +50,7 @@ class LoraMethod(Method):
         rank = run.lora_rank
         if rank is None:
             raise ConfigError(f"{at} ({run.id}): a lora row needs lora_rank (an integer or 'match')")
-        if rank != "match" and not (isinstance(rank, int) and rank >= 1):
+        if rank != "match" and not (isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1):
             raise ConfigError(f"{at} ({run.id}): lora_rank must be a positive integer or 'match', got {rank!r}")
 
     def train_fields(self, run: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:

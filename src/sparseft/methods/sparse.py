@@ -71,16 +71,20 @@ class SparseMethod(Method):
         return SparseModel.from_pretrained(model, path, allow_unverified_base=allow_unverified_base)
 
     def check_run(self, run, at: str) -> None:
+        from ..bench.config import finite_number, positive_int_or_none
         from ..selection import SCORERS
 
         if not run.scorer:
             raise ConfigError(f"{at} ({run.id}): a sparse row needs a scorer (e.g. random, fisher, combined)")
-        if run.scorer not in SCORERS:
+        if not isinstance(run.scorer, str) or run.scorer not in SCORERS:
             raise ConfigError(f"{at} ({run.id}): unknown scorer {run.scorer!r}; available: {sorted(SCORERS)}")
-        if run.density is not None and not 0 < float(run.density) <= 1:
+        if run.density is not None and not (finite_number(run.density) and 0 < run.density <= 1):
             raise ConfigError(f"{at} ({run.id}): density must be in (0, 1], got {run.density!r}")
-        if run.num_params is not None and int(run.num_params) <= 0:
-            raise ConfigError(f"{at} ({run.id}): num_params must be positive, got {run.num_params!r}")
+        if not positive_int_or_none(run.num_params):
+            raise ConfigError(f"{at} ({run.id}): num_params must be a positive integer, got {run.num_params!r}")
+        if not positive_int_or_none(run.calibration_batches):
+            raise ConfigError(f"{at} ({run.id}): calibration_batches must be a positive integer, "
+                              f"got {run.calibration_batches!r}")
         check_reselect_knobs(run, at)
 
     def complete_run(self, run: dict[str, Any], grid_density: float) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from typing import Callable
 
 from ..errors import DataFormatError
 from .base import Record, RowSplit, Task, completion_text, encode_completion, encode_prompt
-from ..files import existing_file, read_objects, take, text_field
+from ..files import existing_file, read_objects, read_text_file, take, text_field
 from ..hfdata import dataset_rows, is_dataset_spec
 from ..loading import pad_token_id
 from .inference import score_completions
@@ -32,12 +32,7 @@ def read_sst2_tsv(path: str | os.PathLike, labels: list[str]) -> list[Record]:
     if is_dataset_spec(path):
         return read_sst2_rows(path, labels)
     path = existing_file(path)
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise DataFormatError(f"{path}:line {line}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    text = read_text_file(path, DataFormatError)
     records = []
     rows = csv.reader(io.StringIO(text, newline=""), delimiter="\t", quoting=csv.QUOTE_NONE)
     try:

@@ -21,10 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from ..errors import DataFormatError, TaskFileError
-from ..files import read_objects, take, text_field, yaml_key_lines
+from ..files import read_objects, read_yaml_file, take, text_field, yaml_key_lines
 from .base import Record
 from .classification import ClassificationTask
 from .qa import QATask
@@ -58,12 +56,20 @@ def looks_like_task_file(name: str) -> bool:
 def template_fields(template: str, where: str) -> list[str]:
     """The placeholders of ``template`` (``{labels}`` excluded: the task fills it in)."""
     try:
-        names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+        parts = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(template) if f is not None]
     except ValueError as e:
         raise TaskFileError(f"{where}: template is not a valid format string ({e}); write a literal brace as {{{{ or }}}}") from None
+    names = [f for f, _, _ in parts]
     bad = [n for n in names if not n.isidentifier()]
     if bad:
         raise TaskFileError(f"{where}: template placeholder {{{bad[0]}}} must be a plain field name like {{text}}")
+    # A format spec or conversion ({body:d}, {body!r}, {body:>99999999}) fails or blows up only when a prompt
+    # is rendered, mid-evaluation: the fields are text and go in as they are.
+    for name, spec, conv in parts:
+        if spec or conv:
+            shown = "{" + name + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
+            raise TaskFileError(f"{where}: placeholder {shown} may not carry a format spec or conversion; "
+                                f"write {{{name}}}")
     return sorted(set(names) - {"labels"})
 
 
@@ -225,13 +231,7 @@ def load_task_file(path: str | os.PathLike) -> ClassificationTask | QATask | Sum
     path = Path(path)
     if not path.is_file():
         raise TaskFileError(f"{path}: no such task file")
-    text = path.read_text(encoding="utf-8")
-    try:
-        spec = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f":line {mark.line + 1}" if mark is not None else ""
-        raise TaskFileError(f"{path}{at}: not valid YAML ({getattr(e, 'problem', None) or e})") from None
+    spec, text = read_yaml_file(path, TaskFileError)
     return task_from_spec(spec, Locator(str(path), yaml_key_lines(text)), default_name=path.stem)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import functools
 import hashlib
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -31,13 +32,14 @@ import torch
 
 from ..diffio import file_sha256
 from ..errors import DataFormatError
-from ..files import read_jsonl
+from ..files import read_jsonl, read_text_file
 from ..hfdata import dataset_rows, dataset_sha256, is_dataset_spec
 from ..loading import prompt_prefix
 
 IGNORE_INDEX = -100
 JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 DATASETS_SUFFIXES = (".parquet", ".arrow")
+SAVE_TO_DISK_FILES = ("state.json", "dataset_dict.json")  # what Dataset / DatasetDict.save_to_disk write
 
 
 @dataclass
@@ -80,8 +82,8 @@ def data_sha256(path: str | os.PathLike) -> str:
 
 
 def read_csv(path: Path) -> Iterator[tuple[str, Any]]:
-    with open(path, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
+    reader = csv.DictReader(io.StringIO(read_text_file(path, DataFormatError), newline=""))
+    try:
         for row in reader:
             # reader.line_num is the physical line the row ended on (the header is line 1).
             where = f"{path}:line {reader.line_num}"
@@ -90,22 +92,34 @@ def read_csv(path: Path) -> Iterator[tuple[str, Any]]:
                     row["messages"] = json.loads(row["messages"])
                 except json.JSONDecodeError as e:
                     raise DataFormatError(f"{where}: field 'messages' is not a JSON list ({e.msg})") from e
+                except RecursionError:
+                    raise DataFormatError(f"{where}: field 'messages' is JSON nested too deeply to read") from None
             yield where, row
+    except csv.Error as e:
+        raise DataFormatError(f"{path}:line {reader.line_num + 1}: unreadable CSV row ({e})") from None
 
 
 def read_datasets_file(path: Path) -> Iterator[tuple[str, Any]]:
     import datasets
+    import pyarrow
 
-    if path.is_dir():
-        ds = datasets.load_from_disk(str(path))
-        if isinstance(ds, datasets.DatasetDict):
-            if "train" not in ds:
-                raise DataFormatError(f"{path}: dataset has splits {sorted(ds)}, expected a 'train' split")
-            ds = ds["train"]
-    elif path.suffix == ".parquet":
-        ds = datasets.Dataset.from_parquet(str(path))
-    else:
-        ds = datasets.Dataset.from_file(str(path))
+    if path.is_dir() and not any((path / name).is_file() for name in SAVE_TO_DISK_FILES):
+        raise DataFormatError(f"{path}: a data directory must be one written by datasets' save_to_disk, with "
+                              f"{' or '.join(SAVE_TO_DISK_FILES)}; found neither")
+    kind = "datasets save_to_disk directory" if path.is_dir() else f"{path.suffix} file"
+    try:
+        if path.is_dir():
+            ds = datasets.load_from_disk(str(path))
+        elif path.suffix == ".parquet":
+            ds = datasets.Dataset.from_parquet(str(path))
+        else:
+            ds = datasets.Dataset.from_file(str(path))
+    except (pyarrow.ArrowException, json.JSONDecodeError, FileNotFoundError) as e:
+        raise DataFormatError(f"{path}: not a readable {kind} ({e})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise DataFormatError(f"{path}: dataset has splits {sorted(ds)}, expected a 'train' split")
+        ds = ds["train"]
     for number, row in enumerate(ds):
         yield f"{path}:row {number}", row
 
