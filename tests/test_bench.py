@@ -203,6 +203,7 @@ def tiny_raw(**changes):
          "model.tiny: not a shape a Llama can have (Class validation error for validator 'validate_architecture': "
          "ValueError: The hidden size (33) is not a multiple of the number of attention heads (4).)"),
         ({"seed": "abc"}, "grid.yaml: seed must be an integer, got 'abc'"),
+        ({"seed": 2**64}, "grid.yaml: seed 18446744073709551616 is outside [-9223372036854775808, "),
         ({"runs": [{"id": "f", "method": "full", "lr": float("nan")}]}, "lr must be a positive finite number"),
         ({"runs": [{"id": "f", "method": "full", "lr": float("inf")}]}, "got inf"),
         ({"runs": [{"id": "f", "method": "full", "lr": True}]}, "(f): lr must be a positive finite number, got True"),

@@ -279,6 +279,11 @@ def test_config_keys_that_are_not_names_and_masks_for_a_method_without_them_are_
     config.write_text("model: tiny\n1: 2\n")
     with pytest.raises(ConfigError, match="field names must be strings, got 1 \\(int\\)"):
         TrainConfig.from_yaml(config)
+    config.write_bytes(b"model: tiny\nlr: \xff\n")
+    with pytest.raises(ConfigError, match="run.yaml:line 2: not UTF-8 text"):
+        TrainConfig.from_yaml(config)
+    with pytest.raises(ConfigError, match="device must be auto, cpu, cuda or cuda:N"):
+        run_training(TrainConfig(model="tiny", data=str(config), out=str(tmp_path / "o"), device="gpu0"))
     # A full or LoRA run trains no mask: --masks would be ignored without a word.
     with pytest.raises(ConfigError, match="masks applies to sparse runs only .* not method='full'"):
         TrainConfig(model="tiny", method="full", masks="d1")

@@ -174,7 +174,9 @@ class SparseConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "SparseConfig":
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        from .files import read_yaml_file
+
+        data = read_yaml_file(path, ConfigError)[0] or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of SparseConfig fields, got {type(data).__name__}")
         return cls.from_dict(data)

@@ -142,7 +142,8 @@ def check_device(device: str, what: str = "device") -> str:
     ``cuda`` or ``cuda:N`` of a GPU torch sees; else a ConfigError naming ``what`` (e.g. the flag).
 
     The one check of a device string, to run before any model loads: torch refuses ``gpu0`` or a missing
-    GPU only at ``.to(device)``, after the load. ``sparseft serve`` uses it; train's ``device`` should too.
+    GPU only at ``.to(device)``, after the load. ``sparseft serve`` and training (``setup_distributed``)
+    use it.
     """
     text = device.strip() if isinstance(device, str) else None
     match = re.fullmatch(r"auto|cpu|cuda(?::(\d+))?", text) if text is not None else None

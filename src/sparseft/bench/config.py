@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..config import SEED_RANGE
 from ..errors import ConfigError
 from ..files import read_yaml_file, yaml_key_lines
 from ..hfdata import PREFIX as HF_PREFIX
@@ -404,6 +405,11 @@ def check_field_types(cfg: BenchConfig, where: str) -> None:
                           "output folder runs/bench-<name>)")
     if not isinstance(cfg.seed, int) or isinstance(cfg.seed, bool):
         raise ConfigError(f"{where}: seed must be an integer, got {cfg.seed!r}")
+    seeds = cfg.seeds if isinstance(cfg.seeds, list) else []  # their types are checked with the protocol's fields
+    for seed in [cfg.seed, *(x for x in seeds if isinstance(x, int))]:
+        if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+            raise ConfigError(f"{where}: seed {seed} is outside [{SEED_RANGE[0]}, {SEED_RANGE[1]}] "
+                              "(what torch.manual_seed takes)")
     if not positive_int_or_none(cfg.threads):
         raise ConfigError(f"{where}: threads must be a positive integer or absent, got {cfg.threads!r}")
     if not finite_number(cfg.row_timeout_s) or cfg.row_timeout_s <= 0:

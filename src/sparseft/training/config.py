@@ -11,7 +11,7 @@ import yaml
 
 from ..config import SparseConfig, convert_fields
 from ..errors import ConfigError
-from ..files import yaml_key_lines
+from ..files import read_yaml_file, yaml_key_lines
 from ..methods import get_method, training_methods
 from ..quantize import (
     DEFAULT_QUANT_INIT, DEFAULT_SELECT_OVER, check_quant_init, check_scheme, check_select_over, skip_patterns,
@@ -266,13 +266,10 @@ class TrainConfig:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path}: no such config file")
-        text = path.read_text()
-        try:
-            data = yaml.safe_load(text) or {}
-            # The selection fields may be given flat or under selection:; `-` in keys reads as `_`.
-            lines = {k.replace("-", "_"): n for k, n in yaml_key_lines(text, nested=("selection",)).items()}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from e
+        data, text = read_yaml_file(path, ConfigError)
+        data = data or {}
+        # The selection fields may be given flat or under selection:; `-` in keys reads as `_`.
+        lines = {str(k).replace("-", "_"): n for k, n in yaml_key_lines(text, nested=("selection",)).items()}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of TrainConfig fields, got {type(data).__name__}")
         given = {k.replace("-", "_"): v for k, v in overrides.items() if v is not None}

@@ -32,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
+from ..loading import resolve_device
 from ..model import SparseModel
 from .checkpoint import checkpoint_dir, save_checkpoint
 from .config import TrainConfig
@@ -69,9 +70,7 @@ def setup_distributed(device: str = "auto") -> Distributed:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    dev = resolve_device(device, "device", local_rank)  # gpu0 or a missing GPU: refused before the model loads
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     initialized_here = False
