@@ -13,7 +13,7 @@ import pytest
 from sparseft.cli import main
 from sparseft.errors import ConfigError, DataFormatError, TaskFileError
 from sparseft.tasks import classification_from_flags, get_task, load_task_file
-from sparseft.tasks.base import records_sha256
+from sparseft.files import records_sha256
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "examples" / "tickets"
 

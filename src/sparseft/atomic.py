@@ -89,11 +89,17 @@ def check_out_file(path: str | os.PathLike, flag: str = "--out") -> Path:
 
 def check_creatable(path: Path, flag: str) -> None:
     """Refuse a path below a file (``data.jsonl/out``): no directory can be made there."""
-    for parent in path.absolute().parents:
+    blocker = file_in_the_way(path)
+    if blocker is not None:
+        raise ConfigError(f"{flag} {path}: cannot be created, {blocker} is a file")
+
+
+def file_in_the_way(path: str | os.PathLike) -> Path | None:
+    """The nearest existing ancestor of ``path`` when it is a file rather than a folder; else None."""
+    for parent in Path(path).absolute().parents:
         if os.path.lexists(parent):
-            if not parent.is_dir():
-                raise ConfigError(f"{flag} {path}: cannot be created, {parent} is a file")
-            return
+            return None if parent.is_dir() else parent
+    return None
 
 
 @contextmanager

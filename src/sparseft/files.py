@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import yaml
 
@@ -82,6 +83,15 @@ def take(records: list, limit: int | None) -> list:
     if limit is not None and limit < 1:
         raise ConfigError(f"limit must be a positive number of examples, got {limit}")
     return records if limit is None else records[:limit]
+
+
+def records_sha256(records: Iterable[dict[str, Any]]) -> str:
+    """sha256 of rows as canonical JSON, in order: the same examples hash alike wherever their file lies (a
+    loaded eval split, a Hugging Face dataset's rows)."""
+    h = hashlib.sha256()
+    for record in records:
+        h.update(json.dumps(record, sort_keys=True, default=str).encode() + b"\n")
+    return h.hexdigest()
 
 
 def read_text_file(path: str | os.PathLike, error: type[Exception]) -> str:

@@ -21,8 +21,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -30,6 +28,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import DataFormatError
+from .files import records_sha256
 
 PREFIX = "hf:"
 SPEC = re.compile(
@@ -115,7 +114,4 @@ def dataset_rows(source: str | os.PathLike | DatasetSpec) -> Iterator[tuple[str,
 
 def dataset_sha256(source: str | os.PathLike) -> str:
     """sha256 of the split's rows (canonical JSON, in order): the same data gives the same hash on any machine."""
-    h = hashlib.sha256()
-    for _, row in dataset_rows(source):
-        h.update(json.dumps(row, sort_keys=True, default=str).encode() + b"\n")
-    return h.hexdigest()
+    return records_sha256(row for _, row in dataset_rows(source))

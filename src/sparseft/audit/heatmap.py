@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..atomic import file_in_the_way
 from ..errors import ConfigError
 from .inspection import sort_key
 
@@ -24,9 +25,9 @@ def check_plot_path(out: str | os.PathLike) -> Path:
         raise ConfigError(f"{out}: a heat map is written as {formats}; got {got}")
     if out.is_dir():
         raise ConfigError(f"{out} is a folder; give the heat map's file name ({formats})")
-    parent = next(p for p in out.absolute().parents if p.exists())  # the root always exists
-    if not parent.is_dir():
-        raise ConfigError(f"{out}: cannot write there, {parent} is a file, not a folder")
+    blocker = file_in_the_way(out)
+    if blocker is not None:
+        raise ConfigError(f"{out}: cannot write there, {blocker} is a file, not a folder")
     return out
 
 

@@ -231,7 +231,7 @@ def evaluate_row(job: dict[str, Any], row: dict[str, Any], device: str) -> None:
     from ..evaluate import evaluate_records_detailed
     from ..loading import load_tokenizer
     from ..tasks import get_task
-    from ..tasks.base import records_sha256
+    from ..files import records_sha256
 
     task = get_task(job["eval_task"])
     records = task.load(job["eval_data"], job["eval_limit"])

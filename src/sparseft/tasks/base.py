@@ -7,8 +7,6 @@ through these two functions, so a model is trained on exactly the text it is lat
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -17,14 +15,6 @@ from typing import Any
 from ..loading import prompt_prefix
 
 Record = dict[str, Any]
-
-
-def records_sha256(records: list[Record]) -> str:
-    """sha256 of loaded examples (canonical JSON, in order): the same examples hash alike wherever their file lies."""
-    h = hashlib.sha256()
-    for record in records:
-        h.update(json.dumps(record, sort_keys=True, default=str).encode() + b"\n")
-    return h.hexdigest()
 
 
 def has_chat_template(tokenizer) -> bool:
