@@ -62,6 +62,16 @@ def positive_count(name: str, value: Any) -> int:
     return number
 
 
+def finite_number(value: Any) -> bool:
+    """An int or float that is finite: YAML's ``true``, ``.nan`` and ``.inf`` are not learning rates or budgets."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def positive_int_or_none(value: Any) -> bool:
+    """Absent, or a whole number of at least 1 given as an int (a YAML field checked as written, not converted)."""
+    return value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
+
+
 def convert_fields(obj: Any) -> None:
     """Store every numeric / boolean / string field of dataclass ``obj`` as its declared type (``int``,
     ``float``, ``bool``, ``str``, each possibly ``| None``), or raise a ConfigError naming the field.

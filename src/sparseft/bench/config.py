@@ -23,14 +23,13 @@ Example (``examples/bench/tiny.yaml`` is a complete one)::
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import SEED_RANGE
+from ..config import SEED_RANGE, finite_number, positive_int_or_none
 from ..errors import ConfigError
 from ..files import read_yaml_file, yaml_key_lines
 from ..hfdata import PREFIX as HF_PREFIX
@@ -271,10 +270,6 @@ def check_protocol_values(cfg: BenchConfig, where: str) -> None:
             raise ConfigError(f"{where}: seeds repeat a seed: {seeds!r}")
 
 
-def positive_int_or_none(value: Any) -> bool:
-    return value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1)
-
-
 def check_curve_values(cfg: BenchConfig, where: str) -> None:
     """validation_every / curve_limit, at the top and on each row: positive integers, a curve only with a
     validation split to score it on, at most ``steps`` apart and no more examples than the validation."""
@@ -390,11 +385,6 @@ KNOBS = ("scorer", "density", "num_params", "lora_rank", "calibration_batches", 
 LATER_KNOBS = ("reselect_every", "reselect_fraction", "reselect_growth_batches", "select_over", "quantize_skip")
 # Where the values of a quantized row started before quantize_init existed: its worker spec has no such key.
 QUANT_INIT_BEFORE_OPTION = "zero"
-
-
-def finite_number(value: Any) -> bool:
-    """An int or float that is finite: YAML's ``true``, ``.nan`` and ``.inf`` are not learning rates or budgets."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def check_field_types(cfg: BenchConfig, where: str) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import SparseConfig
+from ..config import SparseConfig, finite_number, positive_int_or_none
 from ..diffio import CONFIG_NAME
 from ..errors import ConfigError
 from .registry import Method, Prepared
@@ -71,7 +71,6 @@ class SparseMethod(Method):
         return SparseModel.from_pretrained(model, path, allow_unverified_base=allow_unverified_base)
 
     def check_run(self, run, at: str) -> None:
-        from ..bench.config import finite_number, positive_int_or_none
         from ..selection import SCORERS
 
         if not run.scorer:
