@@ -223,6 +223,10 @@ def tiny_raw(**changes):
         ({"steps": True}, "grid.yaml: steps must be a positive integer, got True"),
         ({"train_limit": True}, "grid.yaml: train_limit must be a positive integer or absent, got True"),
         ({"validation_limit": True}, "grid.yaml: validation_limit must be a positive integer or absent, got True"),
+        # The one device check of train and serve: cuda:N is a form, gpu0 is not; a GPU this machine lacks is
+        # refused when the grid loads, not in every row's worker.
+        ({"device": "gpu0"}, "grid.yaml: device must be auto, cpu, cuda or cuda:N (N: a GPU index), got 'gpu0'"),
+        ({"device": "cuda:7" if torch.cuda.is_available() else "cuda"}, "grid.yaml: device"),
     ],
 )
 def test_bad_config_is_named(changes, message):

@@ -33,6 +33,7 @@ from ..config import SEED_RANGE, finite_number, positive_int_or_none
 from ..errors import ConfigError
 from ..files import read_yaml_file, yaml_key_lines
 from ..hfdata import PREFIX as HF_PREFIX
+from ..loading import check_device
 from ..methods import METHODS, Method, get_method, training_methods
 from ..quantize import (
     DEFAULT_QUANT_INIT, QUANT_SCHEMES, check_quant_init, check_select_over, require_torchao, skip_patterns,
@@ -423,8 +424,7 @@ def check_grid_values(cfg: BenchConfig, where: str) -> None:
             raise ConfigError(f"{where}: {name} must be a positive integer or absent, got {value!r}")
     if not finite_number(cfg.density) or not 0 < cfg.density <= 1:
         raise ConfigError(f"{where}: density must be in (0, 1], got {cfg.density!r}")
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"{where}: device must be auto, cpu or cuda, got {cfg.device!r}")
+    cfg.device = check_device(cfg.device, f"{where}: device")  # before any row starts, not in each worker
     check_tasks(cfg, where)
     if not isinstance(cfg.model, (str, dict)):
         raise ConfigError(f"{where}: model must be an alias/path or a mapping {{tiny: {{...}}}}")
