@@ -247,6 +247,18 @@ def test_a_bad_top_level_field_of_a_bench_file_names_its_line(tmp_path):
         load_bench_config(path)
 
 
+def test_a_bad_row_of_a_bench_file_names_its_item_and_line_after_an_lr_list(tmp_path):
+    # The first row's lr list becomes three rows; the error still names the second item of `runs` as written.
+    raw = tiny_raw(train_data=str(TINY.parent / "data" / "train.tsv"), eval_data=str(TINY.parent / "data" / "dev.tsv"),
+                   runs=[{"id": "full", "method": "full", "lr": [1e-4, 3e-4, 1e-3]},
+                         {"id": "s", "method": "sparse", "scorer": "nope", "lr": 1e-3}])
+    path = tmp_path / "b.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if text.strip() == "- id: s")
+    with pytest.raises(ConfigError, match=rf"b.yaml:line {line}: runs\[1\] \(s\): unknown scorer 'nope'"):
+        load_bench_config(path)
+
+
 def test_a_bench_file_that_is_not_utf8_or_not_yaml_names_the_file_and_line(tmp_path):
     path = tmp_path / "b.yaml"
     path.write_bytes(b"\xff\xfe")

@@ -156,3 +156,23 @@ def yaml_key_lines(text: str, nested: tuple[str, ...] = ()) -> dict[str, int]:
         if key.value in nested and isinstance(value, yaml.MappingNode):
             lines.update({k.value: k.start_mark.line + 1 for k, _ in value.value if isinstance(k, yaml.ScalarNode)})
     return lines
+
+
+def yaml_item_lines(text: str, key: str) -> list[int]:
+    r"""The 1-based line of each item of the list under top-level ``key`` in the YAML ``text`` (``[]`` when
+    there is none): where an error about ``key[i]`` points.
+
+    Example:
+        >>> yaml_item_lines("runs:\n  - {id: a}\n  - id: b\n    lr: 1\n", "runs")
+        [2, 3]
+    """
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return []
+    if not isinstance(node, yaml.MappingNode):
+        return []
+    for k, value in node.value:
+        if isinstance(k, yaml.ScalarNode) and k.value == key and isinstance(value, yaml.SequenceNode):
+            return [item.start_mark.line + 1 for item in value.value]
+    return []

@@ -31,7 +31,7 @@ from typing import Any
 
 from ..config import SEED_RANGE, finite_number, positive_int_or_none
 from ..errors import ConfigError
-from ..files import read_yaml_file, yaml_key_lines
+from ..files import read_yaml_file, yaml_item_lines, yaml_key_lines
 from ..hfdata import PREFIX as HF_PREFIX
 from ..loading import check_device
 from ..methods import METHODS, Method, get_method, training_methods
@@ -174,11 +174,16 @@ def load_bench_config(path: str | os.PathLike, data_root: str | None = None) -> 
     try:
         return parse_bench_config(raw, where=str(path), base_dir=path.parent, data_root=data_root)
     except ConfigError as e:
-        # A message about a top-level field starts with its name (``model.tiny ...`` for a part): point at
-        # its line, as a train config does (``FILE:line N: <field> ...``).
+        # A message about a top-level field starts with its name (``model.tiny ...`` for a part), one about
+        # a row with ``runs[i]``: point at its line, as a train config does (``FILE:line N: <field> ...``).
         rest = str(e).removeprefix(f"{path}: ")
         name = rest.split(" ", 1)[0].split(".", 1)[0]
-        line = yaml_key_lines(text).get(name)
+        row = re.match(r"runs\[(\d+)\]", rest)
+        if row:
+            items = yaml_item_lines(text, "runs")
+            line = items[int(row[1])] if int(row[1]) < len(items) else None
+        else:
+            line = yaml_key_lines(text).get(name)
         if line is None or rest == str(e):
             raise
         raise ConfigError(f"{path}:line {line}: {rest}") from None
@@ -212,12 +217,13 @@ def parse_bench_config(
         fields["validation_data"] = resolve_path(str(fields["validation_data"]), base_dir, root)
     if isinstance(fields["model"], str) and fields["model"].startswith((".", "$")):
         fields["model"] = resolve_path(fields["model"], base_dir, root)
-    fields["runs"] = parse_runs(expand_lr_grids(fields["runs"], where), where)
+    runs, origins = expand_lr_grids(fields["runs"], where)
+    fields["runs"] = parse_runs(runs, where, origins)
     cfg = BenchConfig(**fields, source=where)
     check_field_types(cfg, where)
     check_grid_values(cfg, where)
     check_protocol_values(cfg, where)
-    check_curve_values(cfg, where)
+    check_curve_values(cfg, where, origins)
     return cfg
 
 
@@ -226,20 +232,23 @@ def lr_row_id(row_id: str, lr: float) -> str:
     return f"{row_id}-lr{lr:g}"
 
 
-def expand_lr_grids(raw_runs: Any, where: str) -> Any:
-    """A row whose ``lr`` is a list becomes one row per learning rate (ids from ``lr_row_id``)."""
+def expand_lr_grids(raw_runs: Any, where: str) -> tuple[Any, list[int]]:
+    """A row whose ``lr`` is a list becomes one row per learning rate (ids from ``lr_row_id``); with the
+    rows, the index of the ``runs`` item each came from, which an error about the row names."""
     if not isinstance(raw_runs, list):
-        return raw_runs
-    expanded = []
+        return raw_runs, []
+    expanded, origins = [], []
     for i, item in enumerate(raw_runs):
         if not (isinstance(item, dict) and isinstance(item.get("lr"), list)):
             expanded.append(item)
+            origins.append(i)
             continue
         if not item["lr"] or not all(finite_number(lr) and lr > 0 for lr in item["lr"]):
             raise ConfigError(f"{where}: runs[{i}] ({item.get('id')}): an lr grid must be a non-empty list of "
                               f"positive numbers, got {item['lr']!r}")
         expanded += [{**item, "id": lr_row_id(str(item.get("id")), float(lr)), "lr": float(lr)} for lr in item["lr"]]
-    return expanded
+        origins += [i] * len(item["lr"])
+    return expanded, origins
 
 
 def check_protocol_values(cfg: BenchConfig, where: str) -> None:
@@ -271,10 +280,10 @@ def check_protocol_values(cfg: BenchConfig, where: str) -> None:
             raise ConfigError(f"{where}: seeds repeat a seed: {seeds!r}")
 
 
-def check_curve_values(cfg: BenchConfig, where: str) -> None:
+def check_curve_values(cfg: BenchConfig, where: str, origins: list[int]) -> None:
     """validation_every / curve_limit, at the top and on each row: positive integers, a curve only with a
     validation split to score it on, at most ``steps`` apart and no more examples than the validation."""
-    places = [(where, cfg)] + [(f"{where}: runs[{i}] ({run.id})", run) for i, run in enumerate(cfg.runs)]
+    places = [(where, cfg)] + [(f"{where}: runs[{i}] ({run.id})", run) for i, run in zip(origins, cfg.runs)]
     for at, holder in places:
         for key in ("validation_every", "curve_limit"):
             if not positive_int_or_none(getattr(holder, key)):
@@ -304,13 +313,14 @@ def resolve_path(value: str, base_dir: Path | None, data_root: str) -> str:
     return str(p.resolve()) if p.exists() else str(p)
 
 
-def parse_runs(raw_runs: Any, where: str) -> list[RunSpec]:
+def parse_runs(raw_runs: Any, where: str, origins: list[int] | None = None) -> list[RunSpec]:
+    """The rows as RunSpecs, each checked; ``origins[i]``: the ``runs`` item row ``i`` came from (default: i)."""
     if not isinstance(raw_runs, list) or not raw_runs:
         raise ConfigError(f"{where}: 'runs' must be a non-empty list of rows")
     known = {f.name for f in dataclasses.fields(RunSpec)}
     runs, seen = [], {BASE_ROW_ID}
-    for i, item in enumerate(raw_runs):
-        at = f"{where}: runs[{i}]"
+    for item, origin in zip(raw_runs, origins or range(len(raw_runs))):
+        at = f"{where}: runs[{origin}]"
         if not isinstance(item, dict):
             raise ConfigError(f"{at}: expected a mapping, got {type(item).__name__}")
         unknown = sorted(set(item) - known, key=str)
