@@ -129,3 +129,15 @@ def test_run_eval_refuses_a_count_below_one_before_loading(tmp_path, field, kwar
 
     with pytest.raises(ConfigError, match=f"{field} must be a whole number of at least 1, got -?[0-9]"):
         run_eval(str(tmp_path / "no-such-model"), "routing", TEST_FILE, **kwargs)
+
+
+def test_eval_runs_on_the_device_asked_and_refuses_one_it_cannot_use_before_loading(model_dir, tmp_path, capsys):
+    report = run_json(capsys, "--model", str(model_dir), "--task", "routing", "--data", TEST_FILE, "--limit", "2",
+                      "--device", "cpu")
+    assert report["extra"]["device"] == "cpu" and report["num_examples"] == 2
+    missing = "cuda:99" if torch.cuda.is_available() else "cuda"
+    for device, message in [("gpu0", "--device must be auto, cpu, cuda or cuda:N"), (missing, f"--device {missing!r}")]:
+        argv = ["eval", "--model", str(tmp_path / "no-such-model"), "--task", "routing", "--data", TEST_FILE,
+                "--device", device]
+        assert main(argv) == 2
+        assert message in capsys.readouterr().err

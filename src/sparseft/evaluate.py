@@ -12,7 +12,7 @@ import torch
 from .config import positive_count
 from .diffio import recorded_skip
 from .errors import ConfigError
-from .loading import load_tokenizer
+from .loading import load_tokenizer, resolve_device
 from .methods import detect_artifact, get_method, training_methods
 from .methods.registry import load_base
 from .tasks import Task, get_task
@@ -116,12 +116,15 @@ def run_eval(
     progress: bool = True,
     allow_unverified_base: bool = False,
     quantize: str | None = None,
+    device: str = "auto",
 ) -> EvalResult:
     """Load ``model_name`` (+ ``diff``), evaluate it on ``task_name`` and time it (load time apart).
     ``task_name`` is a registered name, a task file path (``get_task``) or a ``Task``; ``allow_unverified_base``
     as for ``SparseModel.from_pretrained``. ``quantize`` (``int8`` / ``int4`` / ``nf4``): the base loaded
     in ``dtype`` and weight-only quantized as a bench row of that base loads it (but for the layers the diff's
-    training run left unquantized, ``recorded_skip``), the diff unmerged over it."""
+    training run left unquantized, ``recorded_skip``), the diff unmerged over it. ``device``: ``auto``
+    (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``, checked before anything loads."""
+    target = resolve_device(device)
     batch_size = positive_count("batch_size", batch_size)
     limit = None if limit is None else positive_count("limit", limit)
     task = get_task(task_name) if isinstance(task_name, str) else task_name
@@ -130,6 +133,7 @@ def run_eval(
     start = time.perf_counter()
     base = load_base(model_name, dtype, quantize, recorded_skip([diff], quantize))
     model, kind = attach_diff(base, diff, allow_unverified_base)
+    model.to(target)
     tokenizer = load_tokenizer(model_name)
     load_s = time.perf_counter() - start
     metrics, n, wall = evaluate_records(model, tokenizer, task, records, batch_size, progress)
@@ -142,7 +146,7 @@ def run_eval(
         metrics=metrics,
         wall_time_s=round(wall, 3),
         extra={"load_time_s": round(load_s, 3), "data": str(data), "threads": torch.get_num_threads(),
-               "dtype": dtype, "quantize": quantize},
+               "dtype": dtype, "quantize": quantize, "device": str(target)},
     )
 
 

@@ -36,6 +36,8 @@ def add_parser(sub):
     p.add_argument("--data", required=True, metavar="PATH", help="data file in the task's format, or a Hugging Face dataset hf:NAME[:CONFIG]:SPLIT")
     p.add_argument("--limit", type=positive_int, metavar="N", help="only the first N examples")
     p.add_argument("--batch-size", type=positive_int, default=8, help="examples per forward pass (default: 8)")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA when present, else the CPU), cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     add_unverified_base_option(p, "evaluate a sparse diff")
     return p
@@ -55,7 +57,9 @@ def resolve_task(args):
 
 def run(args) -> int:
     from ..evaluate import format_result, run_eval
+    from ..loading import check_device
 
+    check_device(args.device, "--device")  # named as the flag, before the data or the model loads
     result = run_eval(
         args.model,
         resolve_task(args),
@@ -65,6 +69,7 @@ def run(args) -> int:
         batch_size=args.batch_size,
         dtype=args.dtype,
         quantize=args.quantize,
+        device=args.device,
         progress=True,  # tqdm writes to stderr: --json output on stdout stays clean
         allow_unverified_base=args.allow_unverified_base,
     )
