@@ -124,3 +124,42 @@ def test_sparse_trainer_refuses_bad_reselection_options(tiny_tokenizer, tmp_path
         SparseTrainer(model=sparse, args=args, reselect_every=2, reselect_fraction=1.5)
     with pytest.raises(ConfigError, match="needs a SparseModel"):
         SparseTrainer(model=make_tiny_llama(), args=args, reselect_every=2)
+
+
+def test_sparse_trainer_ranks_growth_over_the_steps_first_micro_batches(tiny_tokenizer, tmp_path, monkeypatch):
+    import sparseft.training.hf as hf
+
+    examples = encode_rows([{"prompt": f"q{i}", "completion": f" a{i % 3}"} for i in range(16)], tiny_tokenizer)
+    ranked_over = []
+    real_step = hf.reselect_step
+
+    def counting_step(model, optimizer, schedule, step, loss_of, distributed):
+        ranked_over.append(len(loss_of))
+        return real_step(model, optimizer, schedule, step, loss_of, distributed)
+
+    monkeypatch.setattr(hf, "reselect_step", counting_step)
+
+    def moved_masks(growth_batches):
+        torch.manual_seed(0)
+        model = get_sparse_model(make_tiny_llama(), SparseConfig(density=0.05, value_dtype="float32"))
+        args = TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=2, per_device_train_batch_size=2,
+                                 learning_rate=1e-2, gradient_accumulation_steps=3, report_to=[], save_strategy="no",
+                                 use_cpu=True, seed=0, remove_unused_columns=False, disable_tqdm=True)
+        trainer = hf.SparseTrainer(model=model, args=args, train_dataset=ExampleDataset(examples),
+                                   data_collator=lambda rows: collate(rows, tiny_tokenizer.pad_token_id),
+                                   reselect_every=1, reselect_fraction=0.5, reselect_growth_batches=growth_batches)
+        trainer.train()
+        assert [step for step, _ in trainer.reselected] == [1]
+        return {n: layer.indices.clone() for n, layer in model.sparse_layers().items()}
+
+    one, two = moved_masks(1), moved_masks(2)
+    assert ranked_over == [1, 2]  # the step's first micro-batch, then its first two
+    assert any(not torch.equal(one[n], two[n]) for n in one)  # a second batch's gradient changes what grows
+
+    args = TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=1, report_to=[], use_cpu=True,
+                             gradient_accumulation_steps=2)
+    sparse = get_sparse_model(make_tiny_llama(), SparseConfig(density=0.05))
+    with pytest.raises(ConfigError, match=r"reselect_growth_batches=3 .* at most gradient_accumulation_steps \(2\)"):
+        hf.SparseTrainer(model=sparse, args=args, reselect_every=2, reselect_growth_batches=3)
+    with pytest.raises(ConfigError, match="applies only with reselect_every"):
+        hf.SparseTrainer(model=sparse, args=args, reselect_growth_batches=2)
