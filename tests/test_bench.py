@@ -199,6 +199,9 @@ def tiny_raw(**changes):
         ({"model": {"tiny": [1]}}, "grid.yaml: model.tiny must be a mapping of sizes like {hidden_size: 32}, got [1]"),
         ({"model": {"tiny": {"hidden_size": "abc"}}}, "model.tiny.hidden_size must be a positive integer, got 'abc'"),
         ({"model": {"tiny": {"vocab_size": 10}}}, "model.tiny: unknown field(s) ['vocab_size']"),
+        # 10^5 layers of hidden 4096: a 25,000B-parameter "tiny" model would be built in every row.
+        ({"model": {"tiny": {"hidden_size": 4096, "intermediate_size": 16384, "num_hidden_layers": 100_000}}},
+         "model.tiny: these sizes make a 25166.6B-parameter model"),
         ({"model": {"tiny": {"hidden_size": 33}}},
          "model.tiny: not a shape a Llama can have (Class validation error for validator 'validate_architecture': "
          "ValueError: The hidden size (33) is not a multiple of the number of attention heads (4).)"),

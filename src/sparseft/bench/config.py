@@ -454,7 +454,7 @@ TINY_SIZES = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_atte
 
 def check_tiny_shape(shape: Any, where: str) -> None:
     """``model: {tiny: {hidden_size: 32, ...}}``: known sizes, positive integers, a Llama that can be built."""
-    from .shapes import llama_config
+    from .shapes import SHAPES, llama_config
 
     at = f"{where}: model.tiny"
     if shape is None:
@@ -474,6 +474,28 @@ def check_tiny_shape(shape: Any, where: str) -> None:
         llama_config("tiny", **shape)
     except Exception as e:  # the config's own consistency checks (e.g. heads that do not divide hidden_size)
         raise ConfigError(f"{at}: not a shape a Llama can have ({' '.join(str(e).split())})") from None
+    check_tiny_fits(at, {**SHAPES["tiny"], **shape})
+
+
+def check_tiny_fits(at: str, values: dict[str, Any]) -> None:
+    """A random-init tiny model is built whole in fp32 in every row: refuse one whose weights alone
+    exceed this machine's memory, before the first row starts building it."""
+    from .shapes import parameter_count
+
+    params = parameter_count(values)
+    memory = machine_memory_bytes()
+    if memory is not None and 4 * params > memory:
+        raise ConfigError(f"{at}: these sizes make a {params / 1e9:.1f}B-parameter model, {4 * params / 2**30:.0f} GiB "
+                          f"in fp32 before any training state, more than this machine's {memory / 2**30:.0f} GiB; "
+                          "a tiny model is for quick grids (for a real one, give model a directory or alias)")
+
+
+def machine_memory_bytes() -> int | None:
+    """Physical memory, where the OS says (Linux, macOS); None elsewhere."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def check_tasks(cfg: BenchConfig, where: str) -> None:

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from ..config import LLAMA_PROJECTIONS, SparseConfig
-from .shapes import SHAPES, llama_config
+from .shapes import SHAPES, linear_params_per_layer, llama_config, parameter_count
 
 BASES = ("bf16", "nf4")
 LADDER = ("405b", "70b", "65b", "34b", "13b", "8b", "3b", "1b")
@@ -196,22 +196,6 @@ def train_steps(sparse, device: torch.device, steps: int, batch: int, seq: int, 
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
     return seconds
-
-
-def parameter_count(shape: str) -> int:
-    """Parameters of ``shape`` from its config alone (nothing built)."""
-    c = SHAPES[shape]
-    h, layers, vocab = c["hidden_size"], c["num_hidden_layers"], c["vocab_size"]
-    norms = (2 * layers + 1) * h
-    embeddings = vocab * h * (1 if c["tie_word_embeddings"] else 2)  # input embeddings, and the head unless tied
-    return layers * linear_params_per_layer(shape) + norms + embeddings
-
-
-def linear_params_per_layer(shape: str) -> int:
-    c = SHAPES[shape]
-    h, inter = c["hidden_size"], c["intermediate_size"]
-    kv = h // c["num_attention_heads"] * c["num_key_value_heads"]
-    return 2 * h * h + 2 * kv * h + 3 * h * inter
 
 
 def lower_bound_bytes(shape: str, base: str, density: float) -> int:

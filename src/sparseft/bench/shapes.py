@@ -52,6 +52,22 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 
 
+def parameter_count(shape: str | dict[str, Any]) -> int:
+    """Parameters of ``shape`` (a name in ``SHAPES``, or its values) from its config alone (nothing built)."""
+    c = SHAPES[shape] if isinstance(shape, str) else shape
+    h, layers, vocab = c["hidden_size"], c["num_hidden_layers"], c["vocab_size"]
+    norms = (2 * layers + 1) * h
+    embeddings = vocab * h * (1 if c["tie_word_embeddings"] else 2)  # input embeddings, and the head unless tied
+    return layers * linear_params_per_layer(c) + norms + embeddings
+
+
+def linear_params_per_layer(shape: str | dict[str, Any]) -> int:
+    c = SHAPES[shape] if isinstance(shape, str) else shape
+    h, inter = c["hidden_size"], c["intermediate_size"]
+    kv = h // c["num_attention_heads"] * c["num_key_value_heads"]
+    return 2 * h * h + 2 * kv * h + 3 * h * inter
+
+
 def llama_config(shape: str = "tiny", min_positions: int = 0, **overrides: Any):
     """The ``LlamaConfig`` of ``shape`` with ``overrides`` on top, with room for at least ``min_positions`` tokens."""
     from transformers import LlamaConfig
