@@ -365,6 +365,31 @@ def test_reselect_knobs_of_a_sparse_row_reach_its_train_config_and_unset_ones_st
         == "sparse/random reselect/10 growth×4"
 
 
+def test_allocation_of_a_sparse_row_reaches_its_train_config_and_unset_it_stays_out_of_its_spec(tmp_path):
+    from sparseft.bench.grid import worker_spec
+    from sparseft.bench.results import row_label
+    from sparseft.bench.worker import train_config
+
+    runs = [{"id": "default", "method": "sparse", "scorer": "random", "lr": 1e-3},
+            {"id": "global", "method": "sparse", "scorer": "random", "lr": 1e-3, "allocation": "global"}]
+    cfg = parse_bench_config(tiny_raw(runs=runs), base_dir=TINY.parent)
+    default, chosen = (worker_spec(cfg, run, "tiny", tmp_path / "train.jsonl", tmp_path / run.id) for run in cfg.runs)
+    assert "allocation" not in default["run"]  # as before the knob existed: --resume keeps earlier rows
+    assert train_config(default, "cpu").selection.allocation == "proportional"
+    assert train_config(chosen, "cpu").selection.allocation == "global"
+    assert row_label({"method": "sparse", "scorer": "fisher", "allocation": "global"}) == "sparse/fisher global"
+    assert row_label({"method": "sparse", "scorer": "fisher", "allocation": "proportional"}) == "sparse/fisher"
+    for run, message in [({"id": "f", "method": "full", "lr": 1e-3, "allocation": "global"},
+                          "(f): allocation applies to sparse rows only"),
+                         ({"id": "s", "method": "sparse", "scorer": "random", "lr": 1e-3, "allocation": "even"},
+                          "(s): allocation must be one of ('global', 'proportional', 'per_module'), got 'even'"),
+                         ({"id": "s", "method": "sparse", "scorer": "random", "lr": 1e-3, "allocation": "per_module",
+                           "num_params": 100}, "(s): allocation per_module takes a density, not num_params")]:
+        with pytest.raises(ConfigError) as err:
+            parse_bench_config(tiny_raw(runs=[run]), where="grid.yaml", base_dir=TINY.parent)
+        assert message in str(err.value)
+
+
 def test_shipped_reselect_config_compares_growth_over_one_and_four_batches(tmp_path):
     (tmp_path / "sst2").mkdir()
     for name in ("train.tsv", "dev.tsv"):

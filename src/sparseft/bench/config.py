@@ -56,6 +56,7 @@ class RunSpec:
     num_params: int | None = None  # sparse only; exact budget instead of a density
     lora_rank: int | str | None = None  # lora only: an int, or "match" (rank matching the sparse budget)
     calibration_batches: int | None = None  # sparse data scorers only
+    allocation: str | None = None  # sparse only: how k splits over modules (TrainConfig's default when None)
     # sparse only: re-selection during training (TrainConfig's fields of these names; unset: off / defaults)
     reselect_every: int | None = None
     reselect_fraction: float | None = None
@@ -389,11 +390,12 @@ def check_base_weights(run: RunSpec, method: Method, at: str) -> None:
 
 # The RunSpec fields that belong to some method (the rest, id / method / lr / seed / dtype, every row has;
 # quantize, which follows Method.quantizes_base, is checked by check_base_weights).
-KNOBS = ("scorer", "density", "num_params", "lora_rank", "calibration_batches", "reselect_every", "reselect_fraction",
-         "reselect_growth_batches")
+KNOBS = ("scorer", "density", "num_params", "lora_rank", "calibration_batches", "allocation", "reselect_every",
+         "reselect_fraction", "reselect_growth_batches")
 # Knobs added after grids were first run: a row's worker spec leaves them out when unset, so --resume
 # still finds its earlier rows equal.
-LATER_KNOBS = ("reselect_every", "reselect_fraction", "reselect_growth_batches", "select_over", "quantize_skip")
+LATER_KNOBS = ("reselect_every", "reselect_fraction", "reselect_growth_batches", "select_over", "quantize_skip",
+               "allocation")
 # Where the values of a quantized row started before quantize_init existed: its worker spec has no such key.
 QUANT_INIT_BEFORE_OPTION = "zero"
 

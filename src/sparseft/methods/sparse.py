@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import SparseConfig, finite_number, positive_int_or_none
+from ..config import ALLOCATIONS, SparseConfig, finite_number, positive_int_or_none
 from ..diffio import CONFIG_NAME
 from ..errors import ConfigError
 from .registry import Method, Prepared
@@ -26,7 +26,7 @@ class SparseMethod(Method):
     name = "sparse"
     artifact_kind = "diff"
     help = "train k chosen weight entries, save a diff"
-    run_knobs = ("scorer", "density", "num_params", "calibration_batches", *RESELECT_KNOBS)
+    run_knobs = ("scorer", "density", "num_params", "calibration_batches", "allocation", *RESELECT_KNOBS)
     not_applicable = frozenset({"lora_rank"})
     takes_masks = True
     reselects = True
@@ -84,6 +84,11 @@ class SparseMethod(Method):
         if not positive_int_or_none(run.calibration_batches):
             raise ConfigError(f"{at} ({run.id}): calibration_batches must be a positive integer, "
                               f"got {run.calibration_batches!r}")
+        if run.allocation is not None and run.allocation not in ALLOCATIONS:
+            raise ConfigError(f"{at} ({run.id}): allocation must be one of {ALLOCATIONS}, got {run.allocation!r}")
+        if run.allocation == "per_module" and run.num_params is not None:
+            raise ConfigError(f"{at} ({run.id}): allocation per_module takes a density, not num_params (each "
+                              "module's count is rounded on its own, so an exact total cannot be kept)")
         check_reselect_knobs(run, at)
 
     def complete_run(self, run: dict[str, Any], grid_density: float) -> dict[str, Any]:
@@ -95,6 +100,8 @@ class SparseMethod(Method):
         fields = dict(scorer=run["scorer"], density=run.get("density"), num_params=run.get("num_params"))
         if run.get("calibration_batches"):
             fields["calibration_batches"] = int(run["calibration_batches"])
+        if run.get("allocation"):
+            fields["allocation"] = run["allocation"]
         fields.update({knob: run[knob] for knob in RESELECT_KNOBS if run.get(knob) is not None})
         return fields
 
@@ -102,13 +109,16 @@ class SparseMethod(Method):
         from ..audit import inspect_diff
 
         # Share of the targeted entries the diff trains (what the budget became after rounding).
-        facts: dict[str, Any] = {"density": float(inspect_diff(result.out)["density"])}
+        facts: dict[str, Any] = {"density": float(inspect_diff(result.out)["density"]),
+                                 "allocation": cfg.selection.allocation}
         if cfg.reselecting:
             facts.update({knob: getattr(cfg, knob) for knob in RESELECT_KNOBS})
         return facts
 
     def label(self, row: dict[str, Any]) -> str:
         label = f"sparse/{row.get('scorer')}"
+        if row.get("allocation") not in (None, SparseConfig.allocation):  # None: a row from before the field
+            label += f" {row['allocation']}"
         if row.get("reselect_every"):
             label += f" reselect/{row['reselect_every']}"
             if row.get("reselect_growth_batches", 1) != 1:
