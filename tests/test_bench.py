@@ -573,6 +573,17 @@ def test_shipped_real_config_parses(tmp_path):
     assert {"random", "fisher", "combined"} <= {r.scorer for r in cfg.runs if r.method == "sparse"}
 
 
+def test_every_shipped_bench_config_loads(tmp_path):
+    # Each file a config names under ${SPARSEFT_DATA} exists (content is read only when a grid runs).
+    for name in ("sst2/train.tsv", "sst2/dev.tsv", "samsum/validation.jsonl", "samsum/test.jsonl", "squad/dev-v1.1.json"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text("x\n")
+    configs = sorted((ROOT / "examples" / "bench").glob("*.yaml"))
+    assert len(configs) >= 20
+    for path in configs:
+        assert load_bench_config(path, data_root=str(tmp_path)).runs, path
+
+
 def test_tiny_tokenizer_keeps_task_words_distinct():
     tok = text_tokenizer(["Review: a good film .", "positive", "negative"])
     ids = tok("positive negative good", add_special_tokens=False)["input_ids"]
