@@ -384,7 +384,8 @@ def test_allocation_of_a_sparse_row_reaches_its_train_config_and_unset_it_stays_
                          ({"id": "s", "method": "sparse", "scorer": "random", "lr": 1e-3, "allocation": "even"},
                           "(s): allocation must be one of ('global', 'proportional', 'per_module'), got 'even'"),
                          ({"id": "s", "method": "sparse", "scorer": "random", "lr": 1e-3, "allocation": "per_module",
-                           "num_params": 100}, "(s): allocation per_module takes a density, not num_params")]:
+                           "num_params": 100}, "(s): allocation='per_module' gives every module the same density and cannot hit an "
+                          "exact num_params")]:
         with pytest.raises(ConfigError) as err:
             parse_bench_config(tiny_raw(runs=[run]), where="grid.yaml", base_dir=TINY.parent)
         assert message in str(err.value)

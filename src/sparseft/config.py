@@ -100,6 +100,16 @@ def to_str(name: str, value: Any) -> str:
     return value
 
 
+def check_allocation(allocation: Any, num_params: int | None) -> None:
+    """``allocation`` is one of ``ALLOCATIONS`` and can keep the budget asked for: per_module fixes each module's
+    density, so it cannot hit an exact ``num_params``. A ConfigError otherwise, before any model loads."""
+    if allocation not in ALLOCATIONS:
+        raise ConfigError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+    if allocation == "per_module" and num_params is not None:
+        raise ConfigError("allocation='per_module' gives every module the same density and cannot hit an exact "
+                          "num_params; use density=..., or allocation='proportional' / 'global' with num_params")
+
+
 @dataclass
 class SparseConfig:
     """What to train and how to store it.
@@ -156,8 +166,7 @@ class SparseConfig:
             raise ConfigError("target_modules must name at least one module")
         if not isinstance(self.scorer_weights, dict):
             raise ConfigError(f"scorer_weights must map score names to weights, got {self.scorer_weights!r}")
-        if self.allocation not in ALLOCATIONS:
-            raise ConfigError(f"allocation must be one of {ALLOCATIONS}, got {self.allocation!r}")
+        check_allocation(self.allocation, self.num_params)
         if self.value_dtype not in VALUE_DTYPES:
             raise ConfigError(f"value_dtype must be one of {VALUE_DTYPES}, got {self.value_dtype!r}")
         if self.calibration_batches < 1:

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import ALLOCATIONS, SparseConfig, finite_number, positive_int_or_none
+from ..config import SparseConfig, check_allocation, finite_number, positive_int_or_none
 from ..diffio import CONFIG_NAME
 from ..errors import ConfigError
 from .registry import Method, Prepared
@@ -84,11 +84,11 @@ class SparseMethod(Method):
         if not positive_int_or_none(run.calibration_batches):
             raise ConfigError(f"{at} ({run.id}): calibration_batches must be a positive integer, "
                               f"got {run.calibration_batches!r}")
-        if run.allocation is not None and run.allocation not in ALLOCATIONS:
-            raise ConfigError(f"{at} ({run.id}): allocation must be one of {ALLOCATIONS}, got {run.allocation!r}")
-        if run.allocation == "per_module" and run.num_params is not None:
-            raise ConfigError(f"{at} ({run.id}): allocation per_module takes a density, not num_params (each "
-                              "module's count is rounded on its own, so an exact total cannot be kept)")
+        if run.allocation is not None:
+            try:  # SparseConfig's own check, before any row runs
+                check_allocation(run.allocation, run.num_params)
+            except ConfigError as e:
+                raise ConfigError(f"{at} ({run.id}): {e}") from None
         check_reselect_knobs(run, at)
 
     def complete_run(self, run: dict[str, Any], grid_density: float) -> dict[str, Any]:

@@ -32,15 +32,10 @@ def module_budgets(cfg: SparseConfig, sizes: dict[str, int]) -> dict[str, int]:
     proportional: the total budget split in proportion to module size by largest remainder (ties to
     the earlier name), so the sum is exactly the total. per_module: round(density × size) in every
     module, so each module's own density is as close to ``density`` as its size allows; the total is
-    their sum. per_module fixes a density, so it refuses ``num_params``.
+    their sum. per_module fixes a density, so SparseConfig refuses it with ``num_params`` (``check_allocation``).
     """
     total = sum(sizes.values())
     if cfg.allocation == "per_module":
-        if cfg.num_params is not None:
-            raise ConfigError(
-                "allocation='per_module' gives every module the same density and cannot hit an exact "
-                "num_params; use density=..., or allocation='proportional' / 'global' with num_params"
-            )
         budgets = {name: math.floor(cfg.density * n + 0.5) for name, n in sizes.items()}
         if sum(budgets.values()) == 0:
             raise ConfigError(f"density={cfg.density} rounds to 0 entries in every module; raise the density")
