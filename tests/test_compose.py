@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -44,6 +45,20 @@ def random_diff(seed: int, density: float = 0.1, base_seed: int = 0) -> SparseDi
 def merged_weights(diff_dir) -> dict[str, torch.Tensor]:
     model = SparseModel.from_pretrained(make_tiny_llama(), diff_dir).merge_and_unload()
     return {n: layer.weight.detach().clone() for n, layer in find_targets(model, TARGETS).items()}
+
+
+def test_diffs_selected_per_module_compose_and_the_result_reloads(tmp_path):
+    # The composed config keeps the first input's allocation with an exact entry count: a record, not a request.
+    cfg = SparseConfig(density=0.1, target_modules=TARGETS, allocation="per_module")
+    a, b = (get_sparse_model(make_tiny_llama(), dataclasses.replace(cfg, seed=s)) for s in (1, 2))
+    for sparse in (a, b):
+        for layer in sparse.sparse_layers().values():
+            layer.values.data = torch.full((layer.k,), 0.25)  # never cancels: the union keeps every entry
+    a, b = a.to_diff(), b.to_diff()
+    composed, report = compose([a, b], base_weights=linear_weights(make_tiny_llama()))
+    assert composed.config.allocation == "per_module" and composed.config.num_params == composed.num_entries > a.num_entries
+    write_diff(composed, tmp_path / "c")
+    assert read_diff(tmp_path / "c").num_entries == composed.num_entries
 
 
 def test_disjoint_diffs_compose_to_applying_one_after_the_other(tmp_path):

@@ -312,6 +312,17 @@ def test_sparse_config_yaml_converts_numbers(tmp_path):
         SparseConfig(num_params=10.5)
 
 
+def test_per_module_with_num_params_is_refused_by_the_train_config_before_a_model_loads(tmp_path):
+    # A stored diff may record per_module with its exact entry count; a run cannot ask for one.
+    from sparseft import SparseConfig
+    from sparseft.training.config import TrainConfig
+
+    kept = SparseConfig(num_params=10, allocation="per_module")
+    assert kept.num_params == 10
+    with pytest.raises(ConfigError, match="per_module.*cannot hit an exact num_params"):
+        TrainConfig(model="tiny", data="d.jsonl", out=str(tmp_path / "o"), selection=kept)
+
+
 def test_masks_keep_the_selection_settings_they_were_chosen_with(train_file, tmp_path):
     """``train --masks`` records how its entries were chosen (the mask file's or diff's config), not the
     train run's own scorer/allocation/seed flags, which chose nothing."""

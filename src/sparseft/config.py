@@ -100,11 +100,18 @@ def to_str(name: str, value: Any) -> str:
     return value
 
 
-def check_allocation(allocation: Any, num_params: int | None) -> None:
-    """``allocation`` is one of ``ALLOCATIONS`` and can keep the budget asked for: per_module fixes each module's
-    density, so it cannot hit an exact ``num_params``. A ConfigError otherwise, before any model loads."""
+def check_allocation(allocation: Any) -> None:
+    """``allocation`` is one of ``ALLOCATIONS``; a ConfigError otherwise."""
     if allocation not in ALLOCATIONS:
         raise ConfigError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+
+
+def check_budget_request(allocation: Any, num_params: int | None) -> None:
+    """A selection asked for with ``allocation`` can keep ``num_params``: per_module fixes each module's
+    density, so it cannot hit an exact total. Checked where a budget is requested (train config, bench
+    rows, the budget itself), not in SparseConfig: a stored diff's config records its exact entry count
+    whatever allocation chose the entries."""
+    check_allocation(allocation)
     if allocation == "per_module" and num_params is not None:
         raise ConfigError("allocation='per_module' gives every module the same density and cannot hit an exact "
                           "num_params; use density=..., or allocation='proportional' / 'global' with num_params")
@@ -122,7 +129,8 @@ class SparseConfig:
     Fields:
         density: share of the targeted weight entries to train (0 < density <= 1). Ignored when
             ``num_params`` is set.
-        num_params: exact total number of entries to train, instead of a density.
+        num_params: exact total number of entries to train, instead of a density (in a saved diff:
+            the entries it holds).
         target_modules: names of ``nn.Linear`` modules to adapt; an entry matches a module whose
             qualified name equals it or ends with ``.<entry>``.
         scorer: how entries are chosen (see ``sparseft.selection``): random, magnitude, gradient,
@@ -166,7 +174,7 @@ class SparseConfig:
             raise ConfigError("target_modules must name at least one module")
         if not isinstance(self.scorer_weights, dict):
             raise ConfigError(f"scorer_weights must map score names to weights, got {self.scorer_weights!r}")
-        check_allocation(self.allocation, self.num_params)
+        check_allocation(self.allocation)
         if self.value_dtype not in VALUE_DTYPES:
             raise ConfigError(f"value_dtype must be one of {VALUE_DTYPES}, got {self.value_dtype!r}")
         if self.calibration_batches < 1:

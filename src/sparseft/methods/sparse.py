@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..config import SparseConfig, check_allocation, finite_number, positive_int_or_none
+from ..config import SparseConfig, check_budget_request, finite_number, positive_int_or_none
 from ..diffio import CONFIG_NAME
 from ..errors import ConfigError
 from .registry import Method, Prepared
@@ -85,8 +85,8 @@ class SparseMethod(Method):
             raise ConfigError(f"{at} ({run.id}): calibration_batches must be a positive integer, "
                               f"got {run.calibration_batches!r}")
         if run.allocation is not None:
-            try:  # SparseConfig's own check, before any row runs
-                check_allocation(run.allocation, run.num_params)
+            try:  # the budget's own rule, before any row runs
+                check_budget_request(run.allocation, run.num_params)
             except ConfigError as e:
                 raise ConfigError(f"{at} ({run.id}): {e}") from None
         check_reselect_knobs(run, at)

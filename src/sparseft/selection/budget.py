@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from ..config import SparseConfig
+from ..config import SparseConfig, check_budget_request
 from ..errors import ConfigError, NonFiniteScoresError
 
 
@@ -32,9 +32,10 @@ def module_budgets(cfg: SparseConfig, sizes: dict[str, int]) -> dict[str, int]:
     proportional: the total budget split in proportion to module size by largest remainder (ties to
     the earlier name), so the sum is exactly the total. per_module: round(density × size) in every
     module, so each module's own density is as close to ``density`` as its size allows; the total is
-    their sum. per_module fixes a density, so SparseConfig refuses it with ``num_params`` (``check_allocation``).
+    their sum. per_module fixes a density, so it refuses ``num_params`` (``check_budget_request``).
     """
     total = sum(sizes.values())
+    check_budget_request(cfg.allocation, cfg.num_params)
     if cfg.allocation == "per_module":
         budgets = {name: math.floor(cfg.density * n + 0.5) for name, n in sizes.items()}
         if sum(budgets.values()) == 0:

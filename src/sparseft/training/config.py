@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from ..config import SparseConfig, convert_fields
+from ..config import SparseConfig, check_budget_request, convert_fields
 from ..errors import ConfigError
 from ..files import read_yaml_file, yaml_key_lines
 from ..methods import get_method, training_methods
@@ -143,6 +143,7 @@ class TrainConfig:
         convert_fields(self)  # numbers from YAML may be strings (``lr: 1e-3``); store the declared types
         self.quantize_skip = skip_patterns(self.quantize_skip)
         self.selection = dataclasses.replace(self.selection, seed=self.seed)
+        check_budget_request(self.selection.allocation, self.selection.num_params)  # before any model loads
         trainable = training_methods()
         checks = [
             (self.method in trainable, f"method must be one of {tuple(trainable)}, got {self.method!r}"),
