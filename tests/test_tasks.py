@@ -22,7 +22,7 @@ from sparseft.errors import ConfigError, DataFormatError
 from sparseft.tasks import ROUTING_DATA, ROUTING_DEPARTMENTS, get_task
 from sparseft.tasks.base import completion_text, encode_completion, encode_prompt
 from sparseft.tasks.classification import read_sst2_tsv
-from sparseft.tasks.inference import generate_texts, score_completions
+from sparseft.tasks.inference import batches, generate_texts, score_completions
 from sparseft.tasks.qa import best_over_references, exact_match, normalize_answer, read_squad_json, token_f1
 from sparseft.tasks.summarization import read_dialogue_jsonl, rouge_scores
 
@@ -337,10 +337,17 @@ def test_classification_predicts_the_most_likely_label():
     assert metrics["accuracy"] == pytest.approx(expected)
 
 
+def test_batches_group_prompts_longest_first_and_cover_each_once():
+    assert list(batches([3, 9, 5, 12, 1, 9], batch_size=2)) == [[3, 1], [5, 2], [0, 4]]
+    with pytest.raises(ConfigError):
+        list(batches([1, 2], batch_size=0))
+
+
 def test_batched_greedy_generation_equals_one_by_one():
     model, tok = make_tiny_llama(), char_tokenizer()
-    prompts = [tok(text)["input_ids"] for text in ("Hello there", "Q?", "A longer prompt here")]
-    batched = generate_texts(model, tok, prompts, max_new_tokens=6, batch_size=3)
+    texts = ("Hello there", "Q?", "A longer prompt here", "Mid size", "x")
+    prompts = [tok(text)["input_ids"] for text in texts]
+    batched = generate_texts(model, tok, prompts, max_new_tokens=6, batch_size=2)  # run longest first, returned in order
     single = [generate_texts(model, tok, [p], max_new_tokens=6, batch_size=1)[0] for p in prompts]
     assert batched == single and all(isinstance(t, str) for t in batched)
 

@@ -19,10 +19,14 @@ from ..loading import pad_token_id
 CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
-def batches(n: int, batch_size: int) -> Iterator[range]:
+def batches(lengths: Sequence[int], batch_size: int) -> Iterator[list[int]]:
+    """Indices of the prompts, ``batch_size`` at a time, longest prompts first: a batch pads to its
+    longest prompt, so grouping similar lengths spends less compute on padding (and the first batch
+    shows at once whether the longest fit). Callers put each result back at its index."""
     batch_size = positive_count("batch_size", batch_size)  # 0 would stop range(), a negative one score nothing
-    for start in range(0, n, batch_size):
-        yield range(start, min(start + batch_size, n))
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: equal lengths keep their order
+    for start in range(0, len(order), batch_size):
+        yield order[start : start + batch_size]
 
 
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,7 +81,7 @@ def score_completions(
     comp_ids, comp_mask = right_pad(completions, pad_id)
     comp_ids, comp_mask = comp_ids.to(device), comp_mask.to(device)
     scores = torch.empty(len(prompts), n_labels)
-    for rows in tqdm(list(batches(len(prompts), batch_size)), desc="scoring", disable=not progress):
+    for rows in tqdm(list(batches([len(p) for p in prompts], batch_size)), desc="scoring", disable=not progress):
         ids, mask = left_pad([prompts[i] for i in rows], pad_id, device)
         out = model(
             input_ids=ids,
@@ -92,7 +96,7 @@ def score_completions(
         token_logp[:, :, 0] = first[:, comp_ids[:, 0]]
         if comp_ids.shape[1] > 1:
             token_logp[:, :, 1:] = continuation_logp(model, getattr(out, CACHE_NAME), mask, comp_ids, comp_mask)
-        scores[rows.start : rows.stop] = (token_logp * comp_mask).sum(-1).cpu()
+        scores[rows] = (token_logp * comp_mask).sum(-1).cpu()
     return scores
 
 
@@ -129,8 +133,8 @@ def generate_texts(
     """Greedy continuations of token-id prompts, decoded without special tokens and stripped."""
     device = model_device(model)
     pad_id = pad_token_id(tokenizer)
-    texts: list[str] = []
-    for rows in tqdm(list(batches(len(prompts), batch_size)), desc="generating", disable=not progress):
+    texts = [""] * len(prompts)
+    for rows in tqdm(list(batches([len(p) for p in prompts], batch_size)), desc="generating", disable=not progress):
         ids, mask = left_pad([prompts[i] for i in rows], pad_id, device)
         out = model.generate(
             input_ids=ids,
@@ -141,5 +145,6 @@ def generate_texts(
             eos_token_id=tokenizer.eos_token_id,
         )
         new_tokens = out[:, ids.shape[1] :]
-        texts += [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        for i, text in zip(rows, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
+            texts[i] = text.strip()
     return texts
