@@ -50,10 +50,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def allow_slow_proxy_start(seconds: int) -> None:
+    import ray.serve._private.api as serve_api
+
+    if hasattr(serve_api, "HTTP_PROXY_TIMEOUT"):  # read at call time by serve_start
+        serve_api.HTTP_PROXY_TIMEOUT = max(serve_api.HTTP_PROXY_TIMEOUT, seconds)
+
+
 @pytest.fixture(scope="module")
 def ray_url(files):
     """A local Ray instance serving the app on a loopback port; Serve and Ray are always shut down after."""
     port = free_port()
+    # Serve gives its HTTP proxy 60 s to start (a fixed constant, no setting); on the 2-core machine beside a
+    # benchmark grid, in a fresh venv, it took longer and the fixture failed without any fault of the app.
+    allow_slow_proxy_start(300)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
