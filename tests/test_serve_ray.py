@@ -14,7 +14,9 @@ from serve_fixtures import make_diff, reference, save_base
 ray = pytest.importorskip("ray", reason="Ray Serve is an optional extra: pip install 'sparseft[ray]'")
 serve = pytest.importorskip("ray.serve", reason="Ray Serve is an optional extra: pip install 'sparseft[ray]'")
 
-from sparseft.serve.ray_app import HELD_HEADER, REPLICA_HEADER, DiffSource, RayOptions, build_ray_app  # noqa: E402
+from sparseft.serve.ray_app import (  # noqa: E402
+    HELD_HEADER, REPLICA_HEADER, DiffSource, RayOptions, allow_slow_proxy_start, build_ray_app,
+)
 
 pytestmark = pytest.mark.slow  # Ray's start-up: ~20 s on a busy 2-core box
 
@@ -50,20 +52,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def allow_slow_proxy_start(seconds: int) -> None:
-    import ray.serve._private.api as serve_api
-
-    if hasattr(serve_api, "HTTP_PROXY_TIMEOUT"):  # read at call time by serve_start
-        serve_api.HTTP_PROXY_TIMEOUT = max(serve_api.HTTP_PROXY_TIMEOUT, seconds)
-
-
 @pytest.fixture(scope="module")
 def ray_url(files):
     """A local Ray instance serving the app on a loopback port; Serve and Ray are always shut down after."""
     port = free_port()
-    # Serve gives its HTTP proxy 60 s to start (a fixed constant, no setting); on the 2-core machine beside a
-    # benchmark grid, in a fresh venv, it took longer and the fixture failed without any fault of the app.
-    allow_slow_proxy_start(300)
+    allow_slow_proxy_start()  # as `sparseft serve --ray` does: the proxy may start slowly on a busy machine
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

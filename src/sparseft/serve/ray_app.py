@@ -414,12 +414,24 @@ def interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+# Serve's controller kills its HTTP proxy when three readiness checks of 5 s each fail; a proxy importing
+# its web stack on a busy 2-core machine took longer, so Serve never started. 20 s a check (three make
+# Serve's own 60 s wait for the proxy) unless the environment sets its own.
+PROXY_READY_CHECK_S = "20"
+
+
+def allow_slow_proxy_start() -> None:
+    """Before ``ray.init``: Ray's processes inherit the variable (a cluster joined with RAY_ADDRESS keeps its own)."""
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", PROXY_READY_CHECK_S)
+
+
 def run_ray(app, host: str, port: int) -> None:
     """Start (or join, with RAY_ADDRESS) a Ray cluster, serve ``app`` on host:port until Ctrl-C or SIGTERM,
     then shut Serve and Ray down (a plain SIGTERM would leave Ray's agent processes behind)."""
     import ray
     from ray import serve
 
+    allow_slow_proxy_start()
     ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
     signal.signal(signal.SIGTERM, interrupt)  # after ray.init, which installs a SIGTERM handler of its own
     try:
