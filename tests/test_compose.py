@@ -55,7 +55,7 @@ def test_diffs_selected_per_module_compose_and_the_result_reloads(tmp_path):
         for layer in sparse.sparse_layers().values():
             layer.values.data = torch.full((layer.k,), 0.25)  # never cancels: the union keeps every entry
     a, b = a.to_diff(), b.to_diff()
-    composed, report = compose([a, b], base_weights=linear_weights(make_tiny_llama()))
+    composed, _ = compose([a, b], base_weights=linear_weights(make_tiny_llama()))
     assert composed.config.allocation == "per_module" and composed.config.num_params == composed.num_entries > a.num_entries
     write_diff(composed, tmp_path / "c")
     assert read_diff(tmp_path / "c").num_entries == composed.num_entries
