@@ -440,8 +440,11 @@ def test_quantize_init_is_a_quantized_rows_knob_whose_zero_keeps_earlier_specs(t
     assert [train_config(job, "cpu").quantize_init for job in (zero, corr, unset)] == ["zero", "correction", "zero"]
     assert row_label({"method": "sparse", "scorer": "combined", "quantize": "nf4", "quantize_init": "correction"}) == \
         "sparse/combined (nf4 base, values from its error)"
+    assert row_label({"method": "sparse", "scorer": "combined", "quantize": "nf4", "quantize_init": "correction-after"}) \
+        == "sparse/combined (nf4 base, its error added after)"
     for bad, message in ((dict(quantize_init="correction"), r"quantize_init applies to rows with quantize"),
-                         (dict(quantize="int8", quantize_init="half"), r"quantize_init must be one of")):
+                         (dict(quantize="int8", quantize_init="half"), r"quantize_init must be one of"),
+                         (dict(quantize="int8", quantize_init="correction-after", reselect_every=5), "the entries move")):
         row = {"id": "bad", "method": "sparse", "scorer": "random", "lr": 1e-2, **bad}
         with pytest.raises(ConfigError, match=message):
             parse_bench_config(tiny_raw(runs=[row]), base_dir=TINY.parent)
@@ -552,8 +555,11 @@ def test_shipped_quantized_base_config_parses(tmp_path):
     assert [(r.dtype, r.quantize, r.quantize_init, r.seed) for r in cfg.runs[14:20]] == [
         (dtype, "nf4", "correction", seed) for dtype in (None, "bfloat16") for seed in (None, 1, 2)]
     # Then both again with the entries chosen over the quantized base.
-    assert [(r.dtype, r.quantize, r.select_over, r.quantize_init, r.seed) for r in cfg.runs[20:]] == [
+    assert [(r.dtype, r.quantize, r.select_over, r.quantize_init, r.seed) for r in cfg.runs[20:26]] == [
         (dtype, "nf4", "quantized", None, seed) for dtype in (None, "bfloat16") for seed in (None, 1, 2)]
+    # Then bf16+nf4 with the error added once trained.
+    assert [(r.dtype, r.quantize, r.quantize_init, r.seed) for r in cfg.runs[26:]] == [
+        ("bfloat16", "nf4", "correction-after", seed) for seed in (None, 1, 2)]
     # One recipe, that of the protocol's sparse-combined row at lr 1e-3; only the base differs.
     (combined,) = [r for r in protocol.runs if r.id == "sparse-combined-lr0.001"]
     recipe = lambda r: (r.method, r.scorer, r.lr, r.density, r.num_params, r.calibration_batches)  # noqa: E731

@@ -75,7 +75,10 @@ def test_a_diff_over_a_quantized_base_refuses_other_bases(train_file, tmp_path, 
     (dict(quantize="int3"), r"quantize must be one of \['int4', 'int8', 'nf4'\], got 'int3'"),
     (dict(quantize="int8", method="lora"), "quantize applies to sparse runs only"),
     (dict(quantize="int8", fsdp=True), "quantize cannot be combined with fsdp"),
-    (dict(quantize="nf4", quantize_init="lofi"), r"quantize_init must be one of \['correction', 'zero'\], got 'lofi'"),
+    (dict(quantize="nf4", quantize_init="lofi"),
+     r"quantize_init must be one of \['correction', 'correction-after', 'zero'\], got 'lofi'"),
+    (dict(quantize="nf4", quantize_init="correction-after", reselect_every=2), "the entries move"),
+    (dict(quantize="nf4", quantize_init="correction-after", select_over="quantized"), "needs the full-precision"),
 ])
 def test_bad_quantize_settings_are_refused(overrides, message, tmp_path):
     with pytest.raises(ConfigError, match=message):
@@ -108,6 +111,32 @@ def test_a_run_over_a_quantized_base_records_where_its_values_started(train_file
                  model=make_tiny_llama(), tokenizer=make_tiny_tokenizer())
     inits = [read_diff(tmp_path / run).provenance["train_config"]["quantize_init"] for run in ("a", "b")]
     assert inits == ["zero", "correction"]
+
+
+@pytest.mark.parametrize("scheme", ["int8", "nf4"])
+def test_correction_after_saves_the_trained_values_plus_each_entrys_quantization_error(train_file, tmp_path, scheme):
+    """The same run trained from zero, its entries' error W − dequantized(Q(W)) added once at the end: the
+    training itself (selection, steps, losses) is the zero run's."""
+    runs = {}
+    for init in ("zero", "correction-after"):
+        runs[init] = run_training(quick_config(train_file, tmp_path / init, steps=3, quantize=scheme, quantize_init=init),
+                                  model=make_tiny_llama(), tokenizer=make_tiny_tokenizer())
+    assert runs["zero"].losses == runs["correction-after"].losses
+    zero, after = read_diff(tmp_path / "zero"), read_diff(tmp_path / "correction-after")
+    assert after.provenance["train_config"]["quantize_init"] == "correction-after"
+    original = {name: m.weight.detach().float() for name, m in linear_layers(make_tiny_llama()).items()}
+    rounded = {name: dequantized(m.weight).float() for name, m in quantize_base(make_tiny_llama(), scheme).named_modules()
+               if name in original}
+    for name, indices in after.masks.items():
+        assert torch.equal(indices, zero.masks[name])
+        error = (original[name] - rounded[name]).reshape(-1)[indices.long()]
+        assert torch.count_nonzero(error)  # the base's rounding moved these entries ...
+        torch.testing.assert_close(after.values[name].float(), zero.values[name].float() + error, rtol=0, atol=1e-6)
+    reloaded = SparseModel.from_pretrained(quantize_base(make_tiny_llama(), scheme), tmp_path / "correction-after")
+    for name, layer in reloaded.sparse_layers().items():  # ... and the diff puts them back, plus what training added
+        weight = dequantized(layer.weight).reshape(-1)[layer.indices].float() + layer.values.detach().float()
+        wanted = original[name].reshape(-1)[layer.indices] + zero.values[name].float()
+        torch.testing.assert_close(weight, wanted, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4", "nf4"])

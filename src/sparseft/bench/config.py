@@ -67,7 +67,8 @@ class RunSpec:
     dtype: str | None = None
     quantize: str | None = None
     # With quantize: where the values start, "zero" (TrainConfig's default, and how rows ran before
-    # TrainConfig.quantize_init existed: such a row keeps its earlier worker spec for --resume) or "correction".
+    # TrainConfig.quantize_init existed: such a row keeps its earlier worker spec for --resume), "correction"
+    # or "correction-after".
     quantize_init: str | None = None
     # With quantize: where the entries are chosen, TrainConfig's default "full" (when None) or "quantized".
     select_over: str | None = None
@@ -369,7 +370,7 @@ def check_base_weights(run: RunSpec, method: Method, at: str) -> None:
         return
     try:  # the checks TrainConfig makes, before any row runs
         init = run.quantize_init or DEFAULT_QUANT_INIT
-        check_quant_init(init)
+        check_quant_init(init, bool(run.reselect_every))
         if run.select_over is not None:
             check_select_over(run.select_over, init)
         if run.quantize_skip is not None:

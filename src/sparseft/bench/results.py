@@ -130,12 +130,14 @@ def row_label(row: dict[str, Any]) -> str:
     """Method and its knob, e.g. ``sparse/fisher``, ``lora r=2``, ``full``, and the base it trained
     over when that is not the fp32 one: ``sparse/combined (int8 base)``, ``full (bfloat16 base)``; a diff
     whose values started at the quantization error: ``sparse/combined (nf4 base, values from its error)``;
+    that error added once trained: ``sparse/combined (nf4 base, its error added after)``;
     whose entries were chosen over the quantized base: ``sparse/combined (nf4 base, chosen over it)``; over a
     mixed base: ``sparse/combined (nf4 base, *.down_proj unquantized)``."""
     method = METHODS.get(row.get("method"))
     label = method.label(row) if method else str(row.get("method"))
     base = base_weights(row)
     notes = [note for knob, value, note in (("quantize_init", "correction", "values from its error"),
+                                            ("quantize_init", "correction-after", "its error added after"),
                                             ("select_over", "quantized", "chosen over it")) if row.get(knob) == value]
     if row.get("quantize_skip"):
         notes.append(f"{', '.join(row['quantize_skip'])} unquantized")

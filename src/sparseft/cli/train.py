@@ -87,7 +87,8 @@ def add_parser(sub):
     run.add_argument("--quantize-init", choices=list(QUANT_INITS),
                      help="with --quantize, where the trained values start: zero = 0; correction = "
                      "each selected entry's quantization error, so those entries begin at their full-precision "
-                     "weights (on SST-2 no better once trained: docs/training.md)")
+                     "weights (on SST-2 no better once trained: docs/training.md); correction-after = 0, with "
+                     "that error added when training ends")
     run.add_argument("--select-over", choices=list(SELECT_OVER),
                      help="with --quantize, where the entries are chosen: full = over the full-precision weights, "
                      "quantized after; quantized = over the quantized base's own gradients (the full-precision "

@@ -82,8 +82,10 @@ class TrainConfig:
             (see ``sparseft.quantize``).
         quantize_init: with ``quantize``, where the values start: ``zero`` (the default) at 0; ``correction``
             at each selected entry's quantization error, so those entries begin at their full-precision
-            weights (measured no better once trained, docs/training.md). A resumed run takes its values
-            from the checkpoint.
+            weights (measured no better once trained, docs/training.md); ``correction-after`` at 0, with
+            that error added when training ends, so the saved diff holds its entries at full precision
+            plus what training added (not with ``reselect_every``). A resumed run takes its values from
+            the checkpoint.
         select_over: with ``quantize``, where the entries are chosen: ``full`` (the default) over the
             full-precision weights, which are quantized after; ``quantized`` over the quantized base (its
             gradients, formed at each layer from its input and output gradient), so the full-precision
@@ -179,7 +181,7 @@ class TrainConfig:
         get_method(self.method).validate(self)
         if self.fsdp:
             check_fsdp_config(self.method, self.reselecting)
-        check_quant_init(self.quantize_init)
+        check_quant_init(self.quantize_init, self.reselecting)
         check_select_over(self.select_over, self.quantize_init)
         if self.select_over == "quantized" and self.quantize is None:
             raise ConfigError("select_over='quantized' chooses the entries over a quantized base: it needs quantize "

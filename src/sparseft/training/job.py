@@ -26,7 +26,7 @@ from ..hub import CARD_NAME
 from ..loading import load_model, load_tokenizer, pad_token_id
 from ..methods import get_method
 from ..methods.sparse import SELECTION_WALL
-from ..quantize import check_quantize_skip, quantize_base, quantize_sparse_model
+from ..quantize import DEFERRED, add_deferred_correction, check_quantize_skip, quantize_base, quantize_sparse_model
 from .checkpoint import (
     CHECKPOINTS_DIR,
     Checkpoint,
@@ -121,6 +121,8 @@ def run_training(
         trained = shard_sparse_model(model, dist.device, dist.world_size) if cfg.fsdp else wrap_ddp(model, dist)
         stats = train_loop(trained, optimizer, named_params, examples, cfg, pad_token_id(tokenizer), total_steps, dist,
                            start_step=ckpt.step if ckpt else 0, out=out, masks=masks, run_info=info, on_step=on_step)
+        if cfg.quantize_init == DEFERRED:
+            add_deferred_correction(model)  # after the last checkpoint: a resumed run re-derives the errors
         if dist.is_main:
             publish(out, lambda path: save_artifact(cfg, model, tokenizer, path, total_steps), cfg)
             if ckpt is not None:  # an interrupted publish may have left staging copies; this run replaced them
