@@ -55,7 +55,7 @@ def test_a_diff_without_fingerprint_is_refused_unless_allowed(diff_path, edit, c
     edit_config(diff_path, edit)
     error = refused(diff_path, UnverifiedBaseError)
     assert "allow_unverified_base" in str(error) and str(diff_path) in str(error)
-    with caplog.at_level(logging.WARNING, logger="sparseft.diffio"):
+    with caplog.at_level(logging.WARNING, logger="sparseft.base_match"):
         SparseModel.from_pretrained(make_tiny_llama(), diff_path, allow_unverified_base=True)
     assert "no base fingerprint" in caplog.text
 

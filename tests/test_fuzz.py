@@ -33,7 +33,8 @@ from serve_fixtures import make_tokenizer
 from sparseft import SparseConfig, SparseModel, get_sparse_model
 from sparseft.audit import verify_diff
 from sparseft.audit.verify import failed
-from sparseft.diffio import CONFIG_NAME, DELTA_NAME, file_sha256, fingerprint
+from sparseft.base_match import fingerprint
+from sparseft.diffio import CONFIG_NAME, DELTA_NAME, file_sha256
 from sparseft.errors import SparseFTError
 from sparseft.serve import DiffRegistry, Engine, ServeLimits, create_app
 

@@ -219,7 +219,7 @@ def test_layer_deepcopies_and_set_kernels_validates(tiny_model):
 @pytest.mark.parametrize("backend", ["auto", "dense_gather"])
 def test_training_with_inplace_forward_never_leaves_the_base_changed(tiny_model, tiny_batch, backend):
     from sparseft import SparseConfig, get_sparse_model
-    from sparseft.diffio import fingerprints
+    from sparseft.base_match import fingerprints
 
     model = get_sparse_model(tiny_model, SparseConfig(density=0.05, scorer="random"))
     set_kernels(model, backend=backend, forward_mode="inplace")

@@ -12,7 +12,8 @@ from conftest import make_tiny_llama, make_tiny_tokenizer  # noqa: E402
 from sparseft import SparseConfig, SparseModel, get_sparse_model, select  # noqa: E402
 from sparseft import evaluate as evaluate_module  # noqa: E402
 from sparseft.cli import main  # noqa: E402
-from sparseft.diffio import fingerprint, read_diff, stored_tensors  # noqa: E402
+from sparseft.base_match import fingerprint, stored_tensors  # noqa: E402
+from sparseft.diffio import read_diff  # noqa: E402
 from sparseft.errors import ConfigError, FingerprintMismatchError, MergeStateError  # noqa: E402
 from sparseft.evaluate import evaluate  # noqa: E402
 from sparseft.loading import load_model  # noqa: E402

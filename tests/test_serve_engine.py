@@ -10,7 +10,7 @@ import torch
 from conftest import make_tiny_llama
 from serve_fixtures import make_diff, make_tokenizer
 from sparseft import SparseModel
-from sparseft.diffio import fingerprint
+from sparseft.base_match import fingerprint
 from sparseft.errors import DiffRegistryError, FingerprintMismatchError, ServerBusyError, UnknownDiffError
 from sparseft.serve import DiffRegistry, Engine, SamplingParams
 from sparseft.serve.decoding import TextStream

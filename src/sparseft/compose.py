@@ -17,7 +17,8 @@ from typing import Any, Sequence
 import torch
 
 from .config import DTYPES, SparseConfig
-from .diffio import SparseDiff, check_against_model, fingerprints, trained_over, trained_skip
+from .base_match import fingerprints, trained_over, trained_skip
+from .diffio import SparseDiff, check_against_model
 from .errors import ConfigError, FingerprintMismatchError, ShapeMismatchError
 
 

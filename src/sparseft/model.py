@@ -21,13 +21,13 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from .base_match import fingerprints
 from .config import SparseConfig
 from .diffio import (
     SparseDiff,
     check_against_model,
     check_diff,
     check_shapes,
-    fingerprints,
     read_diff,
     target_weights,
     write_diff,

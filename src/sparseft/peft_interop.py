@@ -34,7 +34,8 @@ from torch import nn
 
 from .atomic import atomic_dir
 from .config import DTYPES, SparseConfig
-from .diffio import CONFIG_NAME, DELTA_NAME, SparseDiff, check_diff, fingerprints
+from .base_match import fingerprints
+from .diffio import CONFIG_NAME, DELTA_NAME, SparseDiff, check_diff
 from .errors import AdapterFormatError, ShapeMismatchError
 from .files import read_json_file
 from .targets import find_targets

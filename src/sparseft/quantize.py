@@ -3,7 +3,7 @@
 The base's linear weights are stored as int8, int4 or NF4 codes with scales (torchao's weight-only
 schemes; ``pip install 'sparseft[quant]'``); the k values stay fp32 and are never merged into the
 codes: ``SparseLinear`` runs unmerged over a quantized weight. The diff's base fingerprint hashes
-the weights as stored (codes and scales, keyed by their class, see ``diffio.weight_kind``), so a
+the weights as stored (codes and scales, keyed by their class, see ``base_match.weight_kind``), so a
 diff trained over an int8 base loads only onto that same int8 base.
 
 ``nf4`` is QLoRA's 4-bit NormalFloat, two codes per byte (torchao's ``NF4Tensor``, the format
@@ -39,7 +39,7 @@ SELECT_OVER = ("full", "quantized")
 DEFAULT_SELECT_OVER = "full"  # TrainConfig's default: over the quantized base chose worse entries (docs/training.md)
 DEFAULT_QUANT_INIT = "zero"  # TrainConfig's default: trained from the error was not better (docs/training.md,
 # "Starting at the quantization error")
-# torchao's class of each scheme's weights: what a diff's base fingerprint is keyed by (diffio.weight_kind)
+# torchao's class of each scheme's weights: what a diff's base fingerprint is keyed by (base_match.weight_kind)
 WEIGHT_CLASSES = {"int8": "Int8Tensor", "int4": "IntxUnpackedToInt8Tensor", "nf4": "NF4Tensor"}
 INT4_GROUP = 32  # int4 scales: one per 32 input columns of a row (in_features must divide by it)
 NF4_BLOCK = 64  # nf4: one absmax scale per 64 consecutive weights of the flattened matrix (QLoRA's) ...
@@ -92,7 +92,7 @@ def dequantized(weight: torch.Tensor) -> torch.Tensor:
 
 def is_quantized(weight: torch.Tensor) -> bool:
     """A weight stored as codes and scales (torchao's tensor subclasses): no entry can be written into it."""
-    from .diffio import is_wrapper_tensor
+    from .base_match import is_wrapper_tensor
 
     return is_wrapper_tensor(weight)
 
@@ -253,7 +253,7 @@ def copy_out_of_shared_storage(model: nn.Module) -> None:
     and the quantized base would cost more RSS than the one it replaced (measured on SmolLM2-135M).
     Ties survive: the parameter objects stay, only their data moves.
     """
-    from .diffio import is_wrapper_tensor
+    from .base_match import is_wrapper_tensor
 
     with torch.no_grad():
         for param in model.parameters():
@@ -278,7 +278,7 @@ def quantize_sparse_model(sparse, scheme: str, init: str = DEFAULT_QUANT_INIT, s
     values at 0 and holds the errors in ``sparse.deferred_correction`` for ``add_deferred_correction``
     to add once training ends: the diff trains over the rounded base and is saved with its entries back
     at full precision plus what training added."""
-    from .diffio import fingerprints
+    from .base_match import fingerprints
 
     check_quant_init(init)
     if sparse.merged:

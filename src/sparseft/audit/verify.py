@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .. import diffio
+from .. import base_match, diffio
 from ..errors import SparseFTError
 
 # In the order they run; "shapes" and "fingerprint" need the base model.
@@ -82,8 +82,8 @@ def model_checks(reading: diffio.DiffReading, model: nn.Module | None) -> list[C
     if weights is None:
         return [res, CheckResult("fingerprint", "skip", "needs every module of the diff in the model")]
     prints = meta.get("base_fingerprint") or {}
-    check = lambda: diffio.check_base_fingerprint(prints, meta.get("base_model", ""), weights, where,  # noqa: E731
-                                                  provenance=meta.get("provenance"))
+    check = lambda: base_match.check_base_fingerprint(prints, meta.get("base_model", ""), weights, where,  # noqa: E731
+                                                      provenance=meta.get("provenance"))
     return [res, run_check("fingerprint", check)[0]]
 
 

@@ -34,7 +34,8 @@ from pathlib import Path
 
 import torch
 
-from ..diffio import read_diff, recorded_train_config, trained_over
+from ..base_match import recorded_train_config, trained_over
+from ..diffio import read_diff
 from ..errors import ConfigError
 from ..evaluate import evaluate_records_detailed
 from ..loading import load_model, load_tokenizer

@@ -39,7 +39,7 @@ def base_parameters(model) -> list:
 
 
 def stored_bytes(model) -> int:
-    from ..diffio import stored_tensors
+    from ..base_match import stored_tensors
 
     return sum(t.numel() * t.element_size() for p in base_parameters(model) for t in stored_tensors(p))
 

@@ -134,7 +134,8 @@ def without_eos(model: nn.Module, tokenizer) -> nn.Module:
 
 def base_prints(model: nn.Module) -> dict[str, str]:
     """The base fingerprint a diff of all projections records (computed once: it hashes every projection)."""
-    from ..diffio import fingerprint, target_weights, weight_kind
+    from ..base_match import fingerprint, weight_kind
+    from ..diffio import target_weights
 
     weights = target_weights(model, SparseConfig(target_modules=LLAMA_PROJECTIONS))
     return {weight_kind(next(iter(weights.values()))): fingerprint(weights)}

@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from ..delta import MergedEntries, compact_indices, delta_values
-from ..diffio import SparseDiff, check_against_model, fingerprint, target_weights
+from ..base_match import fingerprint
+from ..diffio import SparseDiff, check_against_model, target_weights
 from ..errors import ConfigError, ServerBusyError
 from ..quantize import is_quantized
 from .decoding import Completion, SamplingParams, generate
@@ -129,7 +130,7 @@ class Engine:
         return entries
 
     def base_fingerprint(self, weights: dict[str, torch.Tensor]) -> str:
-        """``diffio.fingerprint`` of the base's own entries, even while a diff is merged; cached per module set."""
+        """``base_match.fingerprint`` of the base's own entries, even while a diff is merged; cached per module set."""
         key = tuple(sorted((name, tuple(w.shape), str(w.dtype)) for name, w in weights.items()))
         if key not in self._fingerprints:
             with self.weights_lock:
