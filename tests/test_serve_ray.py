@@ -15,7 +15,7 @@ ray = pytest.importorskip("ray", reason="Ray Serve is an optional extra: pip ins
 serve = pytest.importorskip("ray.serve", reason="Ray Serve is an optional extra: pip install 'sparseft[ray]'")
 
 from sparseft.serve.ray_app import (  # noqa: E402
-    HELD_HEADER, REPLICA_HEADER, DiffSource, RayOptions, allow_slow_proxy_start, build_ray_app,
+    HELD_HEADER, REPLICA_HEADER, DiffSource, RayOptions, allow_slow_proxy_start, build_ray_app, start_serve,
 )
 
 pytestmark = pytest.mark.slow  # Ray's start-up: ~20 s on a busy 2-core box
@@ -59,7 +59,7 @@ def ray_url(files):
     allow_slow_proxy_start()  # as `sparseft serve --ray` does: the proxy may start slowly on a busy machine
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        start_serve("127.0.0.1", port)  # as `sparseft serve --ray` does
         options = RayOptions(replicas=2, max_diffs_per_replica=len(DIFFS), replica_cpus=1, threads=1)
         serve.run(build_ray_app(str(files["model"]), DiffSource(root=str(files["diffs"])), served_name=BASE,
                                 options=options), name="sparseft-test", route_prefix="/")

@@ -255,3 +255,38 @@ def test_serve_run_app_builder_takes_the_engine_options(monkeypatch, files):
                                             allow_unverified_base=True)
     with pytest.raises(ConfigError, match="strategy must be one of"):
         ray_app.app_builder({"model": "m", "diff_dir": str(files["diffs"]), "strategy": "fast"})
+
+
+def test_serve_start_waits_for_a_slow_proxy_past_serves_own_timeout(monkeypatch, caplog):
+    """Serve's serve.start raises TimeoutError after a fixed 60 s for its HTTP proxy; start_serve then connects to
+    the controller left running and waits for the proxy's port, which opens later."""
+    import socket
+    import threading
+
+    ray_serve = pytest.importorskip("ray.serve", reason="Ray Serve is an optional extra: pip install 'sparseft[ray]'")
+    from sparseft.serve import ray_app
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    calls, proxy, proxy_comes_up = [], socket.socket(), [True]
+
+    def start(http_options):
+        calls.append(http_options)
+        if len(calls) == 1:
+            raise TimeoutError("HTTP proxies not available after 60s.")
+        if proxy_comes_up[0]:  # a little later
+            threading.Timer(0.8, lambda: (proxy.bind(("127.0.0.1", port)), proxy.listen())).start()
+
+    monkeypatch.setattr(ray_serve, "start", start)
+    try:
+        ray_app.start_serve("127.0.0.1", port, extra_wait_s=30)
+    finally:
+        proxy.close()
+    assert calls == [{"host": "127.0.0.1", "port": port}] * 2
+    assert "waiting up to 30 s more for Serve's HTTP proxy" in caplog.text
+
+    calls.clear()
+    proxy_comes_up[0] = False
+    with pytest.raises(TimeoutError, match=rf"did not open 127.0.0.1:{port} within 1 s more"):
+        ray_app.start_serve("127.0.0.1", port, extra_wait_s=1)  # no proxy this time

@@ -18,8 +18,11 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import os
 import signal
+import socket
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +37,8 @@ from .app import ServeContext, ServeLimits, as_api_error
 from .protocol import error_body
 from .registry import NAME_PATTERN, REGISTRY_FILE, parse_model_id, read_registry_file
 from .server import EngineOptions, build_app
+
+log = logging.getLogger(__name__)
 
 REPLICA_HEADER = "x-sparseft-replica"  # which replica answered
 HELD_HEADER = "x-sparseft-replica-diffs"  # the diffs that replica holds after answering, comma-separated
@@ -425,6 +430,40 @@ def allow_slow_proxy_start() -> None:
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", PROXY_READY_CHECK_S)
 
 
+# How long start_serve waits for the proxy's port after Serve's own fixed 60 s wait has run out.
+PROXY_EXTRA_WAIT_S = 180.0
+
+
+def start_serve(host: str, port: int, extra_wait_s: float = PROXY_EXTRA_WAIT_S) -> None:
+    """``serve.start`` on host:port. Serve waits a fixed 60 s for its HTTP proxy and raises TimeoutError
+    after, with the controller and the starting proxy left running; on a machine busy enough for that
+    (seen with both cores of a 2-core machine taken) connect to that controller and wait for the proxy's
+    port a while longer instead of giving up."""
+    from ray import serve
+
+    options = {"host": host, "port": port}
+    try:
+        serve.start(http_options=options)
+        return
+    except TimeoutError as e:
+        log.warning("%s; waiting up to %.0f s more for Serve's HTTP proxy on %s:%d", e, extra_wait_s, host, port)
+    serve.start(http_options=options)  # the controller exists now: this connects to it
+    wait_for_port(host, port, extra_wait_s)
+
+
+def wait_for_port(host: str, port: int, timeout_s: float) -> None:
+    """Return once host:port accepts a TCP connection; TimeoutError after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                return
+        except OSError:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"Serve's HTTP proxy did not open {host}:{port} within {timeout_s:.0f} s more")
+            time.sleep(0.5)
+
+
 def run_ray(app, host: str, port: int) -> None:
     """Start (or join, with RAY_ADDRESS) a Ray cluster, serve ``app`` on host:port until Ctrl-C or SIGTERM,
     then shut Serve and Ray down (a plain SIGTERM would leave Ray's agent processes behind)."""
@@ -435,7 +474,7 @@ def run_ray(app, host: str, port: int) -> None:
     ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
     signal.signal(signal.SIGTERM, interrupt)  # after ray.init, which installs a SIGTERM handler of its own
     try:
-        serve.start(http_options={"host": host, "port": port})
+        start_serve(host, port)
         serve.run(app, name="sparseft", route_prefix="/", blocking=True)
     except KeyboardInterrupt:
         pass  # Ctrl-C is how this server is meant to stop
