@@ -139,6 +139,49 @@ def test_a_failing_row_is_recorded_and_the_grid_goes_on_and_a_resume_keeps_the_f
 # ---------------------------------------------------------------- config validation
 
 
+def test_a_resumed_grid_killed_in_its_first_row_keeps_the_earlier_rows_on_disk(tmp_path, monkeypatch):
+    """The kept rows are in results.json from the resumed run's first save, in the config's order, not only
+    once the loop reaches them: a session ending during the re-run row loses none of them."""
+    from sparseft.bench import grid
+    from sparseft.bench.worker import empty_row
+
+    raw = tiny_raw(eval_base=False, runs=[{"id": "again", "method": "sparse", "scorer": "random", "lr": 1e-2},
+                                         {"id": "done", "method": "sparse", "scorer": "random", "lr": 1e-3}])
+    raw["train_data"], raw["eval_data"] = (str(TINY.parent / raw[k]) for k in ("train_data", "eval_data"))
+    cfg = parse_bench_config(raw, base_dir=TINY.parent)
+
+    def fake_row(status):
+        def run_row(cfg, spec, model, train_file, out):  # what run_row leaves: the spec, then the row
+            job = grid.worker_spec(cfg, spec, model, train_file, out / "runs" / spec.id)
+            Path(job["row_dir"]).mkdir(parents=True, exist_ok=True)
+            (Path(job["row_dir"]) / "spec.json").write_text(json.dumps(job))
+            row = empty_row(job)
+            row["status"] = status(spec.id)
+            row["machine"] = grid.row_machine(grid.machine_info(cfg))
+            return row
+        return run_row
+
+    monkeypatch.setattr(grid, "run_row", fake_row(lambda rid: "ok" if rid == "done" else "failed"))
+    grid.run_grid(cfg, tmp_path, plots=False)
+    first = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [(r["id"], r["status"]) for r in first] == [("again", "failed"), ("done", "ok")]
+
+    def killed(*args):
+        on_disk = json.loads((tmp_path / "results.json").read_text())["rows"]
+        assert [(r["id"], r["status"]) for r in on_disk] == [("done", "ok")]  # already saved when this row starts
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(grid, "run_row", killed)
+    with pytest.raises(KeyboardInterrupt):
+        grid.run_grid(cfg, tmp_path, plots=False, resume=True)
+    assert json.loads((tmp_path / "results.json").read_text())["rows"] == [first[1]]
+
+    monkeypatch.setattr(grid, "run_row", fake_row(lambda rid: "ok"))
+    grid.run_grid(cfg, tmp_path, plots=False, resume=True)  # the order is the config's again
+    assert [(r["id"], r["status"]) for r in json.loads((tmp_path / "results.json").read_text())["rows"]] == [
+        ("again", "ok"), ("done", "ok")]
+
+
 def tiny_raw(**changes):
     raw = yaml.safe_load(TINY.read_text())
     raw.update(changes)

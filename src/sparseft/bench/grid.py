@@ -65,14 +65,18 @@ def run_grid(
             row.setdefault("machine", row_machine(earlier.get("machine", {})))
         results["started_at"] = earlier["started_at"]
         results["resumed_at"] = earlier.get("resumed_at", []) + [now()]
-    save(results, out)
+    # One slot per row in the config's order, the kept rows in theirs from the start: every save holds them,
+    # so a resumed run killed during its first row loses none of the earlier run's rows.
+    slots = {row_id_of(spec): kept.get(row_id_of(spec)) for spec in row_specs(cfg)}
+    save_rows(results, slots, out)
     for spec in row_specs(cfg):
-        if row_id_of(spec) in kept:
-            print(f"[bench] row {row_id_of(spec)}: kept from the earlier run (ok)", flush=True)
-        row = kept.get(row_id_of(spec)) or run_row(cfg, spec, model, train_file, out)
-        results["rows"].append(row)
-        fill_model_size(results, row)
-        save(results, out)
+        row_id = row_id_of(spec)
+        if row_id in kept:
+            print(f"[bench] row {row_id}: kept from the earlier run (ok)", flush=True)
+        else:
+            slots[row_id] = run_row(cfg, spec, model, train_file, out)
+        fill_model_size(results, slots[row_id])
+        save_rows(results, slots, out)
     results["finished_at"] = now()
     save(results, out)
     if plots:
@@ -81,6 +85,12 @@ def run_grid(
         results["plots"] = [str(p.relative_to(out)) for p in write_plots(results, out)]
         save(results, out)
     return results
+
+
+def save_rows(results: dict[str, Any], slots: dict[str, dict[str, Any] | None], out: Path) -> None:
+    """Save ``results`` with the rows finished so far (this run's and the kept ones), in the config's order."""
+    results["rows"] = [row for row in slots.values() if row is not None]
+    save(results, out)
 
 
 def read_earlier_run(cfg: BenchConfig, out: Path, any_machine: bool = False) -> dict[str, Any]:
