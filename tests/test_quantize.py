@@ -140,6 +140,14 @@ def test_correction_after_saves_the_trained_values_plus_each_entrys_quantization
         torch.testing.assert_close(weight, wanted, rtol=0, atol=1e-5)
 
 
+def test_correction_after_without_a_quantized_base_changes_nothing(train_file, tmp_path):
+    """Without quantize there is no error to add: a LoRA run given the option trains and saves as without it."""
+    result = run_training(quick_config(train_file, tmp_path / "lora", steps=2, method="lora", lora_rank=2,
+                                       quantize_init="correction-after"),
+                          model=make_tiny_llama(), tokenizer=make_tiny_tokenizer())
+    assert len(result.losses) == 2 and (tmp_path / "lora" / "adapter_config.json").is_file()
+
+
 @pytest.mark.parametrize("scheme", ["int8", "int4", "nf4"])
 def test_backward_through_a_quantized_layer_saves_no_dense_weight(scheme):
     """Autograd through torchao's linear would keep a dequantized fp32 copy of every weight until

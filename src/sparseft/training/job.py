@@ -26,7 +26,7 @@ from ..hub import CARD_NAME
 from ..loading import load_model, load_tokenizer, pad_token_id
 from ..methods import get_method
 from ..methods.sparse import SELECTION_WALL
-from ..quantize import DEFERRED, add_deferred_correction, check_quantize_skip, quantize_base, quantize_sparse_model
+from ..quantize import add_deferred_correction, check_quantize_skip, quantize_base, quantize_sparse_model
 from .checkpoint import (
     CHECKPOINTS_DIR,
     Checkpoint,
@@ -108,8 +108,8 @@ def run_training(
         if cfg.selects_over_quantized:
             quantize_base(model, cfg.quantize, cfg.quantize_skip)  # the entries are then chosen over the codes
         model, masks, extra = get_method(cfg.method).prepare(cfg, model, examples, pad_token_id(tokenizer), ckpt)
-        if cfg.quantize and not cfg.selects_over_quantized:
-            # selected on the full-precision base
+        quantized_after_selection = bool(cfg.quantize) and not cfg.selects_over_quantized
+        if quantized_after_selection:
             model = quantize_sparse_model(model, cfg.quantize, cfg.quantize_init, cfg.quantize_skip)
         model.to(dist.device)
         named_params = trainable_parameters(model)
@@ -121,7 +121,7 @@ def run_training(
         trained = shard_sparse_model(model, dist.device, dist.world_size) if cfg.fsdp else wrap_ddp(model, dist)
         stats = train_loop(trained, optimizer, named_params, examples, cfg, pad_token_id(tokenizer), total_steps, dist,
                            start_step=ckpt.step if ckpt else 0, out=out, masks=masks, run_info=info, on_step=on_step)
-        if cfg.quantize_init == DEFERRED:
+        if quantized_after_selection:  # adds what quantize_init="correction-after" held back, else nothing;
             add_deferred_correction(model)  # after the last checkpoint: a resumed run re-derives the errors
         if dist.is_main:
             publish(out, lambda path: save_artifact(cfg, model, tokenizer, path, total_steps), cfg)
