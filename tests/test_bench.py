@@ -220,7 +220,7 @@ def tiny_raw(**changes):
         ({"runs": [{"id": "l8", "method": "lora", "lora_rank": 2, "lr": 1e-3, "quantize": "int8"}]},
          "runs[0] (l8): quantize applies to sparse rows only"),
         ({"runs": [{"id": "s3", "method": "sparse", "scorer": "random", "lr": 1e-3, "quantize": "int3"}]},
-         "runs[0] (s3): quantize must be one of ('int8', 'int4', 'nf4'), got 'int3'"),
+         "runs[0] (s3): quantize must be one of ('int8', 'int4', 'nf4', 'q4_1'), got 'int3'"),
         ({"runs": [{"id": "h", "method": "full", "lr": 1e-3, "dtype": "float16"}]},
          "runs[0] (h): dtype must be one of ('float32', 'bfloat16'), got 'float16'"),
         # Values of the wrong type: a ConfigError naming the field, never a traceback from float() or a dict lookup.
@@ -601,8 +601,11 @@ def test_shipped_quantized_base_config_parses(tmp_path):
     assert [(r.dtype, r.quantize, r.select_over, r.quantize_init, r.seed) for r in cfg.runs[20:26]] == [
         (dtype, "nf4", "quantized", None, seed) for dtype in (None, "bfloat16") for seed in (None, 1, 2)]
     # Then bf16+nf4 with the error added once trained.
-    assert [(r.dtype, r.quantize, r.quantize_init, r.seed) for r in cfg.runs[26:]] == [
+    assert [(r.dtype, r.quantize, r.quantize_init, r.seed) for r in cfg.runs[26:29]] == [
         ("bfloat16", "nf4", "correction-after", seed) for seed in (None, 1, 2)]
+    # Then GGUF's own Q4_1 blocks over the fp32 rest, the fp32 rows' seeds.
+    assert [(r.dtype, r.quantize, r.quantize_init, r.seed) for r in cfg.runs[29:]] == [
+        (None, "q4_1", "zero", seed) for seed in (None, 1, 2)]
     # One recipe, that of the protocol's sparse-combined row at lr 1e-3; only the base differs.
     (combined,) = [r for r in protocol.runs if r.id == "sparse-combined-lr0.001"]
     recipe = lambda r: (r.method, r.scorer, r.lr, r.density, r.num_params, r.calibration_batches)  # noqa: E731

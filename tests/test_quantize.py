@@ -27,7 +27,9 @@ from test_evaluate import model_dir  # noqa: E402,F401 - fixture: the tiny model
 from test_tasks import char_tokenizer  # noqa: E402
 from test_training import quick_config, write_train_file  # noqa: E402
 
-KINDS = {"int8": "Int8Tensor", "int4": "IntxUnpackedToInt8Tensor", "nf4": "NF4Tensor"}  # torchao's weight classes
+# The weight classes: torchao's, and GGUF's Q4_1 blocks (sparseft.blockquant)
+KINDS = {"int8": "Int8Tensor", "int4": "IntxUnpackedToInt8Tensor", "nf4": "NF4Tensor", "q4_1": "Q4_1Tensor"}
+SCHEMES = list(KINDS)
 
 
 @pytest.fixture
@@ -40,7 +42,7 @@ def outputs(model, ids):
         return model(input_ids=ids).logits
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4", "nf4"])
+@pytest.mark.parametrize("scheme", SCHEMES)
 def test_a_diff_over_a_quantized_base_trains_and_reloads_onto_it(scheme, train_file, tmp_path):
     trained = make_tiny_llama()
     result = run_training(quick_config(train_file, tmp_path / "run", steps=8, quantize=scheme), model=trained,
@@ -73,7 +75,7 @@ def test_a_diff_over_a_quantized_base_refuses_other_bases(train_file, tmp_path, 
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (dict(quantize="int3"), r"quantize must be one of \['int4', 'int8', 'nf4'\], got 'int3'"),
+    (dict(quantize="int3"), r"quantize must be one of \['int4', 'int8', 'nf4', 'q4_1'\], got 'int3'"),
     (dict(quantize="int8", method="lora"), "quantize applies to sparse runs only"),
     (dict(quantize="int8", fsdp=True), "quantize cannot be combined with fsdp"),
     (dict(quantize="nf4", quantize_init="lofi"),
@@ -86,7 +88,7 @@ def test_bad_quantize_settings_are_refused(overrides, message, tmp_path):
         quick_config(tmp_path / "train.jsonl", tmp_path / "out", **overrides)
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4", "nf4"])
+@pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_correction_init_starts_the_selected_entries_at_their_full_precision_weights(scheme, dtype):
     """dequantized(W) + value == W at every selected entry (up to one fp32 rounding of the sum), and
@@ -148,7 +150,7 @@ def test_correction_after_without_a_quantized_base_changes_nothing(train_file, t
     assert len(result.losses) == 2 and (tmp_path / "lora" / "adapter_config.json").is_file()
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4", "nf4"])
+@pytest.mark.parametrize("scheme", SCHEMES)
 def test_backward_through_a_quantized_layer_saves_no_dense_weight(scheme):
     """Autograd through torchao's linear would keep a dequantized fp32 copy of every weight until
     backward; the quantized base recomputes it in backward instead, with the same grad_x."""
@@ -165,7 +167,7 @@ def test_backward_through_a_quantized_layer_saves_no_dense_weight(scheme):
     assert not layer.weight.requires_grad
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4", "nf4"])
+@pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_diff_learns_over_a_quantized_base_as_over_its_dequantized_weights(scheme, dtype):
     """Loss and the values' gradients through the quantized base match those through plain weights
@@ -174,9 +176,10 @@ def test_the_diff_learns_over_a_quantized_base_as_over_its_dequantized_weights(s
     config = SparseConfig(density=0.1, scorer="random", seed=0)
     quantized = quantize_sparse_model(get_sparse_model(make_tiny_llama(dtype=dtype), config), scheme)
     dense = get_sparse_model(make_tiny_llama(dtype=dtype), config)
-    with torch.no_grad():
-        for name, layer in quantized_layers(quantized).items():
-            dense.get_submodule(name).weight.copy_(dequantized(layer.weight))
+    with torch.no_grad():  # every quantized weight: the linear layers, and q4_1's Q8_0 embedding
+        for name, weight in quantized.named_parameters():
+            if is_quantized(weight):
+                dense.get_parameter(name).copy_(dequantized(weight))
     for layer in dense.sparse_layers().values():
         layer.set_kernels(layer.backend, "unmerged")
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
@@ -196,7 +199,8 @@ def test_the_diff_learns_over_a_quantized_base_as_over_its_dequantized_weights(s
         torch.testing.assert_close(q_grads[name], d_grads[name], rtol=rtol, atol=rtol * d_grads[name].abs().max().item())
 
 
-@pytest.mark.parametrize("scheme, merge", [("int8", "merge"), ("int8", "merge_and_unload"), ("nf4", "merge")])
+@pytest.mark.parametrize("scheme, merge", [("int8", "merge"), ("int8", "merge_and_unload"), ("nf4", "merge"),
+                                           ("q4_1", "merge")])
 def test_merge_over_a_quantized_base_is_refused_up_front(scheme, merge, train_file, tmp_path):
     run_training(quick_config(train_file, tmp_path / "run", steps=2, quantize=scheme), model=make_tiny_llama(),
                  tokenizer=make_tiny_tokenizer())

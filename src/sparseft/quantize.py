@@ -7,8 +7,11 @@ the weights as stored (codes and scales, keyed by their class, see ``base_match.
 diff trained over an int8 base loads only onto that same int8 base.
 
 ``nf4`` is QLoRA's 4-bit NormalFloat, two codes per byte (torchao's ``NF4Tensor``, the format
-torchtune's QLoRA trains over): the one 4-bit scheme here that is packed on CPU too. int4 on CPU
-keeps one code per byte (torchao 0.18's packed int4 layouts need a GPU kernel library).
+torchtune's QLoRA trains over). int4 on CPU keeps one code per byte (torchao 0.18's packed int4
+layouts need a GPU kernel library). ``q4_1`` is llama.cpp's GGUF block format (``blockquant``, no
+torchao): 4-bit codes, two per byte, with an fp16 scale and minimum per 32 weights, and the token
+embedding with a head tied to it in Q8_0 blocks — the layout of the GGUF SmolLM2 is converted from,
+which it therefore stores exactly.
 
     >>> base = quantize_base(load_model("smollm2-135m"), "int8")  # doctest: +SKIP
     >>> sparse = SparseModel.from_pretrained(base, "runs/a")  # doctest: +SKIP
@@ -25,9 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .blockquant import BLOCK, quantize_q4_1, quantize_q8_0
 from .errors import ConfigError
 
-QUANT_SCHEMES = ("int8", "int4", "nf4")
+QUANT_SCHEMES = ("int8", "int4", "nf4", "q4_1")
 # Where a diff over a quantized base starts: "correction" sets each selected entry's value to its
 # quantization error, so those entries begin at their full-precision weights; "zero" starts at 0;
 # "correction-after" starts at 0 and adds that error once training ends (see add_deferred_correction).
@@ -39,8 +43,10 @@ SELECT_OVER = ("full", "quantized")
 DEFAULT_SELECT_OVER = "full"  # TrainConfig's default: over the quantized base chose worse entries (docs/training.md)
 DEFAULT_QUANT_INIT = "zero"  # TrainConfig's default: trained from the error was not better (docs/training.md,
 # "Starting at the quantization error")
-# torchao's class of each scheme's weights: what a diff's base fingerprint is keyed by (base_match.weight_kind)
-WEIGHT_CLASSES = {"int8": "Int8Tensor", "int4": "IntxUnpackedToInt8Tensor", "nf4": "NF4Tensor"}
+# The class of each scheme's weights (torchao's, or blockquant's): what a diff's base fingerprint is keyed by
+# (base_match.weight_kind)
+WEIGHT_CLASSES = {"int8": "Int8Tensor", "int4": "IntxUnpackedToInt8Tensor", "nf4": "NF4Tensor", "q4_1": "Q4_1Tensor"}
+TORCHAO_SCHEMES = ("int8", "int4", "nf4")
 INT4_GROUP = 32  # int4 scales: one per 32 input columns of a row (in_features must divide by it)
 NF4_BLOCK = 64  # nf4: one absmax scale per 64 consecutive weights of the flattened matrix (QLoRA's) ...
 NF4_SCALE_GROUP = 256  # ... and those scales quantized again to int8, one factor per 256 of them (QLoRA's)
@@ -59,7 +65,9 @@ def quant_config(scheme: str):
 
 
 def require_torchao(scheme: str) -> None:
-    """Raise a ``ConfigError`` saying how to install torchao when it is missing."""
+    """Raise a ``ConfigError`` saying how to install torchao when ``scheme`` needs it and it is missing."""
+    if scheme not in TORCHAO_SCHEMES:
+        return
     try:
         importlib.import_module("torchao")
     except ImportError as e:
@@ -83,9 +91,7 @@ def to_nf4_weight(weight: torch.Tensor) -> torch.Tensor:
 
 def dequantized(weight: torch.Tensor) -> torch.Tensor:
     """The dense weight a quantized one stands for (a transient copy, one layer at a time)."""
-    from torchao.quantization import NF4Tensor
-
-    if isinstance(weight, NF4Tensor):  # its ``dequantize`` is a per-code helper, not this
+    if type(weight).__name__ == "NF4Tensor":  # its ``dequantize`` is a per-code helper, not this
         return weight.get_original_weight()
     return weight.dequantize()
 
@@ -133,10 +139,11 @@ class QuantizedLinear(nn.Linear):
 
 
 def quantize_base(model: nn.Module, scheme: str, skip: Sequence[str] = ()) -> nn.Module:
-    """Quantize the ``nn.Linear`` weights of ``model`` in place (weight-only ``scheme``: int8, int4 or
-    nf4) and freeze them; returns ``model``. Embeddings and norms stay as they are (in the model's
-    dtype), and so does a head tied to the embeddings (a quantized copy would be extra memory, not
-    less). ``skip``: patterns (``fnmatch``, e.g. ``"*.down_proj"``, ``"model.layers.[0-3].*"``) of
+    """Quantize the ``nn.Linear`` weights of ``model`` in place (weight-only ``scheme``: int8, int4, nf4
+    or q4_1) and freeze them; returns ``model``. Norms stay as they are (in the model's dtype), and so
+    do the embeddings and a head tied to them (a quantized copy would be extra memory, not less) except
+    under q4_1, which stores the input embedding (and a head tied to it) in Q8_0 blocks as GGUF files
+    do (``quantize_embedding``). ``skip``: patterns (``fnmatch``, e.g. ``"*.down_proj"``, ``"model.layers.[0-3].*"``) of
     linear layers to leave in the model's dtype too, a mixed base like bitsandbytes' skipped modules;
     each pattern must match a layer. Deterministic: the same weights give the same codes, so a
     reloaded base matches the fingerprint a diff recorded."""
@@ -147,6 +154,13 @@ def quantize_base(model: nn.Module, scheme: str, skip: Sequence[str] = ()) -> nn
         check_nf4_shapes(chosen)  # every layer before any: a refused model is left as it was
         for module in chosen.values():
             module.weight = nn.Parameter(to_nf4_weight(module.weight), requires_grad=False)
+    elif scheme == "q4_1":
+        embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        check_block_shapes({**chosen, **({"the input embedding": embedding} if embedding is not None else {})})
+        for module in chosen.values():
+            module.weight = nn.Parameter(quantize_q4_1(module.weight), requires_grad=False)
+        if embedding is not None:
+            quantize_embedding(model, embedding)
     else:
         from torchao.quantization import quantize_
 
@@ -159,8 +173,27 @@ def quantize_base(model: nn.Module, scheme: str, skip: Sequence[str] = ()) -> nn
     return model
 
 
+def quantize_embedding(model: nn.Module, embedding: nn.Embedding) -> None:
+    """Store the input embedding in Q8_0 blocks, frozen; a head tied to it keeps the tie (the same
+    parameter) and runs as a ``QuantizedLinear``, so its backward dequantizes again instead of holding
+    a dense copy of the vocabulary's weights."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = head is not None and head.weight is embedding.weight
+    embedding.weight = nn.Parameter(quantize_q8_0(embedding.weight), requires_grad=False)
+    if tied:
+        head.weight = embedding.weight
+        head.__class__ = QuantizedLinear
+
+
+def check_block_shapes(modules: dict[str, nn.Module]) -> None:
+    for name, module in modules.items():
+        if module.weight.shape[-1] % BLOCK:
+            raise ConfigError(f"quantize='q4_1': {name} has rows of {module.weight.shape[-1]} weights, "
+                              f"which do not split into GGUF blocks of {BLOCK}")
+
+
 def dequantize_base(model: nn.Module) -> nn.Module:
-    """Turn every quantized linear layer of ``model`` back into a plain ``nn.Linear`` in place, its weight
+    """Turn every quantized linear layer of ``model`` (and a quantized embedding) back into a plain one in place, its weight
     the dense one its codes stand for (``dequantized``, in the dtype it was quantized from); returns
     ``model``. For export (``sparseft apply --quantize``): a diff trained over the quantized base merges
     into these weights, so the merged model computes what the diff unmerged over the codes did. These
@@ -169,11 +202,15 @@ def dequantize_base(model: nn.Module) -> nn.Module:
 
         >>> plain = dequantize_base(quantize_base(make_tiny_llama(), "int8"))  # doctest: +SKIP
     """
+    # By the stored weight, kept alive so its id stays its own: a head tied to the embeddings gets the same
+    # dense weight. The codes go when this returns.
+    dense: dict[int, tuple[torch.Tensor, nn.Parameter]] = {}
     for module in model.modules():
-        if isinstance(module, nn.Linear) and is_quantized(module.weight):
+        if isinstance(module, (nn.Linear, nn.Embedding)) and is_quantized(module.weight):
             stored = module.weight
-            # One layer at a time: the codes are freed as the dense weight replaces them.
-            module.weight = nn.Parameter(dequantized(stored).to(stored.dtype), requires_grad=False)
+            if id(stored) not in dense:
+                dense[id(stored)] = (stored, nn.Parameter(dequantized(stored).to(stored.dtype), requires_grad=False))
+            module.weight = dense[id(stored)][1]
             if type(module) is QuantizedLinear:
                 module.__class__ = nn.Linear  # the plain forward again: a dense weight needs no custom backward
     return model

@@ -27,7 +27,8 @@ from pathlib import Path
 from .fsdp_memory import return_freed_memory, rss_bytes, write_rows
 
 PRECISIONS = {"fp32": ("float32", None), "bf16": ("bfloat16", None), "int8": ("float32", "int8"),
-              "int4": ("float32", "int4"), "nf4": ("float32", "nf4"), "bf16-nf4": ("bfloat16", "nf4")}
+              "int4": ("float32", "int4"), "nf4": ("float32", "nf4"), "bf16-nf4": ("bfloat16", "nf4"),
+              "q4_1": ("float32", "q4_1")}
 
 
 def base_parameters(model) -> list:

@@ -38,12 +38,13 @@ def add_model_options(
 
 
 def add_quantize_option(parser: argparse.ArgumentParser | argparse._ArgumentGroup, what: str, which: str) -> None:
-    """``--quantize int8|int4|nf4``: ``what`` (e.g. "train over") a weight-only quantized base, for
+    """``--quantize int8|int4|nf4|q4_1``: ``what`` (e.g. "train over") a weight-only quantized base, for
     ``which`` (e.g. "sparse runs"): the one definition train, eval, apply, verify, audit, serve, compose and
     diff-stats share."""
     parser.add_argument("--quantize", choices=list(QUANT_SCHEMES),
-                        help=f"{what} a weight-only quantized base ({which}; needs sparseft[quant]); nf4: "
-                        "QLoRA's 4-bit NormalFloat, two codes per byte")
+                        help=f"{what} a weight-only quantized base ({which}; int8/int4/nf4 need sparseft[quant]); "
+                        "nf4: QLoRA's 4-bit NormalFloat, two codes per byte; q4_1: GGUF's Q4_1 blocks (embedding "
+                        "Q8_0), which hold smollm2-135m exactly since it ships as a Q4_1 GGUF")
 
 
 def add_unverified_base_option(parser: argparse.ArgumentParser, what: str) -> None:
