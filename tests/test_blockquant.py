@@ -39,22 +39,29 @@ def stored(t: torch.Tensor) -> int:
     return sum(part.numel() * part.element_size() for part in stored_tensors(t))
 
 
-def test_q4_1_packs_two_codes_per_byte_with_an_fp16_scale_and_minimum_per_block():
+@pytest.mark.parametrize("quantize, gguf_type, bits", [(quantize_q4_1, "Q4_1", 5), (quantize_q8_0, "Q8_0", 8.5)])
+def test_the_blocks_are_the_bytes_of_a_gguf_file_and_dequantize_as_gguf_does(quantize, gguf_type, bits):
+    from gguf import GGMLQuantizationType, quants
+
     weight = torch.randn(96, 64, generator=torch.Generator().manual_seed(0))
-    q = quantize_q4_1(weight)
+    q = quantize(weight)
     assert (q.shape, q.dtype) == (weight.shape, weight.dtype)  # the logical weight
-    assert (q.codes.dtype, q.codes.numel()) == (torch.uint8, weight.numel() // 2)
-    assert q.scales.dtype == q.mins.dtype == torch.float16 and q.scales.numel() == weight.numel() // BLOCK
-    assert stored(q) == weight.numel() * 5 // 8  # 5 bits a weight: 4 of code, 32 of scale + min per 32
-    codes = torch.stack((q.codes & 15, q.codes >> 4), dim=-1).reshape(-1, BLOCK).float()  # low nibble first
-    expected = codes * q.scales.float()[:, None] + q.mins.float()[:, None]
-    assert torch.equal(q.dequantize(), expected.reshape(weight.shape))
-    # Rounding to the nearest of 16 levels: half a step off at most, plus what storing the step and the
-    # minimum in fp16 moved (relative 2^-11 each, the step counted up to 15 times).
-    error = (q.dequantize() - weight).abs().reshape(-1, BLOCK).amax(dim=1)
-    fp16 = 2.0**-11 * (15 * q.scales.float() + q.mins.float().abs())
-    assert (error <= q.scales.float() * 0.5 + fp16).all()
-    assert (error > q.scales.float() * 0.4).any()  # and it does round
+    raw = quants.quantize(weight.numpy(), GGMLQuantizationType[gguf_type])
+    assert q.blocks.dtype == torch.uint8 and torch.equal(q.blocks, torch.from_numpy(raw).reshape(-1))
+    assert stored(q) == weight.numel() * bits / 8
+    reference = torch.from_numpy(quants.dequantize(raw, GGMLQuantizationType[gguf_type]))
+    assert torch.equal(q.dequantize(), reference)  # torch's reading of the bytes is gguf's
+    assert torch.equal(q.rows(torch.tensor([[3, 0], [95, 3]])), reference[torch.tensor([[3, 0], [95, 3]])])
+
+
+def test_q4_1_rounds_each_weight_to_the_nearest_of_its_blocks_16_levels():
+    weight = torch.randn(96, 64, generator=torch.Generator().manual_seed(0))
+    blocks = quantize_q4_1(weight).blocks.reshape(-1, 20)
+    scale = blocks[:, 0:2].contiguous().view(torch.float16).float()
+    error = (quantize_q4_1(weight).dequantize() - weight).abs().reshape(-1, BLOCK).amax(dim=1, keepdim=True)
+    # Half a step at most, plus what storing the step and the minimum in fp16 moved (relative 2^-11 each).
+    assert (error <= scale * 0.5 + 2.0**-11 * (15 * scale + weight.abs().max())).all()
+    assert (error > scale * 0.4).any()  # and it does round
 
 
 def test_weights_already_on_a_gguf_grid_come_back_exactly():
@@ -146,8 +153,11 @@ def test_an_op_the_blocks_do_not_support_says_to_dequantize_first():
 @pytest.mark.real_model
 @requires_smollm2
 def test_smollm2_is_stored_exactly_in_its_own_gguf_blocks():
-    """The shipped SmolLM2 is converted from a Q4_1 GGUF (token embedding Q8_0): q4_1 rounds nothing."""
-    from sparseft.loading import load_model
+    """The shipped SmolLM2 is converted from a Q4_1 GGUF (token embedding Q8_0): q4_1 rounds nothing, and
+    the blocks it stores are the file's own bytes."""
+    import gguf
+
+    from sparseft.loading import find_smollm2_gguf, load_model
 
     model = load_model("smollm2-135m")
     originals = {name: p.detach().clone() for name, p in model.named_parameters() if p.dim() == 2}
@@ -156,3 +166,9 @@ def test_smollm2_is_stored_exactly_in_its_own_gguf_blocks():
     assert quantized.keys() == originals.keys() and len(quantized) == 211  # 30 layers × 7 linears + the embedding
     for name, weight in quantized.items():
         assert torch.equal(dequantized(weight), originals[name]), name
+    # Byte for byte (q_proj/k_proj rows are permuted by the conversion, so the others are compared).
+    in_file = {t.name: t for t in gguf.GGUFReader(find_smollm2_gguf()[0]).tensors}
+    for ours, theirs in (("model.embed_tokens.weight", "token_embd.weight"),
+                         ("model.layers.7.self_attn.v_proj.weight", "blk.7.attn_v.weight"),
+                         ("model.layers.29.mlp.down_proj.weight", "blk.29.ffn_down.weight")):
+        assert torch.equal(quantized[ours].blocks, torch.from_numpy(in_file[theirs].data.copy()).reshape(-1)), ours

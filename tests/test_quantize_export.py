@@ -63,7 +63,8 @@ def test_dequantize_base_gives_plain_linears_holding_what_the_codes_stand_for():
 TOLERANCE = {"float32": dict(rtol=1e-5, atol=1e-5), "bfloat16": dict(rtol=0, atol=2 ** -8)}
 
 
-@pytest.mark.parametrize("scheme, dtype", [("int8", "float32"), ("nf4", "float32"), ("nf4", "bfloat16")])
+@pytest.mark.parametrize("scheme, dtype", [("int8", "float32"), ("nf4", "float32"), ("nf4", "bfloat16"),
+                                           ("q4_1", "float32")])
 def test_apply_quantize_writes_a_plain_model_computing_what_the_unmerged_diff_did(scheme, dtype, base_dir, trained_over,
                                                                                      tmp_path, capsys):
     from transformers import AutoModelForCausalLM

@@ -41,7 +41,7 @@ def make_quantized_diff(path, scheme: str, seed: int = 1, base_seed: int = 0):
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve-quantized")
     return {"root": root, "model": save_base(root / BASE),
-            "int8": make_quantized_diff(root / "int8", "int8"), "nf4": make_quantized_diff(root / "nf4", "nf4")}
+            **{scheme: make_quantized_diff(root / scheme, scheme) for scheme in ("int8", "nf4", "q4_1")}}
 
 
 def offline(model_dir, scheme: str, diff_dir, prompt: str) -> str:
@@ -64,7 +64,7 @@ def complete(client, model: str, prompt: str) -> str:
     return r.json()["choices"][0]["text"]
 
 
-@pytest.mark.parametrize("scheme, strategy", [("int8", "auto"), ("nf4", "mixed"), ("nf4", "auto")])
+@pytest.mark.parametrize("scheme, strategy", [("int8", "auto"), ("nf4", "mixed"), ("nf4", "auto"), ("q4_1", "mixed")])
 def test_a_diff_over_a_quantized_base_is_served_as_sparse_model_runs_it_offline(files, scheme, strategy):
     app = build_app(str(files["model"]), [("q", str(files[scheme]))], served_name=BASE, limits=LIMITS,
                     strategy=strategy, quantize=scheme)

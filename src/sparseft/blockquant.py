@@ -3,8 +3,8 @@
 Each run of 32 consecutive weights of a row is one block. Q4_1 keeps a 4-bit code per weight (two
 per byte) and an fp16 scale and minimum per block, w = code · scale + min (5 bits a weight); Q8_0
 keeps an int8 code per weight and an fp16 scale per block, w = code · scale (8.5 bits a weight).
-The formats are GGUF's (ggml's ``block_q4_1`` / ``block_q8_0``); the packing here is not theirs
-byte for byte, only the numbers it stands for.
+The bytes are GGUF's, block for block (the ``gguf`` package quantizes); dequantizing is done here in
+torch, so it runs on any device and inside the forward.
 
 Why these, beside torchao's: the SmolLM2 checkpoint sparseft ships is converted from a Q4_1 GGUF
 (token embedding Q8_0), so its fp32 weights are already on these grids. Quantized again to NF4 or
@@ -28,48 +28,46 @@ aten = torch.ops.aten
 
 
 class BlockTensor(torch.Tensor):
-    """A frozen weight stored as GGUF blocks; subclasses say how a block's codes become numbers."""
+    """A frozen weight stored as GGUF blocks (``blocks``: their bytes, uint8, in the file's order);
+    subclasses say how a block's bytes become numbers."""
 
-    inner_names: tuple[str, ...] = ()
+    gguf_type = ""  # the GGMLQuantizationType
+    block_bytes = 0
 
     @staticmethod
-    def __new__(cls, inner: dict[str, torch.Tensor], shape: torch.Size, dtype: torch.dtype):
-        first = inner[cls.inner_names[0]]
-        return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=first.device, requires_grad=False)
+    def __new__(cls, blocks: torch.Tensor, shape: torch.Size, dtype: torch.dtype):
+        return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=blocks.device, requires_grad=False)
 
-    def __init__(self, inner: dict[str, torch.Tensor], shape: torch.Size, dtype: torch.dtype):
-        for name in self.inner_names:
-            setattr(self, name, inner[name])
+    def __init__(self, blocks: torch.Tensor, shape: torch.Size, dtype: torch.dtype):
+        self.blocks = blocks
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(shape={tuple(self.shape)}, dtype={self.dtype})"
 
     def __tensor_flatten__(self):
-        return list(self.inner_names), (self.shape, self.dtype)
+        return ["blocks"], (self.shape, self.dtype)
 
     @classmethod
     def __tensor_unflatten__(cls, inner, meta, outer_size, outer_stride):
         shape, dtype = meta
-        return cls(inner, shape, dtype)
+        return cls(inner["blocks"], shape, dtype)
 
-    def inner(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, name) for name in self.inner_names}
-
-    def with_inner(self, fn) -> BlockTensor:
-        return type(self)({name: fn(t) for name, t in self.inner().items()}, self.shape, self.dtype)
+    def with_blocks(self, blocks: torch.Tensor) -> BlockTensor:
+        return type(self)(blocks, self.shape, self.dtype)
 
     def dequantize(self) -> torch.Tensor:
         """The dense weight, in the dtype it was quantized from."""
-        return self.block_values().reshape(self.shape).to(self.dtype)
+        return self.block_values(self.blocks.reshape(-1, self.block_bytes)).reshape(self.shape).to(self.dtype)
 
     def rows(self, index: torch.Tensor) -> torch.Tensor:
         """Rows ``index`` of the dense weight (an embedding lookup), dequantizing only those."""
-        flat = index.reshape(-1)
-        inner = {name: t.reshape(self.shape[0], -1)[flat].reshape(-1) for name, t in self.inner().items()}
-        picked = type(self)(inner, torch.Size((flat.numel(), self.shape[-1])), self.dtype)
-        return picked.dequantize().reshape(*index.shape, self.shape[-1])
+        picked = self.blocks.reshape(self.shape[0], -1)[index.reshape(-1)]
+        values = self.block_values(picked.reshape(-1, self.block_bytes))
+        return values.reshape(*index.shape, self.shape[-1]).to(self.dtype)
 
-    def block_values(self) -> torch.Tensor:
+    @staticmethod
+    def block_values(blocks: torch.Tensor) -> torch.Tensor:
+        """fp32 numbers, one row of 32 per block, of ``blocks`` (one block's bytes per row)."""
         raise NotImplementedError
 
     @classmethod
@@ -91,12 +89,11 @@ class BlockTensor(torch.Tensor):
         kwargs = kwargs or {}
         weight = args[0]
         if func in (aten.detach.default, aten.alias.default):
-            return weight.with_inner(lambda t: t)  # frozen codes: a view needs no copy
+            return weight.with_blocks(weight.blocks)  # frozen bytes: a view needs no copy
         if func is aten.clone.default:
-            return weight.with_inner(torch.clone)
+            return weight.with_blocks(weight.blocks.clone())
         if func is aten._to_copy.default and kwargs.get("dtype", weight.dtype) == weight.dtype:
-            device = kwargs.get("device", weight.device)
-            return weight.with_inner(lambda t: t.to(device))
+            return weight.with_blocks(weight.blocks.to(kwargs.get("device", weight.device)))
         raise NotImplementedError(f"{cls.__name__} stores GGUF blocks and does not support {func}: "
                                   "dequantize() it first (sparseft.quantize.dequantized)")
 
@@ -115,51 +112,52 @@ def dense(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 class Q4_1Tensor(BlockTensor):
-    """4-bit codes (two per byte) with an fp16 scale and minimum per block of 32: w = code · scale + min."""
+    """GGUF's ``block_q4_1``, 20 bytes per 32 weights: fp16 scale, fp16 minimum, then 16 bytes whose low
+    nibbles are the codes of weights 0-15 and high nibbles those of 16-31; w = code · scale + min."""
 
-    inner_names = ("codes", "scales", "mins")
+    gguf_type, block_bytes = "Q4_1", 20
 
-    def block_values(self) -> torch.Tensor:
-        codes = torch.stack((self.codes & 15, self.codes >> 4), dim=-1).reshape(-1, BLOCK).float()
-        return codes * self.scales.float()[:, None] + self.mins.float()[:, None]
+    @staticmethod
+    def block_values(blocks: torch.Tensor) -> torch.Tensor:
+        scale, low, packed = fp16_at(blocks, 0), fp16_at(blocks, 2), blocks[:, 4:]
+        return torch.cat((packed & 15, packed >> 4), dim=1).float() * scale + low
 
 
 class Q8_0Tensor(BlockTensor):
-    """int8 codes with an fp16 scale per block of 32: w = code · scale."""
+    """GGUF's ``block_q8_0``, 34 bytes per 32 weights: fp16 scale, then 32 int8 codes; w = code · scale."""
 
-    inner_names = ("codes", "scales")
+    gguf_type, block_bytes = "Q8_0", 34
 
-    def block_values(self) -> torch.Tensor:
-        return self.codes.reshape(-1, BLOCK).float() * self.scales.float()[:, None]
+    @staticmethod
+    def block_values(blocks: torch.Tensor) -> torch.Tensor:
+        return blocks[:, 2:].view(torch.int8).float() * fp16_at(blocks, 0)
 
 
-def blocks_of(weight: torch.Tensor) -> torch.Tensor:
-    """``weight`` as fp32 blocks of 32 along its rows (the last dimension must divide by 32)."""
+def fp16_at(blocks: torch.Tensor, offset: int) -> torch.Tensor:
+    """The fp16 number at byte ``offset`` of every block (GGUF is little-endian), as an fp32 column."""
+    return blocks[:, offset:offset + 2].contiguous().view(torch.float16).float()
+
+
+def quantize_as(cls: type[BlockTensor], weight: torch.Tensor) -> BlockTensor:
+    """``weight`` in ``cls``'s GGUF blocks, quantized by the ``gguf`` package (llama.cpp's reference
+    quantizer in numpy), so the bytes are those a GGUF file of that type holds."""
+    from gguf import GGMLQuantizationType, quants
+
     if weight.shape[-1] % BLOCK:
         raise ValueError(f"rows of {weight.shape[-1]} weights do not split into blocks of {BLOCK}")
-    return weight.detach().float().reshape(-1, BLOCK)
+    dense = weight.detach().float().cpu().numpy()
+    raw = quants.quantize(dense, GGMLQuantizationType[cls.gguf_type])
+    return cls(torch.from_numpy(raw).reshape(-1).to(weight.device), weight.shape, weight.dtype)
 
 
 def quantize_q4_1(weight: torch.Tensor) -> Q4_1Tensor:
-    """``weight`` in Q4_1 blocks. As ggml's reference quantizer: scale = (max − min) / 15 per block and
-    code = round((w − min) / scale), from the unrounded scale and minimum; both are then stored in fp16.
+    """``weight`` in Q4_1 blocks: per block scale = (max − min) / 15 and code = round((w − min) / scale).
     A block that was itself dequantized from Q4_1 spans codes 0 … 15, so it gets its codes, scale and
     minimum back and dequantizes to the same numbers."""
-    blocks = blocks_of(weight)
-    low, high = blocks.min(dim=1).values, blocks.max(dim=1).values
-    scale = (high - low) / 15
-    inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
-    codes = ((blocks - low[:, None]) * inverse[:, None]).round().clamp(0, 15).to(torch.uint8).reshape(-1, 2)
-    packed = codes[:, 0] | (codes[:, 1] << 4)
-    inner = {"codes": packed, "scales": scale.to(torch.float16), "mins": low.to(torch.float16)}
-    return Q4_1Tensor(inner, weight.shape, weight.dtype)
+    return quantize_as(Q4_1Tensor, weight)
 
 
 def quantize_q8_0(weight: torch.Tensor) -> Q8_0Tensor:
-    """``weight`` in Q8_0 blocks: scale = max |w| / 127 per block, code = round(w / scale), the scale
-    stored in fp16. A block dequantized from Q8_0 comes back exactly (its largest |code| is 127)."""
-    blocks = blocks_of(weight)
-    scale = blocks.abs().max(dim=1).values / 127
-    inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
-    codes = (blocks * inverse[:, None]).round().clamp(-127, 127).to(torch.int8).reshape(-1)
-    return Q8_0Tensor({"codes": codes, "scales": scale.to(torch.float16)}, weight.shape, weight.dtype)
+    """``weight`` in Q8_0 blocks: per block scale = max |w| / 127 and code = round(w / scale). A block
+    dequantized from Q8_0 comes back exactly (its largest |code| is 127)."""
+    return quantize_as(Q8_0Tensor, weight)

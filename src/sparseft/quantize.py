@@ -193,12 +193,13 @@ def check_block_shapes(modules: dict[str, nn.Module]) -> None:
 
 
 def dequantize_base(model: nn.Module) -> nn.Module:
-    """Turn every quantized linear layer of ``model`` (and a quantized embedding) back into a plain one in place, its weight
-    the dense one its codes stand for (``dequantized``, in the dtype it was quantized from); returns
-    ``model``. For export (``sparseft apply --quantize``): a diff trained over the quantized base merges
-    into these weights, so the merged model computes what the diff unmerged over the codes did. These
-    are not the weights ``quantize_base`` started from (quantization rounded them), and a wrapping
-    ``SparseModel``'s base fingerprint, taken over the codes, no longer describes them.
+    """Turn every quantized linear layer of ``model`` (and a quantized embedding) back into a plain one in
+    place, its weight the dense one its codes stand for (``dequantized``, in the dtype it was quantized
+    from); returns ``model``. For export (``sparseft apply --quantize``): a diff trained over the quantized
+    base merges into these weights, so the merged model computes what the diff unmerged over the codes
+    did. These are not the weights ``quantize_base`` started from (quantization rounded them; q4_1 over
+    weights already on its grid is the exception), and a wrapping ``SparseModel``'s base fingerprint,
+    taken over the codes, no longer describes them.
 
         >>> plain = dequantize_base(quantize_base(make_tiny_llama(), "int8"))  # doctest: +SKIP
     """

@@ -1,4 +1,4 @@
-"""Memory of a sparse run over SmolLM2-135M with the base in fp32, bf16, int8, int4 or nf4 (``train --quantize``);
+"""Memory of a sparse run over SmolLM2-135M with the base in fp32, bf16, int8, int4, nf4 or q4_1 (``train --quantize``);
 ``bf16-nf4`` is nf4 with the rest of the base (embeddings, norms) in bf16 (``--dtype bfloat16 --quantize nf4``).
 
 Each precision trains in a fresh process (none inherits another's freed heap), with glibc told to
