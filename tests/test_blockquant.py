@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import make_tiny_llama
+from conftest import make_tiny_llama, make_tiny_tokenizer
 from sparseft.base_match import fingerprint, stored_tensors
 from sparseft.blockquant import BLOCK, Q4_1Tensor, Q8_0Tensor, quantize_q4_1, quantize_q8_0
 from sparseft.errors import ConfigError
@@ -33,6 +33,13 @@ def on_q8_0_grid(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
     codes[:, 0] = torch.where(torch.rand(blocks, generator=gen) < 0.5, 127, -127)
     scale = (torch.rand(blocks, generator=gen) * 0.001 + 1e-5).half().float()
     return (codes * scale[:, None]).reshape(rows, cols)
+
+
+@pytest.fixture
+def train_file(tmp_path):
+    from test_training import write_train_file
+
+    return write_train_file(tmp_path / "train.jsonl")
 
 
 def stored(t: torch.Tensor) -> int:
@@ -107,6 +114,7 @@ def test_the_tied_head_trains_nothing_and_passes_gradients_through():
     model = quantize_base(tied_llama_on_the_grid(), "q4_1")
     hidden = torch.randn(2, 5, model.config.hidden_size, requires_grad=True)
     model.get_output_embeddings()(hidden).pow(2).sum().backward()
+    assert model.get_output_embeddings().weight.grad is None
     dense = dequantized(model.get_input_embeddings().weight)
     check = hidden.detach().clone().requires_grad_(True)
     torch.nn.functional.linear(check, dense).pow(2).sum().backward()
@@ -126,8 +134,7 @@ def test_q4_1_quantization_is_deterministic():
     prints = []
     for seed in (0, 0, 1):
         layers = linear_layers(make_tiny_llama(seed=seed))
-        quantize_base(make_tiny_llama(seed=seed), "q4_1")  # a fresh model each time, as a reload does
-        model = quantize_base(make_tiny_llama(seed=seed), "q4_1")
+        model = quantize_base(make_tiny_llama(seed=seed), "q4_1")  # a fresh model each time, as a reload does
         prints.append(fingerprint({name: model.get_submodule(name).weight for name in layers}))
     assert prints[0] == prints[1] != prints[2]
 
@@ -172,3 +179,30 @@ def test_smollm2_is_stored_exactly_in_its_own_gguf_blocks():
                          ("model.layers.7.self_attn.v_proj.weight", "blk.7.attn_v.weight"),
                          ("model.layers.29.mlp.down_proj.weight", "blk.29.ffn_down.weight")):
         assert torch.equal(quantized[ours].blocks, torch.from_numpy(in_file[theirs].data.copy()).reshape(-1)), ours
+
+
+def test_a_diff_on_the_tied_head_trains_over_the_q8_0_weight_it_shares(train_file, tmp_path):
+    """The head the diff targets is a SparseLinear by the time the base is quantized: the tie is found
+    through it, the head's entries run unmerged over the Q8_0 embedding, and the diff reloads onto it."""
+    from sparseft import SparseModel
+    from sparseft.diffio import read_diff
+    from sparseft.training import run_training
+    from test_training import quick_config
+
+    trained = make_tiny_llama(tie_word_embeddings=True)
+    cfg = quick_config(train_file, tmp_path / "run", steps=3, quantize="q4_1", target_modules=["q_proj", "lm_head"])
+    run_training(cfg, model=trained, tokenizer=make_tiny_tokenizer())
+    head = trained.get_output_embeddings()
+    assert type(head.weight) is Q8_0Tensor and head.weight is trained.get_input_embeddings().weight
+    assert head.forward_mode == "unmerged" and "lm_head" in read_diff(tmp_path / "run").masks
+    reloaded = SparseModel.from_pretrained(quantize_base(make_tiny_llama(tie_word_embeddings=True), "q4_1"),
+                                           tmp_path / "run")
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, trained(input_ids=ids).logits)
+
+
+def test_a_linear_given_its_weight_by_keyword_dequantizes_it():
+    q = quantize_q4_1(torch.randn(8, 32, generator=torch.Generator().manual_seed(0)))
+    x = torch.randn(2, 32)
+    assert torch.equal(torch.nn.functional.linear(x, weight=q), torch.nn.functional.linear(x, q.dequantize()))

@@ -13,7 +13,9 @@ from typing import Any, Callable
 import torch
 
 from .errors import FingerprintMismatchError, UnverifiedBaseError
-from .quantize import scheme_of_weight_class
+from .quantize import WEIGHT_CLASSES, scheme_of_weight_class
+
+LINEAR_CLASSES = set(WEIGHT_CLASSES.values())
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +47,12 @@ def weight_kind(t: torch.Tensor) -> str:
 
 def base_kind(weights: dict[str, torch.Tensor]) -> str:
     """What a base's fingerprint is keyed by: its quantized weights' class where it has any (a mixed base,
-    some layers skipped by ``quantize_skip``, is still that quantized base), else its first weight's dtype."""
+    some layers skipped by ``quantize_skip``, is still that quantized base), else its first weight's dtype.
+    The linear layers' class comes first: q4_1's head tied to the embedding is Q8_0, and the key must not
+    depend on the order the weights are listed in."""
     kinds = [weight_kind(w) for w in weights.values()]
-    return next((kind for kind in kinds if scheme_of_weight_class(kind)), kinds[0])
+    quantized = sorted((kind for kind in kinds if scheme_of_weight_class(kind)), key=lambda k: k not in LINEAR_CLASSES)
+    return quantized[0] if quantized else kinds[0]
 
 
 def fingerprint(weights: dict[str, torch.Tensor]) -> str:

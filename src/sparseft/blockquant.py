@@ -74,8 +74,7 @@ class BlockTensor(torch.Tensor):
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is F.linear:
-            x, weight, *rest = args
-            return F.linear(x, dense(weight), *(dense(t) for t in rest), **kwargs)
+            return F.linear(*(dense(a) for a in args), **{name: dense(a) for name, a in kwargs.items()})
         if func is F.embedding:
             index, weight, *_ = args
             if rest_given(args[2:], kwargs):

@@ -46,6 +46,7 @@ DEFAULT_QUANT_INIT = "zero"  # TrainConfig's default: trained from the error was
 # The class of each scheme's weights (torchao's, or blockquant's): what a diff's base fingerprint is keyed by
 # (base_match.weight_kind)
 WEIGHT_CLASSES = {"int8": "Int8Tensor", "int4": "IntxUnpackedToInt8Tensor", "nf4": "NF4Tensor", "q4_1": "Q4_1Tensor"}
+EMBEDDING_CLASSES = {"q4_1": "Q8_0Tensor"}  # q4_1 also stores the embedding (and a head tied to it): Q8_0 blocks
 TORCHAO_SCHEMES = ("int8", "int4", "nf4")
 INT4_GROUP = 32  # int4 scales: one per 32 input columns of a row (in_features must divide by it)
 NF4_BLOCK = 64  # nf4: one absmax scale per 64 consecutive weights of the flattened matrix (QLoRA's) ...
@@ -105,7 +106,8 @@ def is_quantized(weight: torch.Tensor) -> bool:
 
 def scheme_of_weight_class(kind: str) -> str | None:
     """The scheme whose weights are stored as the class ``kind`` (``"Int8Tensor"`` → ``"int8"``), else None."""
-    return next((scheme for scheme, name in WEIGHT_CLASSES.items() if name == kind), None)
+    classes = [*WEIGHT_CLASSES.items(), *EMBEDDING_CLASSES.items()]
+    return next((scheme for scheme, name in classes if name == kind), None)
 
 
 def check_scheme(scheme: str) -> None:
@@ -178,6 +180,7 @@ def quantize_embedding(model: nn.Module, embedding: nn.Embedding) -> None:
     parameter) and runs as a ``QuantizedLinear``, so its backward dequantizes again instead of holding
     a dense copy of the vocabulary's weights."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = getattr(head, "base_layer", head)  # a head the diff targets: its SparseLinear's layer holds the weight
     tied = head is not None and head.weight is embedding.weight
     embedding.weight = nn.Parameter(quantize_q8_0(embedding.weight), requires_grad=False)
     if tied:
