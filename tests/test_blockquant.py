@@ -155,6 +155,10 @@ def test_an_op_the_blocks_do_not_support_says_to_dequantize_first():
                                                   r"dequantize\(\) it first"):
         q + 1
     assert torch.equal(q.detach().dequantize(), q.dequantize()) and torch.equal(q.clone().dequantize(), q.dequantize())
+    table, rows = quantize_q8_0(torch.randn(10, 32)), torch.tensor([1, 3])
+    assert torch.equal(torch.nn.functional.embedding(rows, table, 2), table.dequantize()[rows])  # padding_idx: plain
+    with pytest.raises(NotImplementedError, match="Q8_0Tensor: F.embedding with max_norm/.* set"):
+        torch.nn.functional.embedding(rows, table, max_norm=1.0)
 
 
 @pytest.mark.real_model

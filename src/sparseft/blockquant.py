@@ -76,9 +76,9 @@ class BlockTensor(torch.Tensor):
         if func is F.linear:
             return F.linear(*(dense(a) for a in args), **{name: dense(a) for name, a in kwargs.items()})
         if func is F.embedding:
-            index, weight, *_ = args
-            if rest_given(args[2:], kwargs):
-                raise NotImplementedError(f"{cls.__name__}: F.embedding with padding_idx/max_norm options")
+            index, weight, *options = args
+            if not plain_lookup(options, kwargs):
+                raise NotImplementedError(f"{cls.__name__}: F.embedding with {'/'.join(LOOKUP_DEFAULTS)} set")
             return weight.rows(index)
         with torch._C.DisableTorchFunctionSubclass():
             return func(*args, **kwargs)
@@ -97,13 +97,14 @@ class BlockTensor(torch.Tensor):
                                   "dequantize() it first (sparseft.quantize.dequantized)")
 
 
-def rest_given(args, kwargs) -> bool:
-    """Whether F.embedding was asked for anything but a plain lookup (padding_idx alone only changes grads)."""
-    names = ("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")
-    given = dict(zip(names, args)) | kwargs
-    plain = {"padding_idx": given.get("padding_idx"), "max_norm": None, "norm_type": 2.0,
-             "scale_grad_by_freq": False, "sparse": False}
-    return any(given.get(name, plain[name]) != plain[name] for name in names[1:])
+# F.embedding's options after padding_idx (which only changes gradients, and these weights take none)
+LOOKUP_DEFAULTS = {"max_norm": None, "norm_type": 2.0, "scale_grad_by_freq": False, "sparse": False}
+
+
+def plain_lookup(options, kwargs) -> bool:
+    """Whether F.embedding's options (after index and weight) ask for a plain row lookup."""
+    given = dict(zip(("padding_idx", *LOOKUP_DEFAULTS), options)) | kwargs
+    return all(given.get(name, default) == default for name, default in LOOKUP_DEFAULTS.items())
 
 
 def dense(t: torch.Tensor | None) -> torch.Tensor | None:
