@@ -14,7 +14,8 @@ from ..errors import ConfigError
 from ..files import read_yaml_file, yaml_key_lines
 from ..methods import get_method, training_methods
 from ..quantize import (
-    DEFAULT_QUANT_INIT, DEFAULT_SELECT_OVER, check_quant_init, check_scheme, check_select_over, skip_patterns,
+    DEFAULT_QUANT_INIT, DEFAULT_SELECT_OVER, QUANT_SCHEMES, check_quant_init, check_scheme, check_select_over,
+    skip_patterns,
 )
 from .sharding import check_fsdp_config
 
@@ -76,10 +77,10 @@ class TrainConfig:
         fsdp: under torchrun / accelerate launch, shard the frozen base across the processes with FSDP2
             (each holds 1/N of it) instead of replicating it with DDP; sparse runs without
             re-selection only (see ``sparseft.training.sharding``).
-        quantize: ``int8``, ``int4`` or ``nf4``: train over a weight-only quantized base (sparse runs; torchao,
-            ``pip install 'sparseft[quant]'``). Entries are selected on the full-precision base, then
-            its linear weights are quantized and the diff is fingerprinted against the quantized base
-            (see ``sparseft.quantize``).
+        quantize: ``int8``, ``int4``, ``nf4`` (torchao, ``pip install 'sparseft[quant]'``) or ``q4_1`` (GGUF's
+            blocks): train over a weight-only quantized base (sparse runs). Entries are selected on the
+            full-precision base, then its linear weights are quantized and the diff is fingerprinted against
+            the quantized base (see ``sparseft.quantize``).
         quantize_init: with ``quantize``, where the values start: ``zero`` (the default) at 0; ``correction``
             at each selected entry's quantization error, so those entries begin at their full-precision
             weights (measured no better once trained, docs/training.md); ``correction-after`` at 0, with
@@ -183,14 +184,10 @@ class TrainConfig:
             check_fsdp_config(self.method, self.reselecting)
         check_quant_init(self.quantize_init, self.reselecting)
         check_select_over(self.select_over, self.quantize_init)
-        if self.select_over == "quantized" and self.quantize is None:
-            raise ConfigError("select_over='quantized' chooses the entries over a quantized base: it needs quantize "
-                              "(--quantize int8|int4|nf4)")
         if self.quantize is not None:
             self.check_quantize()
-        elif self.quantize_skip:
-            raise ConfigError("quantize_skip names layers to leave unquantized: it needs quantize "
-                              "(--quantize int8|int4|nf4)")
+        else:
+            self.check_no_quantize_knobs()
 
     def check_reselection(self) -> None:
         # Types are settled by convert_fields (an int or None, a float); only the ranges are checked here.
@@ -200,6 +197,17 @@ class TrainConfig:
             movers = [name for name in training_methods() if get_method(name).reselects]
             raise ConfigError(f"reselect_every applies to {'/'.join(movers)} runs only (it moves a sparse mask), "
                               f"not method={self.method!r}")
+
+    def check_no_quantize_knobs(self) -> None:
+        """The options that say how the base is quantized, given without quantize: refused rather than ignored."""
+        knobs = [(self.select_over != DEFAULT_SELECT_OVER, f"select_over={self.select_over!r} chooses the entries "
+                                                           "over a quantized base"),
+                 (self.quantize_init != DEFAULT_QUANT_INIT, f"quantize_init={self.quantize_init!r} says where the "
+                                                             "values over a quantized base start"),
+                 (bool(self.quantize_skip), "quantize_skip names layers to leave unquantized")]
+        for given, what in knobs:
+            if given:
+                raise ConfigError(f"{what}: it needs quantize (--quantize {'|'.join(QUANT_SCHEMES)})")
 
     def check_quantize(self) -> None:
         check_scheme(self.quantize)
