@@ -182,6 +182,39 @@ def test_a_resumed_grid_killed_in_its_first_row_keeps_the_earlier_rows_on_disk(t
         ("again", "ok"), ("done", "ok")]
 
 
+def test_a_resume_says_why_it_runs_an_earlier_ok_row_again(tmp_path, monkeypatch, capsys):
+    """A row that finished ok but cannot be kept (its worker spec missing, or the config changed under it)
+    is named on stdout with the reason, before hours of it are redone."""
+    from sparseft.bench import grid
+    from sparseft.bench.worker import empty_row
+
+    runs = [{"id": "moved", "method": "sparse", "scorer": "random", "lr": 1e-2},
+            {"id": "changed", "method": "sparse", "scorer": "random", "lr": 1e-3},
+            {"id": "same", "method": "sparse", "scorer": "random", "lr": 1e-3}]
+    raw = tiny_raw(eval_base=False, runs=runs)
+    raw["train_data"], raw["eval_data"] = (str(TINY.parent / raw[k]) for k in ("train_data", "eval_data"))
+
+    def run_row(cfg, spec, model, train_file, out):
+        job = grid.worker_spec(cfg, spec, model, train_file, out / "runs" / spec.id)
+        Path(job["row_dir"]).mkdir(parents=True, exist_ok=True)
+        (Path(job["row_dir"]) / "spec.json").write_text(json.dumps(job))
+        row = empty_row(job)
+        row.update(status="ok", machine=grid.row_machine(grid.machine_info(cfg)))
+        return row
+
+    monkeypatch.setattr(grid, "run_row", run_row)
+    grid.run_grid(parse_bench_config(raw, base_dir=TINY.parent), tmp_path, plots=False)
+    (tmp_path / "runs" / "moved").rename(tmp_path / "moved")
+    runs[1]["lr"] = 3e-3
+    capsys.readouterr()
+    grid.run_grid(parse_bench_config(tiny_raw(**{**raw, "runs": runs}), base_dir=TINY.parent), tmp_path,
+                  plots=False, resume=True)
+    said = capsys.readouterr().out
+    assert f"row moved: runs again: its worker spec {tmp_path / 'runs' / 'moved' / 'spec.json'} is missing" in said
+    assert "row changed: runs again: " in said and "differs from what this config runs now (in run.lr)" in said
+    assert "row same: kept from the earlier run" in said and "row same: runs again" not in said
+
+
 def tiny_raw(**changes):
     raw = yaml.safe_load(TINY.read_text())
     raw.update(changes)

@@ -117,23 +117,55 @@ def read_earlier_run(cfg: BenchConfig, out: Path, any_machine: bool = False) -> 
 
 
 def reusable_rows(cfg: BenchConfig, earlier: dict[str, Any], model: str, train_file: Path, out: Path) -> dict[str, Any]:
-    """Earlier ``ok`` rows whose worker spec equals what this config would run now, by row id."""
+    """Earlier ``ok`` rows whose worker spec equals what this config would run now, by row id; says on
+    stdout why each other ``ok`` row of this config runs again (a resume that quietly redoes hours of rows
+    hides a misplaced folder or a changed config)."""
     specs = {row_id_of(spec): spec for spec in row_specs(cfg)}
     kept = {}
     for row in earlier.get("rows", []):
-        spec_path = out / "runs" / row["id"] / "spec.json"
-        if row.get("status") != "ok" or row["id"] not in specs or not spec_path.is_file():
+        if row.get("status") != "ok" or row["id"] not in specs:
             continue
-        if same_job(json.loads(spec_path.read_text()), worker_spec(cfg, specs[row["id"]], model, train_file, spec_path.parent)):
+        spec_path = out / "runs" / row["id"] / "spec.json"
+        why = rerun_reason(spec_path, worker_spec(cfg, specs[row["id"]], model, train_file, spec_path.parent))
+        if why is None:
             kept[row["id"]] = row
+        else:
+            print(f"[bench] row {row['id']}: runs again: {why}", flush=True)
     return kept
+
+
+def rerun_reason(spec_path: Path, wanted: dict[str, Any]) -> str | None:
+    """Why the earlier row whose worker spec is at ``spec_path`` cannot be kept; None when it can."""
+    if not spec_path.is_file():
+        return f"its worker spec {spec_path} is missing (it says what the row ran)"
+    earlier = json.loads(spec_path.read_text())
+    if same_job(earlier, wanted):
+        return None
+    differs = [key for key in differing_keys(earlier, wanted) if key not in SPEC_LOCATIONS]
+    return f"{spec_path} differs from what this config runs now (in {', '.join(differs)})"
+
+
+def differing_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """The keys where ``a`` and ``b`` differ, nested dicts followed (``run.lr``)."""
+    keys = []
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            keys += differing_keys(x, y, f"{prefix}{key}.")
+        elif x != y:
+            keys.append(prefix + key)
+    return keys
+
+
+# Where a worker spec's files are: they differ between two runs of one job reached from other folders.
+SPEC_LOCATIONS = ("row_dir", "result_path", "train_file")
 
 
 def same_job(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Equal worker specs up to where the folder was reached from (a relative or absolute --out) and where
     the eval data lies: the same content (specs since ``eval_data_sha256``), else the same normalized path
     (``../shared/data`` from one folder and ``/work/shared/data`` name one file)."""
-    paths = ("row_dir", "result_path", "train_file", "eval_data", "eval_data_sha256")
+    paths = SPEC_LOCATIONS + ("eval_data", "eval_data_sha256")
     if {k: v for k, v in a.items() if k not in paths} != {k: v for k, v in b.items() if k not in paths}:
         return False
     if a.get("eval_data_sha256") and b.get("eval_data_sha256"):
