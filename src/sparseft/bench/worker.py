@@ -74,11 +74,11 @@ def versions() -> dict[str, str]:
 def setup_device(job: dict[str, Any]) -> str:
     import torch
 
+    from ..loading import resolve_device
+
     if job.get("threads"):
         torch.set_num_threads(int(job["threads"]))
-    if job["device"] == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return job["device"]
+    return str(resolve_device(job["device"], "the grid's device"))
 
 
 # ---------------------------------------------------------------- training
