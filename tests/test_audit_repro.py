@@ -84,3 +84,45 @@ def test_diff_without_training_record_is_refused(tmp_path):
     path = get_sparse_model(make_tiny_llama(), SparseConfig(density=0.05)).save_pretrained(tmp_path / "diff")
     with pytest.raises(NotReproducibleError, match="no training config"):
         reproduce(path)
+
+
+def edit_record(run, tmp_path, train_config=None, yaml_text=None):
+    """A copy of ``run`` whose provenance records ``train_config`` (dropped when None), with ``train_config.yaml``
+    beside it holding ``yaml_text`` (when given)."""
+    run = copy_run(run, tmp_path)
+    meta = json.loads((run / "sparse_config.json").read_text())
+    meta["provenance"].pop("train_config")
+    if train_config is not None:
+        meta["provenance"]["train_config"] = train_config
+    (run / "sparse_config.json").write_text(json.dumps(meta))
+    if yaml_text is not None:
+        (run / "train_config.yaml").write_text(yaml_text)
+    return run
+
+
+@pytest.mark.parametrize("record, match", [
+    ({"data": 5}, r"sparse_config\.json: provenance\.train_config: data must be a string, got 5"),
+    ({"lr": "fast"}, r"sparse_config\.json: provenance\.train_config: lr must be a number"),
+    ("lr: [1e-3\n", r"train_config\.yaml:line 2: not valid YAML"),
+    ("- lr: 1e-3\n", r"train_config\.yaml: expected a mapping of TrainConfig fields, got list"),
+    ("data: 5\n", r"train_config\.yaml: data must be a string, got 5"),
+])
+def test_a_mistyped_training_record_names_where_it_is_recorded(trained, tmp_path, record, match):
+    # Was a TypeError from Path(5), a yaml ParserError, or a ConfigError that named no file.
+    _, _, run, _ = trained
+    if isinstance(record, dict):
+        recorded = json.loads((run / "sparse_config.json").read_text())["provenance"]["train_config"]
+        run = edit_record(run, tmp_path, train_config={**recorded, **record})
+    else:
+        run = edit_record(run, tmp_path, yaml_text=record)
+    with pytest.raises(NotReproducibleError, match=match):
+        reproduce(run)  # the recorded data path, as the audit takes it without --repro-data
+
+
+def test_audit_refuses_a_bad_training_record_before_it_audits(trained, tmp_path, capsys):
+    base, _, run, probes = trained
+    run = edit_record(run, tmp_path, yaml_text="lr: [1e-3\n")
+    code = main(["audit", "--model", str(base), "--diff", str(run), "--probe", str(probes), "--out", str(tmp_path / "out"),
+                 "--repro", *LOOSE])
+    assert code == 2 and "train_config.yaml:line 2: not valid YAML" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

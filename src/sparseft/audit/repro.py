@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from ..diffio import DELTA_NAME, file_sha256, read_config, read_diff
-from ..errors import NotReproducibleError
+from ..diffio import CONFIG_NAME, DELTA_NAME, file_sha256, read_config, read_diff
+from ..errors import ConfigError, NotReproducibleError
+from ..files import read_yaml_file
 from ..training import TrainConfig, run_training
 from ..training.data import data_sha256
 from ..training.job import TRAIN_CONFIG_NAME
@@ -26,21 +26,41 @@ from ..training.job import TRAIN_CONFIG_NAME
 RERUN_FIELDS = {"device": "cpu", "resume": None, "progress": False, "save_every": 0}
 
 
-def recorded_train_config(diff_path: str | os.PathLike) -> dict[str, Any]:
-    """The training config the diff records: provenance ``train_config``, else ``train_config.yaml`` beside it."""
+def recorded_train_config(diff_path: str | os.PathLike) -> tuple[dict[str, Any], str]:
+    """The training config the diff records, and where (for errors): provenance ``train_config``, else
+    ``train_config.yaml`` beside it."""
     path = Path(diff_path)
     recorded = read_config(path).get("provenance", {}).get("train_config")
     if isinstance(recorded, dict) and recorded:
-        return dict(recorded)
+        return dict(recorded), f"{path / CONFIG_NAME}: provenance.train_config"
     yaml_path = path / TRAIN_CONFIG_NAME
     if yaml_path.is_file():
-        data = yaml.safe_load(yaml_path.read_text()) or {}
-        if isinstance(data, dict):
-            return data
+        data = read_yaml_file(yaml_path, NotReproducibleError)[0] or {}
+        if not isinstance(data, dict):
+            kind = type(data).__name__
+            raise NotReproducibleError(f"{yaml_path}: expected a mapping of TrainConfig fields, got {kind}")
+        return data, str(yaml_path)
     raise NotReproducibleError(
         f"{path}: the diff records no training config (provenance 'train_config' or {TRAIN_CONFIG_NAME}); "
         "only diffs written by sparseft train can be re-run"
     )
+
+
+def rerun_values(diff_path: str | os.PathLike, model: str | None = None, data: str | None = None) -> dict[str, Any]:
+    """The fields of the re-run: the recorded config with ``RERUN_FIELDS`` and the given model / data. Checked
+    as a TrainConfig here, before any of them is used: a hand-edited record (``data: 5``) gets an error naming
+    where it is recorded, not a TypeError; and the data must be there."""
+    recorded, source = recorded_train_config(diff_path)
+    values = {**recorded, **RERUN_FIELDS}
+    values["model"] = model or values.get("model", "")
+    values["data"] = data or values.get("data", "")
+    try:
+        TrainConfig.from_dict(values)
+    except ConfigError as e:
+        raise NotReproducibleError(f"{source}: {e}") from e
+    if not values["data"] or not Path(values["data"]).exists():
+        raise NotReproducibleError(f"{diff_path}: the training data {values['data']!r} is not available here; pass it")
+    return values
 
 
 def compare_diffs(original: str | os.PathLike, rerun: str | os.PathLike) -> list[dict[str, Any]]:
@@ -84,11 +104,7 @@ def reproduce(
 
     diff_path = Path(diff_path)
     meta = read_config(diff_path)
-    values = {**recorded_train_config(diff_path), **RERUN_FIELDS}
-    values["model"] = model or values.get("model", "")
-    values["data"] = data or values.get("data", "")
-    if not values["data"] or not Path(values["data"]).exists():
-        raise NotReproducibleError(f"{diff_path}: the training data {values['data']!r} is not available here; pass it")
+    values = rerun_values(diff_path, model, data)
     result: dict[str, Any] = {
         "config": values,
         "original_sha256": meta["file_hashes"].get(DELTA_NAME, ""),

@@ -46,6 +46,10 @@ def check_inputs(args) -> None:
     for path in (args.probe, args.repro_data):
         if path:
             existing_data(path)
+    if args.repro:  # the recorded training config, read and checked now, not after the whole audit has run
+        from ..audit.repro import rerun_values
+
+        rerun_values(args.diff, args.model, args.repro_data)
 
 
 def run(args) -> int:
