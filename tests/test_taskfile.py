@@ -98,6 +98,9 @@ def test_qa_and_summarization_task_files(tmp_path):
         ("family: classification\nlabels: [a, b]\ntemplate: '{labels:>99999999999} {body}'\n",
          r"line 3: key 'template': placeholder \{labels:>99999999999\} may not carry"),
         ("family: summarization\ntemplate: '{x}'\nmax_new_tokens: 0\n", r"line 3: key 'max_new_tokens' must be a positive integer"),
+        # Unknown keys that are not all strings were sorted together: a TypeError.
+        ("family: classification\nlabels: [a, b]\n1: x\nlable_field: y\n", r"task.yaml: key 1 is not a key of"),
+        ("family: classification\nlabels: [a, b]\n~: x\n", r"task.yaml: key null is not a key of"),
         ("- a list\n", "expected a mapping of task keys"),
         ("family: [unclosed\n", r"task.yaml:line \d+: not valid YAML"),
     ],

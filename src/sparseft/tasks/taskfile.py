@@ -188,10 +188,11 @@ def task_from_spec(spec: Any, where: Locator, default_name: str = "custom") -> C
     family = spec.get("family")
     if family not in FAMILIES:
         raise TaskFileError(f"{where('family') if 'family' in spec else where() + ': key family'} must be one of {list(FAMILIES)}, got {family!r}")
-    unknown = sorted(set(spec) - COMMON_KEYS - FAMILY_KEYS[family])
+    unknown = sorted(set(spec) - COMMON_KEYS - FAMILY_KEYS[family], key=str)  # YAML keys need not be strings (`1: x`)
     if unknown:
         allowed = sorted(COMMON_KEYS | FAMILY_KEYS[family])
-        raise TaskFileError(f"{where(unknown[0])} is not a key of a {family} task; known keys: {allowed}")
+        key = where(unknown[0]) if unknown[0] is not None else f"{where()}: key null"  # where(None) is the file alone
+        raise TaskFileError(f"{key} is not a key of a {family} task; known keys: {allowed}")
     name = string_key(spec, "name", where, default_name)
     template = string_key(spec, "template", where, DEFAULT_CLASSIFICATION_TEMPLATE if family == "classification" else None)
     fields = template_fields(template, where("template"))
