@@ -288,6 +288,9 @@ def tiny_raw(**changes):
         ({"runs": [{"id": "f", "method": "full", "lr": True}]}, "(f): lr must be a positive finite number, got True"),
         ({"runs": [{"id": "f", "method": "full", "lr": [1e-3, True]}]}, "an lr grid must be a non-empty list"),
         ({"runs": [{"id": "f", "method": "full", "lr": [float("inf")]}]}, "an lr grid must be a non-empty list"),
+        # An lr grid row without an id (or with a number for one) ran as "None-lr0.001" / "1.5-lr0.001".
+        ({"runs": [{"method": "full", "lr": [1e-3, 1e-2]}]}, "grid.yaml: runs[0]: missing required field 'id'"),
+        ({"runs": [{"id": 1.5, "method": "full", "lr": [1e-3, 1e-2]}]}, "runs[0]: id 1.5 must be letters, digits"),
         ({"runs": [{"id": "l", "method": "lora", "lora_rank": True, "lr": 1e-3}]},
          "runs[0] (l): lora_rank must be a positive integer or 'match', got True"),
         ({"threads": "many"}, "grid.yaml: threads must be a positive integer or absent, got 'many'"),

@@ -241,7 +241,9 @@ def expand_lr_grids(raw_runs: Any, where: str) -> tuple[Any, list[int]]:
         return raw_runs, []
     expanded, origins = [], []
     for i, item in enumerate(raw_runs):
-        if not (isinstance(item, dict) and isinstance(item.get("lr"), list)):
+        # A row without a string id stays as it is, so parse_runs refuses it ("missing required field 'id'")
+        # rather than running it as "None-lr0.001".
+        if not (isinstance(item, dict) and isinstance(item.get("lr"), list) and isinstance(item.get("id"), str)):
             expanded.append(item)
             origins.append(i)
             continue
