@@ -283,6 +283,9 @@ def tiny_raw(**changes):
          "ValueError: The hidden size (33) is not a multiple of the number of attention heads (4).)"),
         ({"seed": "abc"}, "grid.yaml: seed must be an integer, got 'abc'"),
         ({"seed": 2**64}, "grid.yaml: seed 18446744073709551616 is outside [-9223372036854775808, "),
+        # A row's own seed too, when the grid loads: it used to fail in that row's worker, after the rows before it.
+        ({"runs": [{"id": "f", "method": "full", "lr": 1e-3, "seed": 2**64}]},
+         "runs[0] (f): seed 18446744073709551616 is outside [-9223372036854775808, "),
         ({"runs": [{"id": "f", "method": "full", "lr": float("nan")}]}, "lr must be a positive finite number"),
         ({"runs": [{"id": "f", "method": "full", "lr": float("inf")}]}, "got inf"),
         ({"runs": [{"id": "f", "method": "full", "lr": True}]}, "(f): lr must be a positive finite number, got True"),

@@ -351,6 +351,9 @@ def check_run(run: RunSpec, at: str) -> None:
         raise ConfigError(f"{at} ({run.id}): lr must be a positive finite number, got {run.lr!r}")
     if run.seed is not None and (not isinstance(run.seed, int) or isinstance(run.seed, bool)):
         raise ConfigError(f"{at} ({run.id}): seed must be an integer, got {run.seed!r}")
+    if run.seed is not None and not SEED_RANGE[0] <= run.seed <= SEED_RANGE[1]:  # as the grid's seed: before any row
+        raise ConfigError(f"{at} ({run.id}): seed {run.seed} is outside [{SEED_RANGE[0]}, {SEED_RANGE[1]}] "
+                          "(what torch.manual_seed takes)")
     method = get_method(run.method)
     for knob in KNOBS:
         if getattr(run, knob) is not None and knob not in method.run_knobs:
