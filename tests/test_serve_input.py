@@ -131,3 +131,14 @@ def test_a_bare_nan_temperature_is_400_too(client):
     r = client.post("/v1/completions", content='{"model": "%s", "prompt": "w9", "temperature": NaN}' % BASE,
                     headers={"content-type": "application/json"})
     assert "temperature: Input should be a finite number" in assert_openai_400(r)["message"]
+
+
+@pytest.mark.parametrize("body, reason", [
+    ('{"model": "%s", "prompt": "w9",}' % BASE, "at character 38 (Expecting property name enclosed in double quotes)"),
+    ('{"model": "%s"} x' % BASE, "at character 23 (Extra data)"),
+])
+def test_a_body_that_is_not_json_is_named_as_such(client, body, reason):
+    # Was "invalid request body: 38: JSON decode error" with param "38": the offset read as a field name.
+    r = client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
+    error = assert_openai_400(r)
+    assert error["message"] == f"invalid request body: body: not valid JSON {reason}" and error["param"] == "body"

@@ -238,8 +238,11 @@ async def on_invalid_body(request: Request, e: RequestValidationError):
     first = problems[0] if problems else {}
     # Leave out pydantic's validator and union-branch labels ("function-after[...]", "list[int]").
     parts = [str(p) for p in first.get("loc", ()) if p != "body" and not any(c in str(p) for c in "[(")]
-    where = ".".join(parts) or "body"
-    message = f"invalid request body: {where}: {first.get('msg', 'malformed')}"
+    where, reason = ".".join(parts) or "body", first.get("msg", "malformed")
+    if first.get("type") == "json_invalid":  # its loc ends with a character offset, not a field; msg says only "error"
+        where = "body"
+        reason = f"not valid JSON at character {first['loc'][-1]} ({first.get('ctx', {}).get('error', reason)})"
+    message = f"invalid request body: {where}: {reason}"
     if len(problems) > 1:
         message += f" (and {len(problems) - 1} more problem(s))"
     return answer(request, APIError(400, message, "invalid_request_error", "invalid_request", where))
