@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
@@ -186,6 +187,31 @@ def test_corrupt_registry_file_is_a_clear_error(tmp_path, diffs):
     stored.write_text(stored.read_text().replace('"base_model"', '"base_model" ', 1))  # same JSON, other bytes
     with pytest.raises(DiffRegistryError, match="modified since they were registered"):
         DiffRegistry(engine.validated_entries, directory=tmp_path / "ok")
+
+
+def set_version(value):
+    return lambda entry: entry["versions"][0].__setitem__("version", value)
+
+
+def duplicate_version(entry):
+    entry["versions"].append(dict(entry["versions"][0]))
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda entry: entry["versions"].__setitem__(0, "v1"), r"\.versions\[0\] must be an object, got 'v1'"),
+    (set_version("1"), r"\.versions\[0\]\.version must be a whole number >= 1, got '1'"),
+    (set_version(1.5), r"\.versions\[0\]\.version must be a whole number >= 1, got 1\.5"),
+    (duplicate_version, r" lists a version twice \(versions: \[1, 1\]\)"),
+])
+def test_a_hand_edited_registry_version_is_named(tmp_path, diffs, change, message):
+    # Was an AttributeError (a record that is not an object), or a version int() read as 1 ("1", 1.5), twice.
+    engine, _ = engine_and_registry()
+    DiffRegistry(engine.validated_entries, directory=tmp_path).load("a", diffs["a"])
+    state = json.loads((tmp_path / "registry.json").read_text())
+    change(state["diffs"]["a"])
+    (tmp_path / "registry.json").write_text(json.dumps(state))
+    with pytest.raises(DiffRegistryError, match=r"registry\.json: diffs\.a" + message):
+        DiffRegistry(engine.validated_entries, directory=tmp_path)
 
 
 def registry_files(directory):

@@ -363,4 +363,13 @@ def read_registry_file(file: Path) -> dict[str, Any]:
     for name, entry in diffs.items():
         if not isinstance(entry, dict) or not isinstance(entry.get("versions"), list) or "current" not in entry:
             raise DiffRegistryError(f"{file}: diffs.{name} must hold 'current' and a list 'versions'")
+        for i, record in enumerate(entry["versions"]):  # what restore reads: an object; a number int() would not bend
+            at = f"{file}: diffs.{name}.versions[{i}]"
+            if not isinstance(record, dict):
+                raise DiffRegistryError(f"{at} must be an object, got {record!r:.100}")
+            if type(record.get("version")) is not int or record["version"] < 1:
+                raise DiffRegistryError(f"{at}.version must be a whole number >= 1, got {record.get('version')!r}")
+        numbers = [record["version"] for record in entry["versions"]]
+        if len(set(numbers)) != len(numbers):
+            raise DiffRegistryError(f"{file}: diffs.{name} lists a version twice (versions: {numbers})")
     return state
