@@ -214,6 +214,14 @@ def test_a_hand_edited_registry_version_is_named(tmp_path, diffs, change, messag
         DiffRegistry(engine.validated_entries, directory=tmp_path)
 
 
+def test_a_stored_diff_named_as_the_base_is_refused_at_restart(tmp_path, diffs):
+    # Restarted with the base served under a stored diff's name, every request for "a" silently got the base.
+    engine, _ = engine_and_registry()
+    DiffRegistry(engine.validated_entries, directory=tmp_path).load("a", diffs["a"])
+    with pytest.raises(DiffRegistryError, match=r"registry\.json: diff name 'a' is the base model's name"):
+        DiffRegistry(engine.validated_entries, reserved_names=("a",), directory=tmp_path)
+
+
 def registry_files(directory):
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 

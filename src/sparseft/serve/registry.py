@@ -310,6 +310,10 @@ class DiffRegistry:
             return
         state = read_registry_file(file)
         for name, entry in state["diffs"].items():
+            try:  # e.g. a restart whose base is served under this diff's name: requests for it would get the base
+                self._check_name(name)
+            except DiffRegistryError as e:
+                raise DiffRegistryError(f"{file}: {e}") from None
             for record in entry["versions"]:
                 self._restore_version(file, name, record)
             numbers = [v.version for v in self._versions.get(name, [])]
