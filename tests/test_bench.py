@@ -473,6 +473,31 @@ def test_allocation_of_a_sparse_row_reaches_its_train_config_and_unset_it_stays_
         assert message in str(err.value)
 
 
+def test_warmup_ratio_of_any_training_row_reaches_its_train_config_and_unset_it_stays_out_of_its_spec(tmp_path):
+    """Issue 15 searches warm-up per method: a row of any training method may set it; unset, its worker spec is
+    as before the knob existed (--resume keeps earlier rows) and it trains without warm-up."""
+    from sparseft.bench.grid import worker_spec
+    from sparseft.bench.results import row_label
+    from sparseft.bench.worker import train_config
+
+    runs = [{"id": "plain", "method": "full", "lr": 1e-3},
+            {"id": "warm", "method": "full", "lr": 1e-3, "warmup_ratio": 0.1},
+            {"id": "warm-lora", "method": "lora", "lora_rank": 2, "lr": 1e-3, "warmup_ratio": 0.25}]
+    cfg = parse_bench_config(tiny_raw(runs=runs), base_dir=TINY.parent)
+    plain, warm, warm_lora = (worker_spec(cfg, run, "tiny", tmp_path / "train.jsonl", tmp_path / run.id)
+                              for run in cfg.runs)
+    assert "warmup_ratio" not in plain["run"]
+    assert train_config(plain, "cpu").warmup_ratio == 0.0
+    assert train_config(warm, "cpu").warmup_ratio == 0.1 and train_config(warm_lora, "cpu").warmup_ratio == 0.25
+    assert row_label({"method": "full", "warmup_ratio": 0.1}) == "full, warm-up 10%"
+    assert row_label({"method": "full", "warmup_ratio": 0.0}) == "full"
+    for bad in (1, -0.1, "0.1", True, float("nan")):
+        with pytest.raises(ConfigError) as err:
+            parse_bench_config(tiny_raw(runs=[{"id": "w", "method": "full", "lr": 1e-3, "warmup_ratio": bad}]),
+                               where="grid.yaml", base_dir=TINY.parent)
+        assert "runs[0] (w): warmup_ratio must be a number in [0, 1)" in str(err.value)
+
+
 def test_shipped_reselect_config_compares_growth_over_one_and_four_batches(tmp_path):
     (tmp_path / "sst2").mkdir()
     for name in ("train.tsv", "dev.tsv"):

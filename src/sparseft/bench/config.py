@@ -76,6 +76,9 @@ class RunSpec:
     quantize_skip: list[str] | None = None
     validation_every: int | None = None  # the grid's validation_every when None (any training method)
     curve_limit: int | None = None  # the grid's curve_limit when None
+    # Any training method: the share of the steps the learning rate warms up over linearly before its cosine
+    # decay (TrainConfig.warmup_ratio; TrainConfig's default, no warm-up, when None).
+    warmup_ratio: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -354,6 +357,9 @@ def check_run(run: RunSpec, at: str) -> None:
     if run.seed is not None and not SEED_RANGE[0] <= run.seed <= SEED_RANGE[1]:  # as the grid's seed: before any row
         raise ConfigError(f"{at} ({run.id}): seed {run.seed} is outside [{SEED_RANGE[0]}, {SEED_RANGE[1]}] "
                           "(what torch.manual_seed takes)")
+    if run.warmup_ratio is not None and not (finite_number(run.warmup_ratio) and 0 <= run.warmup_ratio < 1):
+        raise ConfigError(f"{at} ({run.id}): warmup_ratio must be a number in [0, 1) (the share of the steps the "
+                          f"learning rate warms up over), got {run.warmup_ratio!r}")
     method = get_method(run.method)
     for knob in KNOBS:
         if getattr(run, knob) is not None and knob not in method.run_knobs:
@@ -401,7 +407,7 @@ KNOBS = ("scorer", "density", "num_params", "lora_rank", "calibration_batches", 
 # Knobs added after grids were first run: a row's worker spec leaves them out when unset, so --resume
 # still finds its earlier rows equal.
 LATER_KNOBS = ("reselect_every", "reselect_fraction", "reselect_growth_batches", "select_over", "quantize_skip",
-               "allocation")
+               "allocation", "warmup_ratio")
 # Where the values of a quantized row started before quantize_init existed: its worker spec has no such key.
 QUANT_INIT_BEFORE_OPTION = "zero"
 

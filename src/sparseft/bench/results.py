@@ -132,9 +132,11 @@ def row_label(row: dict[str, Any]) -> str:
     whose values started at the quantization error: ``sparse/combined (nf4 base, values from its error)``;
     that error added once trained: ``sparse/combined (nf4 base, its error added after)``;
     whose entries were chosen over the quantized base: ``sparse/combined (nf4 base, chosen over it)``; over a
-    mixed base: ``sparse/combined (nf4 base, *.down_proj unquantized)``."""
+    mixed base: ``sparse/combined (nf4 base, *.down_proj unquantized)``; with a warm-up: ``full, warm-up 10%``."""
     method = METHODS.get(row.get("method"))
     label = method.label(row) if method else str(row.get("method"))
+    if row.get("warmup_ratio"):
+        label += f", warm-up {row['warmup_ratio']:.0%}"
     base = base_weights(row)
     notes = [note for knob, value, note in (("quantize_init", "correction", "values from its error"),
                                             ("quantize_init", "correction-after", "its error added after"),

@@ -43,7 +43,7 @@ def empty_row(job: dict[str, Any]) -> dict[str, Any]:
         row.update({
             "scorer": run.get("scorer"), "density": run.get("density"), "num_params_requested": run.get("num_params"),
             "lora_rank": run.get("lora_rank") if isinstance(run.get("lora_rank"), int) else None,
-            "lr": run["lr"], "steps": job["steps"], "batch_size": job["batch_size"], "grad_accum": job["grad_accum"],
+            "lr": run["lr"], "warmup_ratio": None, "steps": job["steps"], "batch_size": job["batch_size"], "grad_accum": job["grad_accum"],
             "max_length": job["max_length"], "train_examples": None,
             "train_wall_s": None, "loop_wall_s": None, "selection_wall_s": None, "median_step_s": None, "tokens_per_s": None,
             "first_loss": None, "final_loss": None, "losses": None,
@@ -111,6 +111,8 @@ def train_config(job: dict[str, Any], device: str):
         fields["quantize_skip"] = run.get("quantize_skip") or []
     if job.get("target_modules"):
         fields["target_modules"] = job["target_modules"]
+    if run.get("warmup_ratio") is not None:
+        fields["warmup_ratio"] = float(run["warmup_ratio"])
     fields.update(row_method(job).train_fields(run, job))
     return TrainConfig.from_dict(fields)
 
@@ -149,6 +151,7 @@ def train_row(job: dict[str, Any], row: dict[str, Any], device: str):
         "artifact_bytes": int(result.artifact_bytes),
         "artifact_path": str(result.out),
         "train_examples": count_lines(job["train_file"]),
+        "warmup_ratio": cfg.warmup_ratio,  # the row's own, else TrainConfig's default
     })
     row.update(row_method(job).row_facts(result, cfg))
     return result
