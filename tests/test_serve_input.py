@@ -107,6 +107,12 @@ def test_admin_load_of_a_nul_path_is_400(client):
     assert_openai_400(client.post("/admin/diffs", json={"name": "d", "path": "/tmp/a\u0000b"}))
 
 
+@pytest.mark.parametrize("model", ["a@x", "a@", "a@-1", "a@²"])
+def test_a_malformed_model_version_is_400_naming_the_model_field(client, model):
+    error = assert_openai_400(client.post("/v1/completions", json={"model": model, "prompt": "w9"}))
+    assert error["param"] == "model" and "must be a version number" in error["message"], error
+
+
 @pytest.mark.parametrize("body, field, message", [
     ({"model": BASE, "prompt": "w9", "max_tokens": True}, "max_tokens", "valid integer"),  # lax: read as 1
     ({"model": BASE, "prompt": "w9", "max_tokens": 2.0}, "max_tokens", "valid integer"),

@@ -23,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import positive_count
-from ..errors import ServerBusyError, SparseFTError, UnknownDiffError
+from ..errors import DiffRegistryError, ServerBusyError, SparseFTError, UnknownDiffError
 from .decoding import Completion, SamplingParams, encode_chat, encode_text
 from .engine import Engine
 from .metrics import ServeMetrics
@@ -202,8 +202,14 @@ class ServeContext:
         return self.engine.metrics
 
     def resolve(self, model_id: str) -> DiffVersion | None:
-        """The diff a request's ``model`` names; None for the base."""
-        return None if model_id == self.base_name else self.registry.resolve(model_id)
+        """The diff a request's ``model`` names; None for the base. A malformed ``NAME@VERSION`` is the
+        request's error in its ``model`` field (400, naming it)."""
+        if model_id == self.base_name:
+            return None
+        try:
+            return self.registry.resolve(model_id)
+        except DiffRegistryError as e:
+            raise APIError(400, str(e), "invalid_request_error", "invalid_model", "model") from None
 
     def served_name(self, diff: DiffVersion | None) -> str:
         return self.base_name if diff is None else diff.key
