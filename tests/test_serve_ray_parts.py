@@ -17,6 +17,7 @@ from sparseft.serve.ray_app import (
     HELD_HEADER,
     DiffReplica,
     DiffSource,
+    DiffRouter,
     ForwardedRequest,
     RayOptions,
     call_asgi,
@@ -87,6 +88,24 @@ def test_router_routes_by_the_body_model_of_completions_only():
     assert diff_name("POST", "/admin/diffs", body, BASE) is None
     for bad in (b"{not json", b"[1, 2]", b'{"model": 3}', b""):
         assert diff_name("POST", "/v1/completions", bad, BASE) is None  # the app answers 400
+
+
+@pytest.mark.parametrize("model", ["a@x", "a@", "a@-1"])
+def test_router_answers_a_malformed_model_version_400_before_any_replica(model):
+    from starlette.requests import Request
+
+    body = json.dumps({"model": model, "prompt": "x"}).encode()
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "query_string": b"",
+             "headers": [(b"content-type", b"application/json")]}
+    router = DiffRouter(replicas=None, base_name=BASE, max_body_bytes=1 << 20)  # no replica is asked
+    response = asyncio.run(router(Request(scope, receive)))
+    error = json.loads(response.body)["error"]
+    assert response.status_code == 400 and error["param"] == "model" and error["code"] == "invalid_model"
+    assert "must be a version number" in error["message"]
 
 
 def test_options_reject_nonsense():

@@ -303,7 +303,11 @@ class DiffRouter:
                 "invalid_request_error", "not_supported_under_ray"), status_code=501)
         body = await read_body(request, self.max_body_bytes)
         model = diff_name(request.method, request.url.path, body, self.base_name)
-        if model is not None and parse_model_id(model)[1] is not None:
+        try:
+            version = parse_model_id(model)[1] if model is not None else None
+        except DiffRegistryError as e:  # 'a@x': the request's error; escaping the ingress it would be Serve's 500
+            return JSONResponse(error_body(str(e), "invalid_request_error", "invalid_model", "model"), status_code=400)
+        if version is not None:
             return JSONResponse(error_body(
                 f"the model `{model}` does not exist: under Ray Serve request a diff by its name (NAME@VERSION is "
                 "not supported; each replica loads the source's current version)",
