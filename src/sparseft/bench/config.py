@@ -354,9 +354,8 @@ def check_run(run: RunSpec, at: str) -> None:
         raise ConfigError(f"{at} ({run.id}): lr must be a positive finite number, got {run.lr!r}")
     if run.seed is not None and (not isinstance(run.seed, int) or isinstance(run.seed, bool)):
         raise ConfigError(f"{at} ({run.id}): seed must be an integer, got {run.seed!r}")
-    if run.seed is not None and not SEED_RANGE[0] <= run.seed <= SEED_RANGE[1]:  # as the grid's seed: before any row
-        raise ConfigError(f"{at} ({run.id}): seed {run.seed} is outside [{SEED_RANGE[0]}, {SEED_RANGE[1]}] "
-                          "(what torch.manual_seed takes)")
+    if run.seed is not None:  # as the grid's seed: before any row, not in this row's worker
+        check_seed_range(run.seed, f"{at} ({run.id})")
     if run.warmup_ratio is not None and not (finite_number(run.warmup_ratio) and 0 <= run.warmup_ratio < 1):
         raise ConfigError(f"{at} ({run.id}): warmup_ratio must be a number in [0, 1) (the share of the steps the "
                           f"learning rate warms up over), got {run.warmup_ratio!r}")
@@ -412,6 +411,12 @@ LATER_KNOBS = ("reselect_every", "reselect_fraction", "reselect_growth_batches",
 QUANT_INIT_BEFORE_OPTION = "zero"
 
 
+def check_seed_range(seed: int, at: str) -> None:
+    if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise ConfigError(f"{at}: seed {seed} is outside [{SEED_RANGE[0]}, {SEED_RANGE[1]}] "
+                          "(what torch.manual_seed takes)")
+
+
 def check_field_types(cfg: BenchConfig, where: str) -> None:
     """The grid fields no other check looks at: seed, threads, row_timeout_s, eval_base, target_modules,
     and the grid's name, which names the default output folder."""
@@ -422,9 +427,7 @@ def check_field_types(cfg: BenchConfig, where: str) -> None:
         raise ConfigError(f"{where}: seed must be an integer, got {cfg.seed!r}")
     seeds = cfg.seeds if isinstance(cfg.seeds, list) else []  # their types are checked with the protocol's fields
     for seed in [cfg.seed, *(x for x in seeds if isinstance(x, int))]:
-        if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
-            raise ConfigError(f"{where}: seed {seed} is outside [{SEED_RANGE[0]}, {SEED_RANGE[1]}] "
-                              "(what torch.manual_seed takes)")
+        check_seed_range(seed, where)
     if not positive_int_or_none(cfg.threads):
         raise ConfigError(f"{where}: threads must be a positive integer or absent, got {cfg.threads!r}")
     if not finite_number(cfg.row_timeout_s) or cfg.row_timeout_s <= 0:
