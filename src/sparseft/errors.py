@@ -95,6 +95,11 @@ class DiffRegistryError(SparseFTError, ValueError):
     or a registry directory whose state can no longer be loaded."""
 
 
+class InvalidModelError(DiffRegistryError):
+    """A request's ``model`` is malformed (``NAME@VERSION`` whose version is not a number): the client's
+    error in that field, where a well-formed name of no loaded diff is an :class:`UnknownDiffError`."""
+
+
 class ServerBusyError(SparseFTError, RuntimeError):
     """The server's request queue is full; the client should retry later."""
 

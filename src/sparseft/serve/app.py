@@ -23,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..config import positive_count
-from ..errors import DiffRegistryError, ServerBusyError, SparseFTError, UnknownDiffError
+from ..errors import InvalidModelError, ServerBusyError, SparseFTError, UnknownDiffError
 from .decoding import Completion, SamplingParams, encode_chat, encode_text
 from .engine import Engine
 from .metrics import ServeMetrics
@@ -93,6 +93,8 @@ def as_api_error(e: BaseException) -> APIError:
         return APIError(503, str(e), "server_error", "server_busy")
     if isinstance(e, UnknownDiffError):
         return APIError(404, str(e), "invalid_request_error", "model_not_found", "model")
+    if isinstance(e, InvalidModelError):
+        return APIError(400, str(e), "invalid_request_error", "invalid_model", "model")
     if isinstance(e, SparseFTError):
         return APIError(400, str(e), "invalid_request_error", snake_case(type(e).__name__))
     return APIError(500, f"generation failed: {type(e).__name__}: {e}", "server_error", "internal_error")
@@ -202,14 +204,8 @@ class ServeContext:
         return self.engine.metrics
 
     def resolve(self, model_id: str) -> DiffVersion | None:
-        """The diff a request's ``model`` names; None for the base. A malformed ``NAME@VERSION`` is the
-        request's error in its ``model`` field (400, naming it)."""
-        if model_id == self.base_name:
-            return None
-        try:
-            return self.registry.resolve(model_id)
-        except DiffRegistryError as e:
-            raise APIError(400, str(e), "invalid_request_error", "invalid_model", "model") from None
+        """The diff a request's ``model`` names; None for the base."""
+        return None if model_id == self.base_name else self.registry.resolve(model_id)
 
     def served_name(self, diff: DiffVersion | None) -> str:
         return self.base_name if diff is None else diff.key

@@ -32,7 +32,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from ..errors import ConfigError, DiffRegistryError, SparseFTError, UnknownDiffError
+from ..errors import ConfigError, DiffRegistryError, InvalidModelError, SparseFTError, UnknownDiffError
 from .app import ServeContext, ServeLimits, as_api_error
 from .protocol import error_body
 from .registry import NAME_PATTERN, REGISTRY_FILE, parse_model_id, read_registry_file
@@ -305,8 +305,9 @@ class DiffRouter:
         model = diff_name(request.method, request.url.path, body, self.base_name)
         try:
             version = parse_model_id(model)[1] if model is not None else None
-        except DiffRegistryError as e:  # 'a@x': the request's error; escaping the ingress it would be Serve's 500
-            return JSONResponse(error_body(str(e), "invalid_request_error", "invalid_model", "model"), status_code=400)
+        except InvalidModelError as e:  # 'a@x': the request's error; escaping the ingress it would be Serve's 500
+            error = as_api_error(e)
+            return JSONResponse(error.body(), status_code=error.status)
         if version is not None:
             return JSONResponse(error_body(
                 f"the model `{model}` does not exist: under Ray Serve request a diff by its name (NAME@VERSION is "

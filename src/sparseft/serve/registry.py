@@ -27,7 +27,7 @@ from typing import Any, Callable
 from ..atomic import atomic_dir, atomic_file
 from ..delta import Entries  # module name -> (flat indices, values rounded to the weight's dtype)
 from ..diffio import CONFIG_NAME, DELTA_NAME, SparseDiff, file_sha256, read_diff
-from ..errors import DiffRegistryError, SparseFTError, UnknownDiffError
+from ..errors import DiffRegistryError, InvalidModelError, SparseFTError, UnknownDiffError
 from ..files import read_json_file
 
 REGISTRY_FILE = "registry.json"
@@ -85,7 +85,7 @@ def parse_model_id(model_id: str) -> tuple[str, int | None]:
         return name, None
     if not VERSION_PATTERN.fullmatch(version):  # str.isdigit() would take '²' and then int() fails
         # Malformed, not merely unknown: the client's request is wrong (400, where an unknown version is 404).
-        raise DiffRegistryError(f"model {model_id!r}: the part after '@' must be a version number, got {version!r}")
+        raise InvalidModelError(f"model {model_id!r}: the part after '@' must be a version number, got {version!r}")
     return name, int(version)
 
 
