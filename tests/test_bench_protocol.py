@@ -102,10 +102,11 @@ def test_validation_stage_scores_the_validation_split_and_the_test_stage_seeds_t
     assert (validation.eval_task, validation.eval_data, validation.eval_base) == ("sst2", cfg.validation_data, False)
     chosen = {"full": {"row": "full"}, "lora": {"row": "lora-matched"}, "sparse": {"row": "sparse-combined-lr0.03"}}
     test = for_test(cfg, chosen)
-    assert [r.id for r in test.runs] == ["full-seed0", "full-seed1", "lora-matched-seed0", "lora-matched-seed1",
-                                         "sparse-combined-lr0.03-seed0", "sparse-combined-lr0.03-seed1"]
+    # Seed-major, so a stage cut short holds the same seeds for every method.
+    assert [r.id for r in test.runs] == ["full-seed0", "lora-matched-seed0", "sparse-combined-lr0.03-seed0",
+                                         "full-seed1", "lora-matched-seed1", "sparse-combined-lr0.03-seed1"]
     assert test.eval_data == cfg.eval_data and {r.lr for r in test.runs if r.method == "sparse"} == {3e-2}
-    jobs = [worker_spec(test, r, "m", tmp_path / "t.jsonl", tmp_path) for r in test.runs[:2]]
+    jobs = [worker_spec(test, r, "m", tmp_path / "t.jsonl", tmp_path) for r in test.runs[::3]]
     assert [j["seed"] for j in jobs] == [0, 1]
     # A row without its own seed keeps the grid's, and its spec the keys it had (so --resume still matches).
     plain = worker_spec(cfg, cfg.runs[0], "m", tmp_path / "t.jsonl", tmp_path)

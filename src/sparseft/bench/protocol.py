@@ -115,13 +115,14 @@ def curve_facts(row: dict[str, Any]) -> dict[str, Any]:
 
 def for_test(cfg: BenchConfig, chosen: dict[str, dict[str, Any]]) -> BenchConfig:
     """The chosen row of each method, once per seed, scored on the test split (no curves: those are
-    scored on validation, and only in the validation stage)."""
+    scored on validation, and only in the validation stage). Seed by seed, every method in turn: a stage
+    cut short (a session's end, a crash) then holds the same seeds for every method, a paired comparison."""
     specs = {run.id: run for run in cfg.runs}
     runs = [
         dataclasses.replace(specs[pick["row"]], id=f"{pick['row']}-seed{seed}", seed=seed, validation_every=None,
                             curve_limit=None)
-        for pick in chosen.values()
         for seed in cfg.seeds or []
+        for pick in chosen.values()
     ]
     return dataclasses.replace(cfg, name=f"{cfg.name}-test", runs=runs, validation_every=None, curve_limit=None)
 
