@@ -202,6 +202,10 @@ def duplicate_version(entry):
     (set_version("1"), r"\.versions\[0\]\.version must be a whole number >= 1, got '1'"),
     (set_version(1.5), r"\.versions\[0\]\.version must be a whole number >= 1, got 1\.5"),
     (duplicate_version, r" lists a version twice \(versions: \[1, 1\]\)"),
+    # Was served from wherever it pointed (and an unload would have deleted that folder).
+    (lambda entry: entry["versions"][0].__setitem__("path", "../elsewhere"),
+     r"\.versions\[0\]\.path must be 'diffs/a/v1' \(where the copy is stored\), got '\.\./elsewhere'"),
+    (lambda entry: entry["versions"][0].__setitem__("source", 5), r"\.versions\[0\]\.source must be a string, got 5"),
 ])
 def test_a_hand_edited_registry_version_is_named(tmp_path, diffs, change, message):
     # Was an AttributeError (a record that is not an object), or a version int() read as 1 ("1", 1.5), twice.

@@ -373,6 +373,14 @@ def read_registry_file(file: Path) -> dict[str, Any]:
                 raise DiffRegistryError(f"{at} must be an object, got {record!r:.100}")
             if type(record.get("version")) is not int or record["version"] < 1:
                 raise DiffRegistryError(f"{at}.version must be a whole number >= 1, got {record.get('version')!r}")
+            # The copy lives where _store_copy put it: a path edited to point elsewhere would serve files the
+            # registry never copied (and an unload would delete them).
+            expected = f"diffs/{name}/v{record['version']}"
+            if record.get("path") != expected:
+                raise DiffRegistryError(f"{at}.path must be {expected!r} (where the copy is stored), got {record.get('path')!r:.100}")
+            for field in ("source", "content_sha256"):
+                if not isinstance(record.get(field), str):
+                    raise DiffRegistryError(f"{at}.{field} must be a string, got {record.get(field)!r:.100}")
         numbers = [record["version"] for record in entry["versions"]]
         if len(set(numbers)) != len(numbers):
             raise DiffRegistryError(f"{file}: diffs.{name} lists a version twice (versions: {numbers})")
