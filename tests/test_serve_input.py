@@ -148,3 +148,12 @@ def test_a_body_that_is_not_json_is_named_as_such(client, body, reason):
     r = client.post("/v1/completions", content=body, headers={"content-type": "application/json"})
     error = assert_openai_400(r)
     assert error["message"] == f"invalid request body: body: not valid JSON {reason}" and error["param"] == "body"
+
+
+def test_a_body_that_is_not_utf8_is_named_as_such(client):
+    # Was a 400 with code "http_error", param null and Starlette's "There was an error parsing the body".
+    body = ('{"model": "%s", "prompt": "caf\xe9"}' % BASE).encode("latin-1")
+    error = assert_openai_400(client.post("/v1/completions", content=body, headers={"content-type": "application/json"}))
+    assert error["param"] == "body" and error["code"] == "invalid_request", error
+    assert error["message"] == ("invalid request body: body: not valid JSON text: "
+                                f"byte {body.index(0xe9)} is not valid utf-8 (invalid continuation byte)"), error

@@ -251,6 +251,11 @@ async def on_invalid_body(request: Request, e: RequestValidationError):
 
 
 async def on_http_error(request: Request, e: StarletteHTTPException):
+    if isinstance(e.__cause__, UnicodeDecodeError):  # FastAPI's body reader says only "error parsing the body"
+        bad = e.__cause__
+        reason = f"not valid JSON text: byte {bad.start} is not valid {bad.encoding} ({bad.reason})"
+        return answer(request, APIError(400, f"invalid request body: body: {reason}", "invalid_request_error",
+                                        "invalid_request", "body"))
     code = "not_found" if e.status_code == 404 else "http_error"
     return answer(request, APIError(e.status_code, str(e.detail), "invalid_request_error", code))
 
