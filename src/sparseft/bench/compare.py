@@ -142,7 +142,7 @@ def markdown(summary: dict[str, Any]) -> str:
         lines.append(f"| {name} | {per_seed} | {scale * g['mean']:.2f} ± {scale * g['std']:.2f} | "
                      f"{', '.join(g['rows'])} |")
     if summary["pairs"]:
-        lines += ["", f"| difference | mean | 95% paired bootstrap interval | examples |", "| --- | --- | --- | --- |"]
+        lines += ["", "| difference | mean | 95% paired bootstrap interval | examples |", "| --- | --- | --- | --- |"]
         for iv in summary["pairs"].values():
             lines.append(f"| {iv['a']} − {iv['b']} | {scale * iv['mean']:+.2f} | [{scale * iv['low']:+.2f}, "
                          f"{scale * iv['high']:+.2f}] | {iv['examples']} |")

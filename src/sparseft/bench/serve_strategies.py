@@ -386,9 +386,9 @@ def main(argv: list[str] | None = None) -> int:
                         "batch": args.batch or "concurrency", "greedy": True, "eos": "off", "seed": args.seed}
     print(json.dumps({**report["before"], **report["config"]}), flush=True)
 
-    def record(cell: Callable[[], dict[str, Any]]) -> None:
+    def record(cell: Callable[..., dict[str, Any]], *cell_args: Any) -> None:
         began = time.perf_counter()
-        x = cell()
+        x = cell(*cell_args)
         x["cell_wall_s"], x["load_average"] = round(time.perf_counter() - began, 1), round(os.getloadavg()[0], 2)
         report["cells"].append(x)
         print(json.dumps(x), flush=True)
@@ -397,15 +397,17 @@ def main(argv: list[str] | None = None) -> int:
             args.json.write_text(json.dumps(report, indent=2) + "\n")
 
     for c in args.concurrency if "base" in args.strategies else []:
-        record(lambda: engine_cell(setup, "base", 0, [], c, args))
+        record(engine_cell, setup, "base", 0, [], c, args)
     for n in args.diffs:
         rng = random.Random(args.seed)
         draws = [rng.randrange(n) for _ in range(args.requests)]
         for strategy in [s for s in args.strategies if s != "base"]:
             model = peft_model(setup, n) if strategy == "peft" else None  # built once for every concurrency
             for c in args.concurrency:
-                record(lambda: peft_cell(model, setup, n, draws, c, args) if strategy == "peft"
-                       else engine_cell(setup, strategy, n, draws, c, args))
+                if strategy == "peft":
+                    record(peft_cell, model, setup, n, draws, c, args)
+                else:
+                    record(engine_cell, setup, strategy, n, draws, c, args)
             del model
     print(markdown(report["cells"]))
     for t in report.get("targets", []):
