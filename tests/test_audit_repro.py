@@ -119,6 +119,18 @@ def test_a_mistyped_training_record_names_where_it_is_recorded(trained, tmp_path
         reproduce(run)  # the recorded data path, as the audit takes it without --repro-data
 
 
+def test_a_hand_edited_data_hash_is_named_not_reported_as_changed_data(trained, tmp_path):
+    # Was "the data file … changed since training": any recorded value that is not the data's hash differs.
+    _, _, run, _ = trained
+    run = copy_run(run, tmp_path)
+    meta = json.loads((run / "sparse_config.json").read_text())
+    meta["provenance"]["data_sha256"] = 5
+    (run / "sparse_config.json").write_text(json.dumps(meta))
+    with pytest.raises(NotReproducibleError, match=r"sparse_config\.json: provenance\.data_sha256 must be a sha256 "
+                                                   r"\(64 hex digits\), got 5"):
+        reproduce(run)
+
+
 def test_audit_refuses_a_bad_training_record_before_it_audits(trained, tmp_path, capsys):
     base, _, run, probes = trained
     run = edit_record(run, tmp_path, yaml_text="lr: [1e-3\n")
