@@ -84,6 +84,7 @@ def test_a_mistyped_fingerprint_is_named(diff_path, fingerprint):
     ("scorer", "rajdom", DiffCorruptError),
     ("scorer", ["random"], DiffCorruptError),
     ("scorer_weights", [1], DiffCorruptError),
+    ("value_dtype", "float16", DiffCorruptError),  # the values are bfloat16: inspect and compose would take float16
 ])
 def test_a_bad_selection_fails_load_and_verify_alike(diff_path, field, value, error):
     edit_config(diff_path, lambda m: m["selection"].__setitem__(field, value))

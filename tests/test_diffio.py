@@ -116,8 +116,12 @@ def corrupt_cases():
         rewrite_delta(p, gaps=torch.zeros(0, dtype=torch.int16), escapes=torch.zeros(0, dtype=torch.long),
                       values=torch.zeros(0, dtype=torch.bfloat16))
 
+    def extra_tensor(p):  # per-module values added by hand: loading would silently ignore them
+        rewrite_delta(p, **{"model.layers.0.self_attn.q_proj": torch.zeros(4, dtype=torch.bfloat16)})
+
     return [
         ("no modules", no_modules, DiffCorruptError),
+        ("extra tensor", extra_tensor, DiffCorruptError),
         ("values not 1-D", column("values"), DiffCorruptError),
         ("gaps not 1-D", column("gaps"), DiffCorruptError),
         ("escapes not 1-D", column("escapes"), DiffCorruptError),

@@ -55,6 +55,7 @@ FORMAT_VERSION = 1
 CONFIG_NAME = "sparse_config.json"
 DELTA_NAME = "sparse_delta.safetensors"
 MAX_GAP = 65535
+DELTA_STREAMS = ("gaps", "escapes", "values")  # the tensors of DELTA_NAME, and all of them
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
@@ -363,10 +364,15 @@ def load_delta_tensors(path: Path) -> dict[str, torch.Tensor]:
         tensors = load_file(str(delta_path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise DiffCorruptError(f"{delta_path}: unreadable safetensors file ({e})") from e
-    missing = {"gaps", "escapes", "values"} - set(tensors)
+    missing = set(DELTA_STREAMS) - set(tensors)
     if missing:
         raise DiffCorruptError(f"{delta_path}: tensors {sorted(missing)} are missing")
-    for name in ("gaps", "escapes", "values"):
+    extra = set(tensors) - set(DELTA_STREAMS)
+    if extra:  # e.g. per-module tensors added by hand: reading would ignore them and load less than the file holds
+        raise DiffCorruptError(
+            f"{delta_path}: tensors {sorted(extra)} are not part of a sparseft diff, which holds {list(DELTA_STREAMS)} only"
+        )
+    for name in DELTA_STREAMS:
         if tensors[name].dim() != 1:
             raise DiffCorruptError(f"{delta_path}: tensor {name!r} must be 1-D, got shape {tuple(tensors[name].shape)}")
     if tensors["gaps"].dtype != torch.int16 or tensors["escapes"].dtype != torch.int64:
@@ -415,6 +421,11 @@ def parse_selection(meta: dict[str, Any], where: str) -> SparseConfig:
         raise DiffCorruptError(f"{where}: field 'selection' is not a valid SparseConfig ({e})") from e
     if config.scorer not in SCORERS:
         raise DiffCorruptError(f"{where}: selection.scorer {config.scorer!r} is not one of {sorted(SCORERS)}")
+    if config.value_dtype != meta["value_dtype"]:  # the writer records one dtype twice; later steps read either
+        raise DiffCorruptError(
+            f"{where}: selection.value_dtype {config.value_dtype!r} differs from value_dtype {meta['value_dtype']!r}; "
+            "both name the dtype of the stored values"
+        )
     outside = sorted(n for n in meta["tensors"] if not matches(n, config.target_modules))
     if outside:
         raise DiffCorruptError(
