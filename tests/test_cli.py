@@ -10,6 +10,7 @@ from conftest import make_tiny_llama
 from sparseft import SparseConfig, get_sparse_model
 from sparseft.cli import VERBS, build_parser, main
 from sparseft.config import DTYPES
+from sparseft.diffio import read_diff
 from sparseft.errors import ConfigError
 from sparseft.loading import resolve_dtype
 
@@ -83,6 +84,29 @@ def test_outputs_replace_only_what_sparseft_wrote(trained_diff, tiny_model_dir, 
     assert main(["select", "--model", str(tiny_model_dir), "--scorer", "random", "--out", str(tmp_path)]) == 2
     assert "is a directory; expected a file path" in capsys.readouterr().err
     assert data.read_text() == "{}\n"
+
+
+def test_apply_over_its_own_diff_or_base_is_refused_and_keeps_them(trained_diff, tiny_model_dir, tmp_path, capsys):
+    # A diff directory, or a model apply merged earlier, holds marker files that let it pass as an earlier output.
+    _, path = trained_diff
+    assert main(["apply", "--model", str(tiny_model_dir), "--diff", str(path), "--out", str(path)]) == 2
+    assert f"--out {path}: is {path}, an input of this command" in capsys.readouterr().err
+    assert read_diff(path).num_entries > 0 and not (path / "config.json").exists()
+
+    merged = tmp_path / "merged"
+    assert main(["apply", "--model", str(tiny_model_dir), "--diff", str(path), "--out", str(merged)]) == 0
+    before = (merged / "model.safetensors").read_bytes()
+    assert main(["apply", "--model", str(merged), "--diff", str(path), "--out", str(merged)]) == 2
+    assert "an input of this command" in capsys.readouterr().err
+    assert (merged / "model.safetensors").read_bytes() == before
+
+    run_dir = path.parent / "run"  # an earlier output (metrics.jsonl marks it) that now holds the diff
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text("")
+    path.rename(run_dir / "diff")
+    assert main(["apply", "--model", str(tiny_model_dir), "--diff", str(run_dir / "diff"), "--out", str(run_dir)]) == 2
+    assert f"--out {run_dir}: holds {run_dir / 'diff'}" in capsys.readouterr().err
+    assert read_diff(run_dir / "diff").num_entries > 0
 
 
 def test_apply_refuses_other_base_with_clear_error(trained_diff, tmp_path, capsys):

@@ -94,6 +94,21 @@ def test_cli_export_and_import(tmp_path, tiny_model_dir, capsys):
     assert back.base_fingerprint == original.base_fingerprint  # the fixture dir holds the same seed-0 weights
 
 
+def test_export_or_import_over_its_own_input_is_refused_and_keeps_it(tmp_path, tiny_model_dir, capsys):
+    # The input's marker file (sparse_config.json, adapter_config.json) would let it pass as an earlier output.
+    diff_dir = trained_diff_dir(tmp_path)
+    files = sorted(p.name for p in diff_dir.iterdir())
+    assert main(["export", "--to", "peft", str(diff_dir), str(diff_dir)]) == 2
+    assert f"OUT {diff_dir}: is {diff_dir}, an input of this command" in capsys.readouterr().err
+    assert sorted(p.name for p in diff_dir.iterdir()) == files and read_diff(diff_dir).num_entries > 0
+
+    shira = tmp_path / "shira"
+    assert main(["export", "--to", "peft", str(diff_dir), str(shira)]) == 0
+    assert main(["import", str(shira), str(shira), "--model", str(tiny_model_dir)]) == 2
+    assert "an input of this command" in capsys.readouterr().err
+    assert (shira / "adapter_config.json").is_file() and not (shira / "sparse_config.json").exists()
+
+
 def test_import_of_a_peft_trained_shira_adapter_matches_peft(tmp_path, tiny_batch):
     from peft import PeftModel, ShiraConfig, get_peft_model
 

@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from .errors import AtomicReplaceError, ConfigError
 
@@ -61,10 +61,13 @@ def follow_umask(root: Path) -> None:
                 os.chmod(path, (0o777 if executable else 0o666) & ~mask)
 
 
-def check_out_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
+def check_out_dir(
+    path: str | os.PathLike, flag: str = "--out", inputs: Iterable[str | os.PathLike | None] = (),
+) -> Path:
     """``path`` when a command may write a directory there: it is absent, empty, or an earlier sparseft output
     (``OUTPUT_MARKERS``). Anything else would be replaced whole (``replace_dir``), so it is refused: a model
-    directory given as ``--out`` by mistake, a data file, a folder of the user's own."""
+    directory given as ``--out`` by mistake, a data file, a folder of the user's own. So is a path that is, or
+    holds, one of the command's ``inputs`` (None and paths that do not exist, such as model aliases, are skipped)."""
     path = Path(path)
     check_creatable(path, flag)
     if os.path.lexists(path) and not path.is_dir():
@@ -75,7 +78,22 @@ def check_out_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
             shown = ", ".join(held[:5]) + (", ..." if len(held) > 5 else "")
             raise ConfigError(f"{flag} {path}: exists and holds files sparseft did not write ({shown}); writing "
                               "there would replace the whole directory: choose another path or remove it")
+    check_not_an_input(path, inputs, flag)
     return path
+
+
+def check_not_an_input(path: Path, inputs: Iterable[str | os.PathLike | None], flag: str) -> None:
+    """Refuse an output directory that is, or contains, a path the command reads: replacing it would delete that
+    input (a diff given as both --diff and --out), though its marker files let it pass as an earlier output."""
+    out = path.resolve()
+    for given in inputs:
+        if given is None or not os.path.exists(given):
+            continue
+        source = Path(given).resolve()
+        if source == out or out in source.parents:
+            what = "is" if source == out else "holds"
+            raise ConfigError(f"{flag} {path}: {what} {given}, an input of this command; writing there would replace "
+                              "it: choose another path")
 
 
 def check_out_file(path: str | os.PathLike, flag: str = "--out") -> Path:

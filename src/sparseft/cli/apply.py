@@ -33,7 +33,7 @@ def run(args) -> int:
     from ..methods.registry import load_base
     from ..model import SparseModel
 
-    check_out_dir(args.out)
+    check_out_dir(args.out, inputs=[args.diff, args.model])  # replacing either would lose it
     # Quantized as in training, so the diff's fingerprint (taken over the codes) is checked before any merge.
     base = load_base(args.model, args.dtype, args.quantize, recorded_skip([args.diff], args.quantize))
     sparse = SparseModel.from_pretrained(base, args.diff, allow_unverified_base=args.allow_unverified_base)

@@ -33,7 +33,7 @@ def run(args) -> int:
     from ..diffio import read_diff
     from ..peft_interop import export_shira, format_export_report
 
-    check_out_dir(args.out, "OUT")
+    check_out_dir(args.out, "OUT", inputs=[args.diff])  # an adapter written over the diff would lose it
     report = export_shira(read_diff(args.diff), args.out, base_model=args.base_model, diff_dir=args.diff)
     print(json.dumps(report.to_dict(), indent=2) if args.json else format_export_report(report, args.out))
     return 0

@@ -33,7 +33,7 @@ def run(args) -> int:
     from ..loading import load_model
     from ..peft_interop import import_adapter
 
-    check_out_dir(args.out, "OUT")
+    check_out_dir(args.out, "OUT", inputs=[args.adapter, args.model])  # a diff written over either would lose it
     model = load_model(args.model, dtype=args.dtype)
     diff = import_adapter(args.adapter, model, base_model=str(args.model), value_dtype=args.value_dtype, keep_zeros=args.keep_zeros)
     write_diff(diff, args.out)
