@@ -13,7 +13,7 @@ from sparseft import SparseConfig, get_sparse_model
 from sparseft.cli import main
 from sparseft.compose import compose, linear_weights, overlap_stats, parse_weights
 from sparseft.diffio import SparseDiff, read_diff, write_diff
-from sparseft.errors import ConfigError, FingerprintMismatchError
+from sparseft.errors import ConfigError, FingerprintMismatchError, UnverifiedBaseError
 from sparseft.model import SparseModel
 from sparseft.targets import find_targets
 
@@ -112,6 +112,21 @@ def test_diffs_of_different_bases_are_refused():
         overlap_stats(random_diff(seed=1), random_diff(seed=1, base_seed=7))
     with pytest.raises(FingerprintMismatchError):  # checked against the base itself
         compose([random_diff(seed=1), random_diff(seed=1, base_seed=7)], base_weights=linear_weights(make_tiny_llama()))
+
+
+def test_a_diff_recording_no_fingerprint_is_refused_unless_allowed_not_called_another_base():
+    # Compared with a fingerprint, "none" read as a different base; two diffs recording none passed unchecked.
+    a, b = random_diff(seed=1), random_diff(seed=2)
+    unverified = dataclasses.replace(b, base_fingerprint={})
+    for pair in ([a, unverified], [unverified, dataclasses.replace(a, base_fingerprint={})]):
+        with pytest.raises(UnverifiedBaseError, match="records no base fingerprint.*--allow-unverified-base") as info:
+            compose(pair, names=["a", "b"])
+        assert "different base" not in str(info.value)
+        with pytest.raises(UnverifiedBaseError):
+            overlap_stats(*pair)
+    composed, _ = compose([a, unverified], names=["a", "b"], allow_unverified_base=True)
+    assert composed.base_fingerprint == a.base_fingerprint
+    assert overlap_stats(a, unverified, allow_unverified_base=True).entries_b == b.num_entries
 
 
 def test_disjoint_modules_get_the_fingerprint_of_their_union(tmp_path):

@@ -11,6 +11,7 @@ All inputs must record the same base fingerprint and the same shapes, or nothing
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
@@ -19,7 +20,9 @@ import torch
 from .config import DTYPES, SparseConfig
 from .base_match import fingerprints, trained_over, trained_skip
 from .diffio import SparseDiff, check_against_model
-from .errors import ConfigError, FingerprintMismatchError, ShapeMismatchError
+from .errors import ConfigError, FingerprintMismatchError, ShapeMismatchError, UnverifiedBaseError
+
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- checks
@@ -34,7 +37,8 @@ def check_same_base(
     A diff's fingerprint covers the weights of its own modules only. With ``base_weights`` (the base's
     linear weights by module name) each diff is checked against the base itself; one that records no
     fingerprint is refused unless ``allow_unverified_base`` (then a logged warning). Without, the diffs must
-    change the same modules, so their fingerprints cover the same weights and can be compared directly.
+    change the same modules, so their fingerprints cover the same weights and can be compared directly (one
+    that records none is refused the same way).
     """
     if base_weights is not None:
         for diff, name in zip(diffs, names):
@@ -47,21 +51,41 @@ def check_same_base(
                 f"{first_name} and {name} change different modules, so their base fingerprints cover different "
                 "weights and cannot be compared; pass the base model (--model BASE) to check both against it"
             )
-        a, b = first.base_fingerprint, diff.base_fingerprint
-        common = set(a) & set(b)
-        differing = sorted(d for d in common if a[d] != b[d])
-        if differing or (not common and (a or b)):
-            raise FingerprintMismatchError(
-                f"{name} was made for a different base than {first_name} "
-                f"(base fingerprints differ: {first_name} records {_short(a)}, {name} records {_short(b)}; "
-                f"bases: {first.base_model or 'unnamed'} vs {diff.base_model or 'unnamed'}); "
-                "only diffs of the same base can be composed or compared"
-            )
+        if not first.base_fingerprint or not diff.base_fingerprint:
+            unverified, other = (first_name, name) if not first.base_fingerprint else (name, first_name)
+            refuse_unverified(unverified, other, allow_unverified_base)
+        else:
+            check_same_fingerprint(first, first_name, diff, name)
         for module, shape in diff.shapes.items():
             if tuple(shape) != tuple(first.shapes[module]):
                 raise ShapeMismatchError(
                     f"{module} has shape {tuple(first.shapes[module])} in {first_name} but {tuple(shape)} in {name}"
                 )
+
+
+def refuse_unverified(name: str, other: str, allow_unverified_base: bool) -> None:
+    """A diff that records no fingerprint cannot be compared with another's: refused (as loading it onto a base
+    is) unless ``allow_unverified_base``, which only logs it. Comparing "none" with a fingerprint would otherwise
+    read as "a different base", and two diffs recording none would pass unchecked."""
+    message = f"{name}: the diff records no base fingerprint, so nothing shows it is of the same base as {other}"
+    if not allow_unverified_base:
+        raise UnverifiedBaseError(f"{message}; compose or compare it anyway with --allow-unverified-base "
+                                  "(allow_unverified_base=True)")
+    log.warning("%s; going on (allow_unverified_base)", message)
+
+
+def check_same_fingerprint(first: SparseDiff, first_name: str, diff: SparseDiff, name: str) -> None:
+    """Two diffs of the same modules, each recording a fingerprint, record the same one for a common dtype."""
+    a, b = first.base_fingerprint, diff.base_fingerprint
+    common = set(a) & set(b)
+    differing = sorted(d for d in common if a[d] != b[d])
+    if differing or not common:
+        raise FingerprintMismatchError(
+            f"{name} was made for a different base than {first_name} "
+            f"(base fingerprints differ: {first_name} records {_short(a)}, {name} records {_short(b)}; "
+            f"bases: {first.base_model or 'unnamed'} vs {diff.base_model or 'unnamed'}); "
+            "only diffs of the same base can be composed or compared"
+        )
 
 
 def linear_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -35,7 +35,7 @@ def add_parser(sub):
     )
     add_model_options(p, required=False, why=CHECK_EVERY_DIFF)
     add_quantize_option(p, "check against", "diffs trained with the same --quantize and --dtype; needs --model")
-    add_unverified_base_option(p, "check (with --model) a diff")
+    add_unverified_base_option(p, "compose a diff")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     return p
 

@@ -23,7 +23,7 @@ def add_parser(sub):
     p.add_argument("b", metavar="B", help="second diff: a directory or a Hub id org/name[@rev]")
     add_model_options(p, required=False, why=CHECK_EVERY_DIFF)
     add_quantize_option(p, "check against", "diffs trained with the same --quantize and --dtype; needs --model")
-    add_unverified_base_option(p, "check (with --model) a diff")
+    add_unverified_base_option(p, "compare a diff")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return p
 
