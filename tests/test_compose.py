@@ -187,6 +187,17 @@ def test_cli_compose_and_diff_stats(tmp_path, capsys):
     assert "1 weight(s) for 2 diff(s)" in capsys.readouterr().err and not (tmp_path / "d").exists()
 
 
+def test_cli_compose_whose_sum_overflows_the_value_dtype_says_so_and_writes_nothing(tmp_path, capsys):
+    # Before, the sums became Inf in float16 and the write reported "NaN/Inf values" of the output.
+    write_diff(random_diff(seed=1), tmp_path / "a")
+    out = tmp_path / "big"
+    assert main(["compose", str(tmp_path / "a"), "--weights", "1e7", "--value-dtype", "float16", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "beyond what float16 values hold (at most 6.55e+04)" in err and "--value-dtype float32" in err
+    assert "NaN/Inf" not in err and not out.exists()
+    assert main(["compose", str(tmp_path / "a"), "--weights", "1e7", "--value-dtype", "float32", "--out", str(out)]) == 0
+
+
 def test_cli_compose_of_different_modules_needs_the_base(tmp_path, tiny_model_dir, capsys):
     names = sorted(find_targets(make_tiny_llama(), TARGETS))
     write_diff(diff_with_masks({n: torch.arange(5) for n in names if "q_proj" in n}, seed=1), tmp_path / "q")

@@ -188,6 +188,7 @@ def compose(
     for module in modules:
         parts = [(d.masks[module], d.values[module], w) for d, w in zip(diffs, weights) if module in d.masks]
         indices, summed, stats = sum_entries(parts)
+        check_fits(module, summed, value_dtype)
         masks[module], values[module] = indices, summed.to(DTYPES[value_dtype])
         shapes[module] = next(tuple(d.shapes[module]) for d in diffs if module in d.shapes)
         per_module[module] = stats
@@ -217,6 +218,19 @@ def compose(
         per_module=per_module,
     )
     return out, report
+
+
+def check_fits(module: str, summed: torch.Tensor, value_dtype: str) -> None:
+    """The weighted sums of ``module`` are finite once stored in ``value_dtype``; else a ConfigError that says so
+    (writing would otherwise report Inf values in the output, as if the inputs held them)."""
+    if bool(torch.isfinite(summed.to(DTYPES[value_dtype])).all()):
+        return
+    largest, limit = float(summed.abs().max()), torch.finfo(DTYPES[value_dtype]).max
+    wider = " or store float32 values (--value-dtype float32)" if value_dtype != "float32" else ""
+    raise ConfigError(
+        f"the weighted sum of {module} reaches {largest:.4g}, beyond what {value_dtype} values hold (at most "
+        f"{limit:.4g}); use smaller weights (--weights){wider}"
+    )
 
 
 def base_as_trained(diffs: Sequence[SparseDiff]) -> dict[str, Any]:
