@@ -103,6 +103,14 @@ def test_model_card_is_written_deterministic_and_outside_the_hashes(tmp_path):
     read_diff(a)
 
 
+def test_a_diff_whose_provenance_lists_metrics_or_versions_still_saves_with_a_card(tmp_path):
+    # Provenance is free-form: a list of metrics, or versions as one string, made save_pretrained raise AttributeError.
+    path = save_diff(tmp_path / "d", provenance={"metrics": [0.5, 0.75], "versions": "sparseft 0.1"})
+    card = (path / CARD_NAME).read_text()
+    assert "| metrics | [0.5, 0.75] |" in card and "| made with | sparseft 0.1 |" in card
+    assert read_diff(path).provenance["metrics"] == [0.5, 0.75]
+
+
 def test_compose_diff_stats_and_serve_take_hub_ids_offline(hub_cache, tmp_path, monkeypatch, capsys):
     a, b = save_diff(tmp_path / "a", seed=1), save_diff(tmp_path / "b", seed=2)
     hub_cache("my-org/diff-a", a)

@@ -91,10 +91,14 @@ def model_card(diff: "SparseDiff") -> str:
     if "steps" in prov:
         rows.append(_row("training", f"{prov['steps']} steps, seed {prov.get('seed')}"))
     metrics = prov.get("metrics") or {}
-    rows += [_row(f"metric: {name}", value) for name, value in sorted(metrics.items())]
+    if isinstance(metrics, dict):
+        rows += [_row(f"metric: {name}", value) for name, value in sorted(metrics.items())]
+    else:  # provenance is free-form (save_pretrained(provenance=...)); the card shows what it holds
+        rows.append(_row("metrics", metrics))
     versions = prov.get("versions") or {}
     if versions:
-        rows.append(_row("made with", ", ".join(f"{k} {v}" for k, v in sorted(versions.items()))))
+        made_with = ", ".join(f"{k} {v}" for k, v in sorted(versions.items())) if isinstance(versions, dict) else versions
+        rows.append(_row("made with", made_with))
     load = [
         "```python",
         "from sparseft import SparseModel",
