@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 import sparseft.lmeval  # noqa: E402,F401  (registers the "sparseft" model type)
 from sparseft import SparseConfig, SparseModel, get_sparse_model  # noqa: E402
 from sparseft.diffio import read_diff  # noqa: E402
+from sparseft.errors import ConfigError  # noqa: E402
 from sparseft.peft_interop import export_shira  # noqa: E402
 from sparseft.tasks.inference import score_completions  # noqa: E402
 
@@ -156,3 +157,24 @@ def test_a_refusal_for_another_base_gets_no_model_args_hint(diff_dir):
     with pytest.raises(FingerprintMismatchError, match="different base model") as refused:
         attach(other, diff_dir)
     assert "model_args" not in str(refused.value)
+
+
+def test_a_diff_model_arg_read_as_a_number_is_refused_by_name_before_loading(base_dir):
+    # lm_eval turns diff=123 into an int; it reached Path(123) as a TypeError after the base had loaded.
+    from sparseft.lmeval import SparseFTLM
+
+    with pytest.raises(ConfigError, match=r"model_args diff=123: lm_eval read the value as type int.*\./NAME"):
+        SparseFTLM(pretrained=str(base_dir), diff=123, device="cpu")
+
+
+def test_the_command_line_reports_a_sparseft_error_in_one_line(base_dir, local_task, tmp_path, monkeypatch, capsys):
+    # A missing diff (or one of another base) was a traceback through lm_eval; now one error line and status 2.
+    from sparseft.lmeval.__main__ import main
+
+    missing = tmp_path / "no-such-diff"
+    monkeypatch.setattr("sys.argv", [
+        "lm_eval", "--model", "sparseft", "--model_args", f"pretrained={base_dir},diff={missing}",
+        "--tasks", "tiny_sst2", "--include_path", str(tmp_path / "lm_eval_tasks"), "--device", "cpu",
+    ])
+    assert main() == 2
+    assert capsys.readouterr().err.strip().endswith(f"sparseft.lmeval: error: {missing}: no such diff directory")

@@ -29,7 +29,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
 from ..diffio import recorded_skip
-from ..errors import FingerprintMismatchError
+from ..errors import ConfigError, FingerprintMismatchError
 from ..hub import resolve_diff
 from ..model import SparseModel
 from ..quantize import check_scheme, quantize_base, require_torchao
@@ -50,7 +50,8 @@ class SparseFTLM(HFLM):
 
     def __init__(self, pretrained, diff: str | os.PathLike | None = None, quantize: str | None = None,
                  **kwargs) -> None:
-        if quantize:  # before the model loads
+        diff = diff_path(diff)  # before the model loads, as the quantize check
+        if quantize:
             check_scheme(quantize)
             require_torchao(quantize)
         self.sparse_diff, self.quantize = diff, quantize or None
@@ -61,6 +62,17 @@ class SparseFTLM(HFLM):
     def _create_model(self, *args, **kwargs) -> None:
         super()._create_model(*args, **kwargs)
         self._model = with_diff(self._model, self.sparse_diff, self.quantize)
+
+
+def diff_path(diff):
+    """``diff`` when it can name a diff (a path or Hub id, or None for none). lm_eval's model_args turn a value of
+    digits, a number or true/false into an int, float or bool, which no path is: refused by name, not a TypeError."""
+    if diff is None or isinstance(diff, (str, os.PathLike)):
+        return diff
+    raise ConfigError(
+        f"model_args diff={diff!r}: lm_eval read the value as type {type(diff).__name__}, not a diff directory or Hub id "
+        "org/name (it reads digits, numbers and true/false so); write a directory named like that as ./NAME"
+    )
 
 
 def with_diff(model, diff: str | os.PathLike | None, quantize: str | None = None):
