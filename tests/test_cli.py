@@ -109,6 +109,25 @@ def test_apply_over_its_own_diff_or_base_is_refused_and_keeps_them(trained_diff,
     assert read_diff(run_dir / "diff").num_entries > 0
 
 
+def test_an_empty_out_or_diff_path_is_refused_not_taken_as_the_working_directory(
+        trained_diff, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    # Path("") is "."; an unset shell variable (--out "$OUT") had an empty working directory replaced whole.
+    _, path = trained_diff
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    assert main(["apply", "--model", str(tiny_model_dir), "--diff", str(path), "--out", ""]) == 2
+    assert "--out is empty ('')" in capsys.readouterr().err
+    assert main(["export", "--to", "peft", str(path), ""]) == 2
+    assert "OUT is empty ('')" in capsys.readouterr().err
+    assert main(["select", "--model", str(tiny_model_dir), "--scorer", "random", "--out", ""]) == 2
+    assert "--out is empty ('')" in capsys.readouterr().err
+    assert list(workdir.iterdir()) == []
+    for argv in (["inspect", ""], ["verify", "--diff", ""], ["diff-stats", str(path), ""]):
+        assert main(argv) == 2
+        assert "the diff path is empty ('')" in capsys.readouterr().err
+
+
 def test_apply_refuses_other_base_with_clear_error(trained_diff, tmp_path, capsys):
     _, path = trained_diff
     other = tmp_path / "other-base"

@@ -68,7 +68,7 @@ def check_out_dir(
     (``OUTPUT_MARKERS``). Anything else would be replaced whole (``replace_dir``), so it is refused: a model
     directory given as ``--out`` by mistake, a data file, a folder of the user's own. So is a path that is, or
     holds, one of the command's ``inputs`` (None and paths that do not exist, such as model aliases, are skipped)."""
-    path = Path(path)
+    path = given_path(path, flag)
     check_creatable(path, flag)
     if os.path.lexists(path) and not path.is_dir():
         raise ConfigError(f"{flag} {path}: is a file; expected a directory to write into (choose another path)")
@@ -98,11 +98,19 @@ def check_not_an_input(path: Path, inputs: Iterable[str | os.PathLike | None], f
 
 def check_out_file(path: str | os.PathLike, flag: str = "--out") -> Path:
     """``path`` when a command may write a file there (absent, or a file it replaces in one rename)."""
-    path = Path(path)
+    path = given_path(path, flag)
     check_creatable(path, flag)
     if path.is_dir():
         raise ConfigError(f"{flag} {path}: is a directory; expected a file path (e.g. {path / 'masks.safetensors'})")
     return path
+
+
+def given_path(path: str | os.PathLike, flag: str) -> Path:
+    """``path`` as a Path, refused when empty: Path("") is the working directory, which an unset shell variable
+    (``--out "$OUT"``) would then have replaced whole."""
+    if not os.fspath(path).strip():
+        raise ConfigError(f"{flag} is empty ({os.fspath(path)!r}); give the path to write (use . for the working directory)")
+    return Path(path)
 
 
 def check_creatable(path: Path, flag: str) -> None:

@@ -45,6 +45,8 @@ def resolve_diff(source: str | os.PathLike, revision: str | None = None, local_f
     """The local directory of a diff: ``source`` itself when it is a path, else the Hub snapshot of
     ``org/name[@revision]`` (offline: from the local HF cache). Anything else is returned as a path,
     for ``read_diff`` to report as missing."""
+    if isinstance(source, str) and not source.strip():  # Path("") is the working directory: not what was meant
+        raise DiffNotFoundError(f"the diff path is empty ({source!r}); give a diff directory or a Hub id org/name")
     parsed = parse_repo_id(source)
     if parsed is None:
         return Path(source)
