@@ -3,6 +3,7 @@ import json
 import os
 import random
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -298,6 +299,12 @@ def test_training_into_the_base_models_directory_is_refused_before_anything_load
     assert sorted(p.name for p in tiny_model_dir.iterdir()) == before
     first = train_in_process(quick_config(train_file, tmp_path / "run", steps=1))
     assert train_in_process(quick_config(train_file, first.out, steps=1)).out == first.out  # an earlier run: replaced
+    # ... unless it holds the data: replacing the run would have deleted the file being trained on.
+    kept = Path(first.out) / "train.jsonl"
+    kept.write_bytes(Path(train_file).read_bytes())
+    with pytest.raises(ConfigError, match="holds .*train.jsonl, an input of this command"):
+        run_training(quick_config(kept, first.out, steps=1))
+    assert kept.read_bytes() == Path(train_file).read_bytes()
 
 
 def test_sparse_config_yaml_converts_numbers(tmp_path):

@@ -89,7 +89,8 @@ def run_training(
     """
     if not cfg.out or not cfg.data:
         raise ConfigError("a training run needs data (--data FILE) and an output directory (--out DIR)")
-    out = check_out_dir(cfg.out)  # never the base model's directory or a user's folder: it is replaced whole
+    # Never the base model's directory, a user's folder or one holding the data: it is replaced whole.
+    out = check_out_dir(cfg.out, inputs=[cfg.data, cfg.model])
     existing_data(cfg.data)  # before the model loads: a typo is reported at once
     dist = setup_distributed(cfg.device)
     try:
