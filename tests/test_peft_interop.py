@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -203,3 +204,22 @@ def test_real_model_exported_adapter_matches_the_diff(tmp_path):
     expected = logits(SparseModel.from_pretrained(load_model("smollm2-135m"), tmp_path / "diff"), ids)
     through_peft = logits(PeftModel.from_pretrained(load_model("smollm2-135m"), str(tmp_path / "shira")), ids)
     torch.testing.assert_close(through_peft, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_float_indices_are_taken_when_whole_and_refused_with_fractions(tmp_path):
+    # PEFT on Windows saves float32 indices; a fraction was truncated to a neighbouring entry without a word.
+    from safetensors.torch import save_file
+
+    diff = read_diff(trained_diff_dir(tmp_path))
+    export_shira(diff, tmp_path / "shira", diff_dir=tmp_path / "diff0")
+    weights = tmp_path / "shira" / ADAPTER_WEIGHTS
+    tensors = load_file(str(weights))
+    key = next(k for k in tensors if k.endswith("shira_indices"))
+    tensors = {k: (v.to(torch.float32) if k.endswith("shira_indices") else v) for k, v in tensors.items()}
+    save_file(tensors, str(weights))
+    assert import_adapter(tmp_path / "shira", make_tiny_llama()).num_entries == diff.num_entries
+    tensors[key] = tensors[key] + 0.5
+    save_file(tensors, str(weights))
+    module = key.removeprefix("base_model.model.").removesuffix(".shira_indices")
+    with pytest.raises(AdapterFormatError, match=rf"{re.escape(module)}: shira_indices must hold whole numbers"):
+        import_adapter(tmp_path / "shira", make_tiny_llama())

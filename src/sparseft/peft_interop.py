@@ -201,13 +201,23 @@ def group_by_module(tensors: dict[str, torch.Tensor], names: tuple[str, str], wh
     return {module: (parts[names[0]], parts[names[1]]) for module, parts in found.items()}
 
 
+def as_positions(indices: torch.Tensor, name: str, module: str, where: str) -> torch.Tensor:
+    """``indices`` as int64. Float ones are taken (PEFT on Windows saves float32 indices) when they hold whole
+    numbers; a fraction would be truncated to a neighbouring entry without a word."""
+    if indices.is_floating_point() and not bool((torch.isfinite(indices) & (indices == indices.trunc())).all()):
+        raise AdapterFormatError(f"{where}: {module}: {name} must hold whole numbers, got fractions or NaN/Inf "
+                                 f"(dtype {str(indices.dtype).removeprefix('torch.')})")
+    return indices.to(torch.long)
+
+
 def shira_flat_indices(module: str, values: torch.Tensor, indices: torch.Tensor, shape: tuple[int, int], where: str) -> torch.Tensor:
     if indices.dim() != 2 or indices.shape[0] != 2 or values.dim() != 1 or indices.shape[1] != values.numel():
         raise AdapterFormatError(
             f"{where}: {module}: shira_indices must be (2, n) for n shira_weight values, "
             f"got {tuple(indices.shape)} and {tuple(values.shape)}"
         )
-    rows, cols = indices[0].to(torch.long), indices[1].to(torch.long)  # Windows saves float32 indices (see peft)
+    indices = as_positions(indices, "shira_indices", module, where)
+    rows, cols = indices[0], indices[1]
     if bool(((rows < 0) | (rows >= shape[0]) | (cols < 0) | (cols >= shape[1])).any()):
         raise AdapterFormatError(f"{where}: {module}: shira_indices fall outside the layer's {shape[0]}x{shape[1]} weight")
     return rows * shape[1] + cols
@@ -219,7 +229,7 @@ def supertuning_flat_indices(module: str, values: torch.Tensor, indices: torch.T
             f"{where}: {module}: supertuning_indices and supertuning_values must be 1-D of one length, "
             f"got {tuple(indices.shape)} and {tuple(values.shape)}"
         )
-    flat = indices.to(torch.long)
+    flat = as_positions(indices, "supertuning_indices", module, where)
     if bool(((flat < 0) | (flat >= shape[0] * shape[1])).any()):
         raise AdapterFormatError(f"{where}: {module}: supertuning_indices fall outside the layer's {shape[0]}x{shape[1]} weight")
     return flat
