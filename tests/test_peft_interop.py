@@ -223,3 +223,14 @@ def test_float_indices_are_taken_when_whole_and_refused_with_fractions(tmp_path)
     module = key.removeprefix("base_model.model.").removesuffix(".shira_indices")
     with pytest.raises(AdapterFormatError, match=rf"{re.escape(module)}: shira_indices must hold whole numbers"):
         import_adapter(tmp_path / "shira", make_tiny_llama())
+
+
+def test_a_bad_value_dtype_in_the_adapter_metadata_is_named(tmp_path):
+    from safetensors.torch import save_file
+
+    export_shira(read_diff(trained_diff_dir(tmp_path)), tmp_path / "shira", diff_dir=tmp_path / "diff0")
+    weights = tmp_path / "shira" / ADAPTER_WEIGHTS
+    save_file(load_file(str(weights)), str(weights), metadata={"format": "pt", "sparseft_value_dtype": "fp8"})
+    with pytest.raises(AdapterFormatError, match="metadata sparseft_value_dtype 'fp8' is not one of"):
+        import_adapter(tmp_path / "shira", make_tiny_llama())
+    assert import_adapter(tmp_path / "shira", make_tiny_llama(), value_dtype="float16").config.value_dtype == "float16"

@@ -280,9 +280,10 @@ def import_adapter(
             "LoRA part is a dense update that a sparse diff cannot hold"
         )
     names, to_flat, scorer = IMPORTERS[peft_type]
+    given_by = "value_dtype" if value_dtype else f"metadata {VALUE_DTYPE_KEY}"
     value_dtype = value_dtype or metadata.get(VALUE_DTYPE_KEY) or "float32"
     if value_dtype not in DTYPES:
-        raise AdapterFormatError(f"{where}: value dtype {value_dtype!r} is not one of {sorted(DTYPES)}")
+        raise AdapterFormatError(f"{where}: {given_by} {value_dtype!r} is not one of {sorted(DTYPES)}")
     modules = group_by_module(tensors, names, where)
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     masks, values, shapes = {}, {}, {}
