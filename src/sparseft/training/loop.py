@@ -334,6 +334,18 @@ class LoopStats:
         return self.tokens / sum(self.step_times) if self.step_times else 0.0
 
 
+def reselect_due(model: nn.Module, optimizer, schedule: ReselectSchedule, step: int, cfg: TrainConfig,
+                 dist: Distributed, batches: list[dict[str, torch.Tensor]],
+                 batches_at: Callable[[int], list[dict[str, torch.Tensor]]]) -> dict:
+    """Move the mask at ``step`` (its growth gradients over this step's batches and the next ones, as
+    ``cfg.reselect_growth_batches`` asks); returns the metrics fields: entries swapped and the time it took."""
+    t0 = time.perf_counter()
+    growth = growth_batches(batches, cfg.reselect_growth_batches, lambda ahead: batches_at(step + ahead))
+    swapped = reselect_step(model, optimizer, schedule, step,
+                            [lambda m, b=b: growth_loss(m, b, dist, cfg.precision) for b in growth], dist.enabled)
+    return {"reselected": swapped, "reselect_time_s": time.perf_counter() - t0}
+
+
 def train_loop(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -368,19 +380,18 @@ def train_loop(
     model.train()
     bar = tqdm(range(start_step, total_steps), initial=start_step, total=total_steps, desc=f"train ({cfg.method})",
                disable=not (cfg.progress and dist.is_main), dynamic_ncols=True)
+
+    def batches_at(step: int) -> list[dict[str, torch.Tensor]]:  # this process's micro-batches of ``step``
+        return make_batches(examples, cfg.batch_size, pad_id, cfg.seed, step, cfg.grad_accum, dist.rank, dist.world_size)
+
     for step in bar:
         lr = lr_at(step, total_steps, warmup, cfg.lr, cfg.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batches = make_batches(examples, cfg.batch_size, pad_id, cfg.seed, step, cfg.grad_accum, dist.rank, dist.world_size)
+        batches = batches_at(step)
         reselected = {}
         if schedule is not None and schedule.due(step):
-            t0 = time.perf_counter()
-            growth = growth_batches(batches, cfg.reselect_growth_batches, lambda ahead: make_batches(
-                examples, cfg.batch_size, pad_id, cfg.seed, step + ahead, cfg.grad_accum, dist.rank, dist.world_size))
-            swapped = reselect_step(model, optimizer, schedule, step,
-                                    [lambda m, b=b: growth_loss(m, b, dist, cfg.precision) for b in growth], dist.enabled)
-            reselected = {"reselected": swapped, "reselect_time_s": time.perf_counter() - t0}
+            reselected = reselect_due(model, optimizer, schedule, step, cfg, dist, batches, batches_at)
         t0 = time.perf_counter()
         result = train_step(model, batches, optimizer, params, cfg.max_grad_norm, dist, cfg.precision)
         if dist.device.type == "cuda":
