@@ -80,6 +80,14 @@ def fingerprints(weights: dict[str, torch.Tensor]) -> dict[str, str]:
     return prints
 
 
+def refuse_unverified(message: str, action: str, allow_unverified_base: bool) -> None:
+    """A diff that records no base fingerprint: UnverifiedBaseError (``message``, and how to ``action`` it anyway),
+    unless ``allow_unverified_base``, which only logs it."""
+    if not allow_unverified_base:
+        raise UnverifiedBaseError(f"{message}; {action} it anyway with allow_unverified_base=True (--allow-unverified-base)")
+    log.warning("%s; going on (allow_unverified_base)", message)
+
+
 def check_base_fingerprint(
     expected_prints: dict[str, str],
     base_model: str,
@@ -98,10 +106,8 @@ def check_base_fingerprint(
     entries instead of the live ones, or reuse a cached hash. ``provenance`` (the diff's) only words a
     refusal: the dtype and quantization its training run loaded the base in, where it records them."""
     if not expected_prints:
-        message = f"{where}: the diff records no base fingerprint, so nothing shows it was made for this base model"
-        if not allow_unverified_base:
-            raise UnverifiedBaseError(f"{message}; load it anyway with allow_unverified_base=True (--allow-unverified-base)")
-        log.warning("%s; loading it anyway (allow_unverified_base)", message)
+        refuse_unverified(f"{where}: the diff records no base fingerprint, so nothing shows it was made for this base "
+                          "model", "load", allow_unverified_base)
         return
     first = next(iter(weights.values()))
     dtype, trained = base_kind(weights), trained_over(provenance)

@@ -11,18 +11,15 @@ All inputs must record the same base fingerprint and the same shapes, or nothing
 
 from __future__ import annotations
 
-import logging
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
 import torch
 
 from .config import DTYPES, SparseConfig
-from .base_match import fingerprints, trained_over, trained_skip
+from .base_match import fingerprints, refuse_unverified, trained_over, trained_skip
 from .diffio import SparseDiff, check_against_model
-from .errors import ConfigError, FingerprintMismatchError, ShapeMismatchError, UnverifiedBaseError
-
-log = logging.getLogger(__name__)
+from .errors import ConfigError, FingerprintMismatchError, ShapeMismatchError
 
 
 # ---------------------------------------------------------------- checks
@@ -52,8 +49,10 @@ def check_same_base(
                 "weights and cannot be compared; pass the base model (--model BASE) to check both against it"
             )
         if not first.base_fingerprint or not diff.base_fingerprint:
+            # Comparing "none" with a fingerprint would read as "a different base"; two nones, as the same.
             unverified, other = (first_name, name) if not first.base_fingerprint else (name, first_name)
-            refuse_unverified(unverified, other, allow_unverified_base)
+            refuse_unverified(f"{unverified}: the diff records no base fingerprint, so nothing shows it is of the same "
+                              f"base as {other}", "compose or compare", allow_unverified_base)
         else:
             check_same_fingerprint(first, first_name, diff, name)
         for module, shape in diff.shapes.items():
@@ -61,17 +60,6 @@ def check_same_base(
                 raise ShapeMismatchError(
                     f"{module} has shape {tuple(first.shapes[module])} in {first_name} but {tuple(shape)} in {name}"
                 )
-
-
-def refuse_unverified(name: str, other: str, allow_unverified_base: bool) -> None:
-    """A diff that records no fingerprint cannot be compared with another's: refused (as loading it onto a base
-    is) unless ``allow_unverified_base``, which only logs it. Comparing "none" with a fingerprint would otherwise
-    read as "a different base", and two diffs recording none would pass unchecked."""
-    message = f"{name}: the diff records no base fingerprint, so nothing shows it is of the same base as {other}"
-    if not allow_unverified_base:
-        raise UnverifiedBaseError(f"{message}; compose or compare it anyway with --allow-unverified-base "
-                                  "(allow_unverified_base=True)")
-    log.warning("%s; going on (allow_unverified_base)", message)
 
 
 def check_same_fingerprint(first: SparseDiff, first_name: str, diff: SparseDiff, name: str) -> None:
