@@ -9,14 +9,13 @@ modules are compared one by one (same entries? same values? largest difference) 
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..diffio import CONFIG_NAME, DELTA_NAME, file_sha256, read_config, read_diff
+from ..diffio import CONFIG_NAME, DELTA_NAME, SHA256_HEX, file_sha256, read_config, read_diff
 from ..errors import ConfigError, NotReproducibleError
 from ..files import read_yaml_file
 from ..training import TrainConfig, run_training
@@ -61,18 +60,17 @@ def rerun_values(diff_path: str | os.PathLike, model: str | None = None, data: s
         raise NotReproducibleError(f"{source}: {e}") from e
     if not values["data"] or not Path(values["data"]).exists():
         raise NotReproducibleError(f"{diff_path}: the training data {values['data']!r} is not available here; pass it")
-    recorded_data_sha256(diff_path)
+    check_recorded_data_sha256(diff_path)
     return values
 
 
-def recorded_data_sha256(diff_path: str | os.PathLike) -> str | None:
-    """The training data's recorded sha256 (None when not recorded); a hand-edited one that is no hex digest is
-    refused, as a mismatch it would report the data as changed."""
+def check_recorded_data_sha256(diff_path: str | os.PathLike) -> None:
+    """A recorded training-data sha256 that is no hex digest (hand-edited) is refused: as a mismatch it would
+    report the data as changed."""
     recorded = read_config(Path(diff_path)).get("provenance", {}).get("data_sha256")
-    if recorded is not None and not (isinstance(recorded, str) and re.fullmatch(r"[0-9a-f]{64}", recorded)):
+    if recorded is not None and not (isinstance(recorded, str) and SHA256_HEX.fullmatch(recorded)):
         raise NotReproducibleError(f"{Path(diff_path) / CONFIG_NAME}: provenance.data_sha256 must be a sha256 "
                                    f"(64 hex digits), got {recorded!r:.80}")
-    return recorded
 
 
 def compare_diffs(original: str | os.PathLike, rerun: str | os.PathLike) -> list[dict[str, Any]]:
@@ -120,7 +118,7 @@ def reproduce(
     result: dict[str, Any] = {
         "config": values,
         "original_sha256": meta["file_hashes"].get(DELTA_NAME, ""),
-        "recorded_data_sha256": recorded_data_sha256(diff_path),
+        "recorded_data_sha256": meta.get("provenance", {}).get("data_sha256"),  # checked by rerun_values
         "data_sha256": data_sha256(values["data"]),
     }
     if result["recorded_data_sha256"] and result["recorded_data_sha256"] != result["data_sha256"]:
