@@ -244,18 +244,20 @@ async def on_invalid_body(request: Request, e: RequestValidationError):
     if first.get("type") == "json_invalid":  # its loc ends with a character offset, not a field; msg says only "error"
         where = "body"
         reason = f"not valid JSON at character {first['loc'][-1]} ({first.get('ctx', {}).get('error', reason)})"
-    message = f"invalid request body: {where}: {reason}"
-    if len(problems) > 1:
-        message += f" (and {len(problems) - 1} more problem(s))"
-    return answer(request, APIError(400, message, "invalid_request_error", "invalid_request", where))
+    more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+    return answer(request, invalid_body(where, reason + more))
+
+
+def invalid_body(where: str, reason: str) -> APIError:
+    """The 400 for a request body that cannot be read, or whose field ``where`` is wrong."""
+    return APIError(400, f"invalid request body: {where}: {reason}", "invalid_request_error", "invalid_request", where)
 
 
 async def on_http_error(request: Request, e: StarletteHTTPException):
     if isinstance(e.__cause__, UnicodeDecodeError):  # FastAPI's body reader says only "error parsing the body"
         bad = e.__cause__
         reason = f"not valid JSON text: byte {bad.start} is not valid {bad.encoding} ({bad.reason})"
-        return answer(request, APIError(400, f"invalid request body: body: {reason}", "invalid_request_error",
-                                        "invalid_request", "body"))
+        return answer(request, invalid_body("body", reason))
     code = "not_found" if e.status_code == 404 else "http_error"
     return answer(request, APIError(e.status_code, str(e.detail), "invalid_request_error", code))
 
