@@ -109,6 +109,23 @@ def test_apply_over_its_own_diff_or_base_is_refused_and_keeps_them(trained_diff,
     assert read_diff(run_dir / "diff").num_entries > 0
 
 
+def test_compose_and_select_refuse_to_write_over_their_inputs(trained_diff, tiny_model_dir, tmp_path, capsys):
+    # compose A B --out A replaced A with the sum; select --out DATA replaced the data file with masks.
+    _, path = trained_diff
+    before = read_diff(path)
+    assert main(["compose", str(path), str(path), "--out", str(path), "--allow-unverified-base"]) == 2
+    assert f"--out {path}: is {path}, an input of this command" in capsys.readouterr().err
+    assert read_diff(path).values.keys() == before.values.keys()
+    assert all(torch.equal(read_diff(path).values[n], v) for n, v in before.values.items())
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n')
+    assert main(["select", "--model", str(tiny_model_dir), "--scorer", "random", "--data", str(data),
+                 "--out", str(data)]) == 2
+    assert f"--out {data}: is {data}, an input of this command" in capsys.readouterr().err
+    assert data.read_text() == '{"prompt": "a", "completion": "b"}\n'
+
+
 def test_an_empty_out_or_diff_path_is_refused_not_taken_as_the_working_directory(
         trained_diff, tiny_model_dir, tmp_path, monkeypatch, capsys):
     # Path("") is "."; an unset shell variable (--out "$OUT") had an empty working directory replaced whole.

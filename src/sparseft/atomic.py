@@ -96,12 +96,16 @@ def check_not_an_input(path: Path, inputs: Iterable[str | os.PathLike | None], f
                               "it: choose another path")
 
 
-def check_out_file(path: str | os.PathLike, flag: str = "--out") -> Path:
-    """``path`` when a command may write a file there (absent, or a file it replaces in one rename)."""
+def check_out_file(
+    path: str | os.PathLike, flag: str = "--out", inputs: Iterable[str | os.PathLike | None] = (),
+) -> Path:
+    """``path`` when a command may write a file there (absent, or a file it replaces in one rename), and it is
+    none of the command's ``inputs``."""
     path = given_path(path, flag)
     check_creatable(path, flag)
     if path.is_dir():
         raise ConfigError(f"{flag} {path}: is a directory; expected a file path (e.g. {path / 'masks.safetensors'})")
+    check_not_an_input(path, inputs, flag)
     return path
 
 

@@ -46,7 +46,7 @@ def run(args) -> int:
     from ..diffio import read_diff, recorded_skip, write_diff
     from ..hub import resolve_diff
 
-    check_out_dir(args.out)
+    check_out_dir(args.out, inputs=[*args.diffs, args.model])  # a composed diff written over an input loses it
     weights = parse_weights(args.weights, len(args.diffs))
     check_quantize_has_model(args.model, args.quantize)  # before any diff is read or downloaded
     paths = [resolve_diff(path) for path in args.diffs]

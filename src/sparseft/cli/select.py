@@ -61,7 +61,7 @@ def run(args) -> int:
     from ..targets import find_targets
     from ..training.data import calibration_batches, load_examples
 
-    check_out_file(args.out)
+    check_out_file(args.out, inputs=[args.data, args.model])  # masks written over the data would lose it
     run_cfg = make_train_config(args)
     cfg = run_cfg.sparse_config()
     batches = None
