@@ -167,6 +167,14 @@ def test_a_diff_model_arg_read_as_a_number_is_refused_by_name_before_loading(bas
         SparseFTLM(pretrained=str(base_dir), diff=123, device="cpu")
 
 
+def test_no_diff_model_arg_scores_the_base_and_says_so(base_dir, caplog):
+    from sparseft.lmeval import SparseFTLM
+
+    with caplog.at_level("WARNING", logger="sparseft.lmeval"):
+        SparseFTLM(pretrained=str(base_dir), device="cpu")
+    assert caplog.messages[-1].endswith("model_args has no diff=: scoring the base model alone")
+
+
 def test_the_command_line_reports_a_sparseft_error_in_one_line(base_dir, local_task, tmp_path, monkeypatch, capsys):
     # A missing diff (or one of another base) was a traceback through lm_eval; now one error line and status 2.
     from sparseft.lmeval.__main__ import main

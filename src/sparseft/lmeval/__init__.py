@@ -23,6 +23,7 @@ Without this module, export the diff as a PEFT adapter and use the harness's ``p
 
 from __future__ import annotations
 
+import logging
 import os
 
 from lm_eval.api.registry import register_model
@@ -33,6 +34,8 @@ from ..errors import ConfigError, FingerprintMismatchError
 from ..hub import resolve_diff
 from ..model import SparseModel
 from ..quantize import check_scheme, quantize_base, require_torchao
+
+log = logging.getLogger(__name__)
 
 
 @register_model("sparseft")
@@ -51,6 +54,9 @@ class SparseFTLM(HFLM):
     def __init__(self, pretrained, diff: str | os.PathLike | None = None, quantize: str | None = None,
                  **kwargs) -> None:
         diff = diff_path(diff)  # before the model loads, as the quantize check
+        if diff is None:  # a forgotten diff= would otherwise pass as the fine-tuned score
+            log.warning("model_args has no diff=: scoring the base model alone%s",
+                        f" (quantized {quantize})" if quantize else "")
         if quantize:
             check_scheme(quantize)
             require_torchao(quantize)
