@@ -203,3 +203,20 @@ def test_audit_diff_refuses_a_batch_size_below_one_before_reading_anything(tmp_p
 
     with pytest.raises(ConfigError, match="batch_size must be a whole number of at least 1, got 0"):
         audit_diff(tiny_base(), tmp_path / "no-such-diff", batch_size=0)
+
+
+@pytest.mark.parametrize("out, message", [
+    ("probes.jsonl", "--out {dir}/probes.jsonl: is a file; expected a directory to write into"),
+    ("probes.jsonl/x", "--out {dir}/probes.jsonl/x: cannot be created, {dir}/probes.jsonl is a file"),
+    ("", "--out is empty ('')"),
+])
+def test_audit_refuses_an_out_it_cannot_write_before_loading_anything(diffs, probe_file, tmp_path, capsys, out,
+                                                                      message):
+    # It ran the whole audit (with --repro, a training run too) and then failed on mkdir with an errno; an empty
+    # --out (an unset $OUT) wrote the report into the working directory. The model path does not exist: the
+    # refusal comes before any load.
+    given = str(probe_file.parent / out) if out else out
+    code = main(["audit", "--model", str(tmp_path / "no-model"), "--diff", str(diffs["zero"]),
+                 "--probe", str(probe_file), "--out", given])
+    assert code == 2
+    assert message.format(dir=probe_file.parent) in capsys.readouterr().err

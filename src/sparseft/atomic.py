@@ -68,10 +68,7 @@ def check_out_dir(
     (``OUTPUT_MARKERS``). Anything else would be replaced whole (``replace_dir``), so it is refused: a model
     directory given as ``--out`` by mistake, a data file, a folder of the user's own. So is a path that is, or
     holds, one of the command's ``inputs`` (None and paths that do not exist, such as model aliases, are skipped)."""
-    path = given_path(path, flag)
-    check_creatable(path, flag)
-    if os.path.lexists(path) and not path.is_dir():
-        raise ConfigError(f"{flag} {path}: is a file; expected a directory to write into (choose another path)")
+    path = check_dir_to_write_into(path, flag)
     if path.is_dir():
         held = sorted(p.name for p in path.iterdir())
         if held and not any(name in held for name in OUTPUT_MARKERS):
@@ -79,6 +76,15 @@ def check_out_dir(
             raise ConfigError(f"{flag} {path}: exists and holds files sparseft did not write ({shown}); writing "
                               "there would replace the whole directory: choose another path or remove it")
     check_not_an_input(path, inputs, flag)
+    return path
+
+
+def check_dir_to_write_into(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """``path`` when files can be written into it: a directory, or a path where one can be made."""
+    path = given_path(path, flag)
+    check_creatable(path, flag)
+    if os.path.lexists(path) and not path.is_dir():
+        raise ConfigError(f"{flag} {path}: is a file; expected a directory to write into (choose another path)")
     return path
 
 

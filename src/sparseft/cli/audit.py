@@ -38,10 +38,14 @@ def add_parser(sub):
 
 
 def check_inputs(args) -> None:
-    """The diff and the data files exist and the diff reads, before time goes into loading the model."""
+    """The diff and the data files exist, the diff reads and the report has somewhere to go, before time goes
+    into loading the model (and, with --repro, training it again)."""
+    from ..atomic import check_dir_to_write_into
     from ..diffio import read_diff
     from ..files import existing_data
 
+    if args.out is not None:
+        check_dir_to_write_into(args.out)
     read_diff(args.diff)
     for path in (args.probe, args.repro_data):
         if path:
