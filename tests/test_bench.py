@@ -863,6 +863,20 @@ def test_protocol_side_by_side_compares_rows_with_full_fts_seed_mean(tmp_path):
     assert side_by_side_line(plain, "sparse-s1")[5] == "+1.0 points" and "vs full FT mean" not in plain
 
 
+def test_report_refuses_an_out_that_is_its_results_a_directory_or_empty(tmp_path, capsys):
+    # --out RESULTS.json had replaced the measurements with the Markdown page.
+    path = write_results(synthetic_results(), tmp_path / "results.json")
+    before = path.read_bytes()
+    cases = [(str(path), f"--out {path}: is {path}, an input of this command"),
+             (str(tmp_path), f"--out {tmp_path}: is a directory; expected a file path (e.g. {tmp_path / 'report.md'})"),
+             (str(path / "report.md"), f"--out {path / 'report.md'}: cannot be created, {path} is a file"),
+             ("", "--out is empty ('')")]
+    for out, message in cases:
+        assert main(["report", str(path), "--out", out]) == 2
+        assert message in capsys.readouterr().err
+    assert path.read_bytes() == before and list(tmp_path.iterdir()) == [path]
+
+
 def test_report_names_rows_the_grid_never_reached(tmp_path):
     results = synthetic_results()
     results["config"]["runs"] = [{"id": r["id"]} for r in results["rows"][1:]] + [{"id": "sp-late"}]

@@ -104,13 +104,14 @@ def check_not_an_input(path: Path, inputs: Iterable[str | os.PathLike | None], f
 
 def check_out_file(
     path: str | os.PathLike, flag: str = "--out", inputs: Iterable[str | os.PathLike | None] = (),
+    example: str = "masks.safetensors",
 ) -> Path:
     """``path`` when a command may write a file there (absent, or a file it replaces in one rename), and it is
-    none of the command's ``inputs``."""
+    none of the command's ``inputs``. ``example``: the file name the error suggests inside a directory given."""
     path = given_path(path, flag)
     check_creatable(path, flag)
     if path.is_dir():
-        raise ConfigError(f"{flag} {path}: is a directory; expected a file path (e.g. {path / 'masks.safetensors'})")
+        raise ConfigError(f"{flag} {path}: is a directory; expected a file path (e.g. {path / example})")
     check_not_an_input(path, inputs, flag)
     return path
 

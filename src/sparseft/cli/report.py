@@ -17,8 +17,12 @@ def add_parser(sub):
 
 
 def run(args) -> int:
+    from ..atomic import check_out_file
     from ..bench import write_report
 
-    for path in write_report(args.results, args.out, html_page=args.html):
+    # --out RESULTS.json had replaced the measurements with the page; a directory or "" failed with an errno or
+    # fell back to the default.
+    out = None if args.out is None else check_out_file(args.out, inputs=[args.results], example="report.md")
+    for path in write_report(args.results, out, html_page=args.html):
         print(f"wrote {path}")
     return 0
