@@ -381,6 +381,30 @@ def test_config_paths_resolve_against_the_file_and_data_root(tmp_path, monkeypat
     assert cfg.train_data == str(tmp_path / "sst2" / "train.tsv")
 
 
+def test_bench_refuses_an_out_where_its_files_would_replace_an_input_before_anything_runs(tmp_path, monkeypatch, capsys):
+    # --out data/ had replaced the user's data/train.jsonl with the grid's rendered rows; a file as --out failed
+    # at mkdir with a bare errno; an empty --out fell back to runs/bench-<name>.
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = "".join(json.dumps({"text": f"message {i}", "label": "billing"}) + "\n" for i in range(4))
+    for name in ("train.jsonl", "test.jsonl"):
+        (data / name).write_text(rows)
+    config = tmp_path / "grid.yaml"
+    config.write_text(yaml.safe_dump(tiny_raw(task="routing", train_data="data/train.jsonl",
+                                              eval_data="data/test.jsonl")))
+    monkeypatch.chdir(tmp_path)
+    train = data / "train.jsonl"
+    cases = [(str(data), f"--out {train}: is {train}, an input of this command"),
+             (str(config), f"--out {config}: is a file; expected a directory"),
+             (str(config / "out"), f"--out {config / 'out'}: cannot be created, {config} is a file"),
+             ("", "--out is empty ('')")]
+    for out, message in cases:
+        assert main(["bench", str(config), "--out", out]) == 2
+        assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "grid.yaml"]
+    assert sorted(p.name for p in data.iterdir()) == ["test.jsonl", "train.jsonl"] and train.read_text() == rows
+
+
 def test_eval_task_scores_held_out_articles_the_rows_never_trained_on(tmp_path):
     from sparseft.bench.grid import new_results, worker_spec
     from sparseft.tasks import get_task

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..atomic import check_dir_to_write_into, check_not_an_input
 from ..errors import ConfigError
 from ..methods import get_method
 from ..quantize import DEFAULT_QUANT_INIT
@@ -47,7 +48,7 @@ def run_grid(
     ``out`` are otherwise refused unless ``overwrite``: hours of measurement are not lost to a typo.
     ``protocol`` is stored as the results' ``protocol`` field (the stage of ``bench.protocol``).
     """
-    out = Path(out)
+    out = check_grid_out(cfg, out)
     if not (resume or overwrite) and (out / RESULTS_NAME).is_file():
         raise ConfigError(f"{out / RESULTS_NAME} holds an earlier run: --resume keeps its finished rows, "
                           "--overwrite starts over, or choose another --out")
@@ -85,6 +86,17 @@ def run_grid(
         results["plots"] = [str(p.relative_to(out)) for p in write_plots(results, out)]
         save(results, out)
     return results
+
+
+def check_grid_out(cfg: BenchConfig, out: str | os.PathLike) -> Path:
+    """``out`` when the grid may write its files into it: a directory (or a path where one can be made) in
+    which none of them would replace one of the config's inputs. ``--out data/`` had replaced the user's
+    data/train.jsonl with the rendered training rows."""
+    out = check_dir_to_write_into(out, "--out")
+    inputs = [cfg.train_data, cfg.eval_data, cfg.validation_data, cfg.source]
+    for name in (TRAIN_FILE_NAME, RESULTS_NAME, MARKDOWN_NAME):
+        check_not_an_input(out / name, inputs, "--out")
+    return out
 
 
 def save_rows(results: dict[str, Any], slots: dict[str, dict[str, Any] | None], out: Path) -> None:
