@@ -307,6 +307,15 @@ def test_training_into_the_base_models_directory_is_refused_before_anything_load
     assert kept.read_bytes() == Path(train_file).read_bytes()
 
 
+def test_training_into_the_diff_given_as_masks_is_refused_and_keeps_it(train_file, tmp_path):
+    # --out A --masks A had replaced diff A, the entries' source and its trained values, with the new run.
+    first = train_in_process(quick_config(train_file, tmp_path / "a", steps=2))
+    before = tree_bytes(first.out)
+    with pytest.raises(ConfigError, match=r"--out .*a: is .*a, an input of this command"):
+        run_training(quick_config(train_file, first.out, steps=1, masks=str(first.out)))  # no model passed: none loads
+    assert tree_bytes(first.out) == before
+
+
 def test_sparse_config_yaml_converts_numbers(tmp_path):
     from sparseft import SparseConfig
 

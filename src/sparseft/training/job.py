@@ -89,8 +89,9 @@ def run_training(
     """
     if not cfg.out or not cfg.data:
         raise ConfigError("a training run needs data (--data FILE) and an output directory (--out DIR)")
-    # Never the base model's directory, a user's folder or one holding the data: it is replaced whole.
-    out = check_out_dir(cfg.out, inputs=[cfg.data, cfg.model])
+    # Never the base model's directory, a user's folder or one holding the data or the --masks diff (an earlier
+    # run's, which passes as a replaceable output): it is replaced whole.
+    out = check_out_dir(cfg.out, inputs=[cfg.data, cfg.model, cfg.masks])
     existing_data(cfg.data)  # before the model loads: a typo is reported at once
     dist = setup_distributed(cfg.device)
     try:
