@@ -73,3 +73,25 @@ def test_demo_checks_its_flags_before_loading_anything(tmp_path, capsys, flag, v
     err = capsys.readouterr().err
     assert f"sparseft demo: error: {message}" in err, err
     assert not out.exists()
+
+
+def test_demo_checks_its_out_before_loading_anything(tmp_path, monkeypatch, capsys):
+    # Was: the model loaded and the "before" evaluation ran before a file as --out failed with a bare errno; ""
+    # wrote the diff and the report into the working directory. The model does not exist, as above.
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine\n")
+    mine = tmp_path / "mine"
+    (mine / "diff").mkdir(parents=True)
+    (mine / "diff" / "keep.txt").write_text("mine\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    cases = [(str(a_file), f"--out {a_file}: is a file; expected a directory"),
+             (str(a_file / "demo"), f"--out {a_file / 'demo'}: cannot be created, {a_file} is a file"),
+             ("", "--out is empty ('')"),
+             (str(mine), f"--out {mine / 'diff'}: exists and holds files sparseft did not write (keep.txt)")]
+    for out, message in cases:
+        assert main(["demo", "--model", str(tmp_path / "no-such-model"), "--out", out]) == 2
+        assert f"sparseft demo: error: {message}" in capsys.readouterr().err
+    assert a_file.read_text() == "mine\n" and list(work.iterdir()) == []
+    assert sorted(p.name for p in mine.rglob("*")) == ["diff", "keep.txt"]

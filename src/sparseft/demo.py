@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import torch
 
+from .atomic import check_dir_to_write_into, check_out_dir
 from .audit import inspect_diff
 from .config import SparseConfig, positive_count
 from .evaluate import evaluate_records
@@ -47,7 +48,10 @@ class DemoConfig:
         get_task(self.task)
         get_scorer(self.scorer)
         positive_count("eval_batch_size", self.eval_batch_size)
-        out = Path(self.out)
+        # --out too: a file there failed with a bare errno after the "before" evaluation, "" wrote into the working
+        # directory, and a folder of the user's at OUT/diff was refused only once training was to start.
+        out = check_dir_to_write_into(self.out, "--out")
+        check_out_dir(out / "diff", "--out", inputs=[self.model])
         train_config(self, out / "train_rows.jsonl", out / "diff")  # density, epochs, lr, batch size, seed
 
 
