@@ -109,6 +109,25 @@ def test_serve_refuses_a_bad_device_before_loading_anything(tmp_path, capsys, de
     assert f"--device must be auto, cpu, cuda or cuda:N (N: a GPU index), got {device!r}" in err, err
 
 
+def test_serve_refuses_a_registry_it_cannot_write_into_before_loading_anything(tmp_path, monkeypatch, capsys):
+    from sparseft.cli import main
+
+    # Was: a file as --registry loaded the model and then failed on the first diff with a bare errno (or, with no
+    # --diff, served until a load failed); --registry "" kept the registry in the working directory.
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    cases = [(str(a_file), f"--registry {a_file}: is a file; expected a directory"),
+             (str(a_file / "reg"), f"--registry {a_file / 'reg'}: cannot be created, {a_file} is a file"),
+             ("", "--registry is empty ('')")]
+    for registry, message in cases:  # the model does not exist: had it been loaded first, the error would name it
+        assert main(["serve", "--model", str(tmp_path / "no-such-model"), "--registry", registry]) == 2
+        assert f"sparseft serve: error: {message}" in capsys.readouterr().err
+    assert a_file.read_text() == "mine\n" and list(work.iterdir()) == []
+
+
 def test_build_app_refuses_a_bad_device_or_limit_before_loading(tmp_path):
     import torch
 

@@ -91,6 +91,7 @@ def run(args) -> int:
 
     from dataclasses import replace
 
+    from ..atomic import check_dir_to_write_into
     from ..diffio import recorded_skip
     from ..hub import resolve_diff
     from ..serve import ServeLimits, build_app
@@ -98,6 +99,8 @@ def run(args) -> int:
     from ..serve.registry import stored_paths
 
     check_device(args.device, "--device")  # before any diff is fetched or model loaded
+    if args.registry is not None:  # a file there failed at the first diff loaded, after the model had loaded;
+        check_dir_to_write_into(args.registry, "--registry")  # "" put the registry in the working directory
     engine = engine_options(args)
     args.diff = [(name, str(resolve_diff(path))) for name, path in args.diff]  # Hub ids to their local snapshot
     if not engine.quantize_skip:  # Ray's replicas load no --diff before their base: they take the skip from here
