@@ -378,6 +378,22 @@ def test_resume_with_no_steps_left_is_refused_and_changes_nothing(steps, train_f
     assert tree_bytes(out) == before
 
 
+def test_a_missing_or_empty_resume_or_masks_is_refused_before_anything_loads(train_file, tmp_path):
+    # Was: a missing checkpoint or mask file was named only after the model and the data had loaded; --resume ""
+    # started afresh, deleting the checkpoints it was to resume; --masks "" chose new entries without a word.
+    out = tmp_path / "run"
+    train_in_process(quick_config(train_file, out, steps=4, save_every=2))
+    before = tree_bytes(out)
+    cases = [(dict(resume=str(tmp_path / "nope")), r"nope: not a checkpoint directory \(state.json missing\)"),
+             (dict(resume=""), r"--resume is empty \(''\)"),
+             (dict(masks=str(tmp_path / "nope")), r"--masks .*nope: no such diff directory or mask file"),
+             (dict(masks=""), r"--masks is empty \(''\)")]
+    for overrides, message in cases:
+        with pytest.raises(ConfigError, match=message):  # no model passed: had one loaded, "tiny" would be refused
+            run_training(quick_config(train_file, out, steps=6, save_every=2, **overrides))
+    assert tree_bytes(out) == before
+
+
 def test_cli_summary_of_a_run_without_losses_does_not_crash(monkeypatch, capsys):
     """The CLI summary guards an empty loss list (as bench/worker.py does) instead of an IndexError."""
     import sparseft.training as training

@@ -91,10 +91,15 @@ def save_checkpoint(
     return path
 
 
-def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+def check_checkpoint_dir(path: str | os.PathLike) -> Path:
     path = Path(path)
     if not (path / "state.json").is_file():
         raise ConfigError(f"{path}: not a checkpoint directory (state.json missing)")
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    path = check_checkpoint_dir(path)
     state = read_json_file(path / "state.json", ConfigError)
     params = load_file(str(path / "trainable.safetensors"))
     tensors = load_file(str(path / "optimizer.safetensors"))

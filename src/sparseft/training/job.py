@@ -30,6 +30,7 @@ from ..quantize import add_deferred_correction, check_quantize_skip, quantize_ba
 from .checkpoint import (
     CHECKPOINTS_DIR,
     Checkpoint,
+    check_checkpoint_dir,
     check_resumable,
     latest_checkpoint,
     load_checkpoint,
@@ -93,6 +94,8 @@ def run_training(
     # run's, which passes as a replaceable output): it is replaced whole.
     out = check_out_dir(cfg.out, inputs=[cfg.data, cfg.model, cfg.masks])
     existing_data(cfg.data)  # before the model loads: a typo is reported at once
+    check_masks_path(cfg.masks)
+    settle_resume(cfg, out)
     dist = setup_distributed(cfg.device)
     try:
         if model is None:
@@ -102,7 +105,7 @@ def run_training(
         examples = load_examples(cfg.data, tokenizer, cfg.max_length, cfg.truncation)
         info = run_info(cfg, dist.world_size)
         total_steps = steps_for(cfg, len(examples), dist.world_size)
-        ckpt = resume_checkpoint(cfg, out, info, total_steps)
+        ckpt = resume_checkpoint(cfg, info, total_steps)
         torch.manual_seed(cfg.seed)
         model.to(dist.device)  # before selection, so data scorers run on the accelerator
         if cfg.quantize_skip:
@@ -179,16 +182,40 @@ def run_info(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     return {**{k: values[k] for k in fields}, "world_size": world_size, "data_sha256": data_sha256(cfg.data)}
 
 
-def resume_checkpoint(cfg: TrainConfig, out: Path, info: dict[str, Any], total_steps: int) -> Checkpoint | None:
-    """The checkpoint to continue from (None for a fresh run), refused unless this run may continue it:
-    same settings, and steps left to train (else the checkpoint would be published as the final result)."""
-    if not cfg.resume:
-        return None
+def given_input(path: str, flag: str, what: str) -> Path:
+    """``path`` as a Path, refused when empty (an unset shell variable): Path("") is the working directory."""
+    if not path.strip():
+        raise ConfigError(f"{flag} is empty ({path!r}); give {what}")
+    return Path(path)
+
+
+def check_masks_path(masks: str | None) -> None:
+    """Before the model loads: a missing --masks was named only after the model and the data had loaded, and an
+    empty one chose new entries instead, without a word."""
+    if masks is not None and not given_input(masks, "--masks", "a diff directory or a mask file").exists():
+        raise ConfigError(f"--masks {masks}: no such diff directory or mask file")
+
+
+def settle_resume(cfg: TrainConfig, out: Path) -> None:
+    """Set ``cfg.resume`` to the checkpoint directory it names, checked before the model loads: a missing one was
+    named only after the model and the data had loaded, and an empty one started afresh, deleting the checkpoints
+    in ``out`` that were to be resumed."""
+    if cfg.resume is None:
+        return
+    given_input(cfg.resume, "--resume", "a checkpoint directory, or no value for the newest under --out")
     recover_dir(out)  # a crash between publish's two renames left out/ set aside
     path = latest_checkpoint(out) if cfg.resume == "latest" else Path(cfg.resume)
     if path is None:
         raise ConfigError(f"--resume latest: no checkpoint under {out / CHECKPOINTS_DIR}")
-    cfg.resume = str(path)
+    cfg.resume = str(check_checkpoint_dir(path))
+
+
+def resume_checkpoint(cfg: TrainConfig, info: dict[str, Any], total_steps: int) -> Checkpoint | None:
+    """The checkpoint ``settle_resume`` found (None for a fresh run), refused unless this run may continue it:
+    same settings, and steps left to train (else the checkpoint would be published as the final result)."""
+    if not cfg.resume:
+        return None
+    path = Path(cfg.resume)
     ckpt = load_checkpoint(path)
     check_resumable(ckpt, info, str(path))
     if ckpt.step >= total_steps:
