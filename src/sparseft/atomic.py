@@ -116,11 +116,13 @@ def check_out_file(
     return path
 
 
-def given_path(path: str | os.PathLike, flag: str) -> Path:
+def given_path(
+    path: str | os.PathLike, flag: str, what: str = "the path to write (use . for the working directory)",
+) -> Path:
     """``path`` as a Path, refused when empty: Path("") is the working directory, which an unset shell variable
-    (``--out "$OUT"``) would then have replaced whole."""
+    (``--out "$OUT"``) would then have replaced whole, or taken as an input it is not. ``what``: what to give."""
     if not os.fspath(path).strip():
-        raise ConfigError(f"{flag} is empty ({os.fspath(path)!r}); give the path to write (use . for the working directory)")
+        raise ConfigError(f"{flag} is empty ({os.fspath(path)!r}); give {what}")
     return Path(path)
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
-from ..atomic import atomic_dir, atomic_file, check_out_dir, link_into, recover_dir, remove_leftovers
+from ..atomic import atomic_dir, atomic_file, check_out_dir, given_path, link_into, recover_dir, remove_leftovers
 from ..diffio import CONFIG_NAME as DIFF_CONFIG_NAME
 from ..errors import ConfigError
 from ..files import existing_data
@@ -182,17 +182,10 @@ def run_info(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     return {**{k: values[k] for k in fields}, "world_size": world_size, "data_sha256": data_sha256(cfg.data)}
 
 
-def given_input(path: str, flag: str, what: str) -> Path:
-    """``path`` as a Path, refused when empty (an unset shell variable): Path("") is the working directory."""
-    if not path.strip():
-        raise ConfigError(f"{flag} is empty ({path!r}); give {what}")
-    return Path(path)
-
-
 def check_masks_path(masks: str | None) -> None:
     """Before the model loads: a missing --masks was named only after the model and the data had loaded, and an
     empty one chose new entries instead, without a word."""
-    if masks is not None and not given_input(masks, "--masks", "a diff directory or a mask file").exists():
+    if masks is not None and not given_path(masks, "--masks", "a diff directory or a mask file").exists():
         raise ConfigError(f"--masks {masks}: no such diff directory or mask file")
 
 
@@ -202,7 +195,7 @@ def settle_resume(cfg: TrainConfig, out: Path) -> None:
     in ``out`` that were to be resumed."""
     if cfg.resume is None:
         return
-    given_input(cfg.resume, "--resume", "a checkpoint directory, or no value for the newest under --out")
+    given_path(cfg.resume, "--resume", "a checkpoint directory, or no value for the newest under --out")
     recover_dir(out)  # a crash between publish's two renames left out/ set aside
     path = latest_checkpoint(out) if cfg.resume == "latest" else Path(cfg.resume)
     if path is None:
