@@ -145,6 +145,26 @@ def test_an_empty_out_or_diff_path_is_refused_not_taken_as_the_working_directory
         assert "the diff path is empty ('')" in capsys.readouterr().err
 
 
+def test_a_missing_diff_is_bad_input_named_before_the_model_loads(tmp_path, capsys):
+    # Was: eval, serve and apply loaded the base and only then named the missing diff; verify printed
+    # 'FAIL config' and exited 1, as for a diff that fails a check. The model does not exist: had it been
+    # loaded first, the error would name it instead.
+    model, missing, data = str(tmp_path / "no-such-model"), tmp_path / "no-such-diff", tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"text": "a b", "label": "x"}) + "\n")
+    for argv in (["eval", "--task", "classification", "--data", str(data), "--diff", str(missing)],
+                 ["verify", "--diff", str(missing)],
+                 ["serve", "--diff", f"a={missing}"],
+                 ["apply", "--diff", str(missing), "--out", str(tmp_path / "merged")]):
+        assert main(argv + ["--model", model]) == 2
+        assert f"--diff {missing}: no such diff directory" in capsys.readouterr().err
+    not_a_diff = tmp_path / "empty"  # a directory, but neither a diff nor an adapter
+    not_a_diff.mkdir()
+    assert main(["eval", "--model", model, "--task", "classification", "--data", str(data),
+                 "--diff", str(not_a_diff)]) == 2
+    assert f"{not_a_diff}: not a sparse diff" in capsys.readouterr().err
+    assert not (tmp_path / "merged").exists()
+
+
 def test_apply_refuses_other_base_with_clear_error(trained_diff, tmp_path, capsys):
     _, path = trained_diff
     other = tmp_path / "other-base"

@@ -42,16 +42,17 @@ def attach_diff(model, path: str | os.PathLike | None, allow_unverified_base: bo
     return method.attach(model, path, allow_unverified_base=allow_unverified_base), method.name
 
 
-def check_quantize_applies(diff: str | os.PathLike | None, quantize: str | None) -> None:
-    """Refuse ``quantize`` for an artifact of a method that does not train over a quantized base (a LoRA
-    adapter): what bench rows and ``sparseft train`` refuse too. Checked before any model is loaded."""
+def check_artifact(diff: str | os.PathLike | None, quantize: str | None) -> None:
+    """Checked before any model is loaded: ``diff`` is an artifact of a known method (a directory of neither
+    kind was named only after the base had loaded), and ``quantize`` is refused for one of a method that does
+    not train over a quantized base (a LoRA adapter): what bench rows and ``sparseft train`` refuse too."""
+    method = detect_artifact(diff) if diff is not None else None
     if not quantize:
         return
     from .quantize import check_scheme, require_torchao
 
     check_scheme(quantize)
     require_torchao(quantize)
-    method = detect_artifact(diff) if diff is not None else None
     if method is not None and not method.quantizes_base:
         able = "/".join(name for name in training_methods() if get_method(name).quantizes_base)
         raise ConfigError(f"{diff}: quantize={quantize!r} (--quantize) applies to the base alone or a {able} diff "
@@ -129,7 +130,7 @@ def run_eval(
     limit = None if limit is None else positive_count("limit", limit)
     task = get_task(task_name) if isinstance(task_name, str) else task_name
     records = task.load(data, limit)  # bad data fails here, before time goes into loading the model
-    check_quantize_applies(diff, quantize)
+    check_artifact(diff, quantize)
     start = time.perf_counter()
     base = load_base(model_name, dtype, quantize, recorded_skip([diff], quantize))
     model, kind = attach_diff(base, diff, allow_unverified_base)

@@ -56,10 +56,13 @@ def resolve_task(args):
 
 
 def run(args) -> int:
+    from ..diffio import check_diff_dir
     from ..evaluate import format_result, run_eval
     from ..loading import check_device
 
     check_device(args.device, "--device")  # named as the flag, before the data or the model loads
+    if args.diff is not None:
+        check_diff_dir(args.diff)  # likewise: a missing --diff was named only after the base had loaded
     result = run_eval(
         args.model,
         resolve_task(args),

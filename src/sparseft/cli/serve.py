@@ -92,7 +92,7 @@ def run(args) -> int:
     from dataclasses import replace
 
     from ..atomic import check_dir_to_write_into
-    from ..diffio import recorded_skip
+    from ..diffio import check_diff_dir, recorded_skip
     from ..hub import resolve_diff
     from ..serve import ServeLimits, build_app
     from ..loading import check_device
@@ -103,6 +103,8 @@ def run(args) -> int:
         check_dir_to_write_into(args.registry, "--registry")  # "" put the registry in the working directory
     engine = engine_options(args)
     args.diff = [(name, str(resolve_diff(path))) for name, path in args.diff]  # Hub ids to their local snapshot
+    for _, path in args.diff:  # a missing one was named only after the base had loaded
+        check_diff_dir(path)
     if not engine.quantize_skip:  # Ray's replicas load no --diff before their base: they take the skip from here
         served = [path for _, path in args.diff] + stored_paths(args.registry)
         engine = replace(engine, quantize_skip=tuple(recorded_skip(served, args.quantize)))
