@@ -145,6 +145,25 @@ def test_an_empty_out_or_diff_path_is_refused_not_taken_as_the_working_directory
         assert "the diff path is empty ('')" in capsys.readouterr().err
 
 
+def test_an_empty_input_path_is_refused_naming_its_flag(trained_diff, tmp_path, capsys):
+    # Path("") is "."; an unset shell variable gave ". : no such data file" (eval --data), ". : results file not
+    # found" (report), ". : ... got no extension" (inspect --plot), and audit --probe / --repro-data fell back
+    # to the shipped probes / the recorded data without a word. The model does not exist: none may load.
+    _, diff = trained_diff
+    model = str(tmp_path / "no-such-model")
+    cases = [(["eval", "--model", model, "--task", "routing", "--data", ""], "--data is empty ('')"),
+             (["audit", "--model", model, "--diff", str(diff), "--probe", ""], "--probe is empty ('')"),
+             (["audit", "--model", model, "--diff", str(diff), "--repro-data", ""], "--repro-data is empty ('')"),
+             (["report", ""], "RESULTS.json is empty ('')")]
+    for argv, message in cases:
+        assert main(argv) == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["inspect", str(diff), "--plot", ""])
+    assert exit_info.value.code == 2
+    assert "argument --plot: the heat map path is empty ('')" in capsys.readouterr().err
+
+
 def test_a_missing_diff_is_bad_input_named_before_the_model_loads(tmp_path, capsys):
     # Was: eval, serve and apply loaded the base and only then named the missing diff; verify printed
     # 'FAIL config' and exited 1, as for a diff that fails a check. The model does not exist: had it been

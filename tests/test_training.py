@@ -380,11 +380,13 @@ def test_resume_with_no_steps_left_is_refused_and_changes_nothing(steps, train_f
 
 def test_a_missing_or_empty_resume_or_masks_is_refused_before_anything_loads(train_file, tmp_path):
     # Was: a missing checkpoint or mask file was named only after the model and the data had loaded; --resume ""
-    # started afresh, deleting the checkpoints it was to resume; --masks "" chose new entries without a word.
+    # started afresh, deleting the checkpoints it was to resume; --masks "" chose new entries without a word. A
+    # missing --resume then named the path but not the flag, and called it "not a checkpoint directory".
     out = tmp_path / "run"
     train_in_process(quick_config(train_file, out, steps=4, save_every=2))
     before = tree_bytes(out)
-    cases = [(dict(resume=str(tmp_path / "nope")), r"nope: not a checkpoint directory \(state.json missing\)"),
+    cases = [(dict(resume=str(tmp_path / "nope")), r"--resume .*nope: no such checkpoint directory"),
+             (dict(resume=str(tmp_path)), r"--resume .*: not a checkpoint directory \(state.json missing\)"),
              (dict(resume=""), r"--resume is empty \(''\)"),
              (dict(masks=str(tmp_path / "nope")), r"--masks .*nope: no such diff directory or mask file"),
              (dict(masks=""), r"--masks is empty \(''\)")]

@@ -10,6 +10,7 @@ from typing import Any, Iterable, Iterator
 
 import yaml
 
+from .atomic import given_path
 from .errors import ConfigError, DataFormatError
 
 
@@ -20,17 +21,18 @@ def existing_file(path: str | os.PathLike) -> Path:
     return path
 
 
-def existing_data(path: str | os.PathLike) -> Path | str:
+def existing_data(path: str | os.PathLike, flag: str = "--data") -> Path | str:
     """``path`` when a data file or datasets directory is there. Verbs call it before loading a model, so a
     typo is reported at once rather than after the model has loaded. A Hugging Face dataset name
-    (``hf:NAME[:CONFIG]:SPLIT``) passes as it is: it is checked when it loads."""
+    (``hf:NAME[:CONFIG]:SPLIT``) passes as it is: it is checked when it loads. ``flag``: what the error names.
+    An empty path is refused: as Path("") it is the working directory, which exists, so it passed here."""
     from .hfdata import is_dataset_spec
 
     if is_dataset_spec(path):
         return path
-    path = Path(path)
+    path = given_path(path, flag, what="a data file or a Hugging Face dataset hf:NAME[:CONFIG]:SPLIT")
     if not path.exists():
-        raise DataFormatError(f"{path}: no such data file")
+        raise DataFormatError(f"{flag} {path}: no such data file")
     return path
 
 

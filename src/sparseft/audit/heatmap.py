@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..atomic import file_in_the_way
+from ..atomic import file_in_the_way, given_path
 from ..errors import ConfigError
 from .inspection import sort_key
 
@@ -18,8 +18,8 @@ PLOT_FORMATS = ("png", "pdf", "svg")
 def check_plot_path(out: str | os.PathLike) -> Path:
     """``out`` as a Path a heat map can be written to: a supported extension, not a folder, and no file in
     the place of one of its parent folders. Checked before anything is computed or written."""
-    out = Path(out)
     formats = ", ".join(f".{f}" for f in PLOT_FORMATS)
+    out = given_path(out, "the heat map path", what=f"a file name ending {formats}")  # "" was read as "."
     if out.suffix.lower().lstrip(".") not in PLOT_FORMATS:
         got = f"'{out.suffix}'" if out.suffix else "no extension"
         raise ConfigError(f"{out}: a heat map is written as {formats}; got {got}")

@@ -47,9 +47,9 @@ def check_inputs(args) -> None:
     if args.out is not None:
         check_dir_to_write_into(args.out)
     read_diff(args.diff)
-    for path in (args.probe, args.repro_data):
-        if path:
-            existing_data(path)
+    for path, flag in ((args.probe, "--probe"), (args.repro_data, "--repro-data")):
+        if path is not None:  # "" too: it had fallen back to the shipped probes or the recorded data, unsaid
+            existing_data(path, flag)
     if args.repro:  # the recorded training config, read and checked now, not after the whole audit has run
         from ..audit.repro import rerun_values
 

@@ -58,9 +58,11 @@ def resolve_task(args):
 def run(args) -> int:
     from ..diffio import check_diff_dir
     from ..evaluate import format_result, run_eval
+    from ..files import existing_data
     from ..loading import check_device
 
     check_device(args.device, "--device")  # named as the flag, before the data or the model loads
+    existing_data(args.data)  # named as the flag too: the task's reader took "" for "." (". : no such data file")
     if args.diff is not None:
         check_diff_dir(args.diff)  # likewise: a missing --diff was named only after the base had loaded
     result = run_eval(

@@ -17,9 +17,10 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from ..atomic import check_out_file
+    from ..atomic import check_out_file, given_path
     from ..bench import write_report
 
+    given_path(args.results, "RESULTS.json", what="the results.json sparseft bench wrote")  # "" was read as "."
     # --out RESULTS.json had replaced the measurements with the page; a directory or "" failed with an errno or
     # fell back to the default.
     out = None if args.out is None else check_out_file(args.out, inputs=[args.results], example="report.md")

@@ -91,10 +91,14 @@ def save_checkpoint(
     return path
 
 
-def check_checkpoint_dir(path: str | os.PathLike) -> Path:
+def check_checkpoint_dir(path: str | os.PathLike, flag: str | None = None) -> Path:
+    """``path`` when it holds a checkpoint; ``flag``: the option that gave it, named in the error."""
     path = Path(path)
+    named = f"{flag} {path}" if flag else str(path)
+    if not path.is_dir():
+        raise ConfigError(f"{named}: no such checkpoint directory")
     if not (path / "state.json").is_file():
-        raise ConfigError(f"{path}: not a checkpoint directory (state.json missing)")
+        raise ConfigError(f"{named}: not a checkpoint directory (state.json missing)")
     return path
 
 

@@ -200,7 +200,7 @@ def settle_resume(cfg: TrainConfig, out: Path) -> None:
     path = latest_checkpoint(out) if cfg.resume == "latest" else Path(cfg.resume)
     if path is None:
         raise ConfigError(f"--resume latest: no checkpoint under {out / CHECKPOINTS_DIR}")
-    cfg.resume = str(check_checkpoint_dir(path))
+    cfg.resume = str(check_checkpoint_dir(path, "--resume"))
 
 
 def resume_checkpoint(cfg: TrainConfig, info: dict[str, Any], total_steps: int) -> Checkpoint | None:
