@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigError
 from .plots import CURVES_PNG, TENANTS, base_model_bytes, curve_series, write_plots
 from .results import (fmt_bytes, fmt_count, fmt_selection, machines_listing, ok_rows, read_results, row_label,
                       row_machines, row_trains)
@@ -567,17 +568,27 @@ def render_html(blocks: list[Block]) -> str:
             f"</head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
+def html_beside(md_path: Path) -> Path:
+    """Where the HTML page goes: beside the Markdown page, as ``.html``. A Markdown path that already ends so is
+    refused, since the HTML page would be written over the Markdown page just written there."""
+    if md_path.suffix.lower() == ".html":
+        raise ConfigError(f"--out {md_path}: with --html the HTML page takes this path with suffix .html, which "
+                          "would overwrite the Markdown page written here; give the Markdown page's path, "
+                          f"e.g. --out {md_path.with_suffix('.md')}")
+    return md_path.with_suffix(".html")
+
+
 def write_report(results_path: str | os.PathLike, out: str | os.PathLike | None = None, html_page: bool = False) -> list[Path]:
     """Write ``report.md`` (default: next to results.json) and, with ``html_page``, ``report.html``."""
     results_path = Path(results_path)
-    results = read_results(results_path)
     out_path = Path(out) if out else results_path.parent / "report.md"
+    html_path = html_beside(out_path) if html_page else None
+    results = read_results(results_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     blocks = build_report(results, results_path, out_path)
     out_path.write_text(render_markdown(blocks))
     written = [out_path]
-    if html_page:
-        html_path = out_path.with_suffix(".html")
+    if html_path is not None:
         html_path.write_text(render_html(blocks))
         written.append(html_path)
     return written
