@@ -126,6 +126,13 @@ def test_compose_and_select_refuse_to_write_over_their_inputs(trained_diff, tiny
     assert data.read_text() == '{"prompt": "a", "completion": "b"}\n'
 
 
+def test_select_names_missing_calibration_data_before_loading_the_model(tmp_path, capsys):
+    missing = tmp_path / "no-such.jsonl"
+    assert main(["select", "--model", str(tmp_path / "no-model"), "--scorer", "fisher", "--data", str(missing),
+                 "--out", str(tmp_path / "masks.safetensors")]) == 2
+    assert f"--data {missing}: no such data file" in capsys.readouterr().err
+
+
 def test_an_empty_out_or_diff_path_is_refused_not_taken_as_the_working_directory(
         trained_diff, tiny_model_dir, tmp_path, monkeypatch, capsys):
     # Path("") is "."; an unset shell variable (--out "$OUT") had an empty working directory replaced whole.

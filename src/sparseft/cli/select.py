@@ -56,6 +56,7 @@ def make_train_config(args):
 def run(args) -> int:
     from ..atomic import check_out_file
     from ..errors import ConfigError
+    from ..files import existing_data
     from ..loading import load_model, load_tokenizer, pad_token_id
     from ..selection import budget_report, format_budget_report, get_scorer, save_masks, select
     from ..targets import find_targets
@@ -68,6 +69,7 @@ def run(args) -> int:
     if get_scorer(cfg.scorer).needs_data_for(cfg.scorer_weights):
         if not args.data:
             raise ConfigError(f"scorer {cfg.scorer!r} needs calibration data; pass --data FILE")
+        existing_data(args.data)  # before the tokenizer and the model load, not after
         tokenizer = load_tokenizer(args.model)
         examples = load_examples(args.data, tokenizer, run_cfg.max_length, truncation=True)
         # The same first batches `sparseft train` calibrates on with the same seed and batch size.
