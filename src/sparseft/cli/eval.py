@@ -62,12 +62,13 @@ def run(args) -> int:
     from ..loading import check_device
 
     check_device(args.device, "--device")  # named as the flag, before the data or the model loads
+    task = resolve_task(args)  # flags that do not go together, before any file is looked at
     existing_data(args.data)  # named as the flag too: the task's reader took "" for "." (". : no such data file")
     if args.diff is not None:
         check_diff_dir(args.diff)  # likewise: a missing --diff was named only after the base had loaded
     result = run_eval(
         args.model,
-        resolve_task(args),
+        task,
         args.data,
         diff=args.diff,
         limit=args.limit,
