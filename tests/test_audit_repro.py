@@ -1,6 +1,7 @@
 """audit --repro: re-running a diff's recorded training on CPU gives the same bytes, or says where not."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 
 from conftest import make_tiny_llama, make_tiny_tokenizer
 from sparseft import SparseConfig, get_sparse_model
-from sparseft.audit.repro import reproduce
+from sparseft.audit.repro import reproduce, rerun_values
 from sparseft.cli import main
 from sparseft.diffio import read_diff, write_diff
 from sparseft.errors import NotReproducibleError
@@ -117,6 +118,16 @@ def test_a_mistyped_training_record_names_where_it_is_recorded(trained, tmp_path
         run = edit_record(run, tmp_path, yaml_text=record)
     with pytest.raises(NotReproducibleError, match=match):
         reproduce(run)  # the recorded data path, as the audit takes it without --repro-data
+
+
+def test_recorded_masks_that_are_gone_are_named_before_the_rerun(trained, tmp_path):
+    # Was train's "--masks X: no such diff directory or mask file", a flag the audit's user never gave.
+    _, _, run, _ = trained
+    recorded = json.loads((run / "sparse_config.json").read_text())["provenance"]["train_config"]
+    gone = str(tmp_path / "moved-away")
+    run = edit_record(run, tmp_path, train_config={**recorded, "masks": gone})
+    with pytest.raises(NotReproducibleError, match=rf"train_config: the recorded masks '{re.escape(gone)}' are not"):
+        rerun_values(run)
 
 
 def test_a_hand_edited_data_hash_is_named_not_reported_as_changed_data(trained, tmp_path):

@@ -901,6 +901,20 @@ def test_report_refuses_an_out_that_is_its_results_a_directory_or_empty(tmp_path
     assert path.read_bytes() == before and list(tmp_path.iterdir()) == [path]
 
 
+def test_write_report_refuses_its_own_results_or_a_directory_as_a_page(tmp_path):
+    # The check was the CLI's alone: a library call write_report(p, p) replaced the measurements.
+    from sparseft.bench import write_report
+
+    path = write_results(synthetic_results(), tmp_path / "results.json")
+    before = path.read_bytes()
+    with pytest.raises(ConfigError, match="an input of this command"):
+        write_report(path, path)
+    (tmp_path / "page.html").mkdir()
+    with pytest.raises(ConfigError, match=f"--out {tmp_path / 'page.html'}: is a directory"):
+        write_report(path, tmp_path / "page.md", html_page=True)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["page.html", "results.json"]
+
+
 def test_report_names_rows_the_grid_never_reached(tmp_path):
     results = synthetic_results()
     results["config"]["runs"] = [{"id": r["id"]} for r in results["rows"][1:]] + [{"id": "sp-late"}]

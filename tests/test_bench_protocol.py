@@ -128,6 +128,17 @@ def test_a_protocol_config_whose_rows_of_one_method_train_over_different_bases_i
     require_protocol(protocol_config(runs=one_base_each), "validation")  # bases differing across methods: allowed
 
 
+def test_a_stage_refuses_an_out_it_cannot_write_before_it_builds_the_tiny_model(tmp_path, monkeypatch):
+    # run_stage("") built tiny-model/ in the working directory before run_grid's own check refused the stage folder.
+    monkeypatch.chdir(tmp_path)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for out, message in (("", r"--out is empty \(''\)"), (str(blocker), "is a file; expected a directory")):
+        with pytest.raises(ConfigError, match=message):
+            run_stage(protocol_config(), "validation", out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
 def validation_results(values: dict[str, float], failed: tuple[str, ...] = ()) -> dict:
     methods = {"full": "full", "lora-matched": "lora"}
     rows = [{"id": row_id, "method": methods.get(row_id, "sparse"), "status": "failed" if row_id in failed else "ok",

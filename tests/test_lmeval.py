@@ -167,12 +167,17 @@ def test_a_diff_model_arg_read_as_a_number_is_refused_by_name_before_loading(bas
         SparseFTLM(pretrained=str(base_dir), diff=123, device="cpu")
 
 
-def test_no_diff_model_arg_scores_the_base_and_says_so(base_dir, caplog):
+def test_no_diff_model_arg_scores_the_base_and_says_so(base_dir, diff_dir, caplog):
     from sparseft.lmeval import SparseFTLM
 
+    warning = "model_args has no diff=: scoring the base model alone"
     with caplog.at_level("WARNING", logger="sparseft.lmeval"):
         SparseFTLM(pretrained=str(base_dir), device="cpu")
-    assert caplog.messages[-1].endswith("model_args has no diff=: scoring the base model alone")
+    assert any(m.endswith(warning) for m in caplog.messages)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sparseft.lmeval"):
+        SparseFTLM(pretrained=str(base_dir), diff=str(diff_dir), device="cpu")
+    assert not any(warning in m for m in caplog.messages)
 
 
 def test_the_command_line_reports_a_sparseft_error_in_one_line(base_dir, local_task, tmp_path, monkeypatch, capsys):

@@ -281,18 +281,18 @@ def diff_file(path: Path, name: str) -> Path:
     return file
 
 
-def check_diff_dir(path: str | os.PathLike, flag: str = "--diff") -> Path:
-    """``path`` when a directory is there. Commands that load a base model check it first: a missing diff was
-    named only after the model had loaded (and by verify as a failed check, exit 1, rather than as bad input)."""
+def check_diff_dir(path: str | os.PathLike, flag: str | None = "--diff") -> Path:
+    """``path`` when a directory is there; ``flag``, the option that gave it, is named in the error. Commands
+    that load a base model check it first: a missing diff was named only after the model had loaded (and by
+    verify as a failed check, exit 1, rather than as bad input)."""
     if not Path(path).is_dir():
-        raise DiffNotFoundError(f"{flag} {path}: no such diff directory")
+        raise DiffNotFoundError(f"{f'{flag} ' if flag else ''}{path}: no such diff directory")
     return Path(path)
 
 
 def read_config(path: Path) -> dict[str, Any]:
     """``sparse_config.json`` parsed, with every field a later step reads checked for presence and type."""
-    if not path.is_dir():
-        raise DiffNotFoundError(f"{path}: no such diff directory")
+    check_diff_dir(path, flag=None)
     cfg_path = diff_file(path, CONFIG_NAME)
     if not cfg_path.is_file():
         raise DiffNotFoundError(f"{cfg_path}: missing; a diff directory holds {CONFIG_NAME} and {DELTA_NAME}")

@@ -60,6 +60,9 @@ def rerun_values(diff_path: str | os.PathLike, model: str | None = None, data: s
         raise NotReproducibleError(f"{source}: {e}") from e
     if not values["data"] or not Path(values["data"]).exists():
         raise NotReproducibleError(f"{diff_path}: the training data {values['data']!r} is not available here; pass it")
+    masks = values.get("masks")
+    if masks and not Path(masks).exists():  # else named as train's --masks, after the whole audit had run
+        raise NotReproducibleError(f"{source}: the recorded masks {masks!r} are not available here")
     check_recorded_data_sha256(diff_path)
     return values
 

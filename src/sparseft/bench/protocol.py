@@ -25,10 +25,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..atomic import check_dir_to_write_into
 from ..errors import ConfigError
 from ..methods import get_method
 from .config import BenchConfig
-from .grid import RESULTS_NAME, run_grid, save
+from .grid import RESULTS_NAME, check_grid_out, run_grid, save
 from .stats import CONFIDENCE, mean_std, paired_bootstrap, seed_averaged
 
 STAGES = ("validation", "test")
@@ -134,6 +135,7 @@ def run_stage(
     """Run one stage of ``cfg`` into ``out/<stage>``; returns its results (also in ``results.json``).
     ``resume`` and ``any_machine`` as for ``run_grid``."""
     require_protocol(cfg, stage)
+    check_grid_out(cfg, stage_dir(check_dir_to_write_into(out, "--out"), stage))  # before the tiny model is built
     cfg = with_shared_tiny_model(cfg, Path(out))
     if stage == "validation":
         protocol = {"stage": "validation", "validation_task": cfg.validation_task, "validation_data": cfg.validation_data}

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..atomic import check_out_file
 from ..errors import ConfigError
 from .plots import CURVES_PNG, TENANTS, base_model_bytes, curve_series, write_plots
 from .results import (fmt_bytes, fmt_count, fmt_selection, machines_listing, ok_rows, read_results, row_label,
@@ -581,8 +582,10 @@ def html_beside(md_path: Path) -> Path:
 def write_report(results_path: str | os.PathLike, out: str | os.PathLike | None = None, html_page: bool = False) -> list[Path]:
     """Write ``report.md`` (default: next to results.json) and, with ``html_page``, ``report.html``."""
     results_path = Path(results_path)
-    out_path = Path(out) if out else results_path.parent / "report.md"
-    html_path = html_beside(out_path) if html_page else None
+    # --out RESULTS.json had replaced the measurements with the page; a directory failed with an errno.
+    out_path = results_path.parent / "report.md" if out is None else check_out_file(
+        out, inputs=[results_path], example="report.md")
+    html_path = check_out_file(html_beside(out_path), inputs=[results_path]) if html_page else None
     results = read_results(results_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     blocks = build_report(results, results_path, out_path)

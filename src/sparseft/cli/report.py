@@ -17,13 +17,10 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from ..atomic import check_out_file, given_path
+    from ..atomic import given_path
     from ..bench import write_report
 
     given_path(args.results, "RESULTS.json", what="the results.json sparseft bench wrote")  # "" was read as "."
-    # --out RESULTS.json had replaced the measurements with the page; a directory or "" failed with an errno or
-    # fell back to the default.
-    out = None if args.out is None else check_out_file(args.out, inputs=[args.results], example="report.md")
-    for path in write_report(args.results, out, html_page=args.html):
+    for path in write_report(args.results, args.out, html_page=args.html):  # which checks --out first
         print(f"wrote {path}")
     return 0
