@@ -960,15 +960,18 @@ def test_report_cli_writes_markdown_and_html(tmp_path, capsys):
     assert (tmp_path / "plots" / "storage_tenants.png").read_bytes()[:8] == PNG_MAGIC
 
 
-def test_report_refuses_an_html_out_with_html_as_both_pages_would_go_there(tmp_path, capsys):
-    # Was: --out page.html --html wrote the Markdown page there and then the HTML page over it: no Markdown left.
+@pytest.mark.parametrize("flags", [["--html"], []])
+def test_report_refuses_an_html_out_as_the_markdown_page_goes_there(tmp_path, capsys, flags):
+    # Was: --out page.html wrote Markdown into page.html; with --html the HTML page then overwrote it.
     path = write_results(synthetic_results(), tmp_path / "results.json")
     out = tmp_path / "page.html"
-    assert main(["report", str(path), "--out", str(out), "--html"]) == 2
-    assert f"--out {out}: with --html the HTML page takes this path" in capsys.readouterr().err
+    assert main(["report", str(path), "--out", str(out), *flags]) == 2
+    assert f"--out {out}: --out takes the Markdown page; give a .md path, e.g. --out {tmp_path / 'page.md'}" in (
+        capsys.readouterr().err)
     assert list(tmp_path.iterdir()) == [path]
-    assert main(["report", str(path), "--out", str(tmp_path / "page.md"), "--html"]) == 0
-    assert (tmp_path / "page.md").read_text().startswith("#") and (tmp_path / "page.html").is_file()
+    assert main(["report", str(path), "--out", str(tmp_path / "page.md"), *flags]) == 0
+    assert (tmp_path / "page.md").read_text().startswith("#")
+    assert (tmp_path / "page.html").is_file() == bool(flags)
 
 
 def test_report_rejects_a_broken_results_file(tmp_path, capsys):

@@ -569,23 +569,23 @@ def render_html(blocks: list[Block]) -> str:
             f"</head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
-def html_beside(md_path: Path) -> Path:
-    """Where the HTML page goes: beside the Markdown page, as ``.html``. A Markdown path that already ends so is
-    refused, since the HTML page would be written over the Markdown page just written there."""
-    if md_path.suffix.lower() == ".html":
-        raise ConfigError(f"--out {md_path}: with --html the HTML page takes this path with suffix .html, which "
-                          "would overwrite the Markdown page written here; give the Markdown page's path, "
-                          f"e.g. --out {md_path.with_suffix('.md')}")
-    return md_path.with_suffix(".html")
+def markdown_out(out: str | os.PathLike, results_path: Path) -> Path:
+    """``out`` when it can take the Markdown page. An HTML path is refused: the page written there would be
+    Markdown (without --html), or the HTML page beside it would overwrite it (with --html)."""
+    out_path = check_out_file(out, inputs=[results_path], example="report.md")
+    if out_path.suffix.lower() in (".html", ".htm"):
+        raise ConfigError(f"--out {out_path}: --out takes the Markdown page; give a .md path, e.g. --out "
+                          f"{out_path.with_suffix('.md')}, and add --html for an HTML page beside it "
+                          f"({out_path.with_suffix('.html')})")
+    return out_path
 
 
 def write_report(results_path: str | os.PathLike, out: str | os.PathLike | None = None, html_page: bool = False) -> list[Path]:
     """Write ``report.md`` (default: next to results.json) and, with ``html_page``, ``report.html``."""
     results_path = Path(results_path)
     # --out RESULTS.json had replaced the measurements with the page; a directory failed with an errno.
-    out_path = results_path.parent / "report.md" if out is None else check_out_file(
-        out, inputs=[results_path], example="report.md")
-    html_path = check_out_file(html_beside(out_path), inputs=[results_path]) if html_page else None
+    out_path = results_path.parent / "report.md" if out is None else markdown_out(out, results_path)
+    html_path = check_out_file(out_path.with_suffix(".html"), inputs=[results_path]) if html_page else None
     results = read_results(results_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     blocks = build_report(results, results_path, out_path)

@@ -11,8 +11,9 @@ def add_parser(sub):
         "an HTML page) comparing sparse, LoRA and full fine-tuning; every figure cites its row id.",
     )
     p.add_argument("results", metavar="RESULTS.json", help="results.json written by sparseft bench")
-    p.add_argument("--out", default=None, metavar="report.md", help="where to write (default: next to RESULTS.json)")
-    p.add_argument("--html", action="store_true", help="also write an HTML page next to the Markdown")
+    p.add_argument("--out", default=None, metavar="report.md", help="where to write the Markdown page, a .md path (default: report.md next to RESULTS.json)")
+    p.add_argument("--html", action="store_true",
+                   help="also write an HTML page beside the Markdown page, with suffix .html")
     return p
 
 
