@@ -183,6 +183,12 @@ def test_a_missing_diff_is_bad_input_named_before_the_model_loads(tmp_path, caps
                  ["apply", "--diff", str(missing), "--out", str(tmp_path / "merged")]):
         assert main(argv + ["--model", model]) == 2
         assert f"--diff {missing}: no such diff directory" in capsys.readouterr().err
+    assert main(["audit", "--diff", str(missing), "--model", model, "--out", str(tmp_path / "audit")]) == 2
+    assert f"--diff {missing}: no such diff directory" in capsys.readouterr().err
+    for argv in (["inspect", str(missing)], ["export", "--to", "peft", str(missing), str(tmp_path / "adapter")]):
+        assert main(argv) == 2  # a positional diff: its path is named
+        assert f"error: {missing}: no such diff directory" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]  # nothing written
     not_a_diff = tmp_path / "empty"  # a directory, but neither a diff nor an adapter
     not_a_diff.mkdir()
     assert main(["eval", "--model", model, "--task", "classification", "--data", str(data),

@@ -12,6 +12,7 @@ import importlib
 import keyword
 import sys
 
+from ..diffio import check_diff_dir
 from ..errors import SparseFTError
 from ..hub import resolve_diff
 
@@ -37,15 +38,25 @@ def build_parser() -> argparse.ArgumentParser:
     for verb in VERBS:
         module = importlib.import_module(f"{__name__}.{module_name(verb)}")
         sub_parser = module.add_parser(sub)
-        sub_parser.set_defaults(handler=module.run)
+        sub_parser.set_defaults(handler=module.run, diff_flag=diff_flag(sub_parser))
     return parser
+
+
+def diff_flag(parser: argparse.ArgumentParser) -> str | None:
+    """The option that gives a verb its one diff (``--diff``), named in the error when it is missing; None
+    when the diff is positional (inspect DIR, export DIFF OUT), whose path alone is named."""
+    for action in parser._actions:
+        if action.dest == "diff" and action.option_strings:
+            return action.option_strings[-1]
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if isinstance(getattr(args, "diff", None), str):  # --diff / DIFF: a directory or a Hub id org/name[@rev]
-            args.diff_given, args.diff = args.diff, str(resolve_diff(args.diff))
+            # Checked here, before any verb loads a base model: a missing diff was named only after the load.
+            args.diff_given, args.diff = args.diff, str(check_diff_dir(resolve_diff(args.diff), args.diff_flag))
         return int(args.handler(args) or 0)
     except SparseFTError as e:
         print(f"sparseft {args.verb}: error: {e}", file=sys.stderr)

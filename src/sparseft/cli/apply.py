@@ -28,12 +28,11 @@ def add_parser(sub):
 
 def run(args) -> int:
     from ..atomic import check_out_dir
-    from ..diffio import check_diff_dir, recorded_skip
+    from ..diffio import recorded_skip
     from ..loading import load_tokenizer, save_model_dir
     from ..methods.registry import load_base
     from ..model import SparseModel
 
-    check_diff_dir(args.diff)  # before the base loads: a missing --diff was named only after it had
     check_out_dir(args.out, inputs=[args.diff, args.model])  # replacing either would lose it
     # Quantized as in training, so the diff's fingerprint (taken over the codes) is checked before any merge.
     base = load_base(args.model, args.dtype, args.quantize, recorded_skip([args.diff], args.quantize))

@@ -56,7 +56,6 @@ def resolve_task(args):
 
 
 def run(args) -> int:
-    from ..diffio import check_diff_dir
     from ..evaluate import format_result, run_eval
     from ..files import existing_data
     from ..loading import check_device
@@ -64,8 +63,6 @@ def run(args) -> int:
     check_device(args.device, "--device")  # named as the flag, before the data or the model loads
     task = resolve_task(args)  # flags that do not go together, before any file is looked at
     existing_data(args.data)  # named as the flag too: the task's reader took "" for "." (". : no such data file")
-    if args.diff is not None:
-        check_diff_dir(args.diff)  # likewise: a missing --diff was named only after the base had loaded
     result = run_eval(
         args.model,
         task,

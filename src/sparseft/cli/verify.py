@@ -25,14 +25,13 @@ def add_parser(sub):
 
 def run(args) -> int:
     from ..audit.verify import failed, format_verification, results_json, verify_diff
-    from ..diffio import check_diff_dir, recorded_skip
+    from ..diffio import recorded_skip
     from ..errors import ConfigError
     from ..methods.registry import load_base
 
     if args.quantize and not args.model:
         raise ConfigError("--quantize quantizes the base model: give it with --model (without it only the "
                           "integrity checks run)")
-    check_diff_dir(args.diff)  # no diff at all is bad input (2), not a failed check (1), and is named before the model loads
     skip = recorded_skip([args.diff], args.quantize)
     model = load_base(args.model, args.dtype, args.quantize, skip) if args.model else None
     results = verify_diff(args.diff, model)
