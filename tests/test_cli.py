@@ -86,6 +86,24 @@ def test_outputs_replace_only_what_sparseft_wrote(trained_diff, tiny_model_dir, 
     assert data.read_text() == "{}\n"
 
 
+def test_a_command_that_adds_files_to_a_directory_refuses_a_diff_or_a_model(trained_diff, tiny_model_dir, capsys):
+    # bench --out, serve --registry, audit --out and demo --out add their files to the directory given; a diff or a
+    # model given there had kept working but held files not its own (a Hub upload of it carried them).
+    _, diff = trained_diff
+    before = {d: sorted(p.name for p in d.iterdir()) for d in (diff, tiny_model_dir)}
+    cases = [(["bench", "examples/bench/tiny.yaml", "--out", str(diff)], f"--out {diff}: holds sparse_config.json"),
+             (["serve", "--model", str(tiny_model_dir), "--registry", str(tiny_model_dir)],
+              f"--registry {tiny_model_dir}: holds config.json"),
+             (["audit", "--model", str(tiny_model_dir), "--diff", str(diff), "--out", str(diff)],
+              f"--out {diff}: holds sparse_config.json"),
+             (["demo", "--model", str(tiny_model_dir), "--out", str(tiny_model_dir)],
+              f"--out {tiny_model_dir}: holds config.json")]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        assert message in capsys.readouterr().err
+    assert {d: sorted(p.name for p in d.iterdir()) for d in (diff, tiny_model_dir)} == before
+
+
 def test_apply_over_its_own_diff_or_base_is_refused_and_keeps_them(trained_diff, tiny_model_dir, tmp_path, capsys):
     # A diff directory, or a model apply merged earlier, holds marker files that let it pass as an earlier output.
     _, path = trained_diff

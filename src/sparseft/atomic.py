@@ -26,6 +26,8 @@ from .errors import AtomicReplaceError, ConfigError
 MERGE_RECORD = "sparseft_merge.json"  # beside a model `sparseft apply` merged: its base and diff
 OUTPUT_MARKERS = ("sparse_config.json", "train_config.yaml", "metrics.jsonl", "checkpoints", "adapter_config.json",
                   MERGE_RECORD)
+# ... and by which a directory shows it is one artifact, whoever wrote it: a model has config.json.
+ARTIFACT_FILES = OUTPUT_MARKERS + ("config.json",)
 
 
 def umask() -> int:
@@ -68,7 +70,7 @@ def check_out_dir(
     (``OUTPUT_MARKERS``). Anything else would be replaced whole (``replace_dir``), so it is refused: a model
     directory given as ``--out`` by mistake, a data file, a folder of the user's own. So is a path that is, or
     holds, one of the command's ``inputs`` (None and paths that do not exist, such as model aliases, are skipped)."""
-    path = check_dir_to_write_into(path, flag)
+    path = check_dir_path(path, flag)
     if path.is_dir():
         held = sorted(p.name for p in path.iterdir())
         if held and not any(name in held for name in OUTPUT_MARKERS):
@@ -80,7 +82,20 @@ def check_out_dir(
 
 
 def check_dir_to_write_into(path: str | os.PathLike, flag: str = "--out") -> Path:
-    """``path`` when files can be written into it: a directory, or a path where one can be made."""
+    """``path`` when a command may add its files to it (a grid's results, a registry, an audit report): a
+    directory that is not itself one artifact, or a path where one can be made. A diff, adapter, training run or
+    model given there by mistake would keep working but hold files that are not its own (a Hub upload of it
+    would carry them)."""
+    path = check_dir_path(path, flag)
+    held = [name for name in ARTIFACT_FILES if os.path.lexists(path / name)] if path.is_dir() else []
+    if held:
+        raise ConfigError(f"{flag} {path}: holds {held[0]}, so it is a diff, adapter, training run or model; "
+                          "this command's files would mix with it: give a directory of their own")
+    return path
+
+
+def check_dir_path(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """``path`` when it is a directory, or a path where one can be made."""
     path = given_path(path, flag)
     check_creatable(path, flag)
     if os.path.lexists(path) and not path.is_dir():
