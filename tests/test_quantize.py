@@ -2,6 +2,8 @@
 reloads onto the same quantized base with the same outputs, and onto no other base."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -622,3 +624,15 @@ def test_a_skip_pattern_that_names_no_layer_stops_the_run_before_selection(train
 def test_bad_quantize_skip_settings_are_refused(overrides, message, tmp_path):
     with pytest.raises(ConfigError, match=message):
         quick_config(tmp_path / "train.jsonl", tmp_path / "out", **overrides)
+
+
+def test_importing_sparseft_and_peft_prints_none_of_torchaos_import_noise():
+    # torchao logs failed CUDA kernel loads and a pytree deprecation on import (peft imports it too);
+    # sparseft drops exactly those records, and a different warning of the same logger still shows.
+    code = ("import logging, sparseft, peft, torchao; "
+            "logging.getLogger('torchao').warning('a warning that must still show')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Failed to load" not in done.stderr
+    assert "Enum subclass" not in done.stderr
+    assert "a warning that must still show" in done.stderr
