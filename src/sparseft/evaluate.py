@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -59,6 +61,17 @@ def check_artifact(diff: str | os.PathLike | None, quantize: str | None) -> None
                           f"trained over that quantized base, not a {method.name} {method.artifact_kind}")
 
 
+@contextmanager
+def eval_mode(model) -> Iterator[None]:
+    """``model`` in eval mode (no dropout) inside the block, and back in the mode it had after it."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 def evaluate(
     model,
     tokenizer,
@@ -82,12 +95,8 @@ def evaluate_records(
 ) -> tuple[dict[str, float], int, float]:
     """Like ``evaluate`` for records already loaded with ``task.load``."""
     start = time.perf_counter()
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         metrics = task.evaluate(model, tokenizer, records, batch_size=batch_size, progress=progress)
-    finally:
-        model.train(was_training)
     return metrics, len(records), time.perf_counter() - start
 
 
@@ -97,12 +106,8 @@ def evaluate_records_detailed(
     """Like ``evaluate_records``, plus each example's score per metric (``Task.evaluate_detailed``),
     which paired comparisons between models (``sparseft.bench.stats``) need."""
     start = time.perf_counter()
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         metrics, per_example = task.evaluate_detailed(model, tokenizer, records, batch_size=batch_size, progress=progress)
-    finally:
-        model.train(was_training)
     return metrics, per_example, len(records), time.perf_counter() - start
 
 

@@ -188,14 +188,9 @@ class ValidationCurve:
 
         from ..evaluate import evaluate_records_detailed
 
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad(), torch.random.fork_rng(devices=self.cuda_devices):
-                metrics, _, _, _ = evaluate_records_detailed(
-                    model, self.tokenizer, self.task, self.records, batch_size=self.batch_size, progress=False)
-        finally:
-            model.train(was_training)
+        with torch.no_grad(), torch.random.fork_rng(devices=self.cuda_devices):  # evaluation restores train mode
+            metrics, _, _, _ = evaluate_records_detailed(
+                model, self.tokenizer, self.task, self.records, batch_size=self.batch_size, progress=False)
         return metrics
 
     def row_fields(self, wall_s: float) -> dict[str, Any]:
