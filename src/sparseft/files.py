@@ -80,8 +80,10 @@ def text_field(obj: dict[str, Any], field: str, where: str) -> str:
     return value
 
 
-def take(records: list, limit: int | None) -> list:
-    """The first ``limit`` records (all when ``limit`` is None)."""
+def take(records: list, limit: int | None, path: str | os.PathLike, what: str = "examples") -> list:
+    """The first ``limit`` records (all when ``limit`` is None) read from ``path``; none is an error there."""
+    if not records:
+        raise DataFormatError(f"{path}: no {what}")
     if limit is not None and limit < 1:
         raise ConfigError(f"limit must be a positive number of examples, got {limit}")
     return records if limit is None else records[:limit]

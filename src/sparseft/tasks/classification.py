@@ -97,9 +97,7 @@ class ClassificationTask(Task):
         records = self.reader(path, self.labels)
         if self.split is not None:
             records = self.split.apply(records)
-        if not records:
-            raise DataFormatError(f"{path}: no examples")
-        return take(records, limit)
+        return take(records, limit, path)
 
     def instruction(self, record):
         return self.template.format(**record, labels=", ".join(self.labels))

@@ -150,9 +150,7 @@ class QATask(Task):
 
     def load(self, path, limit=None):
         records = read_squad_json(path, self.articles)
-        if not records:
-            raise DataFormatError(f"{path}: no questions (articles={self.articles})")
-        return take(records, limit)
+        return take(records, limit, path, f"questions (articles={self.articles})")
 
     def instruction(self, record):
         return self.template.format(**record)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import DataFormatError
 from .base import RowSplit, Task, encode_prompt
 from ..files import read_objects, take, text_field
 from .inference import generate_texts
@@ -56,9 +55,7 @@ class SummarizationTask(Task):
         records = read_dialogue_jsonl(path)
         if self.split is not None:
             records = self.split.apply(records)
-        if not records:
-            raise DataFormatError(f"{path}: no dialogues")
-        return take(records, limit)
+        return take(records, limit, path, "dialogues")
 
     def instruction(self, record):
         return self.template.format(**record)

@@ -99,9 +99,7 @@ class FileClassificationTask(ClassificationTask):
             if label not in self.labels:
                 raise DataFormatError(f"{where}: field {self.label_field!r} is {label!r}; expected one of {self.labels}")
             records.append({**record, "label": self.labels.index(label)})
-        if not records:
-            raise DataFormatError(f"{path}: no examples")
-        return take(records, limit)
+        return take(records, limit, path)
 
 
 @dataclass
@@ -122,9 +120,7 @@ class FileQATask(QATask):
                     f"got {obj.get(self.answer_field)!r:.60}"
                 )
             records.append({**read_fields(obj, self.text_fields, where), "answers": [a for a in answers if a.strip()]})
-        if not records:
-            raise DataFormatError(f"{path}: no examples")
-        return take(records, limit)
+        return take(records, limit, path)
 
 
 @dataclass
@@ -140,9 +136,7 @@ class FileSummarizationTask(SummarizationTask):
             {**read_fields(obj, self.text_fields, where), "summary": text_field(obj, self.summary_field, where).strip()}
             for where, obj in read_objects(path)
         ]
-        if not records:
-            raise DataFormatError(f"{path}: no examples")
-        return take(records, limit)
+        return take(records, limit, path)
 
 
 # ---------------------------------------------------------------- building a task from a mapping
