@@ -132,6 +132,19 @@ def test_a_missing_task_file_and_a_bad_row_are_clear(tmp_path):
         task.load(data)
 
 
+@pytest.mark.parametrize("text", [
+    "family: classification\nlabels: [a, b]\n",
+    "family: qa\ntemplate: 'Q: {question}'\n",
+    "family: summarization\ntemplate: 'Sum up: {notes}'\n",
+])
+def test_a_data_file_with_no_rows_is_refused_by_every_family(tmp_path, text):
+    task = load_task_file(write(tmp_path, text))
+    data = tmp_path / "empty.jsonl"
+    data.write_text("\n")
+    with pytest.raises(DataFormatError, match=r"empty.jsonl: no examples"):
+        task.load(data, limit=5)
+
+
 def test_bench_config_finds_a_task_file_next_to_it(tmp_path):
     from sparseft.bench.config import parse_bench_config
 
