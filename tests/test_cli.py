@@ -1,7 +1,6 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +13,7 @@ from sparseft.config import DTYPES
 from sparseft.diffio import read_diff
 from sparseft.errors import ConfigError
 from sparseft.loading import resolve_dtype
-
-TINY_GRID = Path(__file__).resolve().parents[1] / "examples" / "bench" / "tiny.yaml"  # found from any working directory
+from test_bench import TINY  # the tiny grid config, found from any working directory
 
 
 def test_help_for_every_verb(capsys):
@@ -94,7 +92,7 @@ def test_a_command_that_adds_files_to_a_directory_refuses_a_diff_or_a_model(trai
     # model given there had kept working but held files not its own (a Hub upload of it carried them).
     _, diff = trained_diff
     before = {d: sorted(p.name for p in d.iterdir()) for d in (diff, tiny_model_dir)}
-    cases = [(["bench", str(TINY_GRID), "--out", str(diff)], f"--out {diff}: holds sparse_config.json"),
+    cases = [(["bench", str(TINY), "--out", str(diff)], f"--out {diff}: holds sparse_config.json"),
              (["serve", "--model", str(tiny_model_dir), "--registry", str(tiny_model_dir)],
               f"--registry {tiny_model_dir}: holds config.json"),
              (["audit", "--model", str(tiny_model_dir), "--diff", str(diff), "--out", str(diff)],

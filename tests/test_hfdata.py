@@ -115,15 +115,13 @@ def test_a_dataset_missing_from_the_offline_cache_is_a_clear_error(hf_cache):
 
 
 def test_a_bench_config_takes_hub_names_as_they_are():
-    from pathlib import Path
-
     import yaml
 
     from sparseft.bench.config import parse_bench_config
+    from test_bench import TINY
 
-    tiny = Path(__file__).resolve().parents[1] / "examples" / "bench" / "tiny.yaml"
-    raw = {**yaml.safe_load(tiny.read_text()), "train_data": "hf:glue/sst2:train", "eval_data": "hf:glue/sst2:validation"}
-    cfg = parse_bench_config(raw, base_dir=tiny.parent)
+    raw = {**yaml.safe_load(TINY.read_text()), "train_data": "hf:glue/sst2:train", "eval_data": "hf:glue/sst2:validation"}
+    cfg = parse_bench_config(raw, base_dir=TINY.parent)
     assert (cfg.train_data, cfg.eval_data) == ("hf:glue/sst2:train", "hf:glue/sst2:validation")
 
 
