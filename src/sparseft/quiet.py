@@ -34,8 +34,7 @@ class DropMatching(logging.Filter):
 
 
 def quiet_library_noise() -> None:
-    """Install the filters once (a logger's filter is checked before its handlers, whoever configures them)."""
+    """Install the filters (called once, at ``import sparseft``; a logger's filter is checked before its
+    handlers, whoever configures them)."""
     for name, pattern in QUIETED:
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, DropMatching) and f.pattern is pattern for f in logger.filters):
-            logger.addFilter(DropMatching(pattern))
+        logging.getLogger(name).addFilter(DropMatching(pattern))
